@@ -1,0 +1,43 @@
+# brainfm: the two commands a new user types are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.brainfm-installed
+# keep pip quiet about the extra local indexes some machines configure
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
+.PHONY: install demo test test-slow bench clean-venv
+
+install: $(STAMP)
+
+# torch first and pinned (a CPU build on these machines); then the package, editable, with dev
+# tools. Re-runs only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q -e ".[dev]"
+	@$(BIN)/python -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '$(TORCH_VERSION)' else 'torch %s installed, expected $(TORCH_VERSION)' % torch.__version__)"
+	@touch $@
+
+# Fetch the embedded real HCP data, pretrain on the first half of each run, evaluate subject
+# re-identification on the second half against random init and FC fingerprinting.
+demo: install
+	$(BIN)/brainfm-data fetch hcp_rest_roi
+	$(BIN)/brainfm-train experiment=demo run_name=demo
+	$(BIN)/brainfm-evaluate ckpt=outputs/demo/demo/checkpoints/last.ckpt
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+bench: install
+	$(BIN)/brainfm-data fetch hcp_rest_roi
+	$(BIN)/python scripts/bench_roi_loader.py
+	$(BIN)/python scripts/bench_objectives.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,55 @@
+"""Shared by the entry points: turning brainfm's errors into one clear line and exit status 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from contextlib import contextmanager
+
+from brainfm.errors import BrainfmError
+
+
+def brainfm_cause(exc: BaseException) -> BrainfmError | None:
+    """The BrainfmError behind ``exc`` (Hydra wraps errors raised while instantiating)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, BrainfmError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextmanager
+def exit_on_brainfm_error(prog: str):
+    try:
+        yield
+    except Exception as exc:
+        cause = brainfm_cause(exc)
+        if cause is None:
+            raise
+        print(f"{prog}: error: {cause}", file=sys.stderr)
+        sys.exit(2)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def tidy_logging() -> None:
+    """One line per message: Lightning's own console handler goes (Hydra's root handler prints
+    and writes the run's log file), its product tips are dropped, and the torch-version
+    deprecation notes from Lightning's internals are silenced."""
+    import lightning.pytorch  # noqa: F401  (its import adds the handlers removed here)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if logging.getLogger().handlers:
+            logger.handlers.clear()
+            logger.propagate = True
+        logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")

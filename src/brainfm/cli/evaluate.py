@@ -1,0 +1,69 @@
+"""``brainfm-evaluate ckpt=<checkpoint or run dir>``: subject re-identification (Rank-1, mAP) of
+the pretrained model, the same architecture randomly initialised, and FC fingerprinting, at
+several window lengths. Writes ``metrics.json`` and ``reid.png`` and prints a table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from brainfm.cli.common import exit_on_brainfm_error, tidy_logging
+from brainfm.config import config_dir
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Subject re-identification ({report['data']['n_subjects']} subjects; "
+                  "gallery: first half of each run, queries: second half)")
+    table.add_column("window")
+    names = list(report["results"])
+    for name in names:
+        table.add_column(f"{name}\nRank-1 / mAP", justify="right")
+    table.add_column("chance\nRank-1", justify="right")
+    first = report["results"][names[0]]
+    for length in first:
+        seconds = int(length) * report["data"]["tr"]
+        row = [f"{length} TRs ({seconds:.0f} s)"]
+        row += [f"{report['results'][n][length]['rank1']:.3f} / {report['results'][n][length]['mAP']:.3f}" for n in names]
+        row.append(f"{first[length]['rank1_chance']:.3f}")
+        table.add_row(*row)
+    Console().print(table)
+
+
+def run(cfg: DictConfig) -> dict:
+    from brainfm.eval.protocol import plot_reidentification, run_reidentification, write_json
+    from brainfm.runs import find_checkpoint
+
+    ckpt = find_checkpoint(cfg.ckpt)
+    report = run_reidentification(
+        ckpt, window_lengths=list(cfg.window_lengths), gallery_fraction=float(cfg.gallery_fraction),
+        stride=cfg.stride, batch_size=int(cfg.batch_size), seed=int(cfg.seed), data_path=cfg.data_path,
+        baselines=list(cfg.baselines),
+    )
+    out = Path(cfg.out_dir) if cfg.out_dir else ckpt.parent.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    report["config"] = OmegaConf.to_container(cfg, resolve=True)
+    write_json(out / "metrics.json", report)
+    plot_reidentification(report, out / "reid.png")
+    print_table(report)
+    print(f"wrote {out / 'metrics.json'} and {out / 'reid.png'}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
+def _main(cfg: DictConfig) -> None:
+    tidy_logging()
+    with exit_on_brainfm_error("brainfm-evaluate"):
+        run(cfg)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""``brainfm-train`` / ``python -m brainfm.cli.train``: compose the config, build the data,
+task, loggers and callbacks, and fit. Any key is overridable (``trainer.max_steps=100``);
+``--cfg job`` prints the composed config; ``ckpt_path=last`` resumes the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from brainfm.cli.common import exit_on_brainfm_error, tidy_logging
+from brainfm.config import config_dir
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    return [instantiate(node, _convert_="all") for node in (group or {}).values() if node is not None]
+
+
+def build(cfg: DictConfig):
+    """Build ``(datamodule, task, trainer)`` from a composed config (data set up and checked)."""
+    import lightning as L
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    meta = datamodule.meta
+    with open_dict(cfg):
+        if cfg.data.get("n_rois") is None and "n_rois" in cfg.model:
+            cfg.model.n_rois = meta["n_rois"]
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    task = instantiate(cfg.task, model=model_cfg, data_meta=meta, seed=int(cfg.seed), _recursive_=False)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):
+        from lightning.pytorch.callbacks import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    return datamodule, task, trainer
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train; return the final logged metrics. Writes ``config.yaml`` and ``summary.json`` into
+    the run directory."""
+    from brainfm.runs import resolve_resume
+
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resume = resolve_resume(cfg.get("ckpt_path"), run_dir)
+    datamodule, task, trainer = build(cfg)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    summary = {
+        "experiment": cfg.experiment_name,
+        "run_dir": str(run_dir),
+        "global_step": int(trainer.global_step),
+        "resumed_from": resume,
+        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
+        "metrics": metrics,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def _main(cfg: DictConfig) -> None:
+    tidy_logging()
+    with exit_on_brainfm_error("brainfm-train"):
+        run(cfg)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Data: stores (how bytes sit on disk), datasets (what a sample is), datamodules, splits."""
+
+from brainfm.data.datamodule import ROIDataModule
+from brainfm.data.normalization import ROINormalizer
+from brainfm.data.roi_store import ROIStore, write_roi_h5
+
+__all__ = ["ROIDataModule", "ROINormalizer", "ROIStore", "write_roi_h5"]

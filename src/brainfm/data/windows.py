@@ -1,0 +1,198 @@
+"""Windows of ROI time series: a dataset of fixed-grid windows and a resumable random sampler.
+
+A window is ``length`` consecutive TRs of one subject run. Each sample carries the time of every
+TR in seconds from the window's onset (``t = arange(length) * TR``), as the TR embedding of
+Thomas, Ré & Poldrack (2022) expects, plus the onset in seconds from the start of the run.
+
+Training visits every window start (stride 1 by default) once per epoch in a random order, with
+a random crop length per batch; evaluation uses a fixed grid (``stride`` TRs apart). The order
+and the lengths are a pure function of ``(seed, epoch)``, drawn by :class:`WindowBatchSampler`
+in the main process, so a run resumed from a checkpoint in the middle of an epoch sees exactly
+the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from brainfm.data.normalization import ROINormalizer
+from brainfm.data.roi_store import ROIStore
+from brainfm.errors import ConfigError
+
+#: A training request: (grid window index, crop length in TRs, at most the dataset's length).
+WindowRequest = tuple[int, int]
+
+
+class ROIWindowDataset(Dataset):
+    """Windows of z-scored ROI time series.
+
+    Indexing with an ``int`` returns grid window ``i`` (length ``length``, stride ``stride``).
+    Indexing with a :data:`WindowRequest` ``(i, L)`` returns the first ``L <= length`` TRs of
+    grid window ``i``.
+
+    Args:
+        store: the ROI store.
+        normalizer: fitted z-scoring statistics.
+        segments: ``(run, start, stop)`` TR ranges windows are taken from.
+        length: window length in TRs.
+        stride: grid stride in TRs (default: ``length``, non-overlapping).
+        subject_index: subject id -> integer label (default: sorted unique ids of the store).
+
+    Returns (per item) a dict: ``bold`` ``(L, n_rois)`` float32 (z-scored BOLD), ``t`` ``(L,)``
+    float32 seconds from the window onset, ``onset`` float seconds from the run start,
+    ``subject`` int, ``run`` int (row in the store).
+
+    Raises:
+        ConfigError: no segment is long enough for one window.
+    """
+
+    def __init__(
+        self,
+        store: ROIStore,
+        normalizer: ROINormalizer,
+        segments: Sequence[tuple[int, int, int]],
+        length: int,
+        stride: int | None = None,
+        subject_index: dict[str, int] | None = None,
+    ) -> None:
+        self.store = store
+        self.normalizer = normalizer
+        self.length = int(length)
+        self.stride = int(stride or length)
+        if self.length < 2 or self.stride < 1:
+            raise ConfigError(f"window length {length} and stride {stride} must be >= 2 and >= 1 TRs")
+        self.tr = float(store.tr)
+        self.subject_index = subject_index or {s: i for i, s in enumerate(sorted(set(store.subject_ids)))}
+        seg_of, starts = [], []
+        self.segments = [tuple(int(v) for v in s) for s in segments]
+        for k, (_, start, stop) in enumerate(self.segments):
+            grid = np.arange(start, stop - self.length + 1, self.stride)
+            seg_of.append(np.full(len(grid), k))
+            starts.append(grid)
+        self._seg_of = np.concatenate(seg_of) if seg_of else np.zeros(0, dtype=int)
+        self._starts = np.concatenate(starts) if starts else np.zeros(0, dtype=int)
+        if len(self._starts) == 0:
+            longest = max((stop - start for _, start, stop in self.segments), default=0)
+            raise ConfigError(
+                f"window length {self.length} TRs is longer than every segment of {store.path} "
+                f"(longest: {longest} TRs); lower data.window.length"
+            )
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def window(self, i: int) -> tuple[int, int]:
+        """``(run, start TR)`` of grid window ``i``."""
+        return self.segments[self._seg_of[i]][0], int(self._starts[i])
+
+    def _sample(self, run: int, start: int, length: int) -> dict:
+        x = self.store.read(run, start, start + length)
+        x = self.normalizer.apply(run, x)
+        return {
+            "bold": torch.from_numpy(np.ascontiguousarray(x.T)),
+            "t": torch.arange(length, dtype=torch.float32) * self.tr,
+            "onset": start * self.tr,
+            "subject": self.subject_index[self.store.subject_ids[run]],
+            "run": run,
+        }
+
+    def __getitem__(self, item: int | WindowRequest) -> dict:
+        if isinstance(item, tuple):
+            i, length = item
+            run, start = self.window(int(i))
+            return self._sample(run, start, min(int(length), self.length))
+        run, start = self.window(int(item))
+        return self._sample(run, start, self.length)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class WindowBatchSampler(Sampler[list[WindowRequest]]):
+    """Random, resumable, distributed-aware batches of window requests.
+
+    Epoch ``e`` visits a permutation of the ``n_items`` grid windows drawn from ``(seed, e)``;
+    every batch gets a crop length drawn uniformly in ``[min_length, length]`` from
+    ``(seed, e, batch)`` (the same on every rank, so DDP ranks take equally long steps). Rank ``r`` of ``w`` takes positions ``r::w`` (padded by
+    wrapping, as ``DistributedSampler``). Lightning calls :meth:`set_epoch`; :meth:`fast_forward`
+    skips the batches a checkpoint had already consumed.
+
+    Raises:
+        ConfigError: fewer windows per rank than one batch.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        batch_size: int,
+        length: int,
+        min_length: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        self.n_items = int(n_items)
+        self.batch_size = int(batch_size)
+        self.length = int(length)
+        self.min_length = int(min_length or length)
+        if not 2 <= self.min_length <= self.length:
+            raise ConfigError(f"data.window.min_length={min_length} must lie in [2, length={length}]")
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def fast_forward(self, epoch: int, batches: int) -> None:
+        """Skip the first ``batches`` batches of epoch ``epoch`` (once)."""
+        self._skip = (int(epoch), int(batches))
+
+    def _per_rank(self) -> int:
+        _, world = _dist_rank_world()
+        return -(-self.n_items // world)
+
+    def __len__(self) -> int:
+        n = self._per_rank()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[WindowRequest]]:
+        rank, world = _dist_rank_world()
+        if len(self) == 0:
+            raise ConfigError(
+                f"the training set has {self._per_rank()} windows per rank, fewer than "
+                f"data.batch_size={self.batch_size}; lower the batch size or the window length"
+            )
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n_items) if self.shuffle else np.arange(self.n_items)
+        total = self._per_rank() * world
+        positions = np.resize(np.arange(self.n_items), total)[rank::world]
+        skip = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
+        self._skip = None
+        for b in range(skip, len(self)):
+            pos = positions[b * self.batch_size : (b + 1) * self.batch_size]
+            length = self.length
+            if self.min_length < self.length:
+                length = int(np.random.default_rng([self.seed, self.epoch, b]).integers(self.min_length, self.length + 1))
+            yield [(int(order[p]), length) for p in pos]
+
+
+def collate_windows(samples: list[dict]) -> dict:
+    """Stack samples of equal length into a batch: ``bold`` ``(B, L, R)``, ``t`` ``(B, L)``,
+    ``onset`` ``(B,)``, ``subject`` ``(B,)`` long, ``run`` ``(B,)`` long."""
+    return {
+        "bold": torch.stack([s["bold"] for s in samples]),
+        "t": torch.stack([s["t"] for s in samples]),
+        "onset": torch.tensor([s["onset"] for s in samples], dtype=torch.float32),
+        "subject": torch.tensor([s["subject"] for s in samples], dtype=torch.long),
+        "run": torch.tensor([s["run"] for s in samples], dtype=torch.long),
+    }

@@ -1,0 +1,148 @@
+"""The re-identification protocol of ``brainfm-evaluate``: a pretrained checkpoint against the
+same architecture randomly initialised and against functional-connectivity fingerprinting.
+
+Gallery = windows of the first ``gallery_fraction`` of every run, queries = windows of the rest
+(for the demo this is exactly pretraining data vs held-out data), at several window lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from brainfm.data.normalization import ROINormalizer
+from brainfm.data.roi_store import ROIStore
+from brainfm.data.splits import time_split
+from brainfm.data.windows import ROIWindowDataset, collate_windows
+from brainfm.eval.fingerprinting import fc_features
+from brainfm.eval.reidentification import reidentification
+from brainfm.runs import build_task_from_checkpoint, check_data_compatible, load_checkpoint
+from brainfm.tasks.base import CHECKPOINT_KEY
+
+BASELINES = ("random_init", "fc_fingerprint")
+
+
+@torch.inference_mode()
+def embed_windows(task, dataset: ROIWindowDataset, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings ``(N, D)`` and subject labels ``(N,)`` of every window of ``dataset``."""
+    feats, subjects = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_windows):
+        feats.append(task.embed(batch).float().cpu().numpy())
+        subjects.append(batch["subject"].numpy())
+    return np.concatenate(feats), np.concatenate(subjects)
+
+
+def window_array(dataset: ROIWindowDataset) -> tuple[np.ndarray, np.ndarray]:
+    """All windows ``(N, T, R)`` and subject labels ``(N,)``."""
+    items = [dataset[i] for i in range(len(dataset))]
+    return np.stack([s["bold"].numpy() for s in items]), np.array([s["subject"] for s in items])
+
+
+def normalizer_for(ckpt: dict, store: ROIStore) -> ROINormalizer:
+    """The checkpoint's z-scoring applied to ``store``: ``global`` statistics travel with the
+    checkpoint, ``run`` statistics are recomputed on the data."""
+    state = ckpt[CHECKPOINT_KEY].get("normalization") or {}
+    mode = state.get("mode") or ckpt["hyper_parameters"]["data_meta"].get("normalization", {}).get("mode", "run")
+    if mode == "global":
+        return ROINormalizer.from_state(state)
+    return ROINormalizer.fit(store, mode=mode, eps=float(state.get("eps", 1e-6)))
+
+
+def run_reidentification(
+    ckpt_path: str | Path,
+    window_lengths: Sequence[int] = (30, 60, 120),
+    gallery_fraction: float = 0.5,
+    stride: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    data_path: str | Path | None = None,
+    baselines: Sequence[str] = BASELINES,
+) -> dict:
+    """Run the protocol; returns a JSON-ready dict of results per method and window length.
+
+    Raises:
+        CheckpointError: unloadable checkpoint, or data with another TR / ROI count / ROI order.
+        ValueError: unknown baseline name.
+    """
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; available: {list(BASELINES)}")
+    ckpt = load_checkpoint(ckpt_path)
+    meta = ckpt["hyper_parameters"]["data_meta"]
+    store = ROIStore(data_path or meta["path"], atlas=meta.get("atlas"))
+    check_data_compatible(meta, store, where=f"checkpoint {ckpt['_path']}")
+    norm = normalizer_for(ckpt, store)
+    segments = time_split(store.lengths, gallery_fraction)
+    models = {"pretrained": build_task_from_checkpoint(ckpt)}
+    if "random_init" in baselines:
+        torch.manual_seed(seed)
+        models["random_init"] = build_task_from_checkpoint(ckpt, weights=False)
+    results: dict[str, dict[str, dict]] = {name: {} for name in [*models, *(b for b in baselines if b == "fc_fingerprint")]}
+    for length in window_lengths:
+        step = int(stride or max(1, length // 2))
+        gallery = ROIWindowDataset(store, norm, segments["train"], length, step)
+        queries = ROIWindowDataset(store, norm, segments["val"], length, step)
+        for name, task in models.items():
+            fg, gid = embed_windows(task, gallery, batch_size)
+            fq, qid = embed_windows(task, queries, batch_size)
+            results[name][str(length)] = reidentification(fg, gid, fq, qid, metric="cosine")
+        if "fc_fingerprint" in baselines:
+            wg, gid = window_array(gallery)
+            wq, qid = window_array(queries)
+            results["fc_fingerprint"][str(length)] = reidentification(fc_features(wg), gid, fc_features(wq), qid, metric="pearson")
+    return {
+        "checkpoint": ckpt["_path"],
+        "global_step": int(ckpt.get("global_step", -1)),
+        "data": {"path": str(store.path), "atlas": store.atlas, "tr": store.tr, "n_subjects": len(set(store.subject_ids))},
+        "protocol": {
+            "gallery": f"windows of the first {gallery_fraction:g} of each run",
+            "queries": "windows of the rest of each run",
+            "window_lengths": [int(w) for w in window_lengths],
+            "stride": stride or "half the window length",
+            "similarity": {"embeddings": "cosine", "fc_fingerprint": "pearson (Finn et al. 2015)"},
+        },
+        "results": results,
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def plot_reidentification(report: dict, path: Path) -> None:
+    """Rank-1 and mAP against window length, one curve per method, chance dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = report["data"]["tr"]
+    labels = {"pretrained": "pretrained", "random_init": "random init (same architecture)", "fc_fingerprint": "FC fingerprinting"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("rank1", "mAP")):
+        chance = None
+        for name, per_length in report["results"].items():
+            lengths = sorted(int(k) for k in per_length)
+            ax.plot(lengths, [per_length[str(n)][key] for n in lengths], marker="o", label=labels.get(name, name))
+            chance = [per_length[str(n)][f"{key}_chance"] for n in lengths], lengths
+        if chance:
+            ax.plot(chance[1], chance[0], "k--", lw=1, label="chance")
+        ax.set_xlabel(f"window length (TRs; TR = {tr:g} s)")
+        ax.set_ylabel("Rank-1 accuracy" if key == "rank1" else "mean average precision")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"Subject re-identification, {report['data']['n_subjects']} subjects")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

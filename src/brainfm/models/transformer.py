@@ -1,0 +1,101 @@
+"""Pre-LayerNorm transformer encoder on ``F.scaled_dot_product_attention`` (fused kernels on GPU,
+the efficient math path on CPU), with optional causal masking and LayerScale."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention. ``x`` ``(B, N, d)`` -> ``(B, N, d)``.
+
+    ``key_padding_mask`` ``(B, N)`` is True where a token must not be attended to.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.attn_dropout = attn_dropout
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, causal: bool = False, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        mask = None
+        if key_padding_mask is not None:
+            mask = ~key_padding_mask[:, None, None, :]
+            if causal:
+                mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+                causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=causal
+        )
+        return self.drop(self.proj(y.transpose(1, 2).reshape(b, n, d)))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, d_model: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        hidden = int(d_model * mlp_ratio)
+        super().__init__(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model), nn.Dropout(dropout))
+
+
+class TransformerBlock(nn.Module):
+    """``x + LS(attn(LN(x)))`` then ``x + LS(mlp(LN(x)))``; LayerScale (Touvron et al. 2021) when
+    ``layer_scale`` is a number (its initial value)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        layer_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = SelfAttention(d_model, n_heads, attn_dropout, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, mlp_ratio, dropout)
+        if layer_scale is not None:
+            self.gamma1 = nn.Parameter(torch.full((d_model,), float(layer_scale)))
+            self.gamma2 = nn.Parameter(torch.full((d_model,), float(layer_scale)))
+        else:
+            self.gamma1 = self.gamma2 = None
+
+    def forward(self, x: torch.Tensor, causal: bool = False, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attn(self.norm1(x), causal, key_padding_mask)
+        x = x + (a if self.gamma1 is None else self.gamma1 * a)
+        m = self.mlp(self.norm2(x))
+        return x + (m if self.gamma2 is None else self.gamma2 * m)
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of :class:`TransformerBlock` and a final LayerNorm. ``(B, N, d)`` -> ``(B, N, d)``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        depth: int,
+        n_heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        layer_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(d_model, n_heads, mlp_ratio, dropout, attn_dropout, layer_scale) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, causal: bool = False, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, causal, key_padding_mask)
+        return self.norm(x)

