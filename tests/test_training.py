@@ -26,7 +26,8 @@ def _train_losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.parametrize(
     "experiment,lr,steps",
-    [("gpt", 1e-3, 50), ("seq_bert", 1e-3, 50), ("net_bert", 1e-3, 50), ("lstm_ae", 3e-3, 80)],
+    [("gpt", 1e-3, 50), ("seq_bert", 1e-3, 50), ("net_bert", 1e-3, 50), ("lstm_ae", 3e-3, 80),
+     ("contrastive", 1e-3, 50)],
 )
 def test_each_objective_learns_on_real_data(experiment, lr, steps, cfg_for):
     cfg = cfg_for(f"experiment={experiment}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",

@@ -10,11 +10,17 @@ exactly once.
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import time
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter as _FabricWriter
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+_log = logging.getLogger("brainfm")
 
 
 class _KeepingWriter(ExperimentWriter):
@@ -50,3 +56,27 @@ class ResumableCSVLogger(CSVLogger):
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, path)
+
+
+class ProgressLog(Callback):
+    """A progress line in the log every ``every_n_steps`` optimizer steps, for output that is not a
+    terminal (SLURM logs, CI), where a live progress bar prints garbage:
+    ``step 500/2500  train/loss=0.0123  val/loss=0.4470  7.4 steps/s``."""
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        self.every_n_steps = max(1, int(every_n_steps))
+        self._t0: float | None = None
+        self._step0 = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._step0 or not trainer.is_global_zero:
+            return
+        rate = (step - self._step0) / max(time.perf_counter() - self._t0, 1e-9)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else "?"
+        _log.info(f"step {step}/{total}  {shown}  {rate:.1f} steps/s")

@@ -49,7 +49,8 @@ def tidy_logging() -> None:
         if logging.getLogger().handlers:
             logger.handlers.clear()
             logger.propagate = True
-        logger.addFilter(_DropTips())
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())  # filters act on the emitting logger only
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")

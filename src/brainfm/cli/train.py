@@ -5,6 +5,7 @@ task, loggers and callbacks, and fit. Any key is overridable (``trainer.max_step
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,19 @@ def build(cfg: DictConfig):
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     task = instantiate(cfg.task, model=model_cfg, data_meta=meta, seed=int(cfg.seed), _recursive_=False)
     callbacks = _instantiate_group(cfg.get("callbacks"))
-    if not cfg.trainer.get("enable_progress_bar", True):
-        from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.callbacks import ProgressBar
+
+    has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    if has_bar and (not cfg.trainer.get("enable_progress_bar", True) or not sys.stdout.isatty()):
+        # no terminal (SLURM, CI): a log line every validation interval instead of a live bar
+        from brainfm.tracking import ProgressLog
 
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        if cfg.trainer.get("enable_progress_bar", True):
+            callbacks.append(ProgressLog(int(cfg.trainer.get("val_check_interval") or 100)))
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    overrides = {} if any(isinstance(c, ProgressBar) for c in callbacks) else {"enable_progress_bar": False}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all", **overrides)
     return datamodule, task, trainer
 
 

@@ -50,6 +50,8 @@ class ROIDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the random crops.
         preload: read the whole store into memory (``"auto"``: when under 512 MB).
+        pairs: training batches carry a second, non-overlapping window of the same run
+            (``bold2``, ``t2``) for contrastive objectives.
 
     Raises:
         DataError / ConfigError: from :meth:`setup`, for a missing file, a TR or ROI-count
@@ -72,6 +74,7 @@ class ROIDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         preload: bool | str = "auto",
+        pairs: bool = False,
     ) -> None:
         super().__init__()
         self.name = name
@@ -89,6 +92,7 @@ class ROIDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.preload = preload
+        self.pairs = bool(pairs)
         self.store: ROIStore | None = None
         self.normalizer: ROINormalizer | None = None
         self.segments: dict[str, list[tuple[int, int, int]]] = {}
@@ -169,7 +173,7 @@ class ROIDataModule(L.LightningDataModule):
         ds = self.dataset("train", stride=int(self.window.get("train_stride") or 1))
         sampler = WindowBatchSampler(
             len(ds), self.batch_size, length=int(self.window["length"]),
-            min_length=self.window.get("min_length"), seed=self.seed,
+            min_length=self.window.get("min_length"), seed=self.seed, pairs=self.pairs,
         )
         if self._resume is not None:
             sampler.fast_forward(*self._resume)
@@ -178,7 +182,12 @@ class ROIDataModule(L.LightningDataModule):
         return self._loader(ds, batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), batch_size=self.eval_batch_size, shuffle=False)
+        ds = self.dataset("val")
+        if self.pairs:  # fixed pairs (seeded, not shuffled) so validation losses compare across steps
+            sampler = WindowBatchSampler(len(ds), self.eval_batch_size, ds.length, seed=self.seed,
+                                         shuffle=False, drop_last=False, pairs=True)
+            return self._loader(ds, batch_sampler=sampler)
+        return self._loader(ds, batch_size=self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         split = "test" if self.segments.get("test") else "val"

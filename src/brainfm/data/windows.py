@@ -23,8 +23,9 @@ from brainfm.data.normalization import ROINormalizer
 from brainfm.data.roi_store import ROIStore
 from brainfm.errors import ConfigError
 
-#: A training request: (grid window index, crop length in TRs, at most the dataset's length).
-WindowRequest = tuple[int, int]
+#: A training request: (grid window index, crop length in TRs at most the dataset's length) and,
+#: for contrastive pairs, a seed that places the second view.
+WindowRequest = tuple[int, int] | tuple[int, int, int]
 
 
 class ROIWindowDataset(Dataset):
@@ -32,7 +33,9 @@ class ROIWindowDataset(Dataset):
 
     Indexing with an ``int`` returns grid window ``i`` (length ``length``, stride ``stride``).
     Indexing with a :data:`WindowRequest` ``(i, L)`` returns the first ``L <= length`` TRs of
-    grid window ``i``.
+    grid window ``i``; ``(i, L, seed)`` adds a second view (``bold2``, ``t2``, ``onset2``): ``L``
+    TRs of the same run segment that do not overlap the first (when the segment allows), placed
+    at random by ``seed``. Pairs of one run are the positives of contrastive objectives.
 
     Args:
         store: the ROI store.
@@ -100,11 +103,27 @@ class ROIWindowDataset(Dataset):
             "run": run,
         }
 
+    def _partner_start(self, i: int, start: int, length: int, seed: int) -> int:
+        """A start of ``length`` TRs in window ``i``'s segment, not overlapping ``start``."""
+        _, lo, hi = self.segments[self._seg_of[i]]
+        last = hi - length
+        before = np.arange(lo, max(lo, start - length + 1))
+        after = np.arange(min(last + 1, start + length), last + 1)
+        choices = np.concatenate([before, after])
+        if len(choices) == 0:  # segment shorter than two windows: any other start
+            choices = np.setdiff1d(np.arange(lo, last + 1), [start]) if last > lo else np.array([start])
+        return int(np.random.default_rng(seed).choice(choices))
+
     def __getitem__(self, item: int | WindowRequest) -> dict:
         if isinstance(item, tuple):
-            i, length = item
+            i, length, *pair = item
             run, start = self.window(int(i))
-            return self._sample(run, start, min(int(length), self.length))
+            length = min(int(length), self.length)
+            sample = self._sample(run, start, length)
+            if pair:
+                other = self._sample(run, self._partner_start(int(i), start, length, pair[0]), length)
+                sample.update(bold2=other["bold"], t2=other["t"], onset2=other["onset"])
+            return sample
         run, start = self.window(int(item))
         return self._sample(run, start, self.length)
 
@@ -120,7 +139,8 @@ class WindowBatchSampler(Sampler[list[WindowRequest]]):
 
     Epoch ``e`` visits a permutation of the ``n_items`` grid windows drawn from ``(seed, e)``;
     every batch gets a crop length drawn uniformly in ``[min_length, length]`` from
-    ``(seed, e, batch)`` (the same on every rank, so DDP ranks take equally long steps). Rank ``r`` of ``w`` takes positions ``r::w`` (padded by
+    ``(seed, e, batch)`` (the same on every rank, so DDP ranks take equally long steps). With
+    ``pairs`` every request also carries a seed for its second (contrastive) view. Rank ``r`` of ``w`` takes positions ``r::w`` (padded by
     wrapping, as ``DistributedSampler``). Lightning calls :meth:`set_epoch`; :meth:`fast_forward`
     skips the batches a checkpoint had already consumed.
 
@@ -137,6 +157,7 @@ class WindowBatchSampler(Sampler[list[WindowRequest]]):
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        pairs: bool = False,
     ) -> None:
         self.n_items = int(n_items)
         self.batch_size = int(batch_size)
@@ -147,6 +168,7 @@ class WindowBatchSampler(Sampler[list[WindowRequest]]):
         self.seed = int(seed)
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.pairs = bool(pairs)
         self.epoch = 0
         self._skip: tuple[int, int] | None = None
 
@@ -174,6 +196,7 @@ class WindowBatchSampler(Sampler[list[WindowRequest]]):
             )
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.n_items) if self.shuffle else np.arange(self.n_items)
+        pair_seeds = rng.integers(0, 2**62, size=self.n_items) if self.pairs else None
         total = self._per_rank() * world
         positions = np.resize(np.arange(self.n_items), total)[rank::world]
         skip = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
@@ -183,16 +206,25 @@ class WindowBatchSampler(Sampler[list[WindowRequest]]):
             length = self.length
             if self.min_length < self.length:
                 length = int(np.random.default_rng([self.seed, self.epoch, b]).integers(self.min_length, self.length + 1))
-            yield [(int(order[p]), length) for p in pos]
+            if self.pairs:
+                yield [(int(order[p]), length, int(pair_seeds[p])) for p in pos]
+            else:
+                yield [(int(order[p]), length) for p in pos]
 
 
 def collate_windows(samples: list[dict]) -> dict:
     """Stack samples of equal length into a batch: ``bold`` ``(B, L, R)``, ``t`` ``(B, L)``,
-    ``onset`` ``(B,)``, ``subject`` ``(B,)`` long, ``run`` ``(B,)`` long."""
-    return {
+    ``onset`` ``(B,)``, ``subject`` ``(B,)`` long, ``run`` ``(B,)`` long (and ``bold2``, ``t2``,
+    ``onset2`` for pairs)."""
+    batch = {
         "bold": torch.stack([s["bold"] for s in samples]),
         "t": torch.stack([s["t"] for s in samples]),
         "onset": torch.tensor([s["onset"] for s in samples], dtype=torch.float32),
         "subject": torch.tensor([s["subject"] for s in samples], dtype=torch.long),
         "run": torch.tensor([s["run"] for s in samples], dtype=torch.long),
     }
+    if "bold2" in samples[0]:
+        batch["bold2"] = torch.stack([s["bold2"] for s in samples])
+        batch["t2"] = torch.stack([s["t2"] for s in samples])
+        batch["onset2"] = torch.tensor([s["onset2"] for s in samples], dtype=torch.float32)
+    return batch

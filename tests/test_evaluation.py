@@ -1,0 +1,143 @@
+"""Re-identification, FC fingerprinting, NT-Xent: numbers checked by hand; the evaluate CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brainfm.cli import train
+from brainfm.data.roi_store import ROIStore, write_roi_h5
+from brainfm.errors import CheckpointError
+from brainfm.eval.fingerprinting import fc_features
+from brainfm.eval.reidentification import average_precision, reidentification
+from brainfm.runs import check_data_compatible
+from brainfm.tasks.losses import nt_xent
+
+
+def test_reidentification_by_hand():
+    gallery = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
+    g_ids = np.array([0, 1, 0, 1])
+    queries = np.array([[1.0, 0.05], [0.7, 0.8]])
+    q_ids = np.array([0, 1])
+    r = reidentification(gallery, g_ids, queries, q_ids)
+    # query 0 ranks [0, 2, 3, 1] -> rel [1, 1, 0, 0]: rank-1 hit, AP 1
+    # query 1 (cos to g: .66, .75, .71, .79 approx) ranks [3, 1, 2, 0] -> rel [1, 1, 0, 0]: AP 1
+    assert r["rank1"] == 1.0 and r["mAP"] == 1.0
+    q_ids_wrong = np.array([1, 0])
+    r = reidentification(gallery, g_ids, queries, q_ids_wrong)
+    # rel [0, 0, 1, 1] for both: AP = (1/3 + 2/4) / 2
+    assert r["rank1"] == 0.0
+    assert r["mAP"] == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert r["rank1_chance"] == 0.5
+
+
+def test_average_precision_formula():
+    rel = np.array([[True, False, True, False], [False, False, False, True]])
+    np.testing.assert_allclose(average_precision(rel), [(1 + 2 / 3) / 2, 1 / 4])
+
+
+def test_pearson_similarity_ignores_offsets():
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(6, 20))
+    r1 = reidentification(g, np.arange(6), g + 5.0, np.arange(6), metric="pearson")
+    assert r1["rank1"] == 1.0
+
+
+def test_fc_features_match_numpy_corrcoef():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(3, 50, 5))
+    feats = fc_features(w)
+    assert feats.shape == (3, 10)
+    iu = np.triu_indices(5, k=1)
+    for i in range(3):
+        np.testing.assert_allclose(feats[i], np.corrcoef(w[i].T)[iu], rtol=1e-5, atol=1e-6)
+
+
+def test_nt_xent_against_hand_computation_4x2():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]])
+    z2 = torch.tensor([[2.0, 0.1], [-0.1, 1.0], [1.0, 0.8], [0.5, -1.0]])
+    t = 0.5
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1).tolist()
+    total = 0.0
+    for i in range(8):
+        p = (i + 4) % 8
+        dots = {k: sum(a * b for a, b in zip(z[i], z[k])) / t for k in range(8) if k != i}
+        total += -(dots[p] - math.log(sum(math.exp(v) for v in dots.values())))
+    assert float(nt_xent(z1, z2, temperature=t)) == pytest.approx(total / 8, rel=1e-5)
+    # with groups: items 0 and 1 share a run, so they are not each other's negatives
+    groups = torch.tensor([0, 0, 1, 2])
+    total = 0.0
+    for i in range(8):
+        p = (i + 4) % 8
+        excluded = {i} | {k for k in range(8) if groups[k % 4] == groups[i % 4] and k != p}
+        dots = {k: sum(a * b for a, b in zip(z[i], z[k])) / t for k in range(8) if k not in excluded}
+        total += -(dots[p] - math.log(sum(math.exp(v) for v in dots.values())))
+    assert float(nt_xent(z1, z2, temperature=t, groups=groups)) == pytest.approx(total / 8, rel=1e-5)
+
+
+def test_pairs_are_two_non_overlapping_windows_of_one_run(small_h5):
+    from brainfm.data.datamodule import ROIDataModule
+
+    dm = ROIDataModule(name="toy", path=str(small_h5), window={"length": 30}, pairs=True, batch_size=4)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["bold2"].shape == batch["bold"].shape
+    assert (torch.abs(batch["onset2"] - batch["onset"]) >= 30 * 2.0).all()  # TR 2 s, 30 TRs
+
+
+def test_checkpoint_data_mismatches_are_named(small_h5):
+    store = ROIStore(small_h5)
+    meta = {"tr": 2.0, "n_rois": 6, "roi_names": [f"roi{i}" for i in range(6)], "atlas": "toy"}
+    check_data_compatible(meta, store)
+    with pytest.raises(CheckpointError, match="TR mismatch"):
+        check_data_compatible({**meta, "tr": 0.72}, ROIStore(small_h5))
+    with pytest.raises(CheckpointError, match="trained on 94 ROIs"):
+        check_data_compatible({**meta, "n_rois": 94}, ROIStore(small_h5))
+    swapped = [*meta["roi_names"]]
+    swapped[2], swapped[3] = swapped[3], swapped[2]
+    with pytest.raises(CheckpointError, match=r"differs .* at index 2: data 'roi2', model 'roi3'"):
+        check_data_compatible({**meta, "roi_names": swapped}, ROIStore(small_h5))
+
+
+def test_evaluate_cli_writes_metrics_and_plot(cfg_for, tmp_path):
+    cfg = cfg_for("experiment=contrastive", "model.d_model=32", "trainer.max_steps=30",
+                  "trainer.val_check_interval=30", "data.window.length=40", "data.window.min_length=30")
+    train.run(cfg)
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "brainfm.cli.evaluate", f"ckpt={cfg.paths.run_dir}", "window_lengths=[30,40]",
+         f"out_dir={out}"], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["results"]) == {"pretrained", "random_init", "fc_fingerprint"}
+    for method in report["results"].values():
+        assert set(method) == {"30", "40"}
+        for r in method.values():
+            assert 0.0 <= r["rank1"] <= 1.0 and 0.0 < r["mAP"] <= 1.0
+            assert r["rank1_chance"] == pytest.approx(1 / 7)
+    # 600 TRs per half, stride 15: (600 - 30) // 15 + 1 windows per run, 7 runs
+    assert report["results"]["fc_fingerprint"]["30"]["n_queries"] == 7 * ((600 - 30) // 15 + 1)
+    assert (out / "reid.png").stat().st_size > 10_000
+    assert "pretrained" in proc.stdout and "fc_fingerprint" in proc.stdout
+
+
+def test_evaluate_refuses_data_with_other_tr(cfg_for, tmp_path, hcp_h5):
+    cfg = cfg_for("experiment=gpt", "model.d_model=32", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                  "data.window.length=30", "data.window.min_length=null")
+    train.run(cfg)
+    store = ROIStore(hcp_h5)
+    other = write_roi_h5(tmp_path / "tr2.h5", {"aal2": [store.read(r) for r in range(7)]}, store.subject_ids, 2.0,
+                         {"aal2": store.roi_names})
+    proc = subprocess.run([sys.executable, "-m", "brainfm.cli.evaluate", f"ckpt={cfg.paths.run_dir}",
+                           f"data_path={other}", f"out_dir={tmp_path}/e"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "TR mismatch" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "e" / "metrics.json").exists()
