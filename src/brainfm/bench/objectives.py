@@ -27,7 +27,7 @@ def measure(experiment: str, steps: int = 40, length: int = 60, batch_size: int 
         cfg = compose("train", [
             f"experiment={experiment}", f"paths.output_dir={tmp}", "logger=none", "callbacks=none",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "trainer.enable_checkpointing=false",
+            f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "+trainer.enable_checkpointing=false",
             f"data.window.length={length}", "data.window.min_length=null", f"data.batch_size={batch_size}",
         ])
         dm, task, trainer = build(cfg)
