@@ -4,5 +4,7 @@ from brainfm.tasks.base import BrainfmTask
 from brainfm.tasks.contrastive import ContrastiveSequenceModeling
 from brainfm.tasks.masked_modeling import MaskedSequenceModeling
 from brainfm.tasks.sequence_modeling import CausalSequenceModeling, SequenceAutoencoding
+from brainfm.tasks.supervised import SupervisedTask
+from brainfm.tasks.volume_modeling import SimMIM
 
-__all__ = ["BrainfmTask", "ContrastiveSequenceModeling", "CausalSequenceModeling", "MaskedSequenceModeling", "SequenceAutoencoding"]
+__all__ = ["BrainfmTask", "ContrastiveSequenceModeling", "CausalSequenceModeling", "MaskedSequenceModeling", "SequenceAutoencoding", "SimMIM", "SupervisedTask"]

@@ -92,9 +92,17 @@ class BrainfmTask(L.LightningModule):
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         torch.manual_seed(self._seed(1, batch_idx, dataloader_idx))
 
+    @staticmethod
+    def batch_size(batch: dict) -> int:
+        """Samples in a batch (ROI windows ``bold`` or volume clips ``volume``)."""
+        for key in ("bold", "volume"):
+            if key in batch:
+                return int(batch[key].shape[0])
+        return int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)
-        bs = batch["bold"].shape[0]
+        bs = self.batch_size(batch)
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
         for name, value in losses.items():
             if name != "loss":
@@ -103,7 +111,7 @@ class BrainfmTask(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         losses = self.compute_losses(batch)
-        bs = batch["bold"].shape[0]
+        bs = self.batch_size(batch)
         for name, value in losses.items():
             self.log(f"val/{name}", value, prog_bar=name == "loss", batch_size=bs, sync_dist=True)
 
