@@ -80,6 +80,19 @@ class SequenceTransformer(nn.Module):
     def out_dim(self) -> int:
         return self.d_model
 
+    def use_special_tokens(self, *names: str) -> None:
+        """Keep only the special embeddings an objective uses trainable (``"mask"``, ``"cls"``,
+        ``"sep"``, ``"segment"``); the others get ``requires_grad=False`` so that DDP does not wait
+        for gradients that never come."""
+        unknown = set(names) - {"mask", "cls", "sep", "segment"}
+        if unknown:
+            raise ValueError(f"unknown special tokens {sorted(unknown)}")
+        params = {"mask": [self.mask_token], "cls": [self.cls_token], "sep": [self.sep_token],
+                  "segment": list(self.segment.parameters()) if self.segment is not None else []}
+        for name, ps in params.items():
+            for p in ps:
+                p.requires_grad_(name in names)
+
     def embed_trs(self, bold: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """TR tokens ``(B, T, d)``; where ``mask`` ``(B, T)`` is True the value embedding is
         replaced by the learned MASK token (the time embedding stays)."""

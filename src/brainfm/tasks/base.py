@@ -122,6 +122,19 @@ class BrainfmTask(L.LightningModule):
         scheduler = build_scheduler(optimizer, self.trainer.estimated_stepping_batches, **sched_cfg)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy), shard the transformer blocks and
+        then the whole task with FSDP2; a no-op for every other strategy."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_fully_sharded", False):
+            return
+        from brainfm.models.swin4d import FactorizedSwinBlock4D, SwinBlock4D
+        from brainfm.models.transformer import TransformerBlock
+        from brainfm.strategies import apply_fully_shard
+
+        apply_fully_shard(self, mesh, (TransformerBlock, SwinBlock4D, FactorizedSwinBlock4D))
+        self._fully_sharded = True
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         extra: dict[str, Any] = {
             "task_class": f"{type(self).__module__}.{type(self).__qualname__}",

@@ -52,6 +52,8 @@ class ContrastiveSequenceModeling(BrainfmTask):
             raise ConfigError(f"task=contrastive needs a sequence backbone; got {type(self.model).__name__}")
         self.temperature, self.noise_std = float(temperature), float(noise_std)
         self.projection = ProjectionHead(self.model.d_model, int(proj_dim))
+        if isinstance(self.model, SequenceTransformer):
+            self.model.use_special_tokens()  # plain windows: no MASK/CLS/SEP/segment
 
     def objective_hparams(self) -> dict:
         return dict(self._objective)

@@ -84,6 +84,7 @@ class MaskedSequenceModeling(BrainfmTask):
         self.head = ReconstructionHead(d, r)
         self.nsp_head = BinaryHead(d) if next_sequence else None
         self.roi_mask_value = nn.Parameter(torch.zeros(r)) if masking == "roi" else None
+        self.model.use_special_tokens("cls", "sep", "segment", *(("mask",) if masking == "tr" else ()))
 
     def objective_hparams(self) -> dict:
         return dict(self._objective)

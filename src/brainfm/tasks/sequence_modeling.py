@@ -36,6 +36,7 @@ class CausalSequenceModeling(BrainfmTask):
                 f"{type(self.model).__name__}{'' if not isinstance(self.model, SequenceTransformer) else ' with causal=false'}"
             )
         self.head = ReconstructionHead(self.model.d_model, self.model.n_rois)
+        self.model.use_special_tokens("mask")
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         bold, t = batch["bold"], batch["t"]

@@ -105,6 +105,8 @@ class SupervisedTask(BrainfmTask):
             self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, n_out))
         else:
             raise ConfigError(f"task.head={head!r} must be 'linear', 'bn_linear' or 'mlp'")
+        if isinstance(self.model, SequenceTransformer):
+            self.model.use_special_tokens()  # plain windows: no MASK/CLS/SEP/segment
         if freeze_backbone:
             self.model.requires_grad_(False)
         self._val: dict[str, list] = defaultdict(list)

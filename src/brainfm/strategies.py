@@ -1,0 +1,61 @@
+"""Distributed strategies selected by ``trainer=`` (``conf/trainer/*.yaml``).
+
+- DDP: Lightning's ``DDPStrategy`` (NCCL on GPU, gloo on CPU for tests).
+- DeepSpeed ZeRO-2/3 (+ CPU offload): :class:`DeepSpeedStrategy`, Lightning's strategy unchanged on
+  GPUs. Lightning refuses DeepSpeed on a CPU accelerator; so that tests can exercise ZeRO sharding,
+  checkpointing and consolidation without a GPU, this subclass skips the CUDA check on CPU (the
+  environment is set up as DDP's, the root device is ``cpu:0``). On CPU it is a test vehicle,
+  not a way to train fast.
+- FSDP: FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's
+  ``ModelParallelStrategy``; brainfm's tasks shard their transformer blocks and then the root in
+  ``configure_model`` (:func:`apply_fully_shard`). Lightning's FSDP1 strategy needs an accelerator;
+  FSDP2 runs on CPU with gloo, so the same code path is tested here and used on Perlmutter.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeed
+from torch import nn
+
+
+class DeepSpeedStrategy(_LightningDeepSpeed):
+    """Lightning's ``DeepSpeedStrategy``; on a CPU accelerator it runs (for tests) instead of refusing."""
+
+    def _on_cpu(self) -> bool:
+        return not isinstance(self.accelerator, CUDAAccelerator)
+
+    def setup_environment(self) -> None:
+        if self._on_cpu():
+            DDPStrategy.setup_environment(self)
+        else:
+            super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            return super().setup_distributed()
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    def root_device(self) -> torch.device:
+        if self._on_cpu():
+            return torch.device("cpu", 0)
+        return super().root_device
+
+
+def apply_fully_shard(module: nn.Module, mesh, block_types: tuple[type, ...], reshard_after_forward: bool = True) -> None:
+    """FSDP2: shard every block of ``block_types`` in ``module``, then ``module`` itself, over the
+    data-parallel dimension of ``mesh`` (a DeviceMesh from ``ModelParallelStrategy``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    for sub in module.modules():
+        if isinstance(sub, block_types):
+            fully_shard(sub, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
