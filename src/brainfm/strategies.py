@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeed
 from torch import nn
 
@@ -59,3 +59,17 @@ def apply_fully_shard(module: nn.Module, mesh, block_types: tuple[type, ...], re
         if isinstance(sub, block_types):
             fully_shard(sub, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+
+
+class FSDPStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` used for pure data parallelism with FSDP2: the device mesh
+    is ``data_parallel = world size`` x ``tensor_parallel = 1`` (Lightning's "auto" would make the
+    intra-node dimension tensor-parallel)."""
+
+    def __init__(self, save_distributed_checkpoint: bool = False, process_group_backend: str | None = None, **kwargs) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()

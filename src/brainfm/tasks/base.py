@@ -100,8 +100,13 @@ class BrainfmTask(L.LightningModule):
                 return int(batch[key].shape[0])
         return int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
 
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The objective on a batch (training and validation go through ``forward`` so that FSDP2's
+        hooks on the root module gather its parameters)."""
+        return self.compute_losses(batch)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.compute_losses(batch)
+        losses = self(batch)
         bs = self.batch_size(batch)
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
         for name, value in losses.items():
@@ -110,7 +115,7 @@ class BrainfmTask(L.LightningModule):
         return losses["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        losses = self.compute_losses(batch)
+        losses = self(batch)
         bs = self.batch_size(batch)
         for name, value in losses.items():
             self.log(f"val/{name}", value, prog_bar=name == "loss", batch_size=bs, sync_dist=True)

@@ -131,6 +131,7 @@ class SupervisedTask(BrainfmTask):
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         out = self.logits(batch)
+        self._last_outputs = out.detach()
         y = self._labels(batch)
         if self.kind == "binary":
             loss = F.binary_cross_entropy_with_logits(out.squeeze(-1), y.float())
@@ -143,8 +144,7 @@ class SupervisedTask(BrainfmTask):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
-        with torch.no_grad():
-            out = self.logits(batch).float().cpu()
+        out = self._last_outputs.float().cpu()
         for s, o, y in zip(batch["subject"].tolist(), out, self._labels(batch).cpu()):
             self._val[s].append((o, float(y)))
 
