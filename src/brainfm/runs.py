@@ -53,6 +53,11 @@ def find_checkpoint(path: str | Path) -> Path:
         CheckpointError: nothing loadable there; the message lists the checkpoints nearby.
     """
     path = Path(path)
+    if path.is_dir() and (path / "latest").is_file():
+        raise CheckpointError(
+            f"{path} is a DeepSpeed (sharded) checkpoint directory. Fix: consolidate it into one file with "
+            f"`python -m brainfm.runs consolidate {path} {path.with_suffix('')}-consolidated.ckpt`"
+        )
     if path.is_dir():
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if candidate.is_file():
@@ -118,3 +123,41 @@ def check_data_compatible(meta: dict, store, where: str = "the checkpoint") -> N
             f"model {names[i]!r}. Fix: reorder the data's ROIs to the model's order "
             "(roi_names in the checkpoint's data_meta)."
         )
+
+
+def consolidate(checkpoint_dir: str | Path, output_file: str | Path) -> Path:
+    """Write a DeepSpeed ZeRO-2/3 checkpoint directory as one fp32 Lightning checkpoint file (its
+    hyper-parameters and brainfm metadata kept), loadable without DeepSpeed.
+
+    Raises:
+        CheckpointError: not a DeepSpeed checkpoint directory.
+    """
+    checkpoint_dir, output_file = Path(checkpoint_dir), Path(output_file)
+    if not (checkpoint_dir / "latest").is_file():
+        raise CheckpointError(f"{checkpoint_dir} is not a DeepSpeed checkpoint directory (no 'latest' file)")
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_file.with_name(f".{output_file.name}.tmp")
+    convert_zero_checkpoint_to_fp32_state_dict(str(checkpoint_dir), str(tmp))
+    tmp.replace(output_file)
+    return output_file
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m brainfm.runs", description="checkpoint utilities")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("consolidate", help="DeepSpeed checkpoint directory -> one fp32 checkpoint file")
+    p.add_argument("checkpoint_dir")
+    p.add_argument("output_file")
+    args = parser.parse_args(argv)
+    from brainfm.cli.common import exit_on_brainfm_error
+
+    with exit_on_brainfm_error("brainfm.runs"):
+        print(f"wrote {consolidate(args.checkpoint_dir, args.output_file)}")
+
+
+if __name__ == "__main__":
+    main()
