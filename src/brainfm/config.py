@@ -43,8 +43,14 @@ def run_name() -> str:
     return env.get("SLURM_JOB_ID") or "local"
 
 
+def default_resume() -> str | None:
+    """``auto`` inside a SLURM job (a requeued job finds its own last.ckpt), else ``None``."""
+    return "auto" if os.environ.get("SLURM_JOB_ID") else None
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("brainfm_root", lambda: str(repo_root()), replace=True)
+    OmegaConf.register_new_resolver("brainfm_default_resume", default_resume, replace=True)
     OmegaConf.register_new_resolver("brainfm_run_name", run_name, replace=True)
 
 

@@ -47,6 +47,10 @@ def build(cfg: DictConfig):
             callbacks.append(ProgressLog(int(cfg.trainer.get("val_check_interval") or 100)))
     loggers = _instantiate_group(cfg.get("logger"))
     overrides = {} if any(isinstance(c, ProgressBar) for c in callbacks) else {"enable_progress_bar": False}
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():  # brainfm's ResumeCheckpoint owns the preemption signal, not Lightning
+        overrides["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all", **overrides)
     return datamodule, task, trainer
 
