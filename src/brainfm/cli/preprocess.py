@@ -1,0 +1,163 @@
+"""``brainfm-preprocess``: NIfTI / BIDS / fMRIPrep or SwiFT frame folders -> brainfm's stores.
+
+    brainfm-preprocess volumes --input <folder|BIDS|fMRIPrep> --output <store>
+        [--pattern GLOB] [--space MNI152NLin2009cAsym] [--tr S] [--crop-pad X0 X1 Y0 Y1 Z0 Z1 | PRESET]
+        [--target-shape 96 96 96] [--normalisation global|none] [--fill min|zero]
+        [--mask auto|nonzero|threshold|epi|all|<mask.nii.gz>] [--workers N] [--overwrite]
+    brainfm-preprocess frames --input <folder with img/> --output <store> --tr S [--crop-pad ...]
+    brainfm-preprocess parcellate --input <folder|BIDS|fMRIPrep> --atlas <labels|maps NIfTI|schaefer400|difumo64>
+        --output rois.h5 [--roi-names names.tsv] [--atlas-name NAME] [--tr S] [--workers N]
+    brainfm-preprocess info <store>
+
+--crop-pad takes six integers in axis order (x_before x_after y_before y_after z_before z_after;
+negative values crop) or a SwiFT preset: swift_hcp (75x93x81 -> 96^3; SwiFT's torch pad
+(8, 7, 2, 1, 11, 10) lists Z first), swift_abcd_rest (79x97x85), swift_ukb (91x109x91).
+A stopped run resumes: finished runs are skipped (each is written to a temporary folder first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from brainfm.cli.common import exit_on_brainfm_error
+
+
+def _crop_pad(values: list[str] | None):
+    if not values:
+        return None
+    if len(values) == 1 and not values[0].lstrip("-").isdigit():
+        return values[0]
+    if len(values) != 6 or not all(v.lstrip("-").isdigit() for v in values):
+        from brainfm.errors import ConfigError
+
+        raise ConfigError(f"--crop-pad takes 6 integers (x_before x_after y_before y_after z_before z_after) "
+                          f"or a preset name, got {values}")
+    return [int(v) for v in values]
+
+
+def _report(results, output: Path, what: str = "run") -> None:
+    for r in results:
+        for w in r.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    written = sum(r.status == "written" for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    print(f"{output}: wrote {written} {what}(s), skipped {skipped} finished before")
+
+
+def _volumes(args: argparse.Namespace) -> None:
+    from brainfm.data.preprocess import preprocess_volumes
+
+    results = preprocess_volumes(
+        args.input, args.output, pattern=args.pattern, space=args.space, tr=args.tr,
+        crop_pad=_crop_pad(args.crop_pad), target_shape=args.target_shape, normalisation=args.normalisation,
+        fill=args.fill, mask=args.mask, workers=args.workers, overwrite=args.overwrite,
+        progress=not args.no_progress, fail_fast=args.fail_fast,
+    )
+    _report(results, args.output)
+    _info_line(args.output)
+
+
+def _frames(args: argparse.Namespace) -> None:
+    from brainfm.data.frames import convert_frames
+
+    results = convert_frames(
+        args.input, args.output, args.tr, crop_pad=_crop_pad(args.crop_pad), target_shape=args.target_shape,
+        normalisation=args.normalisation_applied, subjects=args.subjects, workers=args.workers,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    _report(results, args.output, "subject")
+    _info_line(args.output)
+
+
+def _parcellate(args: argparse.Namespace) -> None:
+    from brainfm.data.preprocess import parcellate
+    from brainfm.data.roi_store import ROIStore
+
+    path = parcellate(
+        args.input, args.atlas, args.output, pattern=args.pattern, space=args.space, tr=args.tr,
+        roi_names=args.roi_names, atlas_name=args.atlas_name, use_brain_mask=not args.no_brain_mask,
+        workers=args.workers, progress=not args.no_progress,
+    )
+    print(f"wrote {ROIStore(path, preload=False)}")
+
+
+def _info_line(root: Path) -> None:
+    from brainfm.data.volume_store import VolumeStore
+
+    print(VolumeStore(root))
+
+
+def _info(args: argparse.Namespace) -> None:
+    from brainfm.data.volume_store import VolumeStore
+
+    store = VolumeStore(args.store)
+    print(store)
+    for i, r in enumerate(store.runs):
+        m = r.meta
+        print(f"  {r.subject}/{r.run}: {r.n_frames} TRs, TR {r.tr:g} s, {m.get('normalisation')}/{m.get('fill')}, "
+              f"crop/pad {m.get('crop_pad')}, from {m.get('source')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="brainfm-preprocess", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, tr_required: bool = False):
+        p.add_argument("--input", type=Path, required=True)
+        p.add_argument("--output", type=Path, required=True)
+        p.add_argument("--tr", type=float, default=None, required=tr_required,
+                       help="repetition time in seconds (default: JSON sidecar, else NIfTI header)")
+        p.add_argument("--workers", type=int, default=1, help="parallel processes (one run each)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def grid(p):
+        p.add_argument("--crop-pad", nargs="+", default=None, metavar="N",
+                       help="6 ints in axis order (x_before x_after y_before y_after z_before z_after; "
+                            "negative crops) or a preset: swift_hcp, swift_abcd_rest, swift_ukb")
+        p.add_argument("--target-shape", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
+                       help="output grid; centred crop/pad unless --crop-pad is given")
+        p.add_argument("--overwrite", action="store_true", help="rewrite finished runs")
+
+    p = sub.add_parser("volumes", help="4-D NIfTI runs -> volume store (normalised float16, one array per run)")
+    common(p)
+    grid(p)
+    p.add_argument("--pattern", default=None, help="glob of the runs relative to --input")
+    p.add_argument("--space", default="MNI152NLin2009cAsym", help="fMRIPrep output space")
+    p.add_argument("--normalisation", choices=["global", "none"], default="global")
+    p.add_argument("--fill", choices=["min", "zero"], default="min", help="background value")
+    p.add_argument("--mask", default="auto", help="auto | nonzero | threshold | epi | all | <mask NIfTI>")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    p.set_defaults(func=_volumes)
+
+    p = sub.add_parser("frames", help="SwiFT/TFF frame folders (img/<subject>/frame_<t>.pt) -> volume store")
+    common(p, tr_required=True)
+    grid(p)
+    p.add_argument("--normalisation-applied", choices=["global", "minmax", "none"], default="global",
+                   help="what the frames hold (SwiFT's preprocessing: global z-norm)")
+    p.add_argument("--subjects", nargs="+", default=None, help="subject folders (default: all)")
+    p.set_defaults(func=_frames)
+
+    p = sub.add_parser("parcellate", help="4-D NIfTI runs -> ROI time series HDF5 (for the sequence models)")
+    common(p)
+    p.add_argument("--atlas", required=True, help="labels (3-D) or maps (4-D) NIfTI, or schaefer<N> / difumo<N>")
+    p.add_argument("--roi-names", type=Path, default=None, help=".tsv/.csv (index, name) or .txt (one per line)")
+    p.add_argument("--atlas-name", default=None, help="name under /timeseries (default: atlas file stem)")
+    p.add_argument("--pattern", default=None)
+    p.add_argument("--space", default="MNI152NLin2009cAsym")
+    p.add_argument("--no-brain-mask", action="store_true", help="ignore fMRIPrep brain masks")
+    p.set_defaults(func=_parcellate)
+
+    p = sub.add_parser("info", help="describe a volume store")
+    p.add_argument("store", type=Path)
+    p.set_defaults(func=_info)
+
+    args = parser.parse_args(argv)
+    with exit_on_brainfm_error("brainfm-preprocess"):
+        args.func(args)
+
+
+if __name__ == "__main__":
+    main()

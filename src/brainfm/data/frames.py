@@ -1,0 +1,285 @@
+"""The SwiFT/TFF/R2T frame layout: one ``torch.save``-d tensor per TR, read as is or converted.
+
+Layout (Transconnectome/SwiFT ``preprocessing.py`` and ``datasets.py``)::
+
+    <root>/img/<subject>/frame_0.pt, frame_1.pt, ...   one TR each, float16, shape (X, Y, Z, 1)
+                                                       (SwiFT saves the slices of torch.split(.., 1, 3);
+                                                       (X, Y, Z) is accepted too), numbered from 0
+    <root>/img/<subject>/voxel_mean.pt, voxel_std.pt   optional per-voxel statistics (TFF)
+
+SwiFT's preprocessing z-scores each run over its non-zero voxels x TRs and fills the background
+with the minimum (or 0), so the frames are already normalised; they carry no TR, no mask and no
+affine. SwiFT's dataset counts a subject's frames as ``len(os.listdir(folder)) - 2``, assuming the
+two statistics files exist; its own preprocessing does not write them, so the last 2 TRs of every
+subject are silently dropped. :class:`FrameStore` counts the ``frame_<t>.pt`` files themselves and
+checks that they are numbered 0..T-1 without gaps.
+
+Reading a clip costs one ``torch.load`` per TR (20-40 file opens per sample);
+:func:`convert_frames` writes the same data as a volume store (one contiguous array per run, see
+:mod:`brainfm.data.volume_store`), which reads more than 10x faster (``scripts/bench_volume_loader.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from brainfm.data.volume_store import CropPad, run_dir, run_is_finished, safe_name, write_volume_run
+from brainfm.errors import ConfigError, DataError
+
+FRAME = re.compile(r"^frame_(\d+)\.pt$")
+STATS = ("voxel_mean.pt", "voxel_std.pt")
+
+
+def _load(path: Path):
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle errors, ...
+        raise DataError(f"{path} cannot be loaded with torch.load ({type(exc).__name__}: {exc}); "
+                        "the file is truncated or not a tensor: convert this subject again") from exc
+
+
+class FrameStore:
+    """Reader of ``img/<subject>/frame_<t>.pt`` folders with the interface of
+    :class:`~brainfm.data.volume_store.VolumeStore` (one run per subject folder).
+
+    Args:
+        root: the data set folder holding ``img/``, or the ``img`` folder itself.
+        tr: repetition time in seconds (frames do not record it).
+        subjects: subject folders to use (default: every folder with frames).
+        normalisation: what the frames hold (``global`` for SwiFT's default preprocessing).
+
+    Attributes as ``VolumeStore``: ``subject_ids``, ``run_ids`` (``"frames"``), ``lengths``,
+    ``trs``, ``tr``, ``shape`` (X, Y, Z).
+
+    Raises:
+        DataError: no subject folder, a gap in the frame numbers (the missing files are named),
+            an unreadable frame, frames of another shape.
+    """
+
+    def __init__(self, root: str | os.PathLike, tr: float, subjects: Sequence[str] | None = None,
+                 normalisation: str = "global") -> None:
+        root = Path(root)
+        self.root = root / "img" if (root / "img").is_dir() else root
+        if not self.root.is_dir():
+            raise DataError(f"frame folder {self.root} does not exist (expected <root>/img/<subject>/frame_<t>.pt)")
+        if tr is None or not float(tr) > 0:
+            raise ConfigError(f"frame folders carry no TR: pass the repetition time in seconds (got {tr!r})")
+        names = sorted(subjects) if subjects is not None else sorted(
+            e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        self.subject_ids, self.lengths_list, self.has_stats = [], [], []
+        for name in names:
+            folder = self.root / name
+            if not folder.is_dir():
+                raise DataError(f"subject folder {folder} does not exist")
+            files = os.listdir(folder)
+            idx = sorted(int(m.group(1)) for f in files if (m := FRAME.match(f)))
+            if not idx:
+                if subjects is not None:
+                    raise DataError(f"{folder} holds no frame_<t>.pt files")
+                continue
+            if idx != list(range(len(idx))):
+                missing = sorted(set(range(idx[-1] + 1)) - set(idx))
+                shown = ", ".join(f"frame_{t}.pt" for t in missing[:8]) + (" ..." if len(missing) > 8 else "")
+                raise DataError(
+                    f"{folder}: frames must be numbered 0..T-1 without gaps; missing {shown} "
+                    f"({len(missing)} of {idx[-1] + 1}). Fix: convert this subject again"
+                )
+            self.subject_ids.append(name)
+            self.lengths_list.append(len(idx))
+            self.has_stats.append(all(s in files for s in STATS))
+        if not self.subject_ids:
+            raise DataError(f"{self.root} holds no <subject>/frame_<t>.pt folders")
+        self.run_ids = ["frames"] * len(self.subject_ids)
+        self.lengths = np.array(self.lengths_list, dtype=np.int64)
+        self.trs = np.full(len(self.subject_ids), float(tr))
+        self.tr = float(tr)
+        self.normalisation = normalisation
+        first = self._frame(0, 0)
+        self.shape: tuple[int, int, int] = tuple(int(s) for s in first.shape)
+        self._meta_cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.subject_ids)
+
+    def path(self, i: int) -> Path:
+        return self.root / self.subject_ids[i]
+
+    def describe_run(self, i: int) -> str:
+        return f"subject {self.subject_ids[i]} ({self.path(i)})"
+
+    def _frame(self, i: int, t: int) -> np.ndarray:
+        path = self.path(i) / f"frame_{t}.pt"
+        x = _load(path)
+        arr = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+        if arr.ndim == 4 and arr.shape[3] == 1:
+            arr = arr[..., 0]
+        if arr.ndim != 3:
+            raise DataError(f"{path} holds shape {tuple(arr.shape)}; a frame is (X, Y, Z) or (X, Y, Z, 1)")
+        shape = getattr(self, "shape", None)
+        if shape is not None and tuple(arr.shape) != shape:
+            raise DataError(f"{path} has shape {tuple(arr.shape)}, other frames {shape}; convert this subject again")
+        return arr
+
+    def read_clip(self, i: int, start: int, length: int, stride: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+        """``(length, X, Y, Z)`` float16: ``length`` frames from ``start`` every ``stride`` (one
+        ``torch.load`` each).
+
+        Raises:
+            IndexError: a clip outside the subject's frames. DataError: an unreadable frame.
+        """
+        n = int(self.lengths[i])
+        last = start + (length - 1) * stride
+        if length < 1 or stride < 1 or start < 0 or last >= n:
+            raise IndexError(f"clip of {length} TRs from TR {start} every {stride} is outside "
+                             f"{self.describe_run(i)} ({n} frames)")
+        if out is None:
+            out = np.empty((length, *self.shape), dtype=np.float16)
+        for k in range(length):
+            out[k] = self._frame(i, start + k * stride)
+        return out
+
+    def mask(self, i: int) -> None:
+        """Frame folders hold no brain mask."""
+        return None
+
+    def voxel_stats(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``voxel_mean.pt``/``voxel_std.pt`` as ``(X, Y, Z)`` float32, or None when absent."""
+        if not self.has_stats[i]:
+            return None
+        out = []
+        for name in STATS:
+            a = _load(self.path(i) / name)
+            a = (a.numpy() if hasattr(a, "numpy") else np.asarray(a)).astype(np.float32)
+            out.append(a.reshape(self.shape))
+        return out[0], out[1]
+
+    def meta(self, i: int) -> dict:
+        """Normalisation and brain min/max (from frame 0: the background voxel [0, 0, 0], SwiFT's
+        own convention, and the extremes of the first frame's other voxels)."""
+        m = self._meta_cache.get(i)
+        if m is None:
+            f0 = self._frame(i, 0).astype(np.float32)
+            bg = float(f0.flat[0])
+            brain = f0[f0 != bg]
+            lo = float(brain.min()) if brain.size else bg
+            m = {"normalisation": self.normalisation, "fill": "zero" if bg == 0 else "min", "fill_value": bg,
+                 "min": lo, "max": float(brain.max()) if brain.size else bg, "tr": self.tr, "crop_pad": None}
+            self._meta_cache[i] = m
+        return m
+
+    def __repr__(self) -> str:
+        return f"FrameStore({self.root}, subjects={len(self.subject_ids)}, shape={self.shape}, tr={self.tr:g}s)"
+
+
+class FrameClipDataset:
+    """Clips of a SwiFT frame folder: :class:`~brainfm.data.volumes.VolumeClipDataset` over a
+    :class:`FrameStore` (whole subjects; same arguments and samples)."""
+
+    def __new__(cls, root: str | os.PathLike, tr: float, length: int, **kwargs):
+        from brainfm.data.volumes import VolumeClipDataset
+
+        store = FrameStore(root, tr)
+        segments = [(i, 0, int(n)) for i, n in enumerate(store.lengths)]
+        return VolumeClipDataset(store, segments, length, **kwargs)
+
+
+class _FramesSource:
+    """One subject of a :class:`FrameStore` as a writer frame source."""
+
+    def __init__(self, store: FrameStore, i: int) -> None:
+        self.store, self.i = store, i
+        self.name = str(store.path(i))
+        self.n_frames = int(store.lengths[i])
+        self.spatial_shape = store.shape
+
+    def read(self, t0: int, t1: int) -> np.ndarray:
+        return self.store.read_clip(self.i, t0, t1 - t0)
+
+
+def _convert_one(root: str, tr: float, subject: str, output: str, crop_pad, target_shape, normalisation: str,
+                 overwrite: bool):
+    from brainfm.data.preprocess import RunResult, resolve_crop_pad
+
+    store = FrameStore(root, tr, subjects=[subject], normalisation=normalisation)
+    out_subject = safe_name(subject)
+    result = RunResult(out_subject, "frames", str(store.path(0)), "failed")
+    try:
+        bg = float(store._frame(0, 0).flat[0])
+
+        def background(vmean, vmin, vmax, valid):  # SwiFT: voxels equal to the corner voxel's value
+            return valid & ~((vmin == bg) & (vmax == bg)), f"voxels != background value {bg:g} (frame_0 voxel [0,0,0])"
+
+        cp = resolve_crop_pad(crop_pad, target_shape, store.shape)
+        path = write_volume_run(
+            output, out_subject, "frames", _FramesSource(store, 0), tr=tr, affine=None, mask=background,
+            crop_pad=cp, normalisation="none", fill="zero" if bg == 0 else "min", applied_upstream=normalisation,
+            source=str(store.path(0)), overwrite=overwrite,
+            extra_meta={"input_kind": "frames", "frames_background": bg, "subject_folder": subject},
+        )
+        result.status, result.path = "written", str(path)
+    except (DataError, ConfigError) as exc:
+        result.error = str(exc)
+    return result
+
+
+def convert_frames(
+    root: str | os.PathLike,
+    output: str | os.PathLike,
+    tr: float,
+    *,
+    crop_pad: CropPad | Sequence[int] | str | None = None,
+    target_shape: Sequence[int] | None = None,
+    normalisation: str = "global",
+    subjects: Sequence[str] | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list:
+    """Convert SwiFT/TFF/R2T frame folders into a volume store (``<output>/<subject>/frames/``).
+
+    The values are copied as they are (they are normalised already: ``normalisation`` records
+    how, ``global`` for SwiFT's default); the brain mask is every voxel that differs from the
+    background value at some TR (SwiFT's background value: voxel [0, 0, 0] of the first frame),
+    and the background fill is ``zero`` when that value is 0, else ``min``. Every frame is
+    kept (SwiFT's loader drops the last 2). Resumable like :func:`brainfm.data.preprocess.preprocess_volumes`.
+
+    Args:
+        root: folder holding ``img/`` (or the ``img`` folder). output: store root.
+        tr: repetition time in seconds. crop_pad, target_shape: as ``preprocess_volumes`` (e.g.
+            ``"swift_hcp"`` pads HCP 75x93x81 frames to 96^3 once, instead of at every load).
+        subjects: subject folders (default: all). workers: parallel processes.
+
+    Raises:
+        DataError: unreadable or inconsistent frames (all failed subjects listed; the finished
+            ones stay).
+    """
+    from brainfm.data.preprocess import RunResult, _run_all
+
+    store = FrameStore(root, tr, subjects)
+    results: list = []
+    todo = []
+    for s in store.subject_ids:
+        if not overwrite and run_is_finished(run_dir(output, safe_name(s), "frames")):
+            results.append(RunResult(safe_name(s), "frames", str(store.root / s), "skipped",
+                                     str(run_dir(output, safe_name(s), "frames"))))
+        else:
+            todo.append(s)
+            results.append(None)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    done = _run_all(_convert_one, [(str(root), float(tr), s, str(output), crop_pad, target_shape, normalisation,
+                                    overwrite) for s in todo], workers, progress, "brainfm-preprocess frames", False)
+    it = iter(done)
+    results = [r if r is not None else next(it) for r in results]
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise DataError(f"{len(failed)} of {len(results)} subject(s) failed:\n"
+                        + "\n".join(f"  - {r.error}" for r in failed[:20])
+                        + "\nFix these and run the same command again: finished subjects are skipped.")
+    return results

@@ -1,0 +1,783 @@
+"""Clips of 4-D fMRI volumes: dataset, reusable shared-memory batches, loader and datamodule.
+
+A clip is ``length`` TRs of one subject run, taken every ``stride`` TRs; it spans
+``(length - 1) * stride + 1`` TRs. Grid clips start every ``clip_stride`` TRs (default
+``length * stride``: non-overlapping, as SwiFT's default). Samples are in SwiFT's layout
+``(C, H, W, D, T)``: ``volume`` is ``(C=1, X, Y, Z, T)`` float16 (the model casts).
+
+Differences from SwiFT (Transconnectome/SwiFT ``datasets.py``), on purpose:
+
+- SwiFT stores its step between clip starts in the slot it later reads as the clip duration, so
+  ``stride_between_seq != 1`` changes the clip *length*; here length, frame stride and clip
+  stride are independent.
+- SwiFT's last possible start is ``T - length * stride_within_seq`` (one clip too few when
+  ``stride > 1``); here it is ``T - span``.
+- SwiFT counts a subject's frames as "files in the folder minus 2" (for ``voxel_mean.pt`` and
+  ``voxel_std.pt``), silently dropping the last 2 TRs when those files are absent; here the
+  volume store records the TR count (and :mod:`brainfm.data.frames` counts ``frame_<t>.pt``).
+- SwiFT's second (contrastive) clip is drawn with the unseeded global NumPy generator and
+  excludes one non-overlapping start; here it is a function of the request's seed, never
+  overlaps, and stays in the same split segment.
+
+Speed. A clip of a stored run is one contiguous byte range, copied from the memory map straight
+into the batch tensor. Fresh memory costs more than the copy itself (every page is zeroed on its
+first write: ~3x slower for 35 MB clips; fresh shared memory ~6x), so :class:`VolumeClipLoader`
+keeps a small pool of batch buffers in shared memory: DataLoader workers write clips into a
+buffer chosen by the main process, send back only the buffer's number, and the main process
+hands out tensors that are views of it. A buffer is reused only when no tensor (or view, or
+NumPy array) of a previous batch still references it (the storage's reference count) and its
+batch is not among the last ``prefetch_factor * num_workers`` dispatched, so reuse never
+overwrites a batch in use; when none is free the batch gets fresh memory as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from brainfm.data.splits import load_or_create_subject_split, segments_for_subjects, time_split
+from brainfm.data.volume_store import VolumeStore
+from brainfm.data.windows import WindowBatchSampler, WindowRequest
+from brainfm.errors import ConfigError, DataError
+
+#: Load-time normalisations of the stored clip (the store's own one is ``stored``).
+LOAD_NORMALISATIONS = ("stored", "voxel", "minmax", "stored+voxel")
+_ALIGN = 64
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+# -- requests and the buffer pool ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClipBatchRequest:
+    """A batch of clip requests as dispatched by :class:`PooledBatchSampler`.
+
+    ``items``: :data:`~brainfm.data.windows.WindowRequest` tuples; ``slot``: pool buffer to write
+    into (None: fresh memory); ``seed``: augmentation seed of the batch.
+    """
+
+    items: tuple
+    slot: int | None
+    seed: int
+
+
+def _use_count(storage: torch.UntypedStorage) -> int:
+    return int(torch._C._storage_Use_Count(storage._cdata))
+
+
+class ClipBufferPool:
+    """Reusable batch buffers (raw bytes), in shared memory when DataLoader workers write them.
+
+    Owned by the main process. :meth:`acquire` returns a buffer no live tensor references and
+    that none of the last ``in_flight`` dispatched batches uses, or None.
+
+    Args:
+        slot_bytes: bytes per buffer. n_slots: buffers. in_flight: batches a DataLoader may have
+            dispatched but not yet returned (``prefetch_factor * num_workers``; 0 in-process).
+        shared: allocate in shared memory (needed with workers).
+    """
+
+    def __init__(self, slot_bytes: int, n_slots: int, in_flight: int, shared: bool) -> None:
+        self.slot_bytes, self.in_flight, self.shared = int(slot_bytes), int(in_flight), bool(shared)
+        self.tensors: list[torch.Tensor] = []
+        for _ in range(int(n_slots)):
+            if shared:  # pages are committed on first write, so unused buffers cost nothing
+                storage = torch.UntypedStorage._new_shared(self.slot_bytes)
+                t = torch.empty(0, dtype=torch.uint8).set_(storage)
+                del storage
+            else:
+                t = torch.empty(self.slot_bytes, dtype=torch.uint8)
+            self.tensors.append(t)
+        self._base = [_use_count(t.untyped_storage()) for t in self.tensors]
+        self._history: list[int] = []
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def acquire(self) -> int | None:
+        recent = set(self._history[-self.in_flight:]) if self.in_flight > 0 else set()
+        for k, t in enumerate(self.tensors):
+            if k not in recent and _use_count(t.untyped_storage()) <= self._base[k]:
+                self._history = (self._history + [k])[-max(self.in_flight, 1):]
+                self.hits += 1
+                return k
+        self._history = (self._history + [-1])[-max(self.in_flight, 1):]
+        self.misses += 1
+        return None
+
+    def __getstate__(self):  # workers need the buffers, not the bookkeeping of the main process
+        return {"slot_bytes": self.slot_bytes, "in_flight": self.in_flight, "shared": self.shared,
+                "tensors": self.tensors, "_base": [], "_history": [], "hits": 0, "misses": 0}
+
+
+class PooledBatchSampler(Sampler[ClipBatchRequest]):
+    """Wraps a batch sampler (e.g. :class:`~brainfm.data.windows.WindowBatchSampler`): each
+    batch of requests becomes a :class:`ClipBatchRequest` with a pool buffer and a seed.
+
+    ``set_epoch``, ``fast_forward``, ``epoch`` and ``len`` are those of the wrapped sampler, so
+    resuming works as with ROI windows.
+    """
+
+    def __init__(self, batch_sampler, pool: ClipBufferPool | None = None, seed: int = 0) -> None:
+        self.batch_sampler, self.pool, self.seed = batch_sampler, pool, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    @property
+    def epoch(self) -> int:
+        return int(getattr(self.batch_sampler, "epoch", 0))
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+    def fast_forward(self, epoch: int, batches: int) -> None:
+        self.batch_sampler.fast_forward(epoch, batches)
+
+    def __iter__(self) -> Iterator[ClipBatchRequest]:
+        epoch = self.epoch
+        for items in self.batch_sampler:
+            first = items[0] if isinstance(items[0], tuple) else (items[0],)
+            seed = int(np.random.SeedSequence([self.seed, epoch, *(int(v) % 2**63 for v in first)]).generate_state(1)[0])
+            slot = self.pool.acquire() if self.pool is not None else None
+            yield ClipBatchRequest(tuple(items), slot, seed)
+
+
+# -- dataset -------------------------------------------------------------------------------------------
+class VolumeClipDataset(Dataset):
+    """Clips of a volume store (or of SwiFT frame folders, :class:`brainfm.data.frames.FrameStore`).
+
+    Indexing:
+
+    - ``ds[i]``: grid clip ``i`` (``length`` TRs).
+    - ``ds[(i, L)]``: its first ``L <= length`` TRs (random crop lengths of
+      :class:`~brainfm.data.windows.WindowBatchSampler`).
+    - ``ds[(i, L, seed)]``: plus a second clip of ``L`` TRs of the same run segment that does not
+      overlap the first (when the segment allows), placed by ``seed``: ``volume2``, ``t2``,
+      ``onset2`` (positives of contrastive objectives, e.g. SwiFT's and R2T-Net's NT-Xent).
+    - ``ds.__getitems__(ClipBatchRequest)``: a whole batch, written into one buffer (the fast
+      path of :class:`VolumeClipLoader`).
+
+    Args:
+        store: :class:`~brainfm.data.volume_store.VolumeStore` or ``FrameStore``.
+        segments: ``(run, first TR, stop TR)`` ranges clips are taken from (a split).
+        length: TRs per clip. stride: TRs between a clip's frames.
+        clip_stride: TRs between grid clip starts (default ``length * stride``: non-overlapping).
+        normalisation: at load time: ``stored`` (as written: SwiFT's global z-norm), ``voxel``
+            (per-voxel z-norm over time from the stored statistics, TFF; 0 outside the brain),
+            ``minmax`` (the run's brain [min, max] -> [0, 1]), ``stored+voxel`` (two channels, TFF).
+        transform: callable on one clip ``(C * L, X, Y, Z)`` float32 (frames as channels, so
+            MONAI's spatial transforms move every frame alike), e.g. from
+            :func:`build_augmentation`; randomisable transforms are re-seeded per clip.
+        return_mask: add ``brain_mask`` ``(X, Y, Z)`` bool (stores without masks: omitted).
+        subject_index: subject id -> integer label (default: sorted unique ids).
+
+    Returns (per item) a dict: ``volume`` ``(C, X, Y, Z, L)`` float16 (a permuted view of a
+    ``(C, L, X, Y, Z)`` buffer), ``t`` ``(L,)`` float32 seconds from the clip onset (frame ``k`` at
+    ``k * stride * TR``), ``onset`` seconds of the first frame from the run start, ``subject`` int,
+    ``run`` int (row in the store), ``brain_mask``, and for pairs ``volume2``, ``t2``, ``onset2``.
+
+    Raises:
+        ConfigError: no segment long enough for one clip, bad strides or normalisation.
+    """
+
+    def __init__(
+        self,
+        store,
+        segments: Sequence[tuple[int, int, int]],
+        length: int,
+        stride: int = 1,
+        clip_stride: int | None = None,
+        normalisation: str = "stored",
+        transform=None,
+        return_mask: bool = True,
+        subject_index: dict[str, int] | None = None,
+    ) -> None:
+        self.store = store
+        self.length, self.stride = int(length), int(stride)
+        if self.length < 1 or self.stride < 1:
+            raise ConfigError(f"clip length {length} and stride {stride} must be >= 1")
+        self.span = (self.length - 1) * self.stride + 1
+        self.clip_stride = int(clip_stride or self.length * self.stride)
+        if self.clip_stride < 1:
+            raise ConfigError(f"clip_stride {clip_stride} must be >= 1 TR")
+        if normalisation not in LOAD_NORMALISATIONS:
+            raise ConfigError(f"data.normalisation.load={normalisation!r} is not one of {LOAD_NORMALISATIONS}")
+        self.normalisation = normalisation
+        self.channels = 2 if normalisation == "stored+voxel" else 1
+        self.transform = transform
+        if store.shape is None:
+            raise DataError(f"{getattr(store, 'root', store)} mixes grids {sorted({tuple(r.shape) for r in store.runs})}; "
+                            "a clip dataset needs one grid. Fix: preprocess with one --target-shape")
+        self.shape = tuple(int(s) for s in store.shape)
+        self.return_mask = bool(return_mask) and store.mask(0) is not None
+        self.subject_index = subject_index or {s: i for i, s in enumerate(sorted(set(store.subject_ids)))}
+        self.segments = [tuple(int(v) for v in s) for s in segments]
+        seg_of, starts = [], []
+        for k, (_, lo, hi) in enumerate(self.segments):
+            grid = np.arange(lo, hi - self.span + 1, self.clip_stride)
+            seg_of.append(np.full(len(grid), k))
+            starts.append(grid)
+        self._seg_of = np.concatenate(seg_of) if seg_of else np.zeros(0, dtype=int)
+        self._starts = np.concatenate(starts) if starts else np.zeros(0, dtype=int)
+        if len(self._starts) == 0:
+            longest = max((hi - lo for _, lo, hi in self.segments), default=0)
+            raise ConfigError(
+                f"a clip of {self.length} TRs every {self.stride} spans {self.span} TRs, longer than every "
+                f"segment of {getattr(store, 'root', 'the store')} (longest: {longest} TRs); lower "
+                "data.clip.length or data.clip.stride"
+            )
+        self._stats: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._pool: ClipBufferPool | None = None
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def clip(self, i: int) -> tuple[int, int]:
+        """``(run, start TR)`` of grid clip ``i``."""
+        return self.segments[self._seg_of[i]][0], int(self._starts[i])
+
+    # -- reading one clip into a buffer ----------------------------------------------------------
+    def _voxel_stats(self, run: int) -> tuple[np.ndarray, np.ndarray]:
+        hit = self._stats.get(run)
+        if hit is None:
+            stats = self.store.voxel_stats(run)
+            if stats is None:
+                raise ConfigError(f"{self.store.describe_run(run)} has no per-voxel statistics; "
+                                  f"data.normalisation.load={self.normalisation!r} needs them")
+            mean, std = (np.asarray(a, dtype=np.float32) for a in stats)
+            inv = np.zeros_like(std)
+            np.divide(1.0, std, out=inv, where=std > 1e-6)
+            hit = (mean, inv)
+            self._stats[run] = hit
+            while len(self._stats) > 16:
+                self._stats.popitem(last=False)
+        return hit
+
+    def _fill(self, run: int, start: int, length: int, out: np.ndarray) -> None:
+        """Write a clip into ``out`` ``(C, length, X, Y, Z)`` float16."""
+        self.store.read_clip(run, start, length, self.stride, out=out[0])
+        if self.normalisation == "stored":
+            return
+        if self.normalisation == "minmax":
+            meta = self.store.meta(run)
+            lo, hi = float(meta["min"]), float(meta["max"])
+            scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
+            for k in range(length):
+                out[0, k] = (out[0, k].astype(np.float32) - np.float32(lo)) * scale
+            return
+        mean, inv = self._voxel_stats(run)
+        dst = out[1] if self.channels == 2 else out[0]
+        for k in range(length):
+            dst[k] = (out[0, k].astype(np.float32) - mean) * inv
+
+    def _augment(self, clip: np.ndarray, seed: int) -> None:
+        """Apply ``transform`` in place to one clip ``(C, L, X, Y, Z)`` float16."""
+        c, n = clip.shape[:2]
+        x = torch.from_numpy(clip.reshape(c * n, *self.shape).astype(np.float32))
+        if hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=seed % 2**32)
+        y = self.transform(x)
+        y = torch.as_tensor(np.asarray(y)) if not torch.is_tensor(y) else y.as_subclass(torch.Tensor)
+        clip[...] = y.reshape(clip.shape).numpy()
+
+    def _partner_start(self, i: int, start: int, length: int, seed: int) -> int:
+        """A start of ``length`` TRs in clip ``i``'s segment whose span does not overlap ``start``'s."""
+        _, lo, hi = self.segments[self._seg_of[i]]
+        span = (length - 1) * self.stride + 1
+        last = hi - span
+        before = np.arange(lo, max(lo, start - span + 1))
+        after = np.arange(min(last + 1, start + span), last + 1)
+        choices = np.concatenate([before, after])
+        if len(choices) == 0:  # segment shorter than two clips: any other start
+            choices = np.setdiff1d(np.arange(lo, last + 1), [start]) if last > lo else np.array([start])
+        return int(np.random.default_rng(seed).choice(choices))
+
+    def _times(self, run: int, start: int, length: int) -> tuple[torch.Tensor, float]:
+        tr = float(self.store.trs[run])
+        return torch.arange(length, dtype=torch.float32) * float(self.stride * tr), start * tr
+
+    def _parse(self, item) -> tuple[int, int, int, int, int | None]:
+        """``(i, run, start, length, pair seed)`` of a request."""
+        if isinstance(item, tuple):
+            i, length, *pair = item
+            run, start = self.clip(int(i))
+            return int(i), run, start, min(int(length), self.length), (int(pair[0]) if pair else None)
+        run, start = self.clip(int(item))
+        return int(item), run, start, self.length, None
+
+    def __getitem__(self, item: int | WindowRequest) -> dict:
+        i, run, start, length, pair = self._parse(item)
+        sample = self._sample(run, start, length, seed=hash((i, length, pair)) & 0x7FFFFFFF)
+        if pair is not None:
+            other = self._sample(run, self._partner_start(i, start, length, pair), length, seed=pair)
+            sample.update(volume2=other["volume"], t2=other["t"], onset2=other["onset"])
+        return sample
+
+    def _sample(self, run: int, start: int, length: int, seed: int) -> dict:
+        buf = torch.empty((self.channels, length, *self.shape), dtype=torch.float16)
+        self._fill(run, start, length, buf.numpy())
+        if self.transform is not None:
+            self._augment(buf.numpy(), seed)
+        t, onset = self._times(run, start, length)
+        out = {"volume": buf.permute(0, 2, 3, 4, 1), "t": t, "onset": onset,
+               "subject": self.subject_index[self.store.subject_ids[run]], "run": run}
+        if self.return_mask:
+            out["brain_mask"] = torch.from_numpy(np.ascontiguousarray(self.store.mask(run)))
+        return out
+
+    # -- whole batches (VolumeClipLoader) -------------------------------------------------------------
+    def batch_layout(self, n: int, length: int, pairs: bool) -> dict[str, tuple[int, torch.dtype, tuple]]:
+        """Byte offset, dtype and shape of every tensor of a batch in one buffer."""
+        vol = (n, self.channels, length, *self.shape)
+        layout, off = {}, 0
+        for key in ("volume", "volume2") if pairs else ("volume",):
+            layout[key] = (off, torch.float16, vol)
+            off = _aligned(off + math.prod(vol) * 2)
+        if self.return_mask:
+            layout["brain_mask"] = (off, torch.bool, (n, *self.shape))
+            off = _aligned(off + n * math.prod(self.shape))
+        layout["_bytes"] = (off, torch.uint8, ())
+        return layout
+
+    @staticmethod
+    def views(buffer: torch.Tensor, layout: dict) -> dict[str, torch.Tensor]:
+        """Tensors of a batch as views of ``buffer`` (uint8); volumes in ``(B, C, X, Y, Z, T)``."""
+        out = {}
+        for key, (off, dtype, shape) in layout.items():
+            if key == "_bytes":
+                continue
+            size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            t = buffer[off : off + size].view(dtype).view(shape)
+            out[key] = t.permute(0, 1, 3, 4, 5, 2) if key.startswith("volume") else t
+        return out
+
+    def __getitems__(self, request):
+        if not isinstance(request, ClipBatchRequest):  # plain DataLoader: one dict per sample
+            return [self[r] for r in request]
+        parsed = [self._parse(item) for item in request.items]
+        n, length = len(parsed), parsed[0][3]
+        if any(p[3] != length for p in parsed):
+            raise ConfigError("all requests of a batch must have the same length")
+        pairs = parsed[0][4] is not None
+        layout = self.batch_layout(n, length, pairs)
+        nbytes = layout["_bytes"][0]
+        if request.slot is not None and self._pool is not None:
+            buffer = self._pool.tensors[request.slot]
+        elif torch.utils.data.get_worker_info() is not None:  # shared memory from the start: no copy later
+            buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+        else:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        views = self.views(buffer, layout)
+        vol = views["volume"].permute(0, 1, 5, 2, 3, 4).numpy()  # (B, C, L, X, Y, Z) contiguous
+        vol2 = views["volume2"].permute(0, 1, 5, 2, 3, 4).numpy() if pairs else None
+        t, onset, t2, onset2 = [], [], [], []
+        for b, (i, run, start, _, pair) in enumerate(parsed):
+            self._fill(run, start, length, vol[b])
+            if self.transform is not None:
+                self._augment(vol[b], (request.seed + 2 * b) % 2**63)
+            tt, on = self._times(run, start, length)
+            t.append(tt)
+            onset.append(on)
+            if pairs:
+                s2 = self._partner_start(i, start, length, pair)
+                self._fill(run, s2, length, vol2[b])
+                if self.transform is not None:
+                    self._augment(vol2[b], (request.seed + 2 * b + 1) % 2**63)
+                tt, on = self._times(run, s2, length)
+                t2.append(tt)
+                onset2.append(on)
+            if self.return_mask:
+                views["brain_mask"][b].numpy()[...] = self.store.mask(run)
+        batch: dict[str, Any] = {
+            "t": torch.stack(t),
+            "onset": torch.tensor(onset, dtype=torch.float32),
+            "subject": torch.tensor([self.subject_index[self.store.subject_ids[p[1]]] for p in parsed], dtype=torch.long),
+            "run": torch.tensor([p[1] for p in parsed], dtype=torch.long),
+        }
+        if pairs:
+            batch["t2"] = torch.stack(t2)
+            batch["onset2"] = torch.tensor(onset2, dtype=torch.float32)
+        if request.slot is not None and self._pool is not None:
+            batch["_slot"] = (request.slot, n, length, pairs)  # the main process makes the views
+        else:
+            batch.update(views)
+        return batch
+
+
+def collate_volume_clips(samples: list[dict] | dict) -> dict:
+    """Stack samples into a batch: ``volume`` ``(B, C, X, Y, Z, T)``, ``t`` ``(B, T)``, ``onset``
+    ``(B,)``, ``subject``/``run`` ``(B,)`` long, ``brain_mask`` ``(B, X, Y, Z)`` (and ``volume2``,
+    ``t2``, ``onset2`` for pairs). A batch already assembled by
+    :meth:`VolumeClipDataset.__getitems__` passes through unchanged."""
+    if isinstance(samples, dict):
+        return samples
+    batch = {
+        "volume": torch.stack([s["volume"] for s in samples]),
+        "t": torch.stack([s["t"] for s in samples]),
+        "onset": torch.tensor([s["onset"] for s in samples], dtype=torch.float32),
+        "subject": torch.tensor([s["subject"] for s in samples], dtype=torch.long),
+        "run": torch.tensor([s["run"] for s in samples], dtype=torch.long),
+    }
+    if "brain_mask" in samples[0]:
+        batch["brain_mask"] = torch.stack([s["brain_mask"] for s in samples])
+    if "volume2" in samples[0]:
+        batch["volume2"] = torch.stack([s["volume2"] for s in samples])
+        batch["t2"] = torch.stack([s["t2"] for s in samples])
+        batch["onset2"] = torch.tensor([s["onset2"] for s in samples], dtype=torch.float32)
+    return batch
+
+
+# -- loader -----------------------------------------------------------------------------------------
+class _MaterialisingIterator:
+    def __init__(self, base, loader: "VolumeClipLoader") -> None:
+        self.base, self.loader = base, loader
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __next__(self) -> dict:
+        return self.loader.materialise(next(self.base))
+
+
+class VolumeClipLoader(DataLoader):
+    """``DataLoader`` over a :class:`VolumeClipDataset` with batches in reusable buffers.
+
+    Args:
+        dataset: the clip dataset. batch_sampler: yields lists of requests (e.g.
+            :class:`~brainfm.data.windows.WindowBatchSampler`); it is wrapped in a
+            :class:`PooledBatchSampler`. max_batch: largest batch it yields (buffer size).
+        seed: augmentation seed. pool_mb: memory for reusable buffers (0: no reuse).
+        pin_memory: copy batches to pinned memory (CUDA only) after assembly.
+        Other keyword arguments go to ``torch.utils.data.DataLoader``.
+
+    Batches are dicts as :func:`collate_volume_clips`; ``volume`` is a view of a pooled
+    buffer, valid for as long as you hold it (the buffer is not reused while any tensor or
+    array refers to it).
+    """
+
+    def __init__(self, dataset: VolumeClipDataset, batch_sampler, max_batch: int, seed: int = 0,
+                 pool_mb: float = 2048.0, pin_memory: bool = False, num_workers: int = 0,
+                 prefetch_factor: int | None = None, persistent_workers: bool = False, **kwargs) -> None:
+        if not isinstance(batch_sampler, PooledBatchSampler):
+            batch_sampler = PooledBatchSampler(batch_sampler, None, seed)
+        if num_workers > 0 and prefetch_factor is None:
+            prefetch_factor = 2
+        super().__init__(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                         collate_fn=collate_volume_clips, pin_memory=False, prefetch_factor=prefetch_factor,
+                         persistent_workers=persistent_workers, **kwargs)
+        self.max_batch, self.pool_mb, self.pin = int(max_batch), float(pool_mb), bool(pin_memory)
+        self.pool: ClipBufferPool | None = None
+
+    def _ensure_pool(self) -> None:
+        ds, sampler = self.dataset, self.batch_sampler
+        if self.pool is not None or self.pool_mb <= 0:
+            return
+        pairs = bool(getattr(sampler.batch_sampler, "pairs", False))
+        length = max(int(getattr(sampler.batch_sampler, "length", ds.length)), ds.length)
+        slot_bytes = ds.batch_layout(self.max_batch, length, pairs)["_bytes"][0]
+        in_flight = (self.prefetch_factor or 0) * self.num_workers
+        n_slots = min(in_flight + 3, int(self.pool_mb * 2**20 // max(slot_bytes, 1)))
+        if n_slots < 1:
+            return
+        self.pool = ClipBufferPool(slot_bytes, n_slots, in_flight, shared=self.num_workers > 0)
+        sampler.pool = self.pool
+        ds._pool = self.pool  # before the workers start: they inherit it (fork) or receive it (spawn)
+
+    def __iter__(self):
+        self._ensure_pool()
+        return _MaterialisingIterator(super().__iter__(), self)
+
+    def materialise(self, batch: dict) -> dict:
+        """Turn a pooled batch (buffer number) into tensors viewing the main process's buffer."""
+        token = batch.pop("_slot", None)
+        if token is not None:
+            slot, n, length, pairs = token
+            batch.update(self.dataset.views(self.pool.tensors[slot], self.dataset.batch_layout(n, length, pairs)))
+        if self.pin and torch.cuda.is_available():
+            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch
+
+
+def build_augmentation(config: dict | None):
+    """MONAI transforms for whole clips (frames as channels: one spatial transform per clip).
+
+    ``config``: ``{"affine": {"prob", "rotate_range" (radians), "scale_range", "translate_range"
+    (voxels), "padding_mode"}, "noise": {"prob", "std"}}``; missing/None entries are off; None -> None.
+    SwiFT v2 and R2T-Net augment with affine jitter and Gaussian noise (R2T-Net: std 0.01, p 0.1).
+    """
+    if not config:
+        return None
+    from monai.transforms import Compose, RandAffine, RandGaussianNoise
+
+    steps = []
+    aff = config.get("affine")
+    if aff:
+        steps.append(RandAffine(
+            prob=float(aff.get("prob", 0.5)), rotate_range=aff.get("rotate_range"), scale_range=aff.get("scale_range"),
+            translate_range=aff.get("translate_range"), padding_mode=aff.get("padding_mode", "border"),
+            mode="bilinear",
+        ))
+    noise = config.get("noise")
+    if noise:
+        steps.append(RandGaussianNoise(prob=float(noise.get("prob", 0.1)), std=float(noise.get("std", 0.01))))
+    return Compose(steps) if steps else None
+
+
+# -- datamodule -----------------------------------------------------------------------------------
+class VolumeDataModule(L.LightningDataModule):
+    """Clips of fMRI volumes from a volume store (``brainfm-preprocess`` output).
+
+    Args:
+        name: data set name (split files go to ``<split_dir>``).
+        path: store root (or a SwiFT ``img/`` frame folder with ``layout="frames"``).
+        layout: ``volumes`` (the store) or ``frames`` (``img/<subject>/frame_<t>.pt``, read as is).
+        tr: expected TR in seconds (every run is checked), ``"mixed"`` to accept runs with
+            different TRs (each clip's ``t`` is in its own run's seconds), or None: the store's
+            single TR. Required for ``layout="frames"`` (frames carry no TR).
+        shape: expected grid ``[X, Y, Z]`` (checked; the model's ``img_size`` follows it).
+        normalisation: ``{"stored": "global"|"none"|None (checked against every run),
+            "fill": "min"|"zero"|None (checked), "load": one of LOAD_NORMALISATIONS}``.
+        clip: ``{"length": TRs, "stride": TRs between frames, "min_length": shortest random crop
+            in training (None: always length), "train_clip_stride": TRs between training clip
+            starts (None: length * stride, SwiFT's default; 1: every start once per epoch),
+            "eval_clip_stride": TRs between evaluation clips (None: length * stride)}``.
+        split: as :class:`~brainfm.data.datamodule.ROIDataModule` (``time`` or ``subject``).
+        split_dir: folder of this data set's split files (``data_splits/<dataset>``).
+        batch_size, eval_batch_size: clips per batch. num_workers, prefetch_factor, pin_memory:
+            DataLoader settings. pool_mb: reusable batch buffers per loader (0: none).
+        seed: sampler and augmentation seed. pairs: batches carry a second, non-overlapping clip
+            of the same run (``volume2``) for contrastive objectives.
+        return_mask: batches carry ``brain_mask`` (SimMIM can restrict its loss to the brain).
+        augment: :func:`build_augmentation` config for training batches (None: off).
+
+    Raises:
+        DataError / ConfigError: from :meth:`setup`: missing or inconsistent store, TR, grid or
+        normalisation mismatch, clips longer than a split's runs, invalid split.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        layout: str = "volumes",
+        tr: float | str | None = None,
+        shape: Sequence[int] | None = None,
+        normalisation: dict | None = None,
+        clip: dict | None = None,
+        split: dict | None = None,
+        split_dir: str = "data_splits",
+        batch_size: int = 4,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        prefetch_factor: int | None = None,
+        pin_memory: bool = False,
+        pool_mb: float = 2048.0,
+        seed: int = 0,
+        pairs: bool = False,
+        return_mask: bool = True,
+        augment: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.name, self.path, self.layout = name, Path(path), layout
+        self.expected_tr = tr
+        self.expected_shape = None if shape is None else tuple(int(s) for s in shape)
+        self.normalisation = {"stored": None, "fill": None, "load": "stored", **(normalisation or {})}
+        self.clip = {"length": 20, "stride": 1, "min_length": None, "train_clip_stride": None,
+                     "eval_clip_stride": None, **(clip or {})}
+        self.split = {"kind": "time", "train_fraction": 0.5, "fractions": [0.8, 0.1, 0.1], "seed": 0,
+                      "file": None, **(split or {})}
+        self.split_dir = Path(split_dir)
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory, self.pool_mb = bool(pin_memory), float(pool_mb)
+        self.seed, self.pairs, self.return_mask = int(seed), bool(pairs), bool(return_mask)
+        self.augment = augment
+        self.store = None
+        self.segments: dict[str, list[tuple[int, int, int]]] = {}
+        self.subject_split: dict[str, list[str]] | None = None
+        self.tr: float | str | None = None
+        self._resume: tuple[int, int] | None = None
+        self._train_sampler: WindowBatchSampler | None = None
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _open_store(self):
+        if self.layout == "volumes":
+            return VolumeStore(self.path)
+        if self.layout == "frames":
+            from brainfm.data.frames import FrameStore
+
+            if not isinstance(self.expected_tr, (int, float)):
+                raise ConfigError(f"frame folders ({self.path}) carry no TR: set data.tr=<seconds>")
+            return FrameStore(self.path, tr=float(self.expected_tr))
+        raise ConfigError(f"data.layout={self.layout!r} must be 'volumes' or 'frames'")
+
+    def _check_tr(self, store) -> float | str:
+        trs = np.asarray(store.trs, dtype=float)
+        if self.expected_tr == "mixed":
+            return "mixed" if not np.allclose(trs, trs[0], atol=1e-6) else float(trs[0])
+        if self.expected_tr is None:
+            if not np.allclose(trs, trs[0], atol=1e-6):
+                counts = {f"{t:g} s": int(np.isclose(trs, t).sum()) for t in sorted(set(np.round(trs, 6)))}
+                raise ConfigError(
+                    f"runs of {self.path} have different TRs (runs per TR: {counts}). Fix: data.tr=mixed to train "
+                    "on them together (clip times stay in seconds), or data.tr=<s> after selecting runs"
+                )
+            return float(trs[0])
+        expected = float(self.expected_tr)
+        bad = np.flatnonzero(~np.isclose(trs, expected, atol=1e-3))
+        if len(bad):
+            i = int(bad[0])
+            raise ConfigError(
+                f"TR mismatch: {store.describe_run(i)} has TR={trs[i]:g} s but data.tr={expected:g} s "
+                f"({len(bad)} of {len(trs)} runs differ). Fix: set data.tr={trs[i]:g} if the data are right "
+                "(data.tr=mixed for mixed TRs), or preprocess again with the right --tr; models see time in "
+                "seconds, so a wrong TR silently changes what they learn."
+            )
+        return expected
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.store is not None:
+            return
+        store = self._open_store()
+        self.tr = self._check_tr(store)
+        if store.shape is None:
+            raise DataError(f"{self.path} mixes grids {sorted({tuple(r.shape) for r in store.runs})}; "
+                            "preprocess every run with one --target-shape")
+        if self.expected_shape is not None and tuple(store.shape) != self.expected_shape:
+            raise ConfigError(
+                f"grid mismatch: {self.path} holds {tuple(store.shape)} volumes but data.shape="
+                f"{list(self.expected_shape)}. Fix: set data.shape={list(store.shape)} (and the model's img_size), "
+                f"or preprocess again with --target-shape {' '.join(map(str, self.expected_shape))}"
+            )
+        for key, field_ in (("stored", "normalisation"), ("fill", "fill")):
+            want = self.normalisation.get(key)
+            if want is None:
+                continue
+            for i in range(len(store)):
+                got = store.meta(i).get(field_)
+                if got != want:
+                    raise ConfigError(
+                        f"{store.describe_run(i)} was written with {field_}={got!r} but "
+                        f"data.normalisation.{key}={want!r}. Fix: set data.normalisation.{key}={got!r}, or "
+                        f"preprocess again with --{'normalisation' if key == 'stored' else 'fill'} {want}"
+                    )
+        length, min_length = int(self.clip["length"]), self.clip.get("min_length")
+        if length < 2 or (min_length is not None and not 2 <= int(min_length) <= length):
+            raise ConfigError(f"data.clip.length={length} must be >= 2 and data.clip.min_length={min_length} "
+                              f"in [2, length] (or null)")
+        if self.normalisation["load"] not in LOAD_NORMALISATIONS:
+            raise ConfigError(f"data.normalisation.load={self.normalisation['load']!r} is not one of {LOAD_NORMALISATIONS}")
+        kind = self.split["kind"]
+        if kind == "time":
+            self.segments = time_split(store.lengths, float(self.split["train_fraction"]))
+        elif kind == "subject":
+            split_file = Path(self.split["file"] or self.split_dir / f"seed{int(self.split['seed'])}.txt")
+            self.subject_split = load_or_create_subject_split(
+                split_file, store.subject_ids, self.split["fractions"], int(self.split["seed"]))
+            self.split_file = split_file
+            self.segments = {name: segments_for_subjects(store.subject_ids, store.lengths, subjects)
+                             for name, subjects in self.subject_split.items()}
+        else:
+            raise ConfigError(f"data.split.kind={kind!r} must be 'time' or 'subject'")
+        self.store = store
+        for name in ("train", "val"):  # fail here, not in the first validation
+            if self.segments.get(name):
+                self.dataset(name)
+
+    def dataset(self, split: str, clip_stride: int | None = None, augment: bool = False) -> VolumeClipDataset:
+        """Grid clips of one split (``train``, ``val`` or ``test``)."""
+        self.setup()
+        key = "train_clip_stride" if split == "train" else "eval_clip_stride"
+        return VolumeClipDataset(
+            self.store, self.segments[split], int(self.clip["length"]), int(self.clip["stride"]),
+            clip_stride=clip_stride or self.clip.get(key), normalisation=self.normalisation["load"],
+            transform=build_augmentation(self.augment) if augment else None, return_mask=self.return_mask,
+        )
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint must remember about the data (plain containers)."""
+        self.setup()
+        metas = [self.store.meta(i) for i in range(len(self.store))]
+        crops = {str(m.get("crop_pad")) for m in metas}
+        return {
+            "dataset": self.name,
+            "path": str(self.path),
+            "layout": self.layout,
+            "tr": self.tr,
+            "trs": sorted({round(float(t), 6) for t in self.store.trs}),
+            "shape": [int(s) for s in self.store.shape],
+            "in_chans": 2 if self.normalisation["load"] == "stored+voxel" else 1,
+            "clip_length": int(self.clip["length"]),
+            "clip_stride": int(self.clip["stride"]),
+            "normalisation": {
+                "stored": sorted({str(m.get("normalisation")) for m in metas}),
+                "fill": sorted({str(m.get("fill")) for m in metas}),
+                "load": self.normalisation["load"],
+            },
+            "crop_pad": metas[0].get("crop_pad") if len(crops) == 1 else "per run (see meta.json)",
+            "split": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.split.items()},
+            "subjects": sorted(set(self.store.subject_ids)),
+        }
+
+    # -- loaders ----------------------------------------------------------------------------------
+    def _loader(self, ds: VolumeClipDataset, sampler: WindowBatchSampler, max_batch: int) -> VolumeClipLoader:
+        return VolumeClipLoader(
+            ds, PooledBatchSampler(sampler, None, self.seed), max_batch=max_batch, seed=self.seed,
+            pool_mb=self.pool_mb, pin_memory=self.pin_memory, num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> VolumeClipLoader:
+        ds = self.dataset("train", augment=True)
+        sampler = WindowBatchSampler(len(ds), self.batch_size, length=ds.length,
+                                     min_length=self.clip.get("min_length") or ds.length, seed=self.seed,
+                                     pairs=self.pairs)
+        if self._resume is not None:
+            sampler.fast_forward(*self._resume)
+            self._resume = None
+        self._train_sampler = sampler
+        return self._loader(ds, sampler, self.batch_size)
+
+    def _eval_loader(self, split: str) -> VolumeClipLoader:
+        ds = self.dataset(split)
+        sampler = WindowBatchSampler(len(ds), self.eval_batch_size, ds.length, seed=self.seed,
+                                     shuffle=False, drop_last=False, pairs=self.pairs)
+        return self._loader(ds, sampler, self.eval_batch_size)
+
+    def val_dataloader(self) -> VolumeClipLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> VolumeClipLoader:
+        return self._eval_loader("test" if self.segments.get("test") else "val")
+
+    # -- resumable state (saved in checkpoints by Lightning) ---------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None or self._train_sampler is None:
+            return {}
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_epoch": int(trainer.current_epoch), "train_batches_done": int(processed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "train_epoch" in state:
+            self._resume = (int(state["train_epoch"]), int(state["train_batches_done"]))
