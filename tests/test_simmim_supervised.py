@@ -80,3 +80,42 @@ def test_supervised_subject_classification_on_roi_windows(cfg_for):
     metrics = train.run(cfg)
     assert set(metrics) >= {"val/acc", "val/balanced_acc", "val/auroc", "val/loss"}
     assert metrics["val/acc"] > 2 / 7  # chance is 1/7 (one value per subject: 0, 1/7, ..., 1)
+
+
+def test_simmim_loss_falls_on_real_nifti(cfg_for, tmp_path):
+    """The nitime/nipy runs, preprocessed into the volume store, train a small Swin4D v9 with SimMIM."""
+    from brainfm.data.embedded import build_nifti_toy_store, fetch
+    from brainfm.config import repo_root
+
+    fetch("nifti_toy", data_dir=repo_root() / "data")
+    store = build_nifti_toy_store(repo_root() / "data")
+    cfg = cfg_for("experiment=simmim_toy", f"data.path={store}", "trainer.max_steps=40", "trainer.val_check_interval=40",
+                  "trainer.log_every_n_steps=1")
+    train.run(cfg)
+    import csv
+
+    with open(Path(cfg.paths.run_dir) / "csv" / "metrics.csv") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 40
+    assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
+
+
+def test_labels_are_joined_by_subject_and_errors_name_the_fix(tmp_path, hcp_h5):
+    from brainfm.data.datamodule import ROIDataModule
+    from brainfm.errors import DataError
+
+    ids = ["101309", "102311", "102816", "131217", "211619", "213522", "377451"]
+    csv_path = tmp_path / "pheno.csv"
+    csv_path.write_text("Subject,Gender,Age\n" + "".join(f"{s},{'MF'[i % 2]},{20 + i}\n" for i, s in enumerate(ids)))
+    labels = {"file": str(csv_path), "id_column": "Subject", "columns": {"sex": "Gender", "age": "Age"},
+              "categories": {"sex": ["F", "M"]}}
+    dm = ROIDataModule(name="hcp", path=str(hcp_h5), window={"length": 30}, labels=labels, batch_size=8)
+    dm.setup()
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    for s, sex, age in zip(batch["subject"], batch["sex"], batch["age"]):
+        assert int(sex) == (0 if int(s) % 2 else 1) and float(age) == 20 + int(s)
+    with pytest.raises(DataError, match=r"no column\(s\) \['Sex'\]"):
+        ROIDataModule(name="hcp", path=str(hcp_h5), labels={**labels, "columns": {"sex": "Sex"}}).setup()
+    csv_path.write_text("Subject,Gender,Age\n101309,M,20\n")
+    with pytest.raises(DataError, match="6 subject"):
+        ROIDataModule(name="hcp", path=str(hcp_h5), labels=labels).setup()

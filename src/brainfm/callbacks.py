@@ -78,7 +78,7 @@ class ResumeCheckpoint(Callback):
         if step == self._last_saved_step:
             return
         tmp = self.dirpath / f".last.ckpt.tmp-{step}"
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         trainer.strategy.barrier("brainfm_last_checkpoint")
         if trainer.is_global_zero:
             target = self.last_path

@@ -10,6 +10,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from brainfm.data.normalization import ROINormalizer
+from brainfm.data.phenotypes import build_label_table
 from brainfm.data.roi_store import ROIStore
 from brainfm.data.splits import load_or_create_subject_split, segments_for_subjects, time_split
 from brainfm.data.windows import ROIWindowDataset, WindowBatchSampler, collate_windows
@@ -52,6 +53,7 @@ class ROIDataModule(L.LightningDataModule):
         preload: read the whole store into memory (``"auto"``: when under 512 MB).
         pairs: training batches carry a second, non-overlapping window of the same run
             (``bold2``, ``t2``) for contrastive objectives.
+        labels: phenotype labels joined to batches by subject (:mod:`brainfm.data.phenotypes`).
 
     Raises:
         DataError / ConfigError: from :meth:`setup`, for a missing file, a TR or ROI-count
@@ -75,6 +77,7 @@ class ROIDataModule(L.LightningDataModule):
         seed: int = 0,
         preload: bool | str = "auto",
         pairs: bool = False,
+        labels: dict | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -93,6 +96,8 @@ class ROIDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.preload = preload
         self.pairs = bool(pairs)
+        self.labels_config = labels
+        self.labels = None
         self.store: ROIStore | None = None
         self.normalizer: ROINormalizer | None = None
         self.segments: dict[str, list[tuple[int, int, int]]] = {}
@@ -131,7 +136,11 @@ class ROIDataModule(L.LightningDataModule):
         self.normalizer = ROINormalizer.fit(
             store, self.normalization["mode"], float(self.normalization["eps"]), self.segments["train"]
         )
+        self.labels = build_label_table(self.labels_config, sorted(set(store.subject_ids)))
         self.store = store
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return self.labels.add_to(batch) if self.labels is not None else batch
 
     def dataset(self, split: str, length: int | None = None, stride: int | None = None) -> ROIWindowDataset:
         """Grid windows of one split (``train``, ``val`` or ``test``)."""

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from brainfm.data.phenotypes import build_label_table
 from brainfm.data.splits import load_or_create_subject_split, segments_for_subjects, time_split
 from brainfm.data.volume_store import VolumeStore
 from brainfm.data.windows import WindowBatchSampler, WindowRequest
@@ -566,6 +567,7 @@ class VolumeDataModule(L.LightningDataModule):
             of the same run (``volume2``) for contrastive objectives.
         return_mask: batches carry ``brain_mask`` (SimMIM can restrict its loss to the brain).
         augment: :func:`build_augmentation` config for training batches (None: off).
+        labels: phenotype labels joined to batches by subject (:mod:`brainfm.data.phenotypes`).
 
     Raises:
         DataError / ConfigError: from :meth:`setup`: missing or inconsistent store, TR, grid or
@@ -593,6 +595,7 @@ class VolumeDataModule(L.LightningDataModule):
         pairs: bool = False,
         return_mask: bool = True,
         augment: dict | None = None,
+        labels: dict | None = None,
     ) -> None:
         super().__init__()
         self.name, self.path, self.layout = name, Path(path), layout
@@ -610,6 +613,8 @@ class VolumeDataModule(L.LightningDataModule):
         self.pin_memory, self.pool_mb = bool(pin_memory), float(pool_mb)
         self.seed, self.pairs, self.return_mask = int(seed), bool(pairs), bool(return_mask)
         self.augment = augment
+        self.labels_config = labels
+        self.labels = None
         self.store = None
         self.segments: dict[str, list[tuple[int, int, int]]] = {}
         self.subject_split: dict[str, list[str]] | None = None
@@ -698,9 +703,13 @@ class VolumeDataModule(L.LightningDataModule):
         else:
             raise ConfigError(f"data.split.kind={kind!r} must be 'time' or 'subject'")
         self.store = store
+        self.labels = build_label_table(self.labels_config, sorted(set(store.subject_ids)))
         for name in ("train", "val"):  # fail here, not in the first validation
             if self.segments.get(name):
                 self.dataset(name)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return self.labels.add_to(batch) if self.labels is not None else batch
 
     def dataset(self, split: str, clip_stride: int | None = None, augment: bool = False) -> VolumeClipDataset:
         """Grid clips of one split (``train``, ``val`` or ``test``)."""
