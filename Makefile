@@ -8,7 +8,7 @@ STAMP := $(VENV)/.brainfm-installed
 # keep pip quiet about the extra local indexes some machines configure
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install demo test test-slow bench clean-venv
+.PHONY: install demo demo-volume test test-slow bench clean-venv
 
 install: $(STAMP)
 
@@ -28,16 +28,24 @@ demo: install
 	$(BIN)/brainfm-train experiment=demo run_name=demo
 	$(BIN)/brainfm-evaluate ckpt=outputs/demo/demo/checkpoints/last.ckpt
 
+# SimMIM on real 4-D fMRI (nitime + nipy NIfTI runs, preprocessed to a 48^3 volume store) on the CPU.
+demo-volume: install
+	$(BIN)/brainfm-data fetch nifti_toy
+	$(BIN)/brainfm-train experiment=simmim_toy run_name=demo trainer.max_steps=200 trainer.val_check_interval=50
+
 test: install
 	$(BIN)/python -m pytest -q
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
+# SWIFT_REPO=<checkout of Transconnectome/SwiFT> adds the side-by-side Swin4D v7 comparison.
 bench: install
 	$(BIN)/brainfm-data fetch hcp_rest_roi
 	$(BIN)/python scripts/bench_roi_loader.py
 	$(BIN)/python scripts/bench_objectives.py
+	$(BIN)/python scripts/bench_swin4d.py $(if $(SWIFT_REPO),--swift-repo $(SWIFT_REPO))
+	$(BIN)/python scripts/bench_volume_loader.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -77,6 +77,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "metrics": metrics,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if trainer.is_global_zero:
+        shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("train/loss", "val/")))
+        print(f"brainfm-train: {cfg.experiment_name}/{run_dir.name} finished at step {trainer.global_step}: {shown}\n"
+              f"  checkpoint: {summary['last_checkpoint']}")
     return metrics
 
 
