@@ -4,7 +4,7 @@ preemption signal.
 :class:`ResumeCheckpoint` writes ``last.ckpt`` every ``every_n_steps`` optimizer steps, at the end
 of training, and when the job receives the preemption signal (SLURM sends it ``--signal=USR1@<s>``
 seconds before the time limit). On the signal it finishes the current optimizer step, saves,
-flushes the loggers, asks SLURM to requeue the job (``scontrol requeue``) and stops. The requeued
+stops training, flushes the loggers and then asks SLURM to requeue the job (``scontrol requeue``). The requeued
 job keeps its job id, hence its run directory, and resumes from ``last.ckpt`` (``ckpt_path=auto``,
 the default under SLURM). Lightning's own SLURM auto-requeue is switched off by ``brainfm-train`` so
 that exactly one handler owns the signal. Under DDP every rank may see the signal at a slightly
@@ -54,6 +54,8 @@ class ResumeCheckpoint(Callback):
         self._received = False
         self._previous = None
         self._last_saved_step = -1
+        self._flush_next = False
+        self._requeue_pending = False
 
     @property
     def last_path(self) -> Path:
@@ -71,12 +73,26 @@ class ResumeCheckpoint(Callback):
         if self._previous is not None:
             signal.signal(getattr(signal, self.signal_name), self._previous)
             self._previous = None
+        if self._requeue_pending:  # after the loop logged its last step: requeueing kills this job
+            self._requeue_pending = False
+            for logger in trainer.loggers:
+                logger.save()
+            job = slurm_job_ref()
+            if self.requeue and job and trainer.is_global_zero:
+                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                if result.returncode == 0:
+                    _log.info(f"requeued SLURM job {job}")
+                else:
+                    _log.warning(f"`scontrol requeue {job}` failed: {result.stderr.strip()}")
 
     # -- saving --------------------------------------------------------------------------------------
     def save(self, trainer) -> None:
         step = trainer.global_step
         if step == self._last_saved_step:
             return
+        for logger in trainer.loggers:  # the log must hold every step the checkpoint holds
+            logger.save()
+        self._flush_next = True  # ... including the step whose row is logged right after this hook
         tmp = self.dirpath / f".last.ckpt.tmp-{step}"
         trainer.save_checkpoint(tmp, weights_only=False)
         trainer.strategy.barrier("brainfm_last_checkpoint")
@@ -90,6 +106,12 @@ class ResumeCheckpoint(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_saved_step = trainer.global_step  # a resumed run: that state is on disk already
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._flush_next:
+            self._flush_next = False
+            for logger in trainer.loggers:
+                logger.save()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stop = self._received
@@ -105,15 +127,7 @@ class ResumeCheckpoint(Callback):
 
     def _on_preemption(self, trainer) -> None:
         self.save(trainer)
-        for logger in trainer.loggers:
-            logger.save()
-        job = slurm_job_ref()
         _log.info(f"preemption signal: saved {self.last_path} at step {trainer.global_step}")
         trainer.should_stop = True
         self._received = False
-        if self.requeue and job and trainer.is_global_zero:
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            if result.returncode == 0:
-                _log.info(f"requeued SLURM job {job}")
-            else:
-                _log.warning(f"`scontrol requeue {job}` failed: {result.stderr.strip()}")
+        self._requeue_pending = True

@@ -30,9 +30,9 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
         return None
     last = last_checkpoint(run_dir)
     if ckpt_path == "auto":
-        return str(last) if last.is_file() else None
+        return str(last) if _resumable(last) else None
     if ckpt_path == "last":
-        if not last.is_file():
+        if not _resumable(last):
             raise CheckpointError(
                 f"ckpt_path=last but {last} does not exist: this run directory has nothing to "
                 "resume. Fix: give the run_name=<name> (and experiment) of the run to resume, "
@@ -41,9 +41,14 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
             )
         return str(last)
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    if not _resumable(path):
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint file (or DeepSpeed checkpoint directory)")
     return str(path)
+
+
+def _resumable(path: Path) -> bool:
+    """A checkpoint file, or a DeepSpeed checkpoint directory (it has a ``latest`` file)."""
+    return path.is_file() or (path.is_dir() and (path / "latest").is_file())
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -1,4 +1,9 @@
-"""Experiment tracking that survives resuming.
+"""Experiment tracking that survives resuming, and training throughput.
+
+- :class:`ResumableCSVLogger`: CSV metrics that a resumed run extends instead of overwriting.
+- :class:`ResumableMLFlowLogger`: MLflow (``logger=mlflow``); a resumed run continues the same MLflow run.
+- :func:`neptune_removed`: what ``logger=neptune`` raises.
+- :class:`TrainingThroughput`: samples/s, TRs/s and, on GPU, model FLOPs utilisation (MFU).
 
 Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when it starts, so a resumed (or
 requeued) run would lose the history of its first part. :class:`ResumableCSVLogger` keeps it and,
@@ -13,12 +18,18 @@ import csv
 import logging
 import os
 import time
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter as _FabricWriter
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+
+from brainfm.errors import ConfigError
 
 _log = logging.getLogger("brainfm")
 
@@ -80,3 +91,133 @@ class ProgressLog(Callback):
         shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else "?"
         _log.info(f"step {step}/{total}  {shown}  {rate:.1f} steps/s")
+
+
+class ResumableMLFlowLogger(MLFlowLogger):
+    """Lightning's ``MLFlowLogger`` whose run survives a requeue: the MLflow run id is kept in
+    ``<run_dir>/mlflow_run_id``, and a run directory that has one logs into that MLflow run again
+    (a requeued SLURM job continues its curves instead of starting a second run).
+
+    Args:
+        run_dir: the brainfm run directory.
+        tracking_uri: ``sqlite:///<path>.db`` (a local database file, MLflow 3's local backend; its
+            plain-folder file store is in maintenance mode and refuses to start by default) or
+            ``http(s)://host:port`` for a shared tracking server.
+        **kwargs: the rest of ``MLFlowLogger``'s arguments (``experiment_name``, ``run_name``,
+            ``artifact_location``, ``tags``, ...).
+
+    Raises:
+        ConfigError: mlflow is not installed.
+    """
+
+    def __init__(self, run_dir: str, **kwargs: Any) -> None:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("logger=mlflow needs the mlflow package: pip install 'mlflow-skinny>=3,<4'") from e
+        self._id_file = Path(run_dir) / "mlflow_run_id"
+        if kwargs.get("run_id") is None and self._id_file.is_file():
+            kwargs["run_id"] = self._id_file.read_text().strip()
+        uri = kwargs.get("tracking_uri") or ""
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(**kwargs)
+
+    @property
+    def experiment(self):
+        client = super().experiment
+        if self._id_file is not None and not self._id_file.is_file() and self._run_id is not None:
+            self._id_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._id_file.with_name(f".{self._id_file.name}.tmp-{os.getpid()}")
+            tmp.write_text(self._run_id)
+            os.replace(tmp, self._id_file)
+        return client
+
+
+def neptune_removed(**_: Any):
+    """``logger=neptune``: Neptune's hosted service is gone; say so and name the replacements.
+
+    Raises:
+        ConfigError: always.
+    """
+    raise ConfigError(
+        "logger=neptune is not available: Neptune's hosted service was shut down on 2026-03-05 (hosted data "
+        "deleted) and Lightning >= 2.6.4 removed its NeptuneLogger. Use logger=mlflow (a local SQLite "
+        "database by default, or logger.mlflow.tracking_uri=http://<server>:5000 for a shared server) or "
+        "logger=tensorboard (logger=default writes TensorBoard and CSV)."
+    )
+
+
+def _samples(batch: dict) -> int:
+    for key in ("bold", "volume", "rest", "roi"):
+        if key in batch and torch.is_tensor(batch[key]):
+            return int(batch[key].shape[0])
+    return int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
+
+
+def _trs(batch: dict) -> int:
+    """TRs in a batch: ROI windows ``bold (B, T, V)``, volume clips ``volume (B, C, H, W, D, T)``."""
+    if "bold" in batch:
+        return int(batch["bold"].shape[0] * batch["bold"].shape[1])
+    if "volume" in batch:
+        return int(batch["volume"].shape[0] * batch["volume"].shape[-1])
+    return 0
+
+
+class TrainingThroughput(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` with brainfm's batch layout, logged as
+    ``throughput/samples_per_sec``, ``throughput/trs_per_sec`` (TRs seen per second) and
+    ``throughput/batches_per_sec`` (summed over ranks) and, on a GPU whose peak Lightning knows
+    (A100: 312 TFLOP/s bf16), ``throughput/mfu``: model FLOPs utilisation per device.
+
+    The FLOPs of a training step are measured once, on the first batch, with
+    ``torch.utils.flop_counter.FlopCounterMode`` around a forward pass (``no_grad``, eval mode: no
+    batch-norm statistics change) and multiplied by 3 (backward = 2 x forward, the convention of
+    PaLM's MFU, Chowdhery et al. 2022). The forward runs before the task re-seeds its random
+    stream for that step, so the run's numbers are unchanged. Not on CPU: there is no meaningful
+    peak there and the extra forward would cost time.
+
+    Args:
+        window_size: batches over which rates are averaged.
+    """
+
+    def __init__(self, window_size: int = 20, measure_flops: bool = True) -> None:
+        super().__init__(batch_size_fn=_samples, length_fn=_trs, window_size=max(2, int(window_size)))
+        self.measure_flops = bool(measure_flops)
+        self._flops_done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._flops_done:
+            return
+        self._flops_done = True
+        if not (self.measure_flops and trainer.strategy.root_device.type == "cuda" and self.available_flops):
+            return
+        from torch.utils.flop_counter import FlopCounterMode
+
+        was_training = pl_module.training
+        try:
+            pl_module.eval()
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                pl_module(batch)
+            pl_module.flops_per_batch = 3 * counter.get_total_flops()
+        except Exception as e:  # noqa: BLE001 - a model the counter cannot trace still trains
+            _log.warning(f"throughput: FLOPs not measured ({type(e).__name__}: {e}); MFU not logged")
+        finally:
+            pl_module.train(was_training)
+
+    def _update(self, trainer, pl_module, batch, iter_num) -> None:
+        self._module_has_flops = hasattr(pl_module, "flops_per_batch")  # no warning when not measured
+        super()._update(trainer, pl_module, batch, iter_num)
+
+    def _compute(self, trainer, iter_num=None) -> None:
+        if not trainer._logger_connector.should_update_logs:
+            return
+        stage = trainer.state.stage
+        raw = self._throughputs[stage].compute()
+        prefix = "" if trainer.world_size > 1 else "device/"  # totals over ranks when there are several
+        names = {"samples_per_sec": "samples_per_sec", "items_per_sec": "trs_per_sec", "batches_per_sec": "batches_per_sec"}
+        metrics = {f"throughput/{new}": raw[prefix + old] for old, new in names.items() if prefix + old in raw}
+        if "device/mfu" in raw:
+            metrics["throughput/mfu"] = raw["device/mfu"]
+        if metrics and stage.value == "train":
+            trainer._logger_connector.log_metrics(metrics, step=iter_num)

@@ -18,7 +18,20 @@ from brainfm.config import config_dir
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
-    return [instantiate(node, _convert_="all") for node in (group or {}).values() if node is not None]
+    from brainfm.cli.common import brainfm_cause
+
+    out = []
+    for node in (group or {}).values():
+        if node is None:
+            continue
+        try:
+            out.append(instantiate(node, _convert_="all"))
+        except Exception as exc:  # Hydra wraps errors; brainfm's own (a clear message) surface as they are
+            cause = brainfm_cause(exc)
+            if cause is not None and cause is not exc:
+                raise cause from None
+            raise
+    return out
 
 
 def build(cfg: DictConfig):

@@ -61,6 +61,8 @@ class BrainfmTask(L.LightningModule):
         )
         self.model = build_model(model)
         self.data_meta = data_meta or {}
+        # recorded now: FSDP2's fully_shard later swaps the instance's class for a generated one
+        self._task_class = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def objective_hparams(self) -> dict:
         """Objective-specific hyper-parameters to save (overridden by subclasses)."""
@@ -142,7 +144,7 @@ class BrainfmTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         extra: dict[str, Any] = {
-            "task_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "task_class": self._task_class,
             "data_meta": self.data_meta,
         }
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
