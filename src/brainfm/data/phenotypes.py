@@ -55,6 +55,23 @@ class LabelTable:
         if dup:
             raise DataError(f"{path}: subject id(s) {dup[:5]} appear more than once in column {id_column!r}")
         df = df.set_index(df[id_column].str.strip())
+        self._encode(df, columns, subjects, categories, str(path))
+
+    @classmethod
+    def from_frame(cls, df, columns: dict[str, str], subjects: Sequence[str],
+                   categories: dict[str, Sequence] | None = None, source: str = "phenotype table",
+                   config_key: str = "data.labels") -> "LabelTable":
+        """A table from a ``pandas.DataFrame`` already indexed by subject id (string values), e.g.
+        the merged phenotype tables of a data set recipe (:mod:`brainfm.data.recipes`). ``source``
+        names the data and ``config_key`` the configuration in error messages. Raises as the
+        constructor."""
+        self = cls.__new__(cls)
+        self._encode(df, columns, subjects, categories, source, config_key)
+        return self
+
+    def _encode(self, df, columns: dict[str, str], subjects: Sequence[str],
+                categories: dict[str, Sequence] | None, source: str, config_key: str = "data.labels") -> None:
+        """Class indices / floats per subject from ``df`` (index: subject id)."""
         categories = {k: [str(c) for c in v] for k, v in (categories or {}).items()}
         self.values: dict[str, torch.Tensor] = {}
         for key, column in columns.items():
@@ -62,22 +79,22 @@ class LabelTable:
             absent = [s for s, v in zip(subjects, raw) if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == ""]
             if absent:
                 raise DataError(
-                    f"{path}: {len(absent)} subject(s) of the data have no {column!r} value (e.g. {absent[:5]}). "
+                    f"{source}: {len(absent)} subject(s) of the data have no {column!r} value (e.g. {absent[:5]}). "
                     "Fix: add them, or exclude them from the data (the recipe's bad-subject list)."
                 )
             if key in categories:
                 classes = categories[key]
                 bad = sorted({str(v).strip() for v in raw} - set(classes))
                 if bad:
-                    raise DataError(f"{path}: column {column!r} has values {bad[:5]} outside data.labels.categories.{key}={classes}")
+                    raise DataError(f"{source}: column {column!r} has values {bad[:5]} outside {config_key}.categories.{key}={classes}")
                 self.values[key] = torch.tensor([classes.index(str(v).strip()) for v in raw], dtype=torch.long)
             else:
                 try:
                     self.values[key] = torch.tensor([float(v) for v in raw], dtype=torch.float32)
                 except ValueError as exc:
-                    raise DataError(f"{path}: column {column!r} is not numeric ({exc}); give "
-                                    f"data.labels.categories.{key}=[...] for a categorical label") from exc
-        self.file = str(path)
+                    raise DataError(f"{source}: column {column!r} is not numeric ({exc}); give "
+                                    f"{config_key}.categories.{key}=[...] for a categorical label") from exc
+        self.file = source
 
     def add_to(self, batch: dict) -> dict:
         idx = batch["subject"].cpu()

@@ -694,19 +694,29 @@ class VolumeDataModule(L.LightningDataModule):
         if kind == "time":
             self.segments = time_split(store.lengths, float(self.split["train_fraction"]))
         elif kind == "subject":
-            split_file = Path(self.split["file"] or self.split_dir / f"seed{int(self.split['seed'])}.txt")
-            self.subject_split = load_or_create_subject_split(
-                split_file, store.subject_ids, self.split["fractions"], int(self.split["seed"]))
-            self.split_file = split_file
+            self.subject_split, self.split_file = self._subject_split(store)
             self.segments = {name: segments_for_subjects(store.subject_ids, store.lengths, subjects)
                              for name, subjects in self.subject_split.items()}
         else:
             raise ConfigError(f"data.split.kind={kind!r} must be 'time' or 'subject'")
         self.store = store
-        self.labels = build_label_table(self.labels_config, sorted(set(store.subject_ids)))
+        self.labels = self._label_table(store)
         for name in ("train", "val"):  # fail here, not in the first validation
             if self.segments.get(name):
                 self.dataset(name)
+
+    def _subject_split(self, store) -> tuple[dict[str, list[str]], Path]:
+        """``(split, split file)`` of ``store``'s subjects: the split file when it exists, else a seeded
+        draw written to it (:func:`~brainfm.data.splits.load_or_create_subject_split`). Data set recipes
+        (:class:`brainfm.data.recipes.RecipeDataModule`) override it with label-stratified draws."""
+        split_file = Path(self.split["file"] or self.split_dir / f"seed{int(self.split['seed'])}.txt")
+        split = load_or_create_subject_split(split_file, store.subject_ids, self.split["fractions"],
+                                             int(self.split["seed"]))
+        return split, split_file
+
+    def _label_table(self, store):
+        """Phenotype labels of ``store``'s subjects (in subject-index order), or None."""
+        return build_label_table(self.labels_config, sorted(set(store.subject_ids)))
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         return self.labels.add_to(batch) if self.labels is not None else batch

@@ -31,6 +31,10 @@ def pooled_embedding(model: nn.Module, batch: dict) -> torch.Tensor:
         return model(batch["bold"], batch["t"]).mean(dim=1)
     if isinstance(model, LSTMAutoencoder):
         return model.encode(batch["bold"], batch["t"])[0]
+    from brainfm.models.tff import TFF
+
+    if isinstance(model, TFF):
+        return model.embed(batch["volume"])
     raise ConfigError(f"no pooled embedding defined for {type(model).__name__}")
 
 
@@ -54,7 +58,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
         if any(k.startswith("model.") for k in state):
             state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("norm.")]:
+    if unexpected or [k for k in missing if not k.startswith(("norm.", "transformer.pooler."))]:
         raise ConfigError(
             f"task.init_from={path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
             "the model config (sizes, version) must match the pretrained one"

@@ -1,0 +1,926 @@
+"""Rest <-> task pairs of the same subject, for R2T-Net (rest2task/R2T-Net).
+
+R2T-Net trains on pairs ``(rest window, task window)`` of one subject: a window of a resting-state
+run and a window of a task run (HCP: ``REST1_LR``, 1200 TRs, with ``WM_LR``, 405 TRs; TR 0.72 s),
+drawn at random in every epoch (the reference's ``PairedFMRIWindowDataset`` picks a rest scan and
+a task scan of the subject uniformly, then a start uniformly in each). Subjects of other pairs in
+a batch are the negatives of its NT-Xent loss. The three input kinds of the reference are
+supported, each from a brainfm store:
+
+- ``volume``: frames ``[1, X, Y, Z]`` (raw 4-D NIfTI in the reference) from a
+  :class:`~brainfm.data.volume_store.VolumeStore` (or SwiFT/R2T ``img/<subject>/frame_<t>.pt``
+  folders); batch view ``volume`` ``(B, 1, X, Y, Z, L)`` float16, for Swin4D.
+- ``grayordinate``: frames ``[91282]`` (CIFTI ``.dtseries.nii``) from a :class:`GrayordinateStore`
+  (this module); batch view ``bold`` ``(B, L, 91282)`` float32.
+- ``roi``: frames ``[V]`` (parcellated) from a :class:`~brainfm.data.roi_store.ROIStore`; batch
+  view ``bold`` ``(B, L, V)`` float32 (z-scored per ROI and run by default).
+
+Rest and task runs are told apart by their run ids (``rest_runs``/``task_runs``: shell patterns,
+case-insensitive, e.g. ``*REST*`` and ``*WM*``); they may sit in one store or in two
+(``task_path``: e.g. the embedded resting-state ROI file plus a task file of the same atlas).
+
+A paired batch carries the rest view under the usual keys (``bold``/``volume``, ``t``, ``onset``,
+``run``) and the task view under ``task_``-prefixed keys (``task_bold``/``task_volume``,
+``task_t``, ``task_onset``, ``task_run``), plus ``subject`` (index into
+:attr:`R2TDataModule.subjects`). A rest-only batch (rest-only inference, R2T-Net's ``predict``)
+is an ordinary window batch: ``bold``/``volume``, ``t``, ``subject``.
+
+Grayordinate store layout (one directory per subject run)::
+
+    <root>/<subject>/<run>/
+        bold.npy    float16 (T, N) C order (np.load(mmap_mode="r")): N grayordinates per TR
+                    (91282 in HCP's 32k_fs_LR space), normalised as meta.normalisation says
+        meta.json   layout "brainfm-grayordinate-run", subject, run, tr (s), n_frames,
+                    n_grayordinates, normalisation, global_mean/global_std (input units),
+                    constant_grayordinates, structures ([name, kind, offset, count] of the CIFTI
+                    brain models), source, brainfm_version
+
+written by :func:`write_grayordinate_run` from a ``(T, N)`` array or a ``.dtseries.nii`` (read with
+nibabel) into a hidden temporary directory that is renamed when complete. A window of consecutive
+TRs is one contiguous byte range.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from brainfm.data.datamodule import check_tr
+from brainfm.data.normalization import ROINormalizer
+from brainfm.data.phenotypes import build_label_table
+from brainfm.data.roi_store import ROIStore
+from brainfm.data.splits import load_or_create_subject_split, segments_for_subjects, time_split
+from brainfm.data.volume_store import VolumeStore, check_name
+from brainfm.data.volumes import LOAD_NORMALISATIONS, VolumeClipDataset, collate_volume_clips
+from brainfm.data.windows import ROIWindowDataset, WindowBatchSampler, collate_windows
+from brainfm.errors import ConfigError, DataError
+
+KINDS = ("volume", "grayordinate", "roi")
+ROLES = ("rest", "task")
+#: grayordinates of HCP's CIFTI space (32k_fs_LR surfaces + 2 mm subcortical voxels)
+N_GRAYORDINATES_HCP = 91282
+GRAYORDINATE_LAYOUT = "brainfm-grayordinate-run"
+GRAYORDINATE_LAYOUT_VERSION = 1
+GRAYORDINATE_NORMALISATIONS = ("global", "grayordinate", "none")
+_FP16_MAX = 65504.0
+_BOLD, _META = "bold.npy", "meta.json"
+
+
+# -- grayordinate store ----------------------------------------------------------------------------------
+def read_dtseries(path: str | os.PathLike) -> tuple[np.ndarray, float | None, list[dict]]:
+    """Read a CIFTI-2 dense time series (``.dtseries.nii``) with nibabel.
+
+    Returns:
+        ``(data, tr, structures)``: ``data`` float32 ``(T, N)`` (TRs x grayordinates), the
+        repetition time in seconds from the series axis (None when its unit is not seconds), and
+        the brain models as ``{"name", "kind": "surface"|"volume", "offset", "count"}``.
+
+    Raises:
+        DataError: unreadable file, or not a dense time series (axes series x brain models).
+    """
+    import nibabel as nib
+    from nibabel.cifti2 import BrainModelAxis, SeriesAxis
+
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for corrupt/unknown files
+        raise DataError(f"{path} cannot be read as CIFTI ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(img, nib.Cifti2Image):
+        raise DataError(f"{path} is a {type(img).__name__}, not a CIFTI-2 image; expected a .dtseries.nii")
+    series, models = img.header.get_axis(0), img.header.get_axis(1)
+    if not isinstance(series, SeriesAxis) or not isinstance(models, BrainModelAxis):
+        raise DataError(
+            f"{path} has axes ({type(series).__name__}, {type(models).__name__}); a dense time series "
+            "(.dtseries.nii) has (SeriesAxis, BrainModelAxis). Parcellated (.ptseries) files go to the ROI store."
+        )
+    tr = float(series.step) if str(series.unit).upper() == "SECOND" else None
+    structures = []
+    for name, slc, bm in models.iter_structures():
+        count = int(len(bm))
+        structures.append({"name": str(name), "kind": "surface" if bool(bm.surface_mask.all()) else "volume",
+                           "offset": int(slc.start or 0), "count": count})
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    return data, tr, structures
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_grayordinate_run(
+    root: str | os.PathLike,
+    subject: str,
+    run: str,
+    data: np.ndarray | str | os.PathLike,
+    *,
+    tr: float | None = None,
+    normalisation: str = "global",
+    source: str | None = None,
+    structures: list[dict] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write one run of grayordinate BOLD to ``<root>/<subject>/<run>/`` atomically.
+
+    Args:
+        root: store root. subject, run: ids (folder names: letters, digits, ``._-``).
+        data: ``(T, N)`` array (TRs x grayordinates) or the path of a ``.dtseries.nii``.
+        tr: repetition time in seconds; None takes it from the CIFTI series axis. Given both, they
+            must agree.
+        normalisation: ``global`` (one mean and standard deviation over all grayordinates x TRs:
+            R2T-Net's ``prepare_data.py --normalise zscore``), ``grayordinate`` (each grayordinate
+            z-scored over time; constant ones become 0 and are counted in ``meta.json``) or
+            ``none`` (values must fit float16).
+        source, structures, extra_meta: provenance for ``meta.json`` (``structures`` is read from the
+            CIFTI file when ``data`` is a path).
+        overwrite: replace an existing run (else it is kept and its path returned).
+
+    Returns:
+        The run directory.
+
+    Raises:
+        DataError: non-finite values (the TRs are named), a missing or mismatched TR, a constant
+            run, values that do not fit float16, a non-2-D array.
+        ConfigError: unknown normalisation.
+    """
+    if normalisation not in GRAYORDINATE_NORMALISATIONS:
+        raise ConfigError(f"normalisation={normalisation!r} is not one of {GRAYORDINATE_NORMALISATIONS}")
+    root = Path(root)
+    final = root / check_name(subject, "subject id") / check_name(run, "run id")
+    if (final / _META).is_file() and not overwrite:
+        return final
+    if isinstance(data, (str, os.PathLike)):
+        source = source or str(data)
+        data, file_tr, file_structures = read_dtseries(data)
+        structures = structures or file_structures
+        if tr is None:
+            tr = file_tr
+        elif file_tr is not None and not math.isclose(float(tr), file_tr, abs_tol=1e-3):
+            raise DataError(f"{source}: the CIFTI series step is {file_tr:g} s but tr={float(tr):g} s was given; "
+                            "fix the TR (or the file's header)")
+    where = f"{source or '<array>'} (subject {subject}, run {run})"
+    if tr is None or not math.isfinite(float(tr)) or float(tr) <= 0:
+        raise DataError(f"{where}: the repetition time must be a positive number of seconds (got {tr!r}); pass tr=")
+    x = np.asarray(data)
+    if x.ndim != 2 or min(x.shape) < 1:
+        raise DataError(f"{where}: expected a (T, N) array of TRs x grayordinates, got shape {x.shape}")
+    n_frames, n_values = (int(v) for v in x.shape)
+    chunk = max(1, (64 << 20) // (8 * n_values))  # ~64 MB of float64 per chunk: an HCP run never sits in float64
+    # statistics per grayordinate, shifted by the first TR (stable sums of squares)
+    shift = x[0].astype(np.float64)
+    s1, s2 = np.zeros(n_values), np.zeros(n_values)
+    vmax = 0.0
+    for t0 in range(0, n_frames, chunk):
+        block = x[t0:t0 + chunk].astype(np.float64)
+        bad = ~np.isfinite(block)
+        if bad.any():
+            frames = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            shown = ", ".join(str(int(t)) for t in frames[:10]) + (" ..." if len(frames) > 10 else "")
+            raise DataError(f"{where}: NaN/inf at TR(s) {shown} (0-based). Fix: interpolate or censor these frames "
+                            "before writing the store")
+        vmax = max(vmax, float(np.abs(block).max()))
+        d = block - shift
+        s1 += d.sum(axis=0)
+        s2 += (d * d).sum(axis=0)
+    col_mean = shift + s1 / n_frames
+    col_var = np.maximum(s2 / n_frames - (s1 / n_frames) ** 2, 0.0)
+    g_mean = float(col_mean.mean())
+    g_std = float(np.sqrt(max(float(col_var.mean() + ((col_mean - g_mean) ** 2).mean()), 0.0)))  # total variance
+    constant = 0
+    if normalisation == "global":
+        if not g_std > 0:
+            raise DataError(f"{where}: the run is constant; it cannot be z-scored")
+        offset, scale = np.float64(g_mean), np.full(n_values, 1.0 / g_std)
+    elif normalisation == "grayordinate":
+        col_std = np.sqrt(col_var)
+        ok = col_std > 1e-8 * max(1.0, float(np.abs(col_mean).max()))
+        constant = int((~ok).sum())
+        if constant == n_values:
+            raise DataError(f"{where}: every grayordinate is constant; it cannot be z-scored")
+        offset, scale = col_mean, np.where(ok, 1.0 / np.where(ok, col_std, 1.0), 0.0)  # constant ones become 0
+    else:
+        if vmax > _FP16_MAX:
+            raise DataError(f"{where}: values up to {vmax:.6g} do not fit float16 with normalisation none. "
+                            "Fix: normalisation='global'")
+        offset, scale = np.float64(0.0), np.ones(n_values)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{run}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        out = np.lib.format.open_memmap(tmp / _BOLD, mode="w+", dtype=np.float16, shape=(n_frames, n_values))
+        for t0 in range(0, n_frames, chunk):
+            out[t0:t0 + chunk] = ((x[t0:t0 + chunk].astype(np.float64) - offset) * scale).astype(np.float16)
+        out.flush()
+        del out
+        _fsync(tmp / _BOLD)
+        meta = {
+            "layout": GRAYORDINATE_LAYOUT,
+            "layout_version": GRAYORDINATE_LAYOUT_VERSION,
+            "subject": str(subject),
+            "run": str(run),
+            "tr": float(tr),
+            "n_frames": n_frames,
+            "n_grayordinates": n_values,
+            "dtype": "float16",
+            "axes": "T G",
+            "normalisation": normalisation,
+            "global_mean": g_mean,
+            "global_std": g_std,
+            "constant_grayordinates": constant,
+            "structures": structures or [],
+            "source": source,
+            "brainfm_version": _brainfm_version(),
+            **(extra_meta or {}),
+        }
+        with open(tmp / _META, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            trash = final.parent / f".{run}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _brainfm_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("brainfm")
+    except Exception:  # a source checkout that is not installed
+        return "unknown"
+
+
+class GrayordinateStore:
+    """Index and reader of a grayordinate store (layout in the module docstring).
+
+    Runs are ordered by (subject, run). Reading follows :class:`~brainfm.data.roi_store.ROIStore`
+    (``read(run, start, stop)`` -> ``(N, stop - start)`` float32), so the ROI window dataset reads
+    grayordinates as is. Every run's ``meta.json`` and ``.npy`` header are checked at construction.
+
+    Attributes:
+        path: the store root. subject_ids, run_ids: per run. lengths: TRs per run.
+        trs: seconds per run; tr: the common TR or None. n_rois: grayordinates per TR (the
+            same for every run). roi_names: None (grayordinates are identified by their index).
+
+    Raises:
+        DataError: missing root, no runs, unreadable ``meta.json``, runs with different
+            grayordinate counts, or a ``bold.npy`` that disagrees with ``meta.json`` or is truncated.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.path = self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"grayordinate store {self.root} does not exist. Fix: write it with "
+                            "brainfm.data.r2t.write_grayordinate_run (from .dtseries.nii files), or set data.path")
+        metas = []
+        for meta_path in sorted(self.root.glob(f"*/*/{_META}")):
+            if meta_path.parent.name.startswith(".") or meta_path.parent.parent.name.startswith("."):
+                continue
+            metas.append(self._check_run(meta_path))
+        if not metas:
+            raise DataError(f"{self.root} holds no grayordinate runs (<subject>/<run>/meta.json); set data.path "
+                            "to the store root")
+        self.metas = metas
+        self.subject_ids = [m["subject"] for m in metas]
+        self.run_ids = [m["run"] for m in metas]
+        self.lengths = np.array([m["n_frames"] for m in metas], dtype=np.int64)
+        self.trs = np.array([m["tr"] for m in metas], dtype=np.float64)
+        self.tr: float | None = float(self.trs[0]) if np.allclose(self.trs, self.trs[0], atol=1e-6) else None
+        counts = sorted({int(m["n_grayordinates"]) for m in metas})
+        if len(counts) != 1:
+            first = next(m for m in metas if m["n_grayordinates"] != metas[0]["n_grayordinates"])
+            raise DataError(f"{self.root}: runs have different grayordinate counts {counts} (e.g. subject "
+                            f"{first['subject']} run {first['run']}); write every run in one CIFTI space")
+        self.n_rois = counts[0]
+        self.roi_names = None
+        self.n_runs = len(metas)
+        self._maps: dict[int, np.ndarray] = {}
+        self._pid = os.getpid()
+
+    @staticmethod
+    def _check_run(meta_path: Path) -> dict:
+        fix = "Fix: write the run again (delete its folder first)."
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{meta_path} is unreadable ({exc}). {fix}") from exc
+        if not isinstance(meta, dict) or meta.get("layout") != GRAYORDINATE_LAYOUT:
+            raise DataError(f"{meta_path} is not a brainfm grayordinate run. {fix}")
+        bold = meta_path.parent / _BOLD
+        try:
+            with open(bold, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                header = read_header(f)
+                offset = f.tell()
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{bold} is missing or not a .npy file ({exc}). {fix}") from exc
+        shape, fortran, dtype = header
+        want = (int(meta["n_frames"]), int(meta["n_grayordinates"]))
+        if tuple(shape) != want or np.dtype(dtype) != np.float16 or fortran:
+            raise DataError(f"{bold} holds {np.dtype(dtype)} {tuple(shape)} but meta.json says float16 {want}. {fix}")
+        size = offset + want[0] * want[1] * 2
+        if bold.stat().st_size < size:
+            raise DataError(f"{bold} is truncated: {bold.stat().st_size} bytes of {size}. {fix}")
+        return meta
+
+    def __len__(self) -> int:
+        return self.n_runs
+
+    def describe_run(self, run: int) -> str:
+        folder = self.root / self.subject_ids[run] / self.run_ids[run]
+        return f"subject {self.subject_ids[run]} ({self.run_ids[run]}, {folder})"
+
+    def meta(self, run: int) -> dict:
+        return self.metas[run]
+
+    def memmap(self, run: int) -> np.ndarray:
+        """Read-only memory map ``(T, N)`` float16 of run ``run`` (cached per process)."""
+        if self._pid != os.getpid():
+            self._maps, self._pid = {}, os.getpid()
+        mm = self._maps.get(run)
+        if mm is None:
+            mm = np.load(self.root / self.subject_ids[run] / self.run_ids[run] / _BOLD, mmap_mode="r")
+            self._maps[run] = mm
+        return mm
+
+    def read(self, run: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """TRs ``[start, stop)`` of run ``run`` as ``(N, stop - start)`` float32 (a transposed view
+        of a contiguous ``(stop - start, N)`` array).
+
+        Raises:
+            IndexError: a range outside the run.
+        """
+        stop = int(self.lengths[run]) if stop is None else int(stop)
+        if not 0 <= start < stop <= self.lengths[run]:
+            raise IndexError(f"TRs [{start}, {stop}) outside {self.describe_run(run)} ({self.lengths[run]} TRs)")
+        return self.memmap(run)[start:stop].astype(np.float32).T
+
+    def __getstate__(self):  # memory maps are reopened in each worker
+        state = dict(self.__dict__)
+        state["_maps"], state["_pid"] = {}, None
+        return state
+
+    def __repr__(self) -> str:
+        return (f"GrayordinateStore({self.root}, runs={self.n_runs}, subjects={len(set(self.subject_ids))}, "
+                f"grayordinates={self.n_rois}, tr={self.tr}s)")
+
+
+# -- roles and pairs ---------------------------------------------------------------------------------------
+def assign_roles(run_ids: Sequence[str], rest_runs: Sequence[str], task_runs: Sequence[str] | None) -> list[str | None]:
+    """``rest``, ``task`` or None (unused) for each run id, from shell patterns (case-insensitive).
+
+    ``task_runs=None`` makes every run that is not rest a task run.
+
+    Raises:
+        ConfigError: a run id that matches both a rest and a task pattern.
+    """
+    def match(run: str, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(run.upper(), str(p).upper()) for p in patterns)
+
+    roles: list[str | None] = []
+    for run in run_ids:
+        rest = match(run, rest_runs)
+        task = (not rest) if task_runs is None else match(run, task_runs)
+        if rest and task:
+            raise ConfigError(f"run {run!r} matches both data.rest_runs={list(rest_runs)} and "
+                              f"data.task_runs={list(task_runs or [])}; make the patterns exclusive")
+        roles.append("rest" if rest else "task" if task else None)
+    return roles
+
+
+class R2TPairDataset(Dataset):
+    """Pairs ``(rest window, task window)`` of one subject (R2T-Net's paired dataset).
+
+    Item ``i`` belongs to subject ``subjects[i % len(subjects)]`` (so ``pairs_per_subject`` items
+    per subject and epoch). Indexing with ``(i, L, seed)`` (a
+    :class:`~brainfm.data.windows.WindowBatchSampler` request with ``pairs=True``) draws, from
+    ``seed``, a rest run of the subject uniformly, a start uniformly in it, and the same for a task
+    run; an ``int`` uses ``i`` as the seed (fixed pairs). ``L`` is ignored: both windows have the
+    datasets' full length (R2T-Net crops in the model).
+
+    Args:
+        rest, task: window datasets whose items are ``(run, start)`` grid windows with stride 1
+            (:class:`~brainfm.data.windows.ROIWindowDataset` or
+            :class:`~brainfm.data.volumes.VolumeClipDataset`), over the rest and task segments.
+        rest_windows, task_windows: subject -> one array of grid indices per run of that role.
+        subjects: the paired subjects (both roles present).
+        view: the rest view's data key (``bold`` or ``volume``); the task view's is ``task_<view>``.
+        pairs_per_subject: items per subject and epoch.
+
+    Returns (per item) the rest window's dict plus ``task_<view>``, ``task_t``, ``task_onset``,
+    ``task_run``.
+    """
+
+    def __init__(self, rest: Dataset, task: Dataset, rest_windows: dict[str, list[np.ndarray]],
+                 task_windows: dict[str, list[np.ndarray]], subjects: Sequence[str], view: str,
+                 pairs_per_subject: int = 1) -> None:
+        if not subjects:
+            raise ConfigError("no paired subjects (with both a rest and a task run)")
+        self.rest, self.task = rest, task
+        self.rest_windows, self.task_windows = rest_windows, task_windows
+        self.subjects = list(subjects)
+        self.view = view
+        self.pairs_per_subject = int(pairs_per_subject)
+        if self.pairs_per_subject < 1:
+            raise ConfigError(f"data.pairs_per_subject={pairs_per_subject} must be >= 1")
+
+    def __len__(self) -> int:
+        return len(self.subjects) * self.pairs_per_subject
+
+    @staticmethod
+    def _draw(rng: np.random.Generator, runs: list[np.ndarray]) -> int:
+        grid = runs[int(rng.integers(len(runs)))]
+        return int(grid[int(rng.integers(len(grid)))])
+
+    def pair(self, i: int, seed: int) -> tuple[int, int]:
+        """Grid indices ``(rest, task)`` of item ``i`` drawn with ``seed``."""
+        subject = self.subjects[int(i) % len(self.subjects)]
+        rng = np.random.default_rng([int(seed) % 2**63, int(i)])
+        return self._draw(rng, self.rest_windows[subject]), self._draw(rng, self.task_windows[subject])
+
+    def __getitem__(self, item) -> dict:
+        if isinstance(item, tuple):
+            i, _, *seed = item
+            seed = seed[0] if seed else i
+        else:
+            i = seed = int(item)
+        r, t = self.pair(int(i), int(seed))
+        sample = dict(self.rest[r])
+        other = self.task[t]
+        if other["subject"] != sample["subject"]:  # the grid bookkeeping is broken: never train on it
+            raise RuntimeError(f"pair {i}: rest subject {sample['subject']} != task subject {other['subject']}")
+        sample.update({f"task_{self.view}": other[self.view], "task_t": other["t"], "task_onset": other["onset"],
+                       "task_run": other["run"]})
+        return sample
+
+
+def collate_pairs(samples: list[dict]) -> dict:
+    """Stack paired samples: tensors are stacked, numbers become ``(B,)`` tensors (``subject``,
+    ``run``, ``task_run``: long; ``onset``, ``task_onset``: float32); ``brain_mask`` is dropped."""
+    batch: dict[str, torch.Tensor] = {}
+    for key, value in samples[0].items():
+        if key == "brain_mask":
+            continue
+        if torch.is_tensor(value):
+            batch[key] = torch.stack([s[key] for s in samples])
+        else:
+            dtype = torch.long if key in ("subject", "run", "task_run") else torch.float32
+            batch[key] = torch.tensor([s[key] for s in samples], dtype=dtype)
+    return batch
+
+
+def _grid_windows(segments: Sequence[tuple[int, int, int]], span: int) -> list[tuple[int, np.ndarray]]:
+    """``(run, grid indices)`` per segment of a stride-1 window grid, in the datasets' order."""
+    out, offset = [], 0
+    for run, lo, hi in segments:
+        n = max(0, int(hi) - span + 1 - int(lo))
+        out.append((int(run), np.arange(offset, offset + n)))
+        offset += n
+    return out
+
+
+# -- datamodule -----------------------------------------------------------------------------------------------
+class R2TDataModule(L.LightningDataModule):
+    """Rest/task pairs of the same subject (R2T-Net) for volumes, grayordinates or ROI series.
+
+    Args:
+        name: data set name (subject split files go to ``split_dir``).
+        kind: ``volume`` | ``grayordinate`` | ``roi``.
+        path: the store with the rest runs (and the task runs unless ``task_path``): a volume store
+            (or SwiFT ``img/`` frames with ``layout=frames``), a grayordinate store, or a ROI HDF5.
+        task_path: a second store of the same kind holding the task runs (None: ``path``).
+        rest_runs, task_runs: shell patterns on run ids (case-insensitive); ``task_runs=None``:
+            every run that is not rest. Frame folders (``layout=frames``) have no run ids: every run
+            of ``path`` is rest and every run of ``task_path`` (required) is task.
+        tr: expected TR in seconds (checked against every store; None: the stores' own, which must agree).
+        n_rois: expected values per TR for ``roi`` (ROIs) and ``grayordinate`` (91282 for HCP); checked.
+        atlas: ROI atlas under ``/timeseries`` (``roi``). preload: ROI store preload.
+        normalization: ``roi``: ``{"mode": "run"|"global"|"none", "eps"}`` (per store). ``volume``:
+            ``{"load": one of LOAD_NORMALISATIONS}``. ``grayordinate``: None (the store is normalised
+            when written).
+        layout, shape: ``volume``: ``volumes``|``frames`` and the expected grid ``[X, Y, Z]``.
+        window: ``{"length": TRs per window (Swin4D: the model's img_size[3]), "stride": TRs between a
+            clip's frames (volume only), "eval_stride": TRs between rest-only evaluation windows}``.
+        split: ``{"kind": "subject", "fractions", "seed", "file"}`` (subjects of both stores) or
+            ``{"kind": "time", "train_fraction"}`` (the start of every run trains, the rest validates).
+        split_dir: folder of the split files.
+        pairs_per_subject: training pairs per subject and epoch (new random windows each time).
+        unpaired: a subject of a split with rest but no task runs (or the reverse, or runs shorter
+            than a window): ``skip`` (warned, listing them; R2T-Net skips them silently) or ``error``.
+            Rest-only subjects still get rest-only predictions.
+        batch_size, eval_batch_size, num_workers, seed: loaders (``seed``: pair draws).
+        labels: phenotype labels joined by subject (:mod:`brainfm.data.phenotypes`), e.g. HCP's
+            working-memory accuracies, R2T-Net's supervised targets.
+
+    Raises:
+        ConfigError / DataError: from :meth:`setup`: missing stores, a TR, ROI-count, ROI-order or grid
+        mismatch between stores or with the recipe, no paired training subjects, unpaired subjects with
+        ``unpaired=error``, fewer training pairs than a batch.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        path: str,
+        task_path: str | None = None,
+        rest_runs: Sequence[str] = ("*REST*",),
+        task_runs: Sequence[str] | None = None,
+        tr: float | None = None,
+        n_rois: int | None = None,
+        atlas: str | None = None,
+        preload: bool | str = "auto",
+        normalization: dict | None = None,
+        layout: str = "volumes",
+        shape: Sequence[int] | None = None,
+        window: dict | None = None,
+        split: dict | None = None,
+        split_dir: str = "data_splits",
+        pairs_per_subject: int = 1,
+        unpaired: str = "skip",
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+        labels: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ConfigError(f"data.kind={kind!r} must be one of {KINDS}")
+        if unpaired not in ("skip", "error"):
+            raise ConfigError(f"data.unpaired={unpaired!r} must be 'skip' or 'error'")
+        self.name, self.kind = name, kind
+        self.path = Path(path)
+        self.task_path = Path(task_path) if task_path else None
+        self.rest_runs = [str(p) for p in (rest_runs or [])]
+        self.task_runs = None if task_runs is None else [str(p) for p in task_runs]
+        if not self.rest_runs:
+            raise ConfigError("data.rest_runs needs at least one pattern (e.g. ['*REST*'])")
+        self.expected_tr, self.expected_n_rois = tr, n_rois
+        self.atlas, self.preload = atlas, preload
+        defaults = {"roi": {"mode": "run", "eps": 1e-6}, "volume": {"load": "stored"}, "grayordinate": {}}[kind]
+        self.normalization = {**defaults, **(normalization or {})}
+        self.layout = layout
+        self.expected_shape = None if shape is None else tuple(int(s) for s in shape)
+        self.window = {"length": 20, "stride": 1, "eval_stride": None, **(window or {})}
+        self.split = {"kind": "subject", "train_fraction": 0.5, "fractions": [0.8, 0.1, 0.1], "seed": 0,
+                      "file": None, **(split or {})}
+        self.split_dir = Path(split_dir)
+        self.pairs_per_subject = int(pairs_per_subject)
+        self.unpaired = unpaired
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.num_workers, self.seed = int(num_workers), int(seed)
+        self.labels_config = labels
+        self.labels = None
+        self.view = "volume" if kind == "volume" else "bold"
+        self.stores: dict[str, Any] = {}
+        self.normalizers: dict[str, ROINormalizer | None] = {}
+        self.normalizer: ROINormalizer | None = None
+        self.roles: dict[str, list[str | None]] = {}
+        self.subjects: list[str] = []
+        self.subject_index: dict[str, int] = {}
+        self.segments: dict[str, dict[str, list[tuple[int, int, int]]]] = {}
+        self.paired_subjects: dict[str, list[str]] = {}
+        self.unpaired_subjects: dict[str, list[str]] = {}
+        self.subject_split: dict[str, list[str]] | None = None
+        self.tr: float | None = None
+        self._pairs: dict[str, R2TPairDataset] = {}
+        self._resume: tuple[int, int] | None = None
+        self._train_sampler: WindowBatchSampler | None = None
+
+    # -- setup --------------------------------------------------------------------------------------------
+    def _open(self, path: Path):
+        if self.kind == "roi":
+            return ROIStore(path, atlas=self.atlas, preload=self.preload)
+        if self.kind == "grayordinate":
+            return GrayordinateStore(path)
+        if self.layout == "volumes":
+            return VolumeStore(path)
+        if self.layout == "frames":
+            from brainfm.data.frames import FrameStore
+
+            if not isinstance(self.expected_tr, (int, float)):
+                raise ConfigError(f"frame folders ({path}) carry no TR: set data.tr=<seconds>")
+            return FrameStore(path, tr=float(self.expected_tr))
+        raise ConfigError(f"data.layout={self.layout!r} must be 'volumes' or 'frames'")
+
+    def _check_store(self, store, path: Path) -> float:
+        """TR of ``store`` (checked against the recipe), plus its value count or grid."""
+        tr = getattr(store, "tr", None)
+        if tr is None:
+            trs = sorted({round(float(t), 6) for t in store.trs})
+            raise ConfigError(f"runs of {path} have different TRs {trs} s; R2T pairs need one TR per store")
+        tr = check_tr(float(tr), None if self.expected_tr is None else float(self.expected_tr), str(path))
+        if self.kind in ("roi", "grayordinate"):
+            what = "ROIs" if self.kind == "roi" else "grayordinates"
+            if self.expected_n_rois is not None and int(self.expected_n_rois) != store.n_rois:
+                raise ConfigError(
+                    f"{what} mismatch: {path} has {store.n_rois} {what} per TR but data.n_rois={self.expected_n_rois}. "
+                    f"Fix: set data.n_rois={store.n_rois} (the model's input layer follows it), or point data.path "
+                    "at the data you meant"
+                )
+        else:
+            if store.shape is None:
+                raise DataError(f"{path} mixes grids; preprocess every run with one --target-shape")
+            if self.expected_shape is not None and tuple(store.shape) != self.expected_shape:
+                raise ConfigError(f"grid mismatch: {path} holds {tuple(store.shape)} volumes but data.shape="
+                                  f"{list(self.expected_shape)}. Fix: set data.shape={list(store.shape)} (and the model's "
+                                  "img_size)")
+        return tr
+
+    def _check_same_space(self, rest, task) -> None:
+        if self.kind in ("roi", "grayordinate"):
+            if rest.n_rois != task.n_rois:
+                raise ConfigError(f"{self.path} has {rest.n_rois} values per TR but task_path {self.task_path} has "
+                                  f"{task.n_rois}; rest and task must be in the same parcellation / CIFTI space")
+            if rest.roi_names and task.roi_names and list(rest.roi_names) != list(task.roi_names):
+                i = next(i for i, (a, b) in enumerate(zip(rest.roi_names, task.roi_names)) if a != b)
+                raise ConfigError(f"ROI order of {self.task_path} differs from {self.path} at index {i}: "
+                                  f"{task.roi_names[i]!r} vs {rest.roi_names[i]!r}. Fix: reorder the task store's ROIs")
+        elif rest.shape != task.shape:
+            raise ConfigError(f"{self.path} holds {rest.shape} volumes but task_path {self.task_path} holds {task.shape}")
+
+    def _span(self) -> int:
+        stride = int(self.window.get("stride") or 1) if self.kind == "volume" else 1
+        return (int(self.window["length"]) - 1) * stride + 1
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.stores:
+            return
+        length = int(self.window["length"])
+        if length < 2:
+            raise ConfigError(f"data.window.length={length} must be >= 2 TRs")
+        if self.kind == "volume" and self.normalization.get("load", "stored") not in LOAD_NORMALISATIONS:
+            raise ConfigError(f"data.normalization.load={self.normalization['load']!r} is not one of {LOAD_NORMALISATIONS}")
+        frames = self.kind == "volume" and self.layout == "frames"
+        if frames and not self.task_path:
+            raise ConfigError(f"frame folders ({self.path}) hold one run per subject: put the rest frames in data.path "
+                              "and the task frames (R2T-Net's preprocessing_HCP_Task.py output) in data.task_path")
+        rest_store = self._open(self.path)
+        task_store = self._open(self.task_path) if self.task_path else rest_store
+        trs = {self._check_store(rest_store, self.path)}
+        if task_store is not rest_store:
+            trs.add(self._check_store(task_store, self.task_path))
+            self._check_same_space(rest_store, task_store)
+        if len(trs) > 1:
+            raise ConfigError(f"{self.path} has TR {min(trs):g} s and {self.task_path} TR {max(trs):g} s; set data.tr "
+                              "and resample one of them")
+        self.tr = trs.pop()
+        stores = {"rest": rest_store, "task": task_store}
+        roles = {}
+        for role, store in stores.items():
+            if frames:  # no run ids: every run of data.path is rest, every run of data.task_path is task
+                assigned = [role] * len(store.run_ids)
+            else:
+                assigned = assign_roles(store.run_ids, self.rest_runs, self.task_runs)
+            roles[role] = assigned
+            if role not in assigned:
+                where = self.task_path if role == "task" and self.task_path else self.path
+                raise ConfigError(
+                    f"no {role} runs in {where}: run ids {sorted(set(store.run_ids))[:8]} match none of "
+                    f"data.{role}_runs={self.rest_runs if role == 'rest' else self.task_runs}. Fix the patterns"
+                )
+        self.subjects = sorted({s for role in ROLES for s, r in zip(stores[role].subject_ids, roles[role]) if r == role})
+        self.subject_index = {s: i for i, s in enumerate(self.subjects)}
+
+        kind = self.split["kind"]
+        per_split: dict[str, dict[str, list[tuple[int, int, int]]]] = {name: {} for name in ("train", "val", "test")}
+        if kind == "subject":
+            split_file = Path(self.split["file"] or self.split_dir / f"seed{int(self.split['seed'])}.txt")
+            self.subject_split = load_or_create_subject_split(split_file, self.subjects, self.split["fractions"],
+                                                              int(self.split["seed"]))
+            self.split_file = split_file
+            for name, subjects in self.subject_split.items():
+                for role in ROLES:
+                    st = stores[role]
+                    segs = segments_for_subjects(st.subject_ids, st.lengths, subjects)
+                    per_split[name][role] = [s for s in segs if roles[role][s[0]] == role]
+        elif kind == "time":
+            for role in ROLES:
+                parts = time_split(stores[role].lengths, float(self.split["train_fraction"]))
+                for name in ("train", "val", "test"):
+                    per_split[name][role] = [s for s in parts.get(name, []) if roles[role][s[0]] == role]
+        else:
+            raise ConfigError(f"data.split.kind={kind!r} must be 'subject' or 'time'")
+
+        for role, store in stores.items():
+            if self.kind == "roi" and role not in self.normalizers:
+                train_segs = [s for r in ROLES if stores[r] is store for s in per_split["train"].get(r, [])]
+                norm = ROINormalizer.fit(store, self.normalization["mode"], float(self.normalization["eps"]), train_segs)
+                self.normalizers[role] = norm
+                if task_store is rest_store:
+                    self.normalizers["task"] = norm
+        self.normalizer = self.normalizers.get("rest")
+        self.stores, self.roles, self.segments = stores, roles, per_split
+        self.labels = build_label_table(self.labels_config, self.subjects)
+        self._pairs = {}
+        for name in ("train", "val", "test"):
+            self._pairs_for(name, must_exist=name == "train")
+        train = self._pairs.get("train")
+        if train is not None and len(train) < self.batch_size:
+            raise ConfigError(
+                f"{len(train.subjects)} paired training subject(s) x data.pairs_per_subject={self.pairs_per_subject} "
+                f"give {len(train)} pairs per epoch, fewer than data.batch_size={self.batch_size}. Fix: lower "
+                "data.batch_size or raise data.pairs_per_subject"
+            )
+
+    def _role_dataset(self, role: str, segments: list[tuple[int, int, int]], stride: int | None = None):
+        store = self.stores[role]
+        length = int(self.window["length"])
+        if self.kind == "volume":
+            return VolumeClipDataset(store, segments, length, int(self.window.get("stride") or 1), clip_stride=stride or 1,
+                                     normalisation=self.normalization.get("load", "stored"), return_mask=False,
+                                     subject_index=self.subject_index)
+        return ROIWindowDataset(store, self.normalizers.get(role) or ROINormalizer(mode="none"), segments, length,
+                                stride=stride or 1, subject_index=self.subject_index)
+
+    def _pairs_for(self, split: str, must_exist: bool = False) -> R2TPairDataset | None:
+        span = self._span()
+        windows: dict[str, dict[str, list[np.ndarray]]] = {}
+        present: dict[str, set[str]] = {}
+        for role in ROLES:
+            store, segs = self.stores[role], self.segments[split].get(role, [])
+            windows[role] = {}
+            for run, grid in _grid_windows(segs, span):
+                if len(grid):
+                    windows[role].setdefault(store.subject_ids[run], []).append(grid)
+            present[role] = {store.subject_ids[run] for run, _, _ in segs}
+        subjects = present["rest"] | present["task"]
+        paired = sorted(s for s in subjects if s in windows["rest"] and s in windows["task"])
+        missing = sorted(subjects - set(paired))
+        self.paired_subjects[split], self.unpaired_subjects[split] = paired, missing
+        if missing:
+            why = {s: ("no task window" if s in windows["rest"] else "no rest window") for s in missing}
+            shown = ", ".join(f"{s} ({w})" for s, w in list(why.items())[:8]) + (" ..." if len(why) > 8 else "")
+            msg = (f"{len(missing)} {split} subject(s) of {self.name} cannot be paired: {shown}. A subject needs a rest "
+                   f"run (data.rest_runs={self.rest_runs}) and a task run (data.task_runs={self.task_runs}) of at least "
+                   f"{span} TRs in the split. Fix the run patterns, add the runs, or exclude the subjects")
+            if self.unpaired == "error":
+                raise DataError(msg + " (data.unpaired=error)")
+            warnings.warn(msg + "; they are skipped (data.unpaired=skip)", UserWarning, stacklevel=2)
+        if not paired:
+            if must_exist:
+                raise ConfigError(f"no paired {split} subjects in {self.name} (subjects with both a rest and a task window "
+                                  f"of {span} TRs); check data.rest_runs / data.task_runs and data.window.length")
+            return None
+        rest = self._role_dataset("rest", self.segments[split]["rest"])
+        task = self._role_dataset("task", self.segments[split]["task"])
+        ds = R2TPairDataset(rest, task, windows["rest"], windows["task"], paired, self.view,
+                            self.pairs_per_subject if split == "train" else 1)
+        self._pairs[split] = ds
+        return ds
+
+    def pair_dataset(self, split: str) -> R2TPairDataset:
+        """Rest/task pairs of ``split`` (``train``, ``val`` or ``test``).
+
+        Raises:
+            ConfigError: the split has no paired subjects.
+        """
+        self.setup()
+        if split not in self._pairs:
+            raise ConfigError(f"split {split!r} of {self.name} has no paired subjects")
+        return self._pairs[split]
+
+    def rest_dataset(self, split: str = "test") -> Dataset:
+        """Rest-only windows of every subject of ``split`` with a rest run (also those without a task
+        run): R2T-Net's rest-only inference. Windows every ``window.eval_stride`` TRs (default: length).
+
+        Raises:
+            ConfigError: no rest run in the split is long enough for one window.
+        """
+        self.setup()
+        segs = self.segments[split].get("rest", [])
+        if not segs:
+            raise ConfigError(f"split {split!r} of {self.name} has no rest runs")
+        stride = int(self.window.get("eval_stride") or (self._span() if self.kind == "volume" else self.window["length"]))
+        return self._role_dataset("rest", segs, stride=stride)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return self.labels.add_to(batch) if self.labels is not None else batch
+
+    def label_stats(self, split: str = "train") -> dict[str, dict]:
+        """Mean/std (numeric) or class counts (categorical) of each label over the paired subjects of
+        ``split`` (the training subjects by default: targets are standardised with training
+        statistics, as R2T-Net's StandardScaler)."""
+        self.setup()
+        if self.labels is None:
+            return {}
+        idx = torch.tensor([self.subject_index[s] for s in self.paired_subjects.get(split, [])], dtype=torch.long)
+        out = {}
+        for key, values in self.labels.values.items():
+            v = values[idx]
+            if v.dtype == torch.long:
+                out[key] = {"counts": torch.bincount(v).tolist()}
+            else:
+                out[key] = {"mean": float(v.mean()), "std": float(v.std(unbiased=False))}
+        return out
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint must remember about the data (plain containers)."""
+        self.setup()
+        rest = self.stores["rest"]
+        out: dict[str, Any] = {
+            "dataset": self.name,
+            "kind": self.kind,
+            "path": str(self.path),
+            "task_path": str(self.task_path) if self.task_path else None,
+            "tr": self.tr,
+            "rest_runs": list(self.rest_runs),
+            "task_runs": None if self.task_runs is None else list(self.task_runs),
+            "window_length": int(self.window["length"]),
+            "normalization": dict(self.normalization),
+            "split": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.split.items()},
+            "subjects": list(self.subjects),
+            "paired_subjects": {k: list(v) for k, v in self.paired_subjects.items()},
+        }
+        if self.kind in ("roi", "grayordinate"):
+            out["n_rois"] = int(rest.n_rois)
+            out["roi_names"] = list(rest.roi_names) if rest.roi_names else None
+            if self.kind == "roi":
+                out["atlas"] = rest.atlas
+        else:
+            out["shape"] = [int(s) for s in rest.shape]
+            out["clip_stride"] = int(self.window.get("stride") or 1)
+            out["in_chans"] = 2 if self.normalization.get("load") == "stored+voxel" else 1
+        return out
+
+    # -- loaders ----------------------------------------------------------------------------------------------
+    def _pair_loader(self, ds: R2TPairDataset, sampler: WindowBatchSampler) -> DataLoader:
+        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, collate_fn=collate_pairs)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.pair_dataset("train")
+        length = int(self.window["length"])
+        sampler = WindowBatchSampler(len(ds), self.batch_size, length, seed=self.seed, pairs=True)
+        if self._resume is not None:
+            sampler.fast_forward(*self._resume)
+            self._resume = None
+        self._train_sampler = sampler
+        return self._pair_loader(ds, sampler)
+
+    def _eval_pairs(self, split: str):
+        self.setup()
+        ds = self._pairs.get(split)
+        if ds is None:
+            return []
+        sampler = WindowBatchSampler(len(ds), self.eval_batch_size, int(self.window["length"]), seed=self.seed,
+                                     shuffle=False, drop_last=False, pairs=True)
+        return self._pair_loader(ds, sampler)
+
+    def val_dataloader(self):
+        return self._eval_pairs("val")
+
+    def test_dataloader(self):
+        return self._eval_pairs("test" if self._pairs.get("test") else "val")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Rest-only windows of the test split (val when there is none): R2T-Net's ``predict``."""
+        self.setup()
+        split = "test" if self.segments["test"].get("rest") else "val"
+        collate = collate_volume_clips if self.kind == "volume" else collate_windows
+        return DataLoader(self.rest_dataset(split), batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=collate)
+
+    # -- resumable state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None or self._train_sampler is None:
+            return {}
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_epoch": int(trainer.current_epoch), "train_batches_done": int(processed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "train_epoch" in state:
+            self._resume = (int(state["train_epoch"]), int(state["train_batches_done"]))

@@ -1,0 +1,100 @@
+"""Light temporal encoders for frame sequences of parcellated or dense (grayordinate) BOLD, after
+the temporal encoders of R2T-Net (rest2task/R2T-Net, ``r2tnet/backbones/temporal.py``: a linear
+projection of every frame, a temporal network, mean pooling).
+
+:class:`TemporalMLPEncoder` is the cheap alternative to the sequence transformer
+(:class:`brainfm.models.sequence.SequenceTransformer`) for R2T-Net's ROI ``[V, T]`` and grayordinate
+``[91282, T]`` inputs: each TR's vector goes through the TR embedding of Thomas et al. (2022)
+(Linear + LayerNorm + learned embedding of the TR's time in seconds), a residual per-frame MLP,
+then residual dilated 1-D convolutions over time (R2T-Net's ``TemporalConvEncoder`` uses dilations
+``2**i``). It has the interface of the sequence transformer (``embed_trs`` -> ``encode`` ->
+token states), so objectives can add tokens (e.g. a modality embedding) before the temporal part.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from brainfm.models.embedding import TREmbedding
+
+
+class _TemporalBlock(nn.Module):
+    """Pre-LN residual block: LayerNorm -> Conv1d over time (same length) -> GELU -> dropout."""
+
+    def __init__(self, d_model: int, kernel_size: int, dilation: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.conv = nn.Conv1d(d_model, d_model, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
+        y = self.conv(self.norm(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.drop(self.act(y))
+
+
+class TemporalMLPEncoder(nn.Module):
+    """Per-frame MLP + dilated temporal convolutions over ROI or grayordinate frames.
+
+    Args:
+        n_rois: values per TR (ROIs of a parcellation, or 91282 grayordinates of HCP's
+            32k_fs_LR CIFTI space).
+        d_model: token width.
+        mlp_ratio: hidden width of the per-frame MLP, as a multiple of ``d_model``.
+        depth: temporal convolution blocks (dilation ``2**i`` in block ``i``, capped at 32).
+        kernel_size: odd temporal kernel in TRs.
+        dropout: dropout in the MLP and the temporal blocks.
+        t_max_s, t_resolution_s: range and bin width of the time embedding, seconds.
+
+    Shapes: ``bold`` ``(B, T, n_rois)``, ``t`` ``(B, T)`` seconds from the window onset ->
+    :meth:`forward` ``(B, T, d_model)``; the objective pools over time.
+
+    Raises:
+        ValueError: an even ``kernel_size`` or a non-positive size.
+    """
+
+    def __init__(
+        self,
+        n_rois: int,
+        d_model: int = 256,
+        mlp_ratio: float = 2.0,
+        depth: int = 2,
+        kernel_size: int = 5,
+        dropout: float = 0.1,
+        t_max_s: float = 1000.0,
+        t_resolution_s: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if int(kernel_size) % 2 == 0 or int(kernel_size) < 1:
+            raise ValueError(f"kernel_size={kernel_size} must be odd and positive (windows keep their length)")
+        if int(d_model) < 1 or int(depth) < 0:
+            raise ValueError(f"d_model={d_model} must be positive and depth={depth} non-negative")
+        self.n_rois = int(n_rois)
+        self.d_model = int(d_model)
+        self.embedding = TREmbedding(self.n_rois, self.d_model, t_max_s, t_resolution_s)
+        hidden = max(1, int(round(mlp_ratio * self.d_model)))
+        self.mlp = nn.Sequential(nn.LayerNorm(self.d_model), nn.Linear(self.d_model, hidden), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, self.d_model))
+        self.blocks = nn.ModuleList(_TemporalBlock(self.d_model, int(kernel_size), 2 ** min(i, 5), dropout)
+                                    for i in range(int(depth)))
+        self.norm = nn.LayerNorm(self.d_model)
+        self.drop = nn.Dropout(dropout)
+
+    @property
+    def out_dim(self) -> int:
+        return self.d_model
+
+    def embed_trs(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """TR tokens ``(B, T, d)`` from ``bold`` ``(B, T, n_rois)`` and ``t`` ``(B, T)`` seconds."""
+        return self.embedding(bold, t)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, T, d)`` -> token states ``(B, T, d)`` (MLP per frame, then over time)."""
+        x = tokens + self.drop(self.mlp(tokens))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.embed_trs(bold, t))
