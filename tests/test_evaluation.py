@@ -127,6 +127,10 @@ def test_evaluate_cli_writes_metrics_and_plot(cfg_for, tmp_path):
     assert report["results"]["fc_fingerprint"]["30"]["n_queries"] == 7 * ((600 - 30) // 15 + 1)
     assert (out / "reid.png").stat().st_size > 10_000
     assert "pretrained" in proc.stdout and "fc_fingerprint" in proc.stdout
+    # the 7-way subject linear probe: FC features of real HCP subjects are far above chance
+    assert set(report["probe"]) == set(report["results"])
+    assert report["probe"]["fc_fingerprint"]["40"]["acc"] > 0.6
+    assert "subject linear probe" in proc.stdout
 
 
 def test_evaluate_refuses_data_with_other_tr(cfg_for, tmp_path, hcp_h5):
@@ -141,3 +145,67 @@ def test_evaluate_refuses_data_with_other_tr(cfg_for, tmp_path, hcp_h5):
     assert proc.returncode == 2
     assert "TR mismatch" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def _blobs(n_subjects=12, per_subject=10, dim=8, signal=3.0, seed=0):
+    """Windows of subjects whose label (two classes) shifts the features along one axis."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(n_subjects), per_subject)
+    subject_label = np.arange(n_subjects) % 2
+    y = subject_label[groups]
+    x = rng.normal(size=(len(groups), dim))
+    x[:, 0] += signal * (y - 0.5)
+    return x, y, groups
+
+
+def test_sklearn_probe_is_subject_grouped_and_learns_a_real_signal():
+    from brainfm.eval.probe import sklearn_probe
+
+    x, y, g = _blobs(signal=4.0)  # Bayes accuracy Phi(2) = 0.977
+    good = sklearn_probe(x, y, g, n_splits=4)
+    assert good["acc"] > 0.85 and good["auroc"] > 0.9
+    # labels that are a property of the subject only (a per-subject random offset, no class signal):
+    # a window-level split would memorise subjects; grouped CV stays near chance
+    rng = np.random.default_rng(1)
+    offsets = rng.normal(scale=5.0, size=(12, 8))
+    x_id = offsets[g] + 0.1 * rng.normal(size=x.shape)
+    chance = sklearn_probe(x_id, y, g, n_splits=4)
+    assert chance["balanced_acc"] < 0.75
+    with pytest.raises(ValueError, match="subject-grouped folds"):
+        sklearn_probe(x, y, g, n_splits=20)
+    with pytest.raises(ValueError, match="NaN"):
+        sklearn_probe(np.full_like(x, np.nan), y, g)
+
+
+def test_regression_probe_metrics_match_their_formulas():
+    from brainfm.eval.probe import metrics
+
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    p = np.array([1.5, 2.0, 2.5, 4.5])
+    m = metrics("regression", y, p)
+    assert m["mse"] == pytest.approx(np.mean((y - p) ** 2))
+    assert m["mae"] == pytest.approx(0.375)
+    assert m["r2"] == pytest.approx(1 - np.sum((y - p) ** 2) / np.sum((y - y.mean()) ** 2))
+    assert m["pearson_r"] == pytest.approx(np.corrcoef(y, p)[0, 1])
+
+
+def test_torch_probe_bn_linear_learns_classes_and_regression():
+    from brainfm.eval.probe import torch_probe
+
+    x, y, g = _blobs(per_subject=20)
+    train, test = g < 8, g >= 8
+    assert torch_probe(x[train], y[train], x[test], y[test])["acc"] > 0.85
+    target = 2.0 * x[:, 0] + 10.0
+    r = torch_probe(x[train], target[train], x[test], target[test], kind="regression", epochs=300)
+    assert r["r2"] > 0.9
+
+
+def test_few_subject_curve_improves_with_more_subjects():
+    from brainfm.eval.probe import few_subject_curve
+
+    x, y, g = _blobs(n_subjects=30, per_subject=4, signal=1.0)
+    curve = few_subject_curve(x, y, g, [2, 16], repeats=5, seed=0)
+    assert [c["n_subjects"] for c in curve] == [2, 16] and all(len(c["values"]) == 5 for c in curve)
+    assert curve[1]["mean"] > curve[0]["mean"]
+    with pytest.raises(ValueError, match="only"):
+        few_subject_curve(x, y, g, [100])

@@ -32,6 +32,19 @@ def print_table(report: dict) -> None:
         row.append(f"{first[length]['rank1_chance']:.3f}")
         table.add_row(*row)
     Console().print(table)
+    if "probe" in report:
+        probe = Table(title=f"{report['data']['n_subjects']}-way subject linear probe (fit on gallery windows, "
+                      "scored on query windows): accuracy / balanced accuracy")
+        probe.add_column("window")
+        for name in names:
+            probe.add_column(name, justify="right")
+        probe.add_column("chance", justify="right")
+        for length in first:
+            row = [f"{length} TRs"]
+            row += [f"{report['probe'][n][length]['acc']:.3f} / {report['probe'][n][length]['balanced_acc']:.3f}" for n in names]
+            row.append(f"{1 / report['data']['n_subjects']:.3f}")
+            probe.add_row(*row)
+        Console().print(probe)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -42,7 +55,7 @@ def run(cfg: DictConfig) -> dict:
     report = run_reidentification(
         ckpt, window_lengths=list(cfg.window_lengths), gallery_fraction=float(cfg.gallery_fraction),
         stride=cfg.stride, batch_size=int(cfg.batch_size), seed=int(cfg.seed), data_path=cfg.data_path,
-        baselines=list(cfg.baselines),
+        baselines=list(cfg.baselines), probe=bool(cfg.get("probe", True)),
     )
     out = Path(cfg.out_dir) if cfg.out_dir else ckpt.parent.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)

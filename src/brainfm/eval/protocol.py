@@ -1,5 +1,9 @@
-"""The re-identification protocol of ``brainfm-evaluate``: a pretrained checkpoint against the
-same architecture randomly initialised and against functional-connectivity fingerprinting.
+"""The protocol of ``brainfm-evaluate``: a pretrained checkpoint against the same architecture
+randomly initialised and against functional-connectivity fingerprinting, on
+
+- subject re-identification (Rank-1, mAP; nearest neighbours, no training), and
+- a subject linear probe (``probe=true``): logistic regression on the gallery windows' features
+  predicting the subject (N-way), scored on the query windows (:mod:`brainfm.eval.probe`).
 
 Gallery = windows of the first ``gallery_fraction`` of every run, queries = windows of the rest
 (for the demo this is exactly pretraining data vs held-out data), at several window lengths.
@@ -21,6 +25,7 @@ from brainfm.data.roi_store import ROIStore
 from brainfm.data.splits import time_split
 from brainfm.data.windows import ROIWindowDataset, collate_windows
 from brainfm.eval.fingerprinting import fc_features
+from brainfm.eval.probe import fit_predict_sklearn
 from brainfm.eval.reidentification import reidentification
 from brainfm.runs import build_task_from_checkpoint, check_data_compatible, load_checkpoint
 from brainfm.tasks.base import CHECKPOINT_KEY
@@ -63,6 +68,7 @@ def run_reidentification(
     seed: int = 0,
     data_path: str | Path | None = None,
     baselines: Sequence[str] = BASELINES,
+    probe: bool = True,
 ) -> dict:
     """Run the protocol; returns a JSON-ready dict of results per method and window length.
 
@@ -83,7 +89,15 @@ def run_reidentification(
     if "random_init" in baselines:
         torch.manual_seed(seed)
         models["random_init"] = build_task_from_checkpoint(ckpt, weights=False)
-    results: dict[str, dict[str, dict]] = {name: {} for name in [*models, *(b for b in baselines if b == "fc_fingerprint")]}
+    names = [*models, *(b for b in baselines if b == "fc_fingerprint")]
+    results: dict[str, dict[str, dict]] = {name: {} for name in names}
+    probes: dict[str, dict[str, dict]] = {name: {} for name in names}
+
+    def score(name: str, length: int, fg, gid, fq, qid, metric: str) -> None:
+        results[name][str(length)] = reidentification(fg, gid, fq, qid, metric=metric)
+        if probe:
+            probes[name][str(length)] = fit_predict_sklearn(fg, gid, fq, qid, "classification", seed)
+
     for length in window_lengths:
         step = int(stride or max(1, length // 2))
         gallery = ROIWindowDataset(store, norm, segments["train"], length, step)
@@ -91,11 +105,11 @@ def run_reidentification(
         for name, task in models.items():
             fg, gid = embed_windows(task, gallery, batch_size)
             fq, qid = embed_windows(task, queries, batch_size)
-            results[name][str(length)] = reidentification(fg, gid, fq, qid, metric="cosine")
+            score(name, length, fg, gid, fq, qid, "cosine")
         if "fc_fingerprint" in baselines:
             wg, gid = window_array(gallery)
             wq, qid = window_array(queries)
-            results["fc_fingerprint"][str(length)] = reidentification(fc_features(wg), gid, fc_features(wq), qid, metric="pearson")
+            score("fc_fingerprint", length, fc_features(wg), gid, fc_features(wq), qid, "pearson")
     return {
         "checkpoint": ckpt["_path"],
         "global_step": int(ckpt.get("global_step", -1)),
@@ -106,8 +120,11 @@ def run_reidentification(
             "window_lengths": [int(w) for w in window_lengths],
             "stride": stride or "half the window length",
             "similarity": {"embeddings": "cosine", "fc_fingerprint": "pearson (Finn et al. 2015)"},
+            "probe": "standardised features, logistic regression (C by 3-fold CV) fit on gallery windows, "
+                     "scored on query windows" if probe else None,
         },
         "results": results,
+        **({"probe": probes} if probe else {}),
     }
 
 
