@@ -1,0 +1,42 @@
+"""``brainfm-predict ckpt=<checkpoint or run dir> [out=<file.csv>] [splits=[test]] [data_path=...]
+[+data.<key>=...]``: per-subject predictions as CSV ``subject_id,prediction[,...]`` from an R2T
+fine-tune checkpoint (rest windows only, R2T-Net's inference) or a supervised checkpoint
+(:func:`brainfm.extract.predict`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from brainfm.cli.common import exit_on_brainfm_error, tidy_logging
+from brainfm.cli.extract import data_overrides
+from brainfm.config import config_dir
+
+
+def run(cfg: DictConfig) -> Path:
+    from brainfm.extract import predict_to_csv, run_dir_of
+    from brainfm.runs import find_checkpoint
+
+    out = cfg.get("out") or run_dir_of(find_checkpoint(cfg.ckpt)) / "predict" / "predictions.csv"
+    splits = list(cfg.splits) if cfg.get("splits") else None
+    path, frame = predict_to_csv(cfg.ckpt, out, splits=splits, data_overrides=data_overrides(cfg),
+                                 batch_size=cfg.get("batch_size"))
+    print(f"brainfm-predict: wrote predictions of {len(frame)} subjects to {path}")
+    return path
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")
+def _main(cfg: DictConfig) -> None:
+    tidy_logging()
+    with exit_on_brainfm_error("brainfm-predict"):
+        run(cfg)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,605 @@
+"""Export from a trained checkpoint: per-window embeddings or R2T signatures to HDF5/Parquet
+(``brainfm-extract``) and per-subject predictions to a CSV (``brainfm-predict``).
+
+The data are rebuilt from the run's own ``config.yaml`` (written by ``brainfm-train`` beside
+``checkpoints/``), optionally with ``data.*`` overrides (another file with the same TR, ROIs or
+grid), and checked against the facts the checkpoint recorded (TR, ROI count and order, grid).
+Windows come from the deterministic evaluation grid of each requested split (for ``split.kind=time``
+``val`` is the second part of every run), in order, and every output row says where it came from:
+subject id (the store's string id), subject index, run (row in the store) and run id (e.g.
+``REST1_LR``), window start in TRs and in seconds from the run start, TR in seconds, split.
+
+Embeddings are :meth:`BrainfmTask.embed` ``(B, D)`` (any backbone); signatures are R2T-Net's
+rest+task concatenation :meth:`brainfm.tasks.r2t.R2TTask.signature` ``(B, 2 * embed_dim)`` of the
+split's fixed rest/task pairs (rest-only R2T embeddings: ``kind=embedding``). Predictions follow
+R2T-Net's rest-only inference (``inference.py``: subject mean of the rest windows' predictions,
+:func:`brainfm.tasks.r2t.predict_subjects`) and SwiFT's clip -> subject averaging of a
+:class:`~brainfm.tasks.supervised.SupervisedTask` (mean logit per subject, then de-standardised
+for regression, or the class probabilities and the most probable class).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from brainfm.errors import CheckpointError, ConfigError, DataError
+
+KINDS = ("embedding", "signature")
+FORMATS = ("h5", "parquet")
+SPLITS = ("train", "val", "test")
+#: Per-row columns of an export, besides the ``embedding`` matrix.
+ROW_COLUMNS = ("subject_id", "subject_index", "run", "run_id", "window_start_tr", "window_start_s", "tr", "split",
+               "dataset")
+
+
+@dataclass
+class LoadedRun:
+    """A checkpoint with the task rebuilt from it and its data rebuilt from the run's config.
+
+    Attributes:
+        ckpt: the loaded checkpoint dict (``_path`` = its file).
+        task: the task in eval mode with the checkpoint's weights.
+        config: the run's composed config (``config.yaml``) with the data overrides applied.
+        datamodule: the data, set up and checked against the checkpoint.
+    """
+
+    ckpt: dict
+    task: Any
+    config: Any
+    datamodule: Any
+    run_dir: Path = field(default_factory=Path)
+
+
+def run_dir_of(ckpt_path: Path) -> Path:
+    """The run directory of a checkpoint file (``<run>/checkpoints/x.ckpt`` -> ``<run>``)."""
+    parent = ckpt_path.parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def _dotlist(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
+    if not overrides:
+        return []
+    if isinstance(overrides, Mapping):
+        from omegaconf import OmegaConf
+
+        flat = OmegaConf.to_container(OmegaConf.create(dict(overrides)), resolve=True)
+        out: list[str] = []
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                import json
+
+                out.append(f"{prefix}={json.dumps(value) if not isinstance(value, str) else value}")
+
+        walk("", flat)
+        return out
+    return [str(o) for o in overrides]
+
+
+def load_run(ckpt: str | os.PathLike, data_overrides: Mapping[str, Any] | Sequence[str] | None = None) -> LoadedRun:
+    """Load a checkpoint (file or run directory), rebuild its task and its datamodule.
+
+    Args:
+        ckpt: a ``.ckpt`` file or a run directory (its ``checkpoints/last.ckpt``).
+        data_overrides: changes to the run's ``data`` config, as a nested mapping
+            (``{"path": "/other.h5"}``) or dot-list strings (``["path=/other.h5", "eval_batch_size=8"]``).
+
+    Raises:
+        CheckpointError: no checkpoint, no ``config.yaml`` beside ``checkpoints/``, or data whose
+            TR, ROI count/order or grid differ from the checkpoint's.
+        ConfigError / DataError: from setting the data up.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from brainfm.runs import build_task_from_checkpoint, find_checkpoint, load_checkpoint
+
+    path = find_checkpoint(ckpt)
+    run_dir = run_dir_of(path)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{config_file} does not exist: the data of checkpoint {path} are rebuilt from its run's config.yaml "
+            "(written by brainfm-train beside checkpoints/). Fix: pass ckpt=<run directory>, or copy the run's "
+            "config.yaml next to the checkpoints/ folder"
+        )
+    checkpoint = load_checkpoint(path)
+    cfg = OmegaConf.load(config_file)
+    if "data" not in cfg:
+        raise CheckpointError(f"{config_file} has no 'data' section; it is not a brainfm-train run config")
+    dots = _dotlist(data_overrides)
+    if dots:
+        OmegaConf.set_struct(cfg, False)
+        try:
+            cfg.data = OmegaConf.merge(cfg.data, OmegaConf.from_dotlist(dots))
+        except Exception as exc:
+            raise ConfigError(f"data overrides {dots} do not apply to {config_file}: {exc}") from exc
+    from brainfm.cli.common import brainfm_cause
+
+    try:
+        datamodule = instantiate(cfg.data, _convert_="all")
+        datamodule.setup("predict")
+    except Exception as exc:  # Hydra wraps errors raised while instantiating
+        cause = brainfm_cause(exc)
+        if cause is not None and cause is not exc:
+            raise cause from None
+        raise
+    meta = checkpoint["hyper_parameters"].get("data_meta") or {}
+    for _, dm in _children(datamodule):
+        check_compatible(meta, dm, where=f"checkpoint {path}")
+        use_checkpoint_normalization(checkpoint, dm)
+    task = build_task_from_checkpoint(checkpoint)
+    return LoadedRun(checkpoint, task, cfg, datamodule, run_dir)
+
+
+def _children(datamodule) -> list[tuple[str, Any]]:
+    """``(data set name, datamodule)`` pairs: the children of a MultiDataModule, else the module itself."""
+    children = getattr(datamodule, "datasets", None)
+    if isinstance(children, Mapping) and children:
+        return [(str(k), v) for k, v in children.items()]
+    return [(str(getattr(datamodule, "name", "data")), datamodule)]
+
+
+def _stores(dm) -> list:
+    stores = getattr(dm, "stores", None)
+    if isinstance(stores, Mapping) and stores:
+        return list({id(s): s for s in stores.values()}.values())
+    return [dm.store]
+
+
+def check_compatible(meta: Mapping[str, Any], dm, where: str = "the checkpoint") -> None:
+    """Raise CheckpointError unless ``dm``'s stores have the checkpoint's TR, ROI count and order
+    (ROI/grayordinate data) or grid (volumes).
+
+    ``meta``: the checkpoint's ``data_meta``. A ``tr`` of ``"mixed"`` accepts any TR.
+    """
+    from brainfm.runs import check_data_compatible
+
+    for store in _stores(dm):
+        if hasattr(store, "n_rois"):
+            if isinstance(meta.get("tr"), (int, float)) or meta.get("tr") is None:
+                check_data_compatible(meta, store, where=where)
+            continue
+        tr = meta.get("tr")
+        if isinstance(tr, (int, float)):
+            trs = np.asarray(store.trs, dtype=float)
+            bad = np.flatnonzero(~np.isclose(trs, float(tr), atol=1e-3))
+            if len(bad):
+                i = int(bad[0])
+                raise CheckpointError(
+                    f"TR mismatch: {store.describe_run(i)} has TR={trs[i]:g} s but {where} was trained at TR="
+                    f"{float(tr):g} s; models see time in seconds. Fix: resample the data to {float(tr):g} s"
+                )
+        shape = meta.get("shape")
+        if shape is not None and store.shape is not None and list(store.shape) != [int(s) for s in shape]:
+            raise CheckpointError(
+                f"grid mismatch: {where} was trained on {list(shape)} volumes but the data hold "
+                f"{list(store.shape)}. Fix: preprocess with --target-shape {' '.join(map(str, shape))}"
+            )
+
+
+def use_checkpoint_normalization(ckpt: dict, dm) -> None:
+    """With ``global`` z-scoring, apply the statistics saved in the checkpoint (those of the
+    training data), not statistics refitted on the data now given; ``run`` statistics are per run
+    and always come from the data."""
+    from brainfm.data.normalization import ROINormalizer
+    from brainfm.tasks.base import CHECKPOINT_KEY
+
+    state = (ckpt.get(CHECKPOINT_KEY) or {}).get("normalization") or {}
+    if state.get("mode") != "global" or state.get("mean") is None:
+        return
+    norm = ROINormalizer.from_state(state)
+    if getattr(dm, "normalizer", None) is not None:
+        dm.normalizer = norm
+    normalizers = getattr(dm, "normalizers", None)
+    if isinstance(normalizers, dict):
+        for role in list(normalizers):
+            normalizers[role] = norm
+
+
+# -- the windows of a split ---------------------------------------------------------------------------------
+def _collate_for(dataset):
+    from brainfm.data.volumes import VolumeClipDataset, collate_volume_clips
+    from brainfm.data.windows import collate_windows
+
+    return collate_volume_clips if isinstance(dataset, VolumeClipDataset) else collate_windows
+
+
+def _locate(dataset, i: int) -> tuple[int, int]:
+    """``(run, start TR)`` of grid window/clip ``i``."""
+    return dataset.clip(i) if hasattr(dataset, "clip") else dataset.window(i)
+
+
+def _subject_names(dataset) -> list[str]:
+    names = [""] * len(dataset.subject_index)
+    for s, i in dataset.subject_index.items():
+        names[i] = s
+    return names
+
+
+def _row(dataset, run: int, start: int, split: str, name: str, prefix: str = "") -> dict[str, Any]:
+    store = dataset.store
+    tr = float(store.trs[run]) if hasattr(store, "trs") else float(dataset.tr)
+    subject = store.subject_ids[run]
+    run_ids = getattr(store, "run_ids", None)
+    return {
+        f"{prefix}subject_id": str(subject),
+        f"{prefix}subject_index": int(dataset.subject_index[subject]),
+        f"{prefix}run": int(run),
+        f"{prefix}run_id": str(run_ids[run]) if run_ids is not None else f"run{run}",
+        f"{prefix}window_start_tr": int(start),
+        f"{prefix}window_start_s": float(start * tr),
+        f"{prefix}tr": tr,
+        f"{prefix}split": split,
+        f"{prefix}dataset": name,
+    }
+
+
+def _has_split(dm, split: str) -> bool:
+    segments = getattr(dm, "segments", {}) or {}
+    value = segments.get(split)
+    if isinstance(value, Mapping):  # R2T: per role
+        return bool(value.get("rest"))
+    return bool(value)
+
+
+def window_dataset(dm, split: str):
+    """The deterministic evaluation windows of ``split``: grid windows of a ROI/volume datamodule, or
+    R2T's rest-only windows (every subject of the split with a rest run)."""
+    if hasattr(dm, "rest_dataset"):
+        return dm.rest_dataset(split)
+    return dm.dataset(split)
+
+
+def _check_splits(datamodule, splits: Sequence[str]) -> list[str]:
+    splits = [str(s) for s in splits]
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise ConfigError(f"splits={splits} must be a non-empty list of {list(SPLITS)}")
+    available = [s for s in splits if any(_has_split(dm, s) for _, dm in _children(datamodule))]
+    if not available:
+        kinds = {str((getattr(dm, "split", {}) or {}).get("kind")) for _, dm in _children(datamodule)}
+        raise ConfigError(f"none of splits={splits} has data (data.split.kind={'/'.join(sorted(kinds))}: a time split "
+                          "has only train and val). Fix: splits=[train,val]")
+    return available
+
+
+@torch.inference_mode()
+def extract(loaded: LoadedRun, kind: str = "embedding", splits: Sequence[str] = ("val",),
+            batch_size: int | None = None) -> tuple[np.ndarray, dict[str, list]]:
+    """Embeddings or signatures of every evaluation window of ``splits``, with their provenance.
+
+    Args:
+        loaded: from :func:`load_run`.
+        kind: ``embedding`` (:meth:`embed`, any task) or ``signature`` (R2T checkpoints: rest and task
+            embeddings of the split's fixed rest/task pairs, concatenated).
+        splits: among ``train``, ``val``, ``test``; a split without data is skipped (one with none: error).
+        batch_size: windows per forward pass (None: the data's ``eval_batch_size``).
+
+    Returns:
+        ``(features (N, D) float32, columns)``: ``columns`` maps each name of :data:`ROW_COLUMNS`
+        (and, for signatures, the same names prefixed ``task_`` for the task window) to ``N`` values.
+
+    Raises:
+        ConfigError: unknown kind, splits without data, ``signature`` on a non-R2T checkpoint.
+        DataError: non-finite features (a diverged checkpoint).
+    """
+    from brainfm.tasks.r2t import R2TTask
+
+    if kind not in KINDS:
+        raise ConfigError(f"kind={kind!r} must be one of {KINDS}")
+    task = loaded.task.eval()
+    if kind == "signature" and not isinstance(task, R2TTask):
+        raise ConfigError(f"kind=signature is R2T-Net's rest+task signature; {type(task).__name__} checkpoints have "
+                          "embeddings only: use kind=embedding")
+    splits = _check_splits(loaded.datamodule, splits)
+    feats: list[np.ndarray] = []
+    columns: dict[str, list] = {}
+    for name, dm in _children(loaded.datamodule):
+        bs = int(batch_size or getattr(dm, "eval_batch_size", 16))
+        for split in splits:
+            if not _has_split(dm, split):
+                continue
+            if kind == "signature":
+                items = _signature_split(task, dm, split, bs, name)
+            else:
+                items = _embedding_split(task, dm, split, bs, name)
+            for f, rows in items:
+                feats.append(f)
+                for row in rows:
+                    for key, value in row.items():
+                        columns.setdefault(key, []).append(value)
+    if not feats:
+        raise ConfigError(f"no windows in splits {splits}")
+    out = np.concatenate(feats).astype(np.float32, copy=False)
+    if not np.isfinite(out).all():
+        raise DataError(f"{int((~np.isfinite(out)).any(axis=1).sum())} of {len(out)} {kind}s of "
+                        f"{loaded.ckpt['_path']} are not finite; the checkpoint has diverged")
+    return out, columns
+
+
+def _embedding_split(task, dm, split: str, batch_size: int, name: str) -> Iterable[tuple[np.ndarray, list[dict]]]:
+    ds = window_dataset(dm, split)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate_for(ds))
+    i = 0
+    for batch in loader:
+        n = int(batch["subject"].shape[0])
+        rows = [_row(ds, *_locate(ds, j), split, name) for j in range(i, i + n)]
+        i += n
+        yield task.embed(batch).float().cpu().numpy(), rows
+
+
+def _signature_split(task, dm, split: str, batch_size: int, name: str) -> Iterable[tuple[np.ndarray, list[dict]]]:
+    from brainfm.data.r2t import collate_pairs
+
+    pairs = getattr(dm, "_pairs", {}).get(split) if hasattr(dm, "pair_dataset") else None
+    if pairs is None:
+        return  # no paired subjects in this split
+    for lo in range(0, len(pairs), batch_size):
+        idx = list(range(lo, min(lo + batch_size, len(pairs))))
+        batch = collate_pairs([pairs[i] for i in idx])  # pair i is drawn with seed i: fixed
+        rows = []
+        for i in idx:
+            r, t = pairs.pair(i, i)
+            row = _row(pairs.rest, *_locate(pairs.rest, r), split, name)
+            row.update(_row(pairs.task, *_locate(pairs.task, t), split, name, prefix="task_"))
+            for key in ("task_split", "task_dataset", "task_subject_id", "task_subject_index"):
+                row.pop(key)
+            rows.append(row)
+        yield task.signature(batch).float().cpu().numpy(), rows
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+def _attrs(loaded: LoadedRun, kind: str, dim: int) -> dict[str, Any]:
+    from brainfm.tasks.base import CHECKPOINT_KEY
+
+    import brainfm
+
+    meta = loaded.ckpt["hyper_parameters"].get("data_meta") or {}
+    return {
+        "kind": kind,
+        "dim": int(dim),
+        "checkpoint": str(loaded.ckpt["_path"]),
+        "global_step": int(loaded.ckpt.get("global_step", -1)),
+        "task_class": str(loaded.ckpt[CHECKPOINT_KEY]["task_class"]),
+        "model": str(loaded.ckpt["hyper_parameters"]["model"].get("_target_", "")),
+        "trained_on": str(meta.get("path", "")),
+        "data": str(getattr(loaded.datamodule, "path", "")),
+        "brainfm_version": str(getattr(brainfm, "__version__", "")),
+    }
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_features(path: str | os.PathLike, features: np.ndarray, columns: Mapping[str, Sequence],
+                   fmt: str | None = None, attrs: Mapping[str, Any] | None = None) -> Path:
+    """Write ``features`` ``(N, D)`` and the per-row ``columns`` atomically (temporary file, rename).
+
+    HDF5 (``fmt="h5"``): dataset ``features`` ``(N, D)`` float32 plus one 1-D dataset per column
+    (strings as UTF-8), ``attrs`` on the root. Parquet: one row per window, the columns plus
+    ``features`` as a fixed-size list of float32, ``attrs`` in the schema metadata (key ``brainfm``,
+    JSON). ``fmt=None``: from the suffix (``.h5``/``.hdf5`` or ``.parquet``/``.pq``).
+
+    Raises:
+        ConfigError: unknown format, columns whose length is not ``N``.
+    """
+    path = Path(path)
+    fmt = fmt or {".h5": "h5", ".hdf5": "h5", ".parquet": "parquet", ".pq": "parquet"}.get(path.suffix.lower())
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r} for {path} must be one of {FORMATS} (or use a .h5/.parquet file name)")
+    n = len(features)
+    bad = {k: len(v) for k, v in columns.items() if len(v) != n}
+    if bad:
+        raise ConfigError(f"columns {bad} do not have one value per row ({n})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    try:
+        if fmt == "h5":
+            import h5py
+
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("features", data=np.asarray(features, dtype=np.float32))
+                for key, values in columns.items():
+                    arr = np.asarray(values)
+                    if arr.dtype.kind in "US":
+                        f.create_dataset(key, data=arr.astype(object), dtype=h5py.string_dtype("utf-8"))
+                    else:
+                        f.create_dataset(key, data=arr)
+                for key, value in (attrs or {}).items():
+                    f.attrs[key] = value
+        else:
+            import json
+
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            feats = np.ascontiguousarray(features, dtype=np.float32)
+            table = pa.table({
+                **{k: pa.array(list(v)) for k, v in columns.items()},
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1]),
+            })
+            table = table.replace_schema_metadata({"brainfm": json.dumps(dict(attrs or {}))})
+            pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_features(path: str | os.PathLike) -> tuple[np.ndarray, "Any", dict]:
+    """Read a :func:`write_features` file: ``(features (N, D), pandas DataFrame of the columns, attrs)``."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import json
+
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {}).get(b"brainfm", b"{}"))
+        feats = np.stack(table.column("features").to_numpy(zero_copy_only=False)).astype(np.float32)
+        return feats, table.drop(["features"]).to_pandas(), meta
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        feats = f["features"][:]
+        cols = {}
+        for key in f:
+            if key == "features":
+                continue
+            values = f[key][:]
+            cols[key] = [v.decode() if isinstance(v, bytes) else v for v in values] if values.dtype.kind in "OS" else values
+        return feats, pd.DataFrame(cols), dict(f.attrs)
+
+
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, kind: str = "embedding", fmt: str | None = None,
+           splits: Sequence[str] = ("val",), data_overrides: Mapping[str, Any] | Sequence[str] | None = None,
+           batch_size: int | None = None) -> tuple[Path, int, int]:
+    """``brainfm-extract``: load, extract and write; returns ``(path, rows, dim)``. Raises as
+    :func:`load_run`, :func:`extract` and :func:`write_features`."""
+    fmt = fmt or {".h5": "h5", ".hdf5": "h5", ".parquet": "parquet", ".pq": "parquet"}.get(Path(out).suffix.lower())
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r} must be one of {FORMATS}")
+    loaded = load_run(ckpt, data_overrides)
+    feats, columns = extract(loaded, kind, splits, batch_size)
+    path = write_features(out, feats, columns, fmt, _attrs(loaded, kind, feats.shape[1]))
+    return path, int(feats.shape[0]), int(feats.shape[1])
+
+
+# -- per-subject predictions --------------------------------------------------------------------------------
+@torch.inference_mode()
+def predict(loaded: LoadedRun, splits: Sequence[str] | None = None, batch_size: int | None = None) -> "Any":
+    """Per-subject predictions from the evaluation windows of ``splits`` (R2T: rest windows only).
+
+    R2T fine-tune checkpoints: :func:`brainfm.tasks.r2t.predict_subjects` (subject mean of the rest
+    windows' predictions, targets in their own units / class probabilities). SupervisedTask: the
+    subject mean of its clips' outputs (SwiFT), then de-standardised (regression) or turned into
+    probabilities (classification).
+
+    Returns:
+        a pandas DataFrame with ``subject_id`` and, for regression, ``prediction`` (one target) or
+        ``prediction_<target>``; for classification ``prediction`` (the most probable class: its
+        name when the data's labels give categories, else its index) and ``probability_<class>``.
+        Rows are in subject order; a subject of several splits is averaged over all its windows.
+
+    Raises:
+        ConfigError: a checkpoint without a trained prediction head (self-supervised tasks).
+    """
+    from brainfm.tasks.r2t import R2TTask, predict_subjects
+    from brainfm.tasks.supervised import SupervisedTask
+
+    task = loaded.task.eval()
+    if not isinstance(task, (R2TTask, SupervisedTask)):
+        raise ConfigError(f"{type(task).__name__} checkpoints have no prediction head; brainfm-predict takes an R2T "
+                          "fine-tune (task=r2t task.mode=fine_tune) or a supervised (task=supervised) checkpoint. "
+                          "Use brainfm-extract for embeddings")
+    if not splits:
+        has_test = any(_has_split(dm, "test") for _, dm in _children(loaded.datamodule))
+        splits = ["test" if has_test else "val"]
+    splits = _check_splits(loaded.datamodule, splits)
+    loaders, names = [], None
+    for _, dm in _children(loaded.datamodule):
+        bs = int(batch_size or getattr(dm, "eval_batch_size", 16))
+        for split in splits:
+            if _has_split(dm, split):
+                ds = window_dataset(dm, split)
+                names = _subject_names(ds)
+                loaders.append(DataLoader(ds, batch_size=bs, shuffle=False, collate_fn=_collate_for(ds)))
+    batches = (b for loader in loaders for b in loader)
+    if isinstance(task, R2TTask):
+        preds = predict_subjects(task, batches, names)
+        kind, targets = task.kind, task.targets
+        values = torch.stack(list(preds.values())) if preds else torch.zeros(0, 1)
+        if kind == "regression":
+            return _frame(list(preds), values, [f"prediction_{t}" for t in targets] if len(targets) > 1 else ["prediction"])
+        probs = torch.cat([1 - values, values], dim=1) if kind == "binary" else values
+        return _classes(list(preds), probs, _categories(loaded, targets[0]))
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    for batch in batches:
+        out = task.logits(batch).float().cpu()
+        for s, o in zip(batch["subject"].tolist(), out):
+            sums[s] = sums.get(s, 0) + o
+            counts[s] = counts.get(s, 0) + 1
+    order = sorted(sums)
+    ids = [names[s] for s in order]
+    mean = torch.stack([sums[s] / counts[s] for s in order]) if order else torch.zeros(0, 1)
+    if task.kind == "regression":
+        return _frame(ids, mean * task.label_std + task.label_mean, ["prediction"])
+    if task.kind == "binary":
+        p = torch.sigmoid(mean)
+        probs = torch.cat([1 - p, p], dim=1)
+    else:
+        probs = mean.softmax(dim=-1)
+    return _classes(ids, probs, _categories(loaded, task.target))
+
+
+def _categories(loaded: LoadedRun, target: str) -> list[str] | None:
+    labels = (loaded.config.data.get("labels") or {}) if "data" in loaded.config else {}
+    cats = (labels.get("categories") or {}).get(target) if labels else None
+    return [str(c) for c in cats] if cats else None
+
+
+def _frame(ids: list[str], values: torch.Tensor, names: list[str]):
+    import pandas as pd
+
+    df = pd.DataFrame({"subject_id": ids})
+    for j, name in enumerate(names):
+        df[name] = values[:, j].numpy().astype(np.float64)
+    return df
+
+
+def _classes(ids: list[str], probs: torch.Tensor, categories: list[str] | None):
+    import pandas as pd
+
+    classes = categories if categories and len(categories) == probs.shape[1] else [str(c) for c in range(probs.shape[1])]
+    df = pd.DataFrame({"subject_id": ids, "prediction": [classes[i] for i in probs.argmax(dim=1).tolist()]})
+    for j, c in enumerate(classes):
+        df[f"probability_{c}"] = probs[:, j].numpy().astype(np.float64)
+    return df
+
+
+def write_csv(path: str | os.PathLike, frame) -> Path:
+    """Write a DataFrame as CSV atomically (temporary file, rename); floats with 6 significant digits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    try:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def predict_to_csv(ckpt: str | os.PathLike, out: str | os.PathLike, splits: Sequence[str] | None = None,
+                   data_overrides: Mapping[str, Any] | Sequence[str] | None = None,
+                   batch_size: int | None = None) -> tuple[Path, "Any"]:
+    """``brainfm-predict``: load, predict per subject and write the CSV; returns ``(path, frame)``.
+
+    Raises as :func:`load_run` and :func:`predict`; DataError for non-finite predictions.
+    """
+    loaded = load_run(ckpt, data_overrides)
+    frame = predict(loaded, splits, batch_size)
+    numeric = frame.select_dtypes("number").to_numpy()
+    if numeric.size and not np.isfinite(numeric).all():
+        raise DataError(f"predictions of {loaded.ckpt['_path']} are not finite; the checkpoint has diverged")
+    return write_csv(out, frame), frame
