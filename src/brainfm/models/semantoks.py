@@ -1,0 +1,388 @@
+"""Brain-Semantoks backbone: a network tokenizer and a transformer over network x time tokens.
+
+Gijsen, Schulz & Ritter (ICLR 2026), "Brain-Semantoks: Learning Semantic Tokens of Brain Dynamics
+with a Self-Distilled Foundation Model" (SamGijsen/Brain-Semantoks: ``model/tokenizer.py``,
+``model/semantoks.py``, ``config/example_config.yaml``).
+
+Input: z-scored BOLD ``(B, T, V)`` (TRs x ROIs). The ROIs are grouped into ``N`` networks by a
+network map (:mod:`brainfm.data.network_maps`); the time axis is cut into ``P = T // patch_size``
+temporal patches of ``patch_size`` TRs (trailing TRs that do not fill a patch are dropped, as the
+reference's ``unfold`` does). For every network and patch, :class:`NetworkTokenizer` turns the
+``(V_n, patch_size)`` block into one ``d``-dim token: a Conv1d over the network's ROIs (kernel 3)
+in parallel with a structured long convolution (:class:`LongConv1d`), concatenated, GELU, mean over
+the patch's TRs, LayerNorm. Tokens get a learned network embedding plus a fixed sine-cosine
+embedding of the patch index, are flattened network-major (``N * P``), a CLS token is prepended and
+a pre-LN transformer with LayerScale runs over all of them.
+
+The patch is a number of **TRs**, so its duration depends on the data set's TR: the reference's
+20 TRs are 40 s at its TR of 2 s, but 14.4 s at HCP's 0.72 s. Pick ``patch_size`` for the data's
+TR (``patch_size * TR`` seconds per token); a checkpoint refuses data with another TR.
+
+Reference defaults (``config/example_config.yaml``): patch 20 TRs, Conv1d 384 channels (kernel 3)
+and long convolution 384 channels (kernel 4, 3 scales, decay 2), so ``d = 768``; depth 8,
+``d / 64 = 12`` heads, MLP ``4 d``, LayerScale 0.1, no dropout, CLS pooling: 58.7 M parameters
+here on the Schaefer+Tian+Buckner map (the paper's ~63 M also counts tokenizer copies the reference
+builds for its second and third atlas but never uses). Differences, on purpose: attention projections carry biases and run on
+``F.scaled_dot_product_attention`` (brainfm's :class:`~brainfm.models.transformer.TransformerEncoder`);
+the long-convolution kernel norm is fixed at initialisation instead of at the first forward pass;
+the sine-cosine table is computed for any number of patches (windows of any length), not for one.
+
+Computation: :meth:`SemantoksEncoder.tokenize` runs all networks as one grouped Conv1d, each
+network's two branches folded into one equivalent kernel (:meth:`NetworkTokenizer.effective_conv`;
+the long convolution and its Linear are linear, so they compose into a convolution) and its ROIs
+padded with a zero channel to the largest network. The parameters are the two-branch ones;
+:meth:`SemantoksEncoder.tokenize_per_network` computes the same tokens branch by branch, network by
+network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brainfm.errors import ConfigError
+from brainfm.models.transformer import TransformerEncoder
+
+
+def sincos_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed 1-D sine-cosine embedding (Vaswani et al. 2017; the MAE/Brain-Semantoks layout: the
+    first ``dim/2`` channels are sines, the last ``dim/2`` cosines, frequencies ``10000^(-k/(dim/2))``).
+
+    Args:
+        positions: ``(P,)`` positions (patch indices).
+        dim: even embedding width.
+
+    Returns:
+        ``(P, dim)`` float32.
+
+    Raises:
+        ValueError: odd ``dim``.
+    """
+    if dim % 2:
+        raise ValueError(f"sine-cosine embedding needs an even width, got {dim}")
+    half = dim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float32, device=positions.device) / half)
+    angles = positions.float()[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class LongConv1d(nn.Module):
+    """Structured long convolution (SGConv: Li et al. 2023, "What makes convolutional models great
+    on long sequence modeling?", ICLR), as in Brain-Semantoks' ``sgconv`` tokenizer branch.
+
+    Depthwise: each input channel is convolved with ``heads`` kernels of ``kernel_size *
+    2**(scales - 1)`` taps. A kernel is the concatenation of ``scales`` learned sub-kernels of
+    ``kernel_size`` taps; sub-kernel ``i`` is stretched ``2**max(0, i - 1)`` times (nearest) and
+    weighted ``decay**(scales - 1 - i)``, so distant taps are smooth and small; the kernel is then
+    divided by its norm at initialisation. Zero "same" padding keeps the length (a kernel longer
+    than the input sees zeros beyond it); a learned skip ``D * x`` is added.
+
+    Args:
+        channels: input channels ``C`` (the network's ROIs).
+        heads: kernels per channel ``H``.
+        kernel_size, scales, decay: kernel parametrisation (reference: 4, 3, 2.0).
+
+    Shapes: ``(B, C, L)`` -> ``(B, C * H, L)`` (channel-major: output ``c * H + h``).
+    """
+
+    def __init__(self, channels: int, heads: int = 1, kernel_size: int = 4, scales: int = 3, decay: float = 2.0) -> None:
+        super().__init__()
+        if channels < 1 or heads < 1 or kernel_size < 1 or scales < 1:
+            raise ValueError(f"LongConv1d needs positive channels/heads/kernel_size/scales, got {channels}/{heads}/{kernel_size}/{scales}")
+        self.channels, self.heads = int(channels), int(heads)
+        self.kernel_size, self.scales, self.decay = int(kernel_size), int(scales), float(decay)
+        out = self.channels * self.heads
+        self.sub_kernels = nn.ParameterList(nn.Parameter(torch.randn(out, kernel_size)) for _ in range(self.scales))
+        self.skip = nn.Parameter(torch.randn(out))
+        with torch.no_grad():
+            norm = self._raw_kernel().norm(dim=-1, keepdim=True)
+        self.register_buffer("kernel_norm", norm)
+
+    @property
+    def length(self) -> int:
+        """Taps of the full kernel."""
+        return self.kernel_size * 2 ** (self.scales - 1)
+
+    def _raw_kernel(self) -> torch.Tensor:
+        parts = []
+        for i, sub in enumerate(self.sub_kernels):
+            stretched = sub.repeat_interleave(2 ** max(0, i - 1), dim=-1)
+            parts.append(stretched * self.decay ** (self.scales - 1 - i))
+        return torch.cat(parts, dim=-1)
+
+    def kernel(self) -> torch.Tensor:
+        """The normalised kernel, ``(C * H, length)``; tap ``j`` weighs the input ``j`` steps back
+        (relative to the kernel's centre)."""
+        return self._raw_kernel() / self.kernel_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel()
+        left = (k.shape[-1] - 1) // 2
+        # a convolution (not a cross-correlation): flip the taps for F.conv1d
+        y = F.conv1d(F.pad(x, (left, k.shape[-1] - 1 - left)), k.flip(-1)[:, None, :], groups=self.channels)
+        return y + x.repeat_interleave(self.heads, dim=1) * self.skip[None, :, None]
+
+
+class NetworkTokenizer(nn.Module):
+    """One network's tokenizer: ``(B', V_n, L)`` ROI time courses of one patch -> ``(B', d)``.
+
+    Conv1d(V_n -> ``conv_channels``, ``conv_kernel``, same padding) in parallel with
+    :class:`LongConv1d` (``ceil(long_conv_channels / V_n)`` heads per ROI) followed by
+    Linear(-> ``long_conv_channels``); the branches are concatenated (``d = conv_channels +
+    long_conv_channels``), GELU, mean over the ``L`` TRs, LayerNorm. Either branch may be switched
+    off with 0 channels.
+    """
+
+    def __init__(
+        self,
+        n_rois: int,
+        conv_channels: int = 384,
+        conv_kernel: int = 3,
+        long_conv_channels: int = 384,
+        long_conv_kernel: int = 4,
+        long_conv_scales: int = 3,
+        long_conv_decay: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(n_rois, conv_channels, conv_kernel, padding="same") if conv_channels else None
+        if long_conv_channels:
+            heads = math.ceil(long_conv_channels / n_rois)
+            self.long_conv = LongConv1d(n_rois, heads, long_conv_kernel, long_conv_scales, long_conv_decay)
+            self.long_proj = nn.Linear(n_rois * heads, long_conv_channels)
+        else:
+            self.long_conv = self.long_proj = None
+        self.norm = nn.LayerNorm(conv_channels + long_conv_channels)
+
+    def span(self) -> tuple[int, int]:
+        """TRs before and after an output TR that the branches see (their "same" padding)."""
+        spans = []
+        if self.conv is not None:
+            k = self.conv.kernel_size[0]
+            spans.append(((k - 1) // 2, k - 1 - (k - 1) // 2))
+        if self.long_conv is not None:
+            k = self.long_conv.length
+            spans.append(((k - 1) // 2, k - 1 - (k - 1) // 2))
+        return max(s[0] for s in spans), max(s[1] for s in spans)
+
+    def effective_conv(self, before: int, after: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both branches as one Conv1d (cross-correlation) over ``before + 1 + after`` taps.
+
+        The long convolution followed by its Linear is linear in the input, so it equals a Conv1d
+        whose weight is ``sum_h Linear[c, (v, h)] * kernel[(v, h)]`` (taps flipped) plus the skip at
+        the centre tap. Returns ``weight`` ``(d, V_n, before + 1 + after)`` and ``bias`` ``(d,)``.
+        """
+        weights, biases = [], []
+        taps = before + 1 + after
+        if self.conv is not None:
+            k = self.conv.kernel_size[0]
+            left = (k - 1) // 2
+            weights.append(F.pad(self.conv.weight, (before - left, taps - k - (before - left))))
+            biases.append(self.conv.bias)
+        if self.long_conv is not None:
+            lc = self.long_conv
+            k = lc.length
+            left = (k - 1) // 2
+            proj = self.long_proj.weight.reshape(-1, lc.channels, lc.heads)  # (C, V, H)
+            kern = lc.kernel().reshape(lc.channels, lc.heads, k).flip(-1)  # cross-correlation taps
+            w = torch.einsum("cvh,vhk->cvk", proj, kern)
+            skip = torch.einsum("cvh,vh->cv", proj, lc.skip.reshape(lc.channels, lc.heads))
+            w = w + F.pad(skip[..., None], (left, k - 1 - left))
+            weights.append(F.pad(w, (before - left, taps - k - (before - left))))
+            biases.append(self.long_proj.bias)
+        return torch.cat(weights), torch.cat(biases)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokenizer as written (two branches); :class:`SemantoksEncoder` runs all networks at
+        once through :meth:`effective_conv`, which gives the same tokens."""
+        branches = []
+        if self.conv is not None:
+            branches.append(self.conv(x))
+        if self.long_conv is not None:
+            branches.append(self.long_proj(self.long_conv(x).transpose(1, 2)).transpose(1, 2))
+        y = F.gelu(torch.cat(branches, dim=1))
+        return self.norm(y.mean(dim=-1))
+
+
+class SemantoksEncoder(nn.Module):
+    """Network tokenizer + transformer (Brain-Semantoks' ``CNN_TF``).
+
+    Args:
+        n_rois: ROIs per TR ``V``.
+        network_assignment: ``(V,)`` network index of each ROI (0..N-1, every network used).
+            Written by the task from ``network_map`` and the data's ROI names, and saved with the
+            checkpoint.
+        network_names: ``(N,)`` token names (for reports).
+        network_map: a map name or file (:mod:`brainfm.data.network_maps`), resolved by ROI count
+            when ``network_assignment`` is not given (the task resolves it by ROI name instead).
+        patch_size: TRs per temporal patch (token). Reference: 20 TRs (40 s at TR 2 s).
+        conv_channels, conv_kernel: Conv1d branch (reference 384, 3).
+        long_conv_channels, long_conv_kernel, long_conv_scales, long_conv_decay: long-convolution
+            branch (reference 384, 4, 3, 2.0). ``d_model = conv_channels + long_conv_channels``.
+        depth, n_heads, mlp_ratio: transformer (reference 8, d/64 = 12, 4).
+        layer_scale: LayerScale initial value (reference 0.1; ``None``: off).
+        dropout, attn_dropout: residual and attention dropout (reference 0).
+
+    Shapes: :meth:`forward` ``bold`` ``(B, T, V)``, ``mask`` ``(B, N, P)`` bool (True: the token is
+    replaced by the learned MASK token) -> ``(B, 1 + N * P, d)``, CLS first, then the tokens
+    network-major (token ``1 + n * P + p`` is network ``n``, patch ``p``), after a final LayerNorm.
+
+    Raises:
+        ConfigError: no network assignment, or one that does not fit ``n_rois``; d_model odd.
+        ValueError: (forward) wrong ROI count, a window shorter than one patch, a mask of the
+            wrong shape.
+    """
+
+    def __init__(
+        self,
+        n_rois: int,
+        network_assignment: Sequence[int] | None = None,
+        network_names: Sequence[str] | None = None,
+        network_map: str | None = None,
+        patch_size: int = 20,
+        conv_channels: int = 384,
+        conv_kernel: int = 3,
+        long_conv_channels: int = 384,
+        long_conv_kernel: int = 4,
+        long_conv_scales: int = 3,
+        long_conv_decay: float = 2.0,
+        depth: int = 8,
+        n_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        layer_scale: float | None = 0.1,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.n_rois = int(n_rois)
+        if network_assignment is None:
+            if network_map is None:
+                raise ConfigError("the Semantoks model needs model.network_map (or an explicit network_assignment)")
+            from brainfm.data.network_maps import load_network_map
+
+            resolved = load_network_map(network_map, n_rois=self.n_rois)
+            network_assignment, network_names = resolved.assignment, resolved.network_names
+        assignment = [int(a) for a in network_assignment]
+        if len(assignment) != self.n_rois:
+            raise ConfigError(f"network_assignment has {len(assignment)} entries but the model has n_rois={self.n_rois}")
+        n_networks = max(assignment) + 1
+        if min(assignment) < 0 or set(assignment) != set(range(n_networks)):
+            raise ConfigError(f"network_assignment must use every network index 0..{n_networks - 1} (got {sorted(set(assignment))})")
+        self.network_assignment = assignment
+        self.network_names = list(network_names) if network_names is not None else [f"network{k}" for k in range(n_networks)]
+        if len(self.network_names) != n_networks:
+            raise ConfigError(f"{len(self.network_names)} network names for {n_networks} networks")
+        self.network_map = network_map
+        self.n_networks = n_networks
+        self.patch_size = int(patch_size)
+        if self.patch_size < 1:
+            raise ConfigError(f"model.patch_size={patch_size} must be >= 1 TR")
+        self.d_model = int(conv_channels) + int(long_conv_channels)
+        if self.d_model < 2 or self.d_model % 2:
+            raise ConfigError(f"conv_channels + long_conv_channels = {self.d_model} must be even and >= 2 (sine-cosine time embedding)")
+        # ROIs grouped by network: one gather, then a split per network
+        self.network_sizes = [assignment.count(k) for k in range(n_networks)]
+        vmax = max(self.network_sizes)
+        padded = []  # network k's ROIs, then the zero channel (index n_rois) up to vmax
+        for k in range(n_networks):
+            rois = [i for i in range(self.n_rois) if assignment[i] == k]
+            padded += rois + [self.n_rois] * (vmax - len(rois))
+        self.register_buffer("padded_order", torch.tensor(padded, dtype=torch.long), persistent=False)
+        self.tokenizers = nn.ModuleList(
+            NetworkTokenizer(v, conv_channels, conv_kernel, long_conv_channels, long_conv_kernel, long_conv_scales, long_conv_decay)
+            for v in self.network_sizes
+        )
+        self.network_embedding = nn.Embedding(n_networks, self.d_model)
+        self.cls_token = nn.Parameter(torch.zeros(self.d_model))
+        self.mask_token = nn.Parameter(torch.zeros(self.d_model))
+        self.drop = nn.Dropout(dropout)
+        self.encoder = TransformerEncoder(self.d_model, depth, n_heads, mlp_ratio, dropout, attn_dropout, layer_scale)
+        self.encoder.apply(self._init_linear)
+        for p in (self.network_embedding.weight, self.cls_token, self.mask_token):
+            nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _init_linear(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def out_dim(self) -> int:
+        return self.d_model
+
+    def n_patches(self, n_trs: int) -> int:
+        """Temporal patches (tokens per network) of a window of ``n_trs`` TRs.
+
+        Raises:
+            ValueError: the window is shorter than one patch.
+        """
+        p = int(n_trs) // self.patch_size
+        if p < 1:
+            raise ValueError(
+                f"a window of {n_trs} TRs is shorter than one temporal patch (model.patch_size={self.patch_size} TRs); "
+                "use longer windows or a smaller patch"
+            )
+        return p
+
+    def tokenize(self, bold: torch.Tensor) -> torch.Tensor:
+        """Network tokens before the transformer: ``(B, T, V)`` -> ``(B, N, P, d)``."""
+        if bold.ndim != 3 or bold.shape[-1] != self.n_rois:
+            raise ValueError(
+                f"input {tuple(bold.shape)} must be (batch, TRs, {self.n_rois} ROIs); the parcellation (and ROI "
+                "order) must match the one the model was built for"
+            )
+        b, t, _ = bold.shape
+        p, n, d, length = self.n_patches(t), self.n_networks, self.d_model, self.patch_size
+        # all networks in one grouped convolution: each network's ROIs padded to the largest
+        # network with a zero channel, its two branches folded into one kernel (effective_conv)
+        before, after = self._span()
+        vmax = max(self.network_sizes)
+        effective = [tok.effective_conv(before, after) for tok in self.tokenizers]
+        weight = torch.cat([F.pad(w, (0, 0, 0, vmax - w.shape[1])) for w, _ in effective])
+        bias = torch.cat([bb for _, bb in effective])
+        x = F.pad(bold[:, : p * length], (0, 1)).index_select(2, self.padded_order)  # (B, P*L, N*vmax)
+        x = x.reshape(b, p, length, n * vmax).permute(0, 1, 3, 2).reshape(b * p, n * vmax, length)
+        y = F.conv1d(F.pad(x, (before, after)), weight, bias, groups=n)  # (B*P, N*d, L)
+        y = F.gelu(y).mean(dim=-1).reshape(b, p, n, d)
+        y = F.layer_norm(y, (d,), eps=self.tokenizers[0].norm.eps)
+        scale = torch.stack([tok.norm.weight for tok in self.tokenizers])
+        shift = torch.stack([tok.norm.bias for tok in self.tokenizers])
+        return (y * scale + shift).permute(0, 2, 1, 3)
+
+    def _span(self) -> tuple[int, int]:
+        spans = [tok.span() for tok in self.tokenizers]
+        return max(s[0] for s in spans), max(s[1] for s in spans)
+
+    def tokenize_per_network(self, bold: torch.Tensor) -> torch.Tensor:
+        """:meth:`tokenize` one network at a time through :meth:`NetworkTokenizer.forward` (the
+        reference's formulation; slower, kept to check the fused path)."""
+        b, t, _ = bold.shape
+        p = self.n_patches(t)
+        x = bold[:, : p * self.patch_size].reshape(b, p, self.patch_size, self.n_rois).permute(0, 1, 3, 2)
+        tokens = []
+        for k, tok in enumerate(self.tokenizers):
+            rois = [i for i, a in enumerate(self.network_assignment) if a == k]
+            xs = x[:, :, rois].reshape(b * p, len(rois), self.patch_size)
+            tokens.append(tok(xs).reshape(b, p, self.d_model))
+        return torch.stack(tokens, dim=1)
+
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask, add network and time embeddings, prepend CLS, run the transformer:
+        ``(B, N, P, d)`` -> ``(B, 1 + N * P, d)``."""
+        b, n, p, d = tokens.shape
+        if mask is not None:
+            if mask.shape != (b, n, p):
+                raise ValueError(f"mask {tuple(mask.shape)} must be (batch, networks, patches) = {(b, n, p)}")
+            tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+        time = sincos_embedding(torch.arange(p, device=tokens.device), d).to(tokens.dtype)
+        x = tokens + self.network_embedding.weight[None, :, None, :] + time[None, None, :, :]
+        x = torch.cat([self.cls_token.expand(b, 1, d).to(x.dtype), x.reshape(b, n * p, d)], dim=1)
+        return self.encoder(self.drop(x))
+
+    def forward(self, bold: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode(self.tokenize(bold), mask)
