@@ -13,7 +13,7 @@ from brainfm.data.normalization import ROINormalizer
 from brainfm.data.phenotypes import build_label_table
 from brainfm.data.roi_store import ROIStore
 from brainfm.data.splits import load_or_create_subject_split, segments_for_subjects, time_split
-from brainfm.data.windows import ROIWindowDataset, WindowBatchSampler, collate_windows
+from brainfm.data.windows import ROIWindowDataset, ResumableTrainPosition, WindowBatchSampler, collate_windows
 from brainfm.errors import ConfigError
 
 
@@ -30,7 +30,7 @@ def check_tr(found: float | None, expected: float | None, where: str, key: str =
     return float(found if found is not None else expected)
 
 
-class ROIDataModule(L.LightningDataModule):
+class ROIDataModule(ResumableTrainPosition, L.LightningDataModule):
     """Windows of z-scored ROI time series from an HDF5 ROI store.
 
     Args:
@@ -202,14 +202,3 @@ class ROIDataModule(L.LightningDataModule):
         split = "test" if self.segments.get("test") else "val"
         return self._loader(self.dataset(split), batch_size=self.eval_batch_size, shuffle=False)
 
-    # -- resumable state (saved in checkpoints by Lightning) ----------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self.trainer
-        if trainer is None or self._train_sampler is None:
-            return {}
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"train_epoch": int(trainer.current_epoch), "train_batches_done": int(processed)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "train_epoch" in state:
-            self._resume = (int(state["train_epoch"]), int(state["train_batches_done"]))

@@ -23,6 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from brainfm.data.windows import ResumableTrainPosition
 from brainfm.errors import ConfigError
 
 _EPOCH_STRIDE = 1_000_000  # child sampler epoch = global epoch * stride + pass within it
@@ -108,7 +109,7 @@ class _ChainLoader:
                 yield self.dm.tag(batch, k)
 
 
-class MultiDataModule(L.LightningDataModule):
+class MultiDataModule(ResumableTrainPosition, L.LightningDataModule):
     """Several data set recipes trained together (SwiFT v2 pretraining; see the module docstring).
 
     Args:
@@ -126,6 +127,9 @@ class MultiDataModule(L.LightningDataModule):
         ConfigError: no data set, weights naming unknown data sets or negative/all-zero weights, or data
             sets with different grids, clip lengths or channel counts (one model sees them all).
     """
+
+    def _train_loader_built(self) -> bool:
+        return self._train_loader is not None
 
     def __init__(self, datasets: Mapping[str, Any], weights: Mapping[str, float] | None = None, seed: int = 0,
                  name: str = "multi", batch_size: int | None = None, num_workers: int | None = None) -> None:
@@ -224,13 +228,3 @@ class MultiDataModule(L.LightningDataModule):
     def test_dataloader(self) -> _ChainLoader:
         return self._chain("test")
 
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self.trainer
-        if trainer is None or self._train_loader is None:
-            return {}
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"train_epoch": int(trainer.current_epoch), "train_batches_done": int(processed)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "train_epoch" in state:
-            self._resume = (int(state["train_epoch"]), int(state["train_batches_done"]))

@@ -65,7 +65,7 @@ from brainfm.data.roi_store import ROIStore
 from brainfm.data.splits import load_or_create_subject_split, segments_for_subjects, time_split
 from brainfm.data.volume_store import VolumeStore, check_name
 from brainfm.data.volumes import LOAD_NORMALISATIONS, VolumeClipDataset, collate_volume_clips
-from brainfm.data.windows import ROIWindowDataset, WindowBatchSampler, collate_windows
+from brainfm.data.windows import ROIWindowDataset, ResumableTrainPosition, WindowBatchSampler, collate_windows
 from brainfm.errors import ConfigError, DataError
 
 KINDS = ("volume", "grayordinate", "roi")
@@ -510,7 +510,7 @@ def _grid_windows(segments: Sequence[tuple[int, int, int]], span: int) -> list[t
 
 
 # -- datamodule -----------------------------------------------------------------------------------------------
-class R2TDataModule(L.LightningDataModule):
+class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
     """Rest/task pairs of the same subject (R2T-Net) for volumes, grayordinates or ROI series.
 
     Args:
@@ -913,14 +913,3 @@ class R2TDataModule(L.LightningDataModule):
         return DataLoader(self.rest_dataset(split), batch_size=self.eval_batch_size, shuffle=False,
                           num_workers=self.num_workers, collate_fn=collate)
 
-    # -- resumable state -----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self.trainer
-        if trainer is None or self._train_sampler is None:
-            return {}
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"train_epoch": int(trainer.current_epoch), "train_batches_done": int(processed)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "train_epoch" in state:
-            self._resume = (int(state["train_epoch"]), int(state["train_batches_done"]))

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from brainfm.data.phenotypes import build_label_table
 from brainfm.data.splits import load_or_create_subject_split, segments_for_subjects, time_split
 from brainfm.data.volume_store import VolumeStore
-from brainfm.data.windows import WindowBatchSampler, WindowRequest
+from brainfm.data.windows import ResumableTrainPosition, WindowBatchSampler, WindowRequest
 from brainfm.errors import ConfigError, DataError
 
 #: Load-time normalisations of the stored clip (the store's own one is ``stored``).
@@ -542,7 +542,7 @@ def build_augmentation(config: dict | None):
 
 
 # -- datamodule -----------------------------------------------------------------------------------
-class VolumeDataModule(L.LightningDataModule):
+class VolumeDataModule(ResumableTrainPosition, L.LightningDataModule):
     """Clips of fMRI volumes from a volume store (``brainfm-preprocess`` output).
 
     Args:
@@ -789,14 +789,3 @@ class VolumeDataModule(L.LightningDataModule):
     def test_dataloader(self) -> VolumeClipLoader:
         return self._eval_loader("test" if self.segments.get("test") else "val")
 
-    # -- resumable state (saved in checkpoints by Lightning) ---------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self.trainer
-        if trainer is None or self._train_sampler is None:
-            return {}
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"train_epoch": int(trainer.current_epoch), "train_batches_done": int(processed)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "train_epoch" in state:
-            self._resume = (int(state["train_epoch"]), int(state["train_batches_done"]))

@@ -228,3 +228,26 @@ def collate_windows(samples: list[dict]) -> dict:
         batch["t2"] = torch.stack([s["t2"] for s in samples])
         batch["onset2"] = torch.tensor([s["onset2"] for s in samples], dtype=torch.float32)
     return batch
+
+
+class ResumableTrainPosition:
+    """Mixin for LightningDataModules whose training batches come from a resumable sampler: the
+    checkpoint stores ``{"train_epoch", "train_batches_done"}`` (Lightning saves a datamodule's
+    ``state_dict``), and a resumed run sets ``self._resume = (epoch, batches)`` for the sampler's
+    ``fast_forward``, so no batch is repeated or skipped."""
+
+    _resume: tuple[int, int] | None = None
+
+    def _train_loader_built(self) -> bool:
+        return getattr(self, "_train_sampler", None) is not None
+
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or not self._train_loader_built():
+            return {}
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_epoch": int(trainer.current_epoch), "train_batches_done": int(processed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "train_epoch" in state:
+            self._resume = (int(state["train_epoch"]), int(state["train_batches_done"]))

@@ -38,12 +38,13 @@ def pooled_embedding(model: nn.Module, batch: dict) -> torch.Tensor:
     raise ConfigError(f"no pooled embedding defined for {type(model).__name__}")
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
-    """Initialise ``model`` from a brainfm checkpoint (its ``model.*`` weights), a SwiFT-converted
-    ``.safetensors`` or a plain state dict file.
+def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The backbone weights in a brainfm checkpoint (its ``model.*`` entries, prefix removed), a
+    ``.safetensors`` file (e.g. SwiFT weights converted by ``brainfm.models.convert``) or a plain
+    state-dict file.
 
     Raises:
-        ConfigError: missing file or keys that do not fit the model.
+        ConfigError: no such file.
     """
     path = Path(path)
     if not path.is_file():
@@ -51,12 +52,22 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        if any(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+    """Initialise ``model`` from a brainfm checkpoint (its ``model.*`` weights), a SwiFT-converted
+    ``.safetensors`` or a plain state dict file.
+
+    Raises:
+        ConfigError: missing file or keys that do not fit the model.
+    """
+    state = read_backbone_state(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith(("norm.", "transformer.pooler."))]:
         raise ConfigError(

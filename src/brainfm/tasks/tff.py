@@ -148,18 +148,9 @@ def load_pretrained_tff(model: TFF, path: str | Path) -> list[str]:
     Raises:
         ConfigError: missing file, or keys that do not fit the model.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"task.init_from={path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from brainfm.tasks.supervised import read_backbone_state
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        if any(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    state = read_backbone_state(path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes differ
