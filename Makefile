@@ -8,7 +8,7 @@ STAMP := $(VENV)/.brainfm-installed
 # keep pip quiet about the extra local indexes some machines configure
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install demo demo-volume test test-slow bench clean-venv
+.PHONY: install demo demo-volume test test-slow bench bench-search clean-venv
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ bench: install
 	$(BIN)/python scripts/bench_objectives.py
 	$(BIN)/python scripts/bench_swin4d.py $(if $(SWIFT_REPO),--swift-repo $(SWIFT_REPO))
 	$(BIN)/python scripts/bench_volume_loader.py
+
+# median pruner vs none on the same 20-trial search (~6-10 min on 2 CPU cores)
+bench-search: install
+	$(BIN)/brainfm-data fetch hcp_rest_roi
+	$(BIN)/python scripts/bench_pruning.py
 
 clean-venv:
 	rm -rf $(VENV)
