@@ -4,6 +4,8 @@ small synthetic ROI stores written in the real layout."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +75,29 @@ def small_h5(tmp_path) -> Path:
         tr=2.0,
         roi_names={"toy": [f"roi{i}" for i in range(series[0].shape[0])]},
     )
+
+
+def _slurm_cluster_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A running one-node SLURM cluster (slurm/local/up.sh), shared by every SLURM test of the
+    session: reuse one that is up, else start ours and stop it by PID at the end."""
+    if _slurm_cluster_up():
+        yield
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("starting the local SLURM cluster needs root and apt-get (Debian's slurm-wlm)")
+    env = {**os.environ, "STATE": str(tmp_path_factory.mktemp("slurm-state"))}
+    root = repo_root()
+    up = subprocess.run(["bash", str(root / "slurm/local/up.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert up.returncode == 0 and _slurm_cluster_up(), up.stdout[-2000:] + up.stderr[-2000:]
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(root / "slurm/local/down.sh")], env=env, capture_output=True, timeout=120)

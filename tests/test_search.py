@@ -445,32 +445,7 @@ def test_worker_killed_mid_trial_leaves_a_failed_trial_and_the_study_completes(t
 
 # -- SLURM -----------------------------------------------------------------------------------------------
 
-def _cluster_up() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """The one-node cluster of slurm/local/up.sh (as in test_slurm.py): reuse one that is up, else
-    start it and stop it by PID."""
-    if _cluster_up():
-        yield
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("starting the local SLURM cluster needs root and apt-get (Debian's slurm-wlm)")
-    env = {**os.environ, "STATE": str(tmp_path_factory.mktemp("slurm-state"))}
-    up = subprocess.run(["bash", str(ROOT / "slurm/local/up.sh")], env=env, capture_output=True, text=True, timeout=600)
-    assert up.returncode == 0 and _cluster_up(), up.stdout[-2000:] + up.stderr[-2000:]
-    try:
-        yield
-    finally:
-        subprocess.run(["bash", str(ROOT / "slurm/local/down.sh")], env=env, capture_output=True, timeout=120)
-
-
-def test_optuna_worker_sbatch_runs_two_workers_on_one_study(slurm_cluster, tmp_path, hcp_h5):
+def test_optuna_worker_sbatch_runs_two_workers_on_one_study(slurm, tmp_path, hcp_h5):
     overrides = _overrides(tmp_path, hcp_h5, "journal", 6, "trainer=cpu", "search.plots=false")
     overrides.remove("search.threads=1")  # SLURM gives each worker one CPU (OMP_NUM_THREADS from env.sh)
     search = Search.from_overrides(overrides)

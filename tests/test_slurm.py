@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,31 +17,6 @@ from brainfm.config import repo_root
 
 ROOT = repo_root()
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="SLURM tests need Linux")
-
-
-def _cluster_up() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    """A running one-node cluster: reuse one that is up, else start ours and stop it by PID."""
-    if _cluster_up():
-        yield
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("starting the local SLURM cluster needs root and apt-get (Debian's slurm-wlm)")
-    state = tmp_path_factory.mktemp("slurm-state")
-    env = {**os.environ, "STATE": str(state)}
-    up = subprocess.run(["bash", str(ROOT / "slurm/local/up.sh")], env=env, capture_output=True, text=True, timeout=600)
-    assert up.returncode == 0 and _cluster_up(), up.stdout[-2000:] + up.stderr[-2000:]
-    try:
-        yield
-    finally:
-        subprocess.run(["bash", str(ROOT / "slurm/local/down.sh")], env=env, capture_output=True, timeout=120)
 
 
 def _env(tmp_path: Path) -> dict:

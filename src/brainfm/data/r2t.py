@@ -63,7 +63,7 @@ from brainfm.data.normalization import ROINormalizer
 from brainfm.data.phenotypes import build_label_table
 from brainfm.data.roi_store import ROIStore
 from brainfm.data.splits import load_or_create_subject_split, segments_for_subjects, time_split
-from brainfm.data.volume_store import VolumeStore, check_name
+from brainfm.data.volume_store import VolumeStore, _brainfm_version, _fsync, check_name, publish_run_dir
 from brainfm.data.volumes import LOAD_NORMALISATIONS, VolumeClipDataset, collate_volume_clips
 from brainfm.data.windows import ROIWindowDataset, ResumableTrainPosition, WindowBatchSampler, collate_windows
 from brainfm.errors import ConfigError, DataError
@@ -115,15 +115,6 @@ def read_dtseries(path: str | os.PathLike) -> tuple[np.ndarray, float | None, li
                            "offset": int(slc.start or 0), "count": count})
     data = np.asarray(img.get_fdata(dtype=np.float32))
     return data, tr, structures
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a directory entry to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_grayordinate_run(
@@ -251,31 +242,11 @@ def write_grayordinate_run(
             "brainfm_version": _brainfm_version(),
             **(extra_meta or {}),
         }
-        with open(tmp / _META, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():
-            trash = final.parent / f".{run}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync(final.parent)
+        publish_run_dir(tmp, final, meta, _META)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _brainfm_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("brainfm")
-    except Exception:  # a source checkout that is not installed
-        return "unknown"
 
 
 class GrayordinateStore:

@@ -227,11 +227,30 @@ def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int, int]:
 
 
 def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_run_dir(tmp: Path, final: Path, meta: dict, meta_name: str) -> None:
+    """Finish a run folder written under the temporary name ``tmp``: write its ``meta_name`` (the
+    file whose presence marks a complete run) durably, then move it to ``final`` in one rename,
+    replacing an existing folder (an overwrite, or a folder left without a complete meta file)."""
+    with open(tmp / meta_name, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(final.parent)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -525,22 +544,7 @@ def write_volume_run(
             "brainfm_version": _brainfm_version(),
             **(extra_meta or {}),
         }
-        with open(tmp / META, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # overwrite, or a folder without a complete meta.json
-            trash = final.parent / f".{run}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        dfd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        publish_run_dir(tmp, final, meta, META)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
