@@ -65,7 +65,7 @@ def synthetic_series(n_subjects: int = 4, n_rois: int = 6, n_trs: int = 200, see
 
 @pytest.fixture
 def small_h5(tmp_path) -> Path:
-    from brainfm.data.roi_store import write_roi_h5
+    from brainfm.data.stores.roi import write_roi_h5
 
     series = synthetic_series()
     return write_roi_h5(

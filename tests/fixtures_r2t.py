@@ -58,7 +58,7 @@ def write_roi_pairs(path: Path, n_subjects: int = 6, n_rois: int = 12, rest_trs:
                     roi_names: list[str] | None = None, atlas: str = "toy") -> tuple[Path, Path | None]:
     """ROI HDF5 store(s) (Brain-Semantoks layout) with ``REST1_LR`` runs for every subject and
     ``WM_LR`` runs for all but ``no_task``; the task runs go to ``task_path`` when given."""
-    from brainfm.data.roi_store import write_roi_h5
+    from brainfm.data.stores.roi import write_roi_h5
 
     ids = subject_ids(n_subjects)
     names = roi_names or [f"roi{i}" for i in range(n_rois)]
@@ -80,7 +80,7 @@ def write_grayordinate_pairs(root: Path, n_subjects: int = 4, n_grayordinates: i
                              no_task: tuple[int, ...] = ()) -> Path:
     """A grayordinate store with ``REST1_LR`` and ``WM_LR`` runs; through ``.dtseries.nii`` files
     (nibabel, left/right cortex brain models) when ``dtseries_dir`` is given."""
-    from brainfm.data.r2t import write_grayordinate_run
+    from brainfm.data.stores.grayordinate import write_grayordinate_run
 
     for i, s in enumerate(subject_ids(n_subjects)):
         for run, task, n in (("REST1_LR", False, rest_trs), ("WM_LR", True, task_trs)):
@@ -113,7 +113,7 @@ def write_volume_pairs(root: Path, n_subjects: int = 4, shape=(8, 8, 8), rest_tr
                        tr: float = 0.72) -> Path:
     """A volume store with ``REST1_LR`` and ``WM_LR`` runs: a subject-specific anatomy (static map)
     plus its latent loadings over the brain voxels, and the task signal in task runs."""
-    from brainfm.data.volume_store import write_volume_run
+    from brainfm.data.stores.volume import write_volume_run
 
     mask = np.zeros(shape, dtype=bool)
     mask[1:-1, 1:-1, 1:-1] = True

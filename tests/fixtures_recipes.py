@@ -179,7 +179,7 @@ def _bids(root: Path, runs: list[tuple[str, str, str]], seed: int, shape, n_fram
 
 
 def _store(root: Path, store: Path, shape) -> None:
-    from brainfm.data.preprocess import preprocess_volumes
+    from brainfm.data.preprocess.volumes import preprocess_volumes
 
     preprocess_volumes(root, store, target_shape=shape, progress=False)
 

@@ -67,7 +67,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _eval_loss(path: Path, hcp_h5: Path) -> float:
     """The supervised loss of a checkpoint on fixed windows of the embedded data."""
-    from brainfm.data.roi_store import ROIStore
+    from brainfm.data.stores.roi import ROIStore
     from brainfm.runs import build_task_from_checkpoint, load_checkpoint
 
     task = build_task_from_checkpoint(load_checkpoint(path)).eval()

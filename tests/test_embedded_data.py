@@ -10,7 +10,7 @@ import pytest
 
 from brainfm.data.atlases import AAL2_CEREBRUM_94
 from brainfm.data.embedded import HCP_REST_ROI, fetch
-from brainfm.data.roi_store import ROIStore
+from brainfm.data.stores.roi import ROIStore
 from brainfm.errors import DataError
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from brainfm.cli import train
-from brainfm.data.roi_store import ROIStore, write_roi_h5
+from brainfm.data.stores.roi import ROIStore, write_roi_h5
 from brainfm.errors import CheckpointError
 from brainfm.eval.fingerprinting import fc_features
 from brainfm.eval.reidentification import average_precision, reidentification
@@ -83,7 +83,7 @@ def test_nt_xent_against_hand_computation_4x2():
 
 
 def test_pairs_are_two_non_overlapping_windows_of_one_run(small_h5):
-    from brainfm.data.datamodule import ROIDataModule
+    from brainfm.data.datamodules.roi import ROIDataModule
 
     dm = ROIDataModule(name="toy", path=str(small_h5), window={"length": 30}, pairs=True, batch_size=4)
     dm.setup()

@@ -91,7 +91,7 @@ def test_gpt_embeddings_of_both_splits_carry_subject_run_onset_and_tr(gpt_run, t
 
 
 def test_data_overrides_and_errors_name_the_fix(gpt_run, tmp_path, hcp_h5):
-    from brainfm.data.roi_store import ROIStore, write_roi_h5
+    from brainfm.data.stores.roi import ROIStore, write_roi_h5
 
     store = ROIStore(hcp_h5)
     # other data with the same TR/ROIs: two subjects, stride of 20 TRs between windows
@@ -198,7 +198,7 @@ def test_r2t_rest_embeddings_and_signatures(r2t_run, tmp_path):
     assert sig.shape == (len(pairs), 32) and np.isfinite(sig).all() and attrs["kind"] == "signature"
     assert list(srows["subject_id"]) == pairs.subjects and set(srows["task_run_id"]) == {"WM_LR"}
     assert set(srows["run_id"]) == {"REST1_LR"} and (srows["task_run"] != srows["run"]).all()
-    from brainfm.data.r2t import collate_pairs
+    from brainfm.data.datasets.pairs import collate_pairs
 
     np.testing.assert_allclose(sig[0], loaded.task.signature(collate_pairs([pairs[0]]))[0].numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(srows["task_window_start_s"], srows["task_window_start_tr"] * 0.72, rtol=1e-6)

@@ -11,11 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from brainfm.data.preprocess.parcellate import parcellate
 
 from brainfm.config import repo_root
-from brainfm.data.preprocess import discover_runs, parcellate, preprocess_volumes
-from brainfm.data.roi_store import ROIStore
-from brainfm.data.volume_store import VolumeStore
+from brainfm.data.preprocess.discover import discover_runs
+from brainfm.data.preprocess.volumes import preprocess_volumes
+from brainfm.data.stores.roi import ROIStore
+from brainfm.data.stores.volume import VolumeStore
 from brainfm.errors import ConfigError, DataError
 
 TOY_RUNS = [("sub-nipy", "run-1"), ("sub-nitime", "run-1"), ("sub-nitime", "run-2")]
@@ -98,8 +100,9 @@ def test_second_run_skips_finished_runs_and_redoes_missing_ones(toy_dir, tmp_pat
 
 
 def test_toy_recipe_batches_feed_swin4d(toy_store):
-    from brainfm.config import compose
     from hydra.utils import instantiate
+
+    from brainfm.config import compose
 
     cfg = compose("train", ["data=nifti_toy", f"data.path={toy_store}"])
     dm = instantiate(cfg.data, _convert_="all")
@@ -148,8 +151,8 @@ def test_truncated_nifti_is_named_and_the_other_runs_are_kept(toy_dir, tmp_path)
 
 
 def test_large_files_stream_in_slabs(toy_dir, tmp_path):
-    from brainfm.data.preprocess import NiftiFrames
-    from brainfm.data.volume_store import write_volume_run
+    from brainfm.data.preprocess.discover import NiftiFrames
+    from brainfm.data.stores.volume import write_volume_run
 
     path = toy_dir / "sub-nipy_run-1_bold.nii.gz"
     whole, slabs = NiftiFrames(path), NiftiFrames(path, in_memory_mb=0)  # scaled int16 (scl_slope)

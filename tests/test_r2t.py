@@ -12,15 +12,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from brainfm.data.stores.grayordinate import GrayordinateStore, read_dtseries, write_grayordinate_run
+from brainfm.data.datamodules.r2t import R2TDataModule
+from brainfm.data.datasets.pairs import assign_roles
+from fixtures_r2t import (
+    subject_ids,
+    write_dtseries,
+    write_grayordinate_pairs,
+    write_labels,
+    write_roi_pairs,
+    write_volume_pairs,
+)
 
 from brainfm.config import compose
-from brainfm.data.r2t import GrayordinateStore, R2TDataModule, assign_roles, read_dtseries, write_grayordinate_run
-from brainfm.data.roi_store import ROIStore
+from brainfm.data.stores.roi import ROIStore
 from brainfm.errors import ConfigError, DataError
 from brainfm.tasks.losses import nt_xent
 from brainfm.tasks.r2t import R2TTask, predict_subjects, write_prediction_csv
-from fixtures_r2t import (subject_ids, write_dtseries, write_grayordinate_pairs, write_labels, write_roi_pairs,
-                          write_volume_pairs)
 
 TMLP = dict(_target_="brainfm.models.r2t_encoders.TemporalMLPEncoder", n_rois=12, d_model=32, depth=1)
 SEQ = dict(_target_="brainfm.models.sequence.SequenceTransformer", n_rois=12, d_model=32, depth=1, n_heads=2)

@@ -20,7 +20,11 @@ import fixtures_recipes as fx  # noqa: E402
 
 from brainfm.cli import train  # noqa: E402
 from brainfm.config import compose, repo_root  # noqa: E402
-from brainfm.data.recipes import RecipeDataModule, SubjectIds, stratified_subject_split  # noqa: E402
+from brainfm.data.datamodules.recipes import (  # noqa: E402
+    RecipeDataModule,
+    SubjectIds,
+    stratified_subject_split,
+)
 from brainfm.data.splits import read_split_file  # noqa: E402
 from brainfm.errors import ConfigError, DataError  # noqa: E402
 
@@ -74,7 +78,7 @@ def test_every_recipe_composes_with_its_facts(recipe):
     tr, crop, (folder, canonical) = FACTS[recipe]
     assert data["tr"] == tr and data["shape"] == [96, 96, 96] and data["name"] == recipe.split("_")[0]
     dm = instantiate(cfg.data, _convert_="all")  # constructing reads no file
-    from brainfm.data.preprocess import resolve_crop_pad
+    from brainfm.data.preprocess.volumes import resolve_crop_pad
 
     cp = resolve_crop_pad(dm.crop_pad_config, (96, 96, 96), IN_SHAPES.get(recipe, (97, 115, 97)))
     assert cp.as_list() == crop
@@ -94,7 +98,7 @@ def test_multi_composes_three_recipes_and_takes_more():
     cfg = compose("train", ["data=multi", "+data@data.datasets.abide=abide", "~data.datasets.hcp",
                             "+data.weights={ukb: 2, abcd: 1, abide: 1}"])
     assert list(cfg.data.datasets) == ["ukb", "abcd", "abide"]
-    from brainfm.data.multi import MultiDataModule
+    from brainfm.data.datamodules.multi import MultiDataModule
 
     with pytest.raises(ConfigError, match=r"data.weights names \['hcp'\], which are not in data.datasets \['ukb'\]"):
         MultiDataModule({"ukb": dm.children["ukb"]}, weights={"hcp": 1.0})
@@ -271,7 +275,7 @@ def test_recipe_split_is_written_once_stratified_and_read_back(tmp_path):
 def _fixture(recipe: str, root: Path) -> tuple[dict, str]:
     info = fx.MAKERS[recipe](root)
     if recipe == "hcp":  # the store (default layout), written from SwiFT's frames as brainfm-preprocess frames does
-        from brainfm.data.frames import convert_frames
+        from brainfm.data.preprocess.frames import convert_frames
 
         convert_frames(info["root"], info["root"] / "store", tr=info["tr"], target_shape=(24, 24, 24), progress=False)
         info["store"] = info["root"] / "store"

@@ -6,10 +6,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_series
 
-from brainfm.data.datamodule import ROIDataModule
+from brainfm.data.datamodules.roi import ROIDataModule
+from brainfm.data.datasets.roi import ROIWindowDataset
 from brainfm.data.normalization import ROINormalizer
-from brainfm.data.roi_store import ROIStore, write_roi_h5
 from brainfm.data.splits import (
     draw_subject_split,
     load_or_create_subject_split,
@@ -17,10 +18,9 @@ from brainfm.data.splits import (
     time_split,
     write_split_file,
 )
-from brainfm.data.windows import ROIWindowDataset, WindowBatchSampler, collate_windows
+from brainfm.data.stores.roi import ROIStore, write_roi_h5
+from brainfm.data.windows import WindowBatchSampler, collate_windows
 from brainfm.errors import ConfigError, DataError
-
-from conftest import synthetic_series
 
 
 def _dm(path, **kw):

@@ -21,7 +21,13 @@ from brainfm.errors import ConfigError
 from brainfm.models.semantoks import LongConv1d, SemantoksEncoder, sincos_embedding
 from brainfm.runs import build_task_from_checkpoint, load_checkpoint
 from brainfm.tasks.optim import param_groups
-from brainfm.tasks.self_distillation import SimDINO, coding_rate, simdino_loss, slice_masks, teacher_momentum
+from brainfm.tasks.self_distillation import (
+    SimDINO,
+    coding_rate,
+    simdino_loss,
+    slice_masks,
+    teacher_momentum,
+)
 
 AAL2 = load_network_map("aal2_94_lobes", list(AAL2_CEREBRUM_94))
 TINY_MODEL = dict(patch_size=10, conv_channels=16, long_conv_channels=16, depth=1, n_heads=2)
@@ -334,10 +340,11 @@ def test_checkpoint_reloads_and_embeds(trained_run, hcp_h5):
     teacher_moved = any(not torch.equal(raw["state_dict"][f"teacher.{k}"], raw["state_dict"][f"model.{k}"])
                         for k in task.model.state_dict())
     assert teacher_moved  # the EMA teacher lags the student
+    from brainfm.data.datasets.roi import ROIWindowDataset
     from brainfm.data.normalization import ROINormalizer
-    from brainfm.data.roi_store import ROIStore
     from brainfm.data.splits import time_split
-    from brainfm.data.windows import ROIWindowDataset, collate_windows
+    from brainfm.data.stores.roi import ROIStore
+    from brainfm.data.windows import collate_windows
 
     store = ROIStore(hcp_h5)
     ds = ROIWindowDataset(store, ROINormalizer.fit(store, "run"), time_split(store.lengths, 0.5)["val"], 30)

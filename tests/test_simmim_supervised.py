@@ -84,8 +84,8 @@ def test_supervised_subject_classification_on_roi_windows(cfg_for):
 
 def test_simmim_loss_falls_on_real_nifti(cfg_for, tmp_path):
     """The nitime/nipy runs, preprocessed into the volume store, train a small Swin4D v9 with SimMIM."""
-    from brainfm.data.embedded import build_nifti_toy_store, fetch
     from brainfm.config import repo_root
+    from brainfm.data.embedded import build_nifti_toy_store, fetch
 
     fetch("nifti_toy", data_dir=repo_root() / "data")
     store = build_nifti_toy_store(repo_root() / "data")
@@ -101,7 +101,7 @@ def test_simmim_loss_falls_on_real_nifti(cfg_for, tmp_path):
 
 
 def test_labels_are_joined_by_subject_and_errors_name_the_fix(tmp_path, hcp_h5):
-    from brainfm.data.datamodule import ROIDataModule
+    from brainfm.data.datamodules.roi import ROIDataModule
     from brainfm.errors import DataError
 
     ids = ["101309", "102311", "102816", "131217", "211619", "213522", "377451"]

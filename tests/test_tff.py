@@ -19,7 +19,6 @@ from brainfm.models.tff import TFF, tff_grids
 from brainfm.tasks.tff import VGG16_CONVS, TFFAutoencoder, VGG16Features, intense_voxels
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One intra-op thread: tiny 3-D convolutions on a shared 2-core machine are ~20x faster than with 2."""
@@ -222,7 +221,7 @@ def test_tff_hcp_preset_is_the_paper_setup(tmp_path):
 def _nitime_store(tmp: Path) -> Path:
     """The two nitime runs (real BOLD, 10x10x18 voxels, 40 TRs, TR 1.35 s) as a volume store on their own grid."""
     from brainfm.data.embedded import fetch
-    from brainfm.data.preprocess import preprocess_volumes
+    from brainfm.data.preprocess.volumes import preprocess_volumes
 
     folder = fetch("nifti_toy", data_dir=repo_root() / "data")
     preprocess_volumes(folder, tmp / "store", pattern="sub-nitime_*_bold.nii.gz", progress=False)

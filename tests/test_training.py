@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SimulatedCrash
 
 from brainfm.cli import train
 from brainfm.data.atlases import AAL2_CEREBRUM_94
 from brainfm.errors import CheckpointError, ConfigError
 from brainfm.runs import build_task_from_checkpoint, load_checkpoint
-from helpers import SimulatedCrash
 
 FAST = ("data.window.length=40", "data.window.min_length=20", "trainer.log_every_n_steps=1")
 

@@ -10,15 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from brainfm.data.frames import FrameClipDataset, FrameStore, convert_frames
-from brainfm.data.volume_store import CropPad, VolumeStore, clean_stale_temp, run_is_finished, write_volume_run
-from brainfm.data.volumes import (
+from brainfm.data.datamodules.volume import VolumeDataModule
+from brainfm.data.datasets.volume import (
     ClipBatchRequest,
+    FrameClipDataset,
     VolumeClipDataset,
     VolumeClipLoader,
-    VolumeDataModule,
     build_augmentation,
     collate_volume_clips,
+)
+from brainfm.data.preprocess.frames import convert_frames
+from brainfm.data.stores.frames import FrameStore
+from brainfm.data.stores.volume import (
+    CropPad,
+    VolumeStore,
+    clean_stale_temp,
+    run_is_finished,
+    write_volume_run,
 )
 from brainfm.data.windows import WindowBatchSampler
 from brainfm.errors import ConfigError, DataError
@@ -121,7 +129,7 @@ def test_mask_rules(tmp_path):
 
 
 def test_atomic_write_and_resume(tmp_path, monkeypatch):
-    import brainfm.data.volume_store as vs
+    import brainfm.data.stores.volume as vs
 
     data, mask = _run(4)
     calls = {"n": 0}
@@ -154,7 +162,7 @@ def test_atomic_write_and_resume(tmp_path, monkeypatch):
 
 
 def test_crop_pad_tuples_and_presets():
-    from brainfm.data.preprocess import CROP_PAD_PRESETS
+    from brainfm.data.preprocess.volumes import CROP_PAD_PRESETS
 
     hcp = CropPad.from_torch_pad((8, 7, 2, 1, 11, 10))  # SwiFT's tuple lists Z first
     assert hcp.pairs == ((11, 10), (2, 1), (8, 7))

@@ -103,7 +103,11 @@ def load_run(ckpt: str | os.PathLike, data_overrides: Mapping[str, Any] | Sequen
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from brainfm.runs import build_task_from_checkpoint, find_checkpoint, load_checkpoint
+    from brainfm.runs import (
+        build_task_from_checkpoint,
+        find_checkpoint,
+        load_checkpoint,
+    )
 
     path = find_checkpoint(ckpt)
     run_dir = run_dir_of(path)
@@ -210,7 +214,7 @@ def use_checkpoint_normalization(ckpt: dict, dm) -> None:
 
 # -- the windows of a split ---------------------------------------------------------------------------------
 def _collate_for(dataset):
-    from brainfm.data.volumes import VolumeClipDataset, collate_volume_clips
+    from brainfm.data.datasets.volume import VolumeClipDataset, collate_volume_clips
     from brainfm.data.windows import collate_windows
 
     return collate_volume_clips if isinstance(dataset, VolumeClipDataset) else collate_windows
@@ -341,7 +345,7 @@ def _embedding_split(task, dm, split: str, batch_size: int, name: str) -> Iterab
 
 
 def _signature_split(task, dm, split: str, batch_size: int, name: str) -> Iterable[tuple[np.ndarray, list[dict]]]:
-    from brainfm.data.r2t import collate_pairs
+    from brainfm.data.datasets.pairs import collate_pairs
 
     pairs = getattr(dm, "_pairs", {}).get(split) if hasattr(dm, "pair_dataset") else None
     if pairs is None:
@@ -362,9 +366,8 @@ def _signature_split(task, dm, split: str, batch_size: int, name: str) -> Iterab
 
 # -- writing ----------------------------------------------------------------------------------------------
 def _attrs(loaded: LoadedRun, kind: str, dim: int) -> dict[str, Any]:
-    from brainfm.tasks.base import CHECKPOINT_KEY
-
     import brainfm
+    from brainfm.tasks.base import CHECKPOINT_KEY
 
     meta = loaded.ckpt["hyper_parameters"].get("data_meta") or {}
     return {

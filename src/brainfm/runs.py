@@ -107,7 +107,7 @@ def build_task_from_checkpoint(ckpt: dict, weights: bool = True) -> BrainfmTask:
 def check_data_compatible(meta: dict, store, where: str = "the checkpoint") -> None:
     """Raise CheckpointError unless ``store`` has the TR, ROI count and ROI order the model was
     trained with (``meta`` = the checkpoint's ``data_meta``)."""
-    from brainfm.data.datamodule import check_tr
+    from brainfm.data.datamodules.roi import check_tr
     from brainfm.errors import ConfigError
 
     try:
@@ -140,7 +140,9 @@ def consolidate(checkpoint_dir: str | Path, output_file: str | Path) -> Path:
     checkpoint_dir, output_file = Path(checkpoint_dir), Path(output_file)
     if not (checkpoint_dir / "latest").is_file():
         raise CheckpointError(f"{checkpoint_dir} is not a DeepSpeed checkpoint directory (no 'latest' file)")
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    from lightning.pytorch.utilities.deepspeed import (
+        convert_zero_checkpoint_to_fp32_state_dict,
+    )
 
     output_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_file.with_name(f".{output_file.name}.tmp")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from brainfm.data.datamodule import ROIDataModule
+from brainfm.data.datamodules.roi import ROIDataModule
 from brainfm.data.windows import WindowBatchSampler, collate_windows
 
 

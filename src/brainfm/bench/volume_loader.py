@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from brainfm.data.frames import FrameStore
-from brainfm.data.volume_store import VolumeStore, write_volume_run
-from brainfm.data.volumes import VolumeClipDataset, VolumeClipLoader
+from brainfm.data.datasets.volume import VolumeClipDataset, VolumeClipLoader
+from brainfm.data.stores.frames import FrameStore
+from brainfm.data.stores.volume import VolumeStore, write_volume_run
 from brainfm.data.windows import WindowBatchSampler
 
 SHAPE = (96, 96, 96)

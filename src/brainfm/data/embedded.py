@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from brainfm.data.atlases import AAL2_CEREBRUM_94
-from brainfm.data.roi_store import ROIStore, write_roi_h5
+from brainfm.data.stores.roi import ROIStore, write_roi_h5
 from brainfm.errors import DataError
 
 
@@ -263,7 +263,7 @@ def build_nifti_toy_store(data_dir: str | Path = "data", force: bool = False, pr
     """Preprocess ``<data_dir>/nifti_toy/`` into the volume store ``<data_dir>/nifti_toy_store/``
     (48^3 grid, centred padding, global z-norm, background = brain minimum); return its root.
     Finished runs are kept unless ``force``."""
-    from brainfm.data.preprocess import preprocess_volumes
+    from brainfm.data.preprocess.volumes import preprocess_volumes
 
     folder = fetch_nifti_toy(data_dir)
     out = Path(data_dir) / f"{NIFTI_TOY_NAME}_store"

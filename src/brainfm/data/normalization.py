@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from brainfm.data.roi_store import ROIStore
+from brainfm.data.stores.roi import ROIStore
 from brainfm.errors import ConfigError, DataError
 
 MODES = ("run", "global", "none")

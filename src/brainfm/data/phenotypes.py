@@ -62,7 +62,7 @@ class LabelTable:
                    categories: dict[str, Sequence] | None = None, source: str = "phenotype table",
                    config_key: str = "data.labels") -> "LabelTable":
         """A table from a ``pandas.DataFrame`` already indexed by subject id (string values), e.g.
-        the merged phenotype tables of a data set recipe (:mod:`brainfm.data.recipes`). ``source``
+        the merged phenotype tables of a data set recipe (:mod:`brainfm.data.datamodules.recipes`). ``source``
         names the data and ``config_key`` the configuration in error messages. Raises as the
         constructor."""
         self = cls.__new__(cls)

@@ -20,14 +20,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from brainfm.data.datasets.roi import ROIWindowDataset
 from brainfm.data.normalization import ROINormalizer
-from brainfm.data.roi_store import ROIStore
 from brainfm.data.splits import time_split
-from brainfm.data.windows import ROIWindowDataset, collate_windows
+from brainfm.data.stores.roi import ROIStore
+from brainfm.data.windows import collate_windows
 from brainfm.eval.fingerprinting import fc_features
 from brainfm.eval.probe import fit_predict_sklearn
 from brainfm.eval.reidentification import reidentification
-from brainfm.runs import build_task_from_checkpoint, check_data_compatible, load_checkpoint
+from brainfm.runs import (
+    build_task_from_checkpoint,
+    check_data_compatible,
+    load_checkpoint,
+)
 from brainfm.tasks.base import CHECKPOINT_KEY
 
 BASELINES = ("random_init", "fc_fingerprint")

@@ -6,7 +6,7 @@ and README of Dec 2025, and the plain-PyTorch ``r2tnet/model.py`` of 2026), and 
 
 - **Pairs**: a rest window and a task window of the *same subject* are the positives; the other
   subjects' windows in the batch are negatives (HCP ``REST1_LR`` 1200 TRs with ``WM_LR`` 405 TRs;
-  pairs come from :class:`brainfm.data.r2t.R2TDataModule`). Inputs: volumes (Swin4D), grayordinates
+  pairs come from :class:`brainfm.data.datamodules.r2t.R2TDataModule`). Inputs: volumes (Swin4D), grayordinates
   ``[91282, T]`` or ROI series ``[V, T]`` (sequence transformer or
   :class:`brainfm.models.r2t_encoders.TemporalMLPEncoder`).
 - **Encoder**: any zoo backbone; a learned *modality embedding* (rest = 0, task = 1) is added to
@@ -107,7 +107,7 @@ class R2TTask(BrainfmTask):
         init_from: weights to start from: an R2T checkpoint (everything but the head) or any file
             :func:`brainfm.tasks.supervised.load_backbone_weights` reads (the backbone).
 
-    Batches: paired batches of :class:`brainfm.data.r2t.R2TDataModule` (rest view ``bold``/``volume``
+    Batches: paired batches of :class:`brainfm.data.datamodules.r2t.R2TDataModule` (rest view ``bold``/``volume``
     + ``t``, task view ``task_bold``/``task_volume`` + ``task_t``, ``subject``, labels); rest-only
     batches (``bold``/``volume``, ``t``) for :meth:`embed` and :meth:`predict`.
 
@@ -259,7 +259,7 @@ class R2TTask(BrainfmTask):
         prefix = "task_" if role == TASK else ""
         if prefix + key not in batch:
             raise ConfigError(f"task=r2t needs rest/task pairs ('{key}' and 'task_{key}'): use a data=r2t_* recipe "
-                              f"(brainfm.data.r2t.R2TDataModule); this batch has {sorted(batch)}")
+                              f"(brainfm.data.datamodules.r2t.R2TDataModule); this batch has {sorted(batch)}")
         return batch[prefix + key], batch.get(prefix + "t")
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -491,7 +491,13 @@ def subject_metrics(per_subject: dict, kind: str, num_classes: int = 2) -> dict[
     targets (r with more than two subjects); classification: ``acc``, ``balanced_acc``, ``auroc``
     (when both classes occur).
     """
-    from torchmetrics.functional import accuracy, auroc, mean_absolute_error, mean_squared_error, pearson_corrcoef
+    from torchmetrics.functional import (
+        accuracy,
+        auroc,
+        mean_absolute_error,
+        mean_squared_error,
+        pearson_corrcoef,
+    )
 
     outs = torch.stack([torch.stack([o for o, _ in v]).mean(0) for v in per_subject.values()])
     ys = torch.stack([v[0][1] for v in per_subject.values()])

@@ -9,11 +9,20 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from brainfm.data.datasets.roi import ROIWindowDataset
 from brainfm.data.normalization import ROINormalizer
 from brainfm.data.phenotypes import build_label_table
-from brainfm.data.roi_store import ROIStore
-from brainfm.data.splits import load_or_create_subject_split, segments_for_subjects, time_split
-from brainfm.data.windows import ROIWindowDataset, ResumableTrainPosition, WindowBatchSampler, collate_windows
+from brainfm.data.splits import (
+    load_or_create_subject_split,
+    segments_for_subjects,
+    time_split,
+)
+from brainfm.data.stores.roi import ROIStore
+from brainfm.data.windows import (
+    ResumableTrainPosition,
+    WindowBatchSampler,
+    collate_windows,
+)
 from brainfm.errors import ConfigError
 
 
@@ -35,7 +44,7 @@ class ROIDataModule(ResumableTrainPosition, L.LightningDataModule):
 
     Args:
         name: data set name (split files go to ``<split_dir>``).
-        path: the ``.h5`` store (layout in :mod:`brainfm.data.roi_store`).
+        path: the ``.h5`` store (layout in :mod:`brainfm.data.stores.roi`).
         atlas: atlas under ``/timeseries`` (optional if the file holds one).
         tr: expected repetition time in seconds (checked against the file; ``None``: the file's).
         n_rois: expected ROI count (checked; ``None``: the file's).

@@ -16,7 +16,7 @@ checks that they are numbered 0..T-1 without gaps.
 
 Reading a clip costs one ``torch.load`` per TR (20-40 file opens per sample);
 :func:`convert_frames` writes the same data as a volume store (one contiguous array per run, see
-:mod:`brainfm.data.volume_store`), which reads more than 10x faster (``scripts/bench_volume_loader.py``).
+:mod:`brainfm.data.stores.volume`), which reads more than 10x faster (``scripts/bench_volume_loader.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from brainfm.data.volume_store import CropPad, run_dir, run_is_finished, safe_name, write_volume_run
 from brainfm.errors import ConfigError, DataError
 
 FRAME = re.compile(r"^frame_(\d+)\.pt$")
@@ -47,7 +46,7 @@ def _load(path: Path):
 
 class FrameStore:
     """Reader of ``img/<subject>/frame_<t>.pt`` folders with the interface of
-    :class:`~brainfm.data.volume_store.VolumeStore` (one run per subject folder).
+    :class:`~brainfm.data.stores.volume.VolumeStore` (one run per subject folder).
 
     Args:
         root: the data set folder holding ``img/``, or the ``img`` folder itself.
@@ -178,108 +177,3 @@ class FrameStore:
         return f"FrameStore({self.root}, subjects={len(self.subject_ids)}, shape={self.shape}, tr={self.tr:g}s)"
 
 
-class FrameClipDataset:
-    """Clips of a SwiFT frame folder: :class:`~brainfm.data.volumes.VolumeClipDataset` over a
-    :class:`FrameStore` (whole subjects; same arguments and samples)."""
-
-    def __new__(cls, root: str | os.PathLike, tr: float, length: int, **kwargs):
-        from brainfm.data.volumes import VolumeClipDataset
-
-        store = FrameStore(root, tr)
-        segments = [(i, 0, int(n)) for i, n in enumerate(store.lengths)]
-        return VolumeClipDataset(store, segments, length, **kwargs)
-
-
-class _FramesSource:
-    """One subject of a :class:`FrameStore` as a writer frame source."""
-
-    def __init__(self, store: FrameStore, i: int) -> None:
-        self.store, self.i = store, i
-        self.name = str(store.path(i))
-        self.n_frames = int(store.lengths[i])
-        self.spatial_shape = store.shape
-
-    def read(self, t0: int, t1: int) -> np.ndarray:
-        return self.store.read_clip(self.i, t0, t1 - t0)
-
-
-def _convert_one(root: str, tr: float, subject: str, output: str, crop_pad, target_shape, normalisation: str,
-                 overwrite: bool):
-    from brainfm.data.preprocess import RunResult, resolve_crop_pad
-
-    store = FrameStore(root, tr, subjects=[subject], normalisation=normalisation)
-    out_subject = safe_name(subject)
-    result = RunResult(out_subject, "frames", str(store.path(0)), "failed")
-    try:
-        bg = float(store._frame(0, 0).flat[0])
-
-        def background(vmean, vmin, vmax, valid):  # SwiFT: voxels equal to the corner voxel's value
-            return valid & ~((vmin == bg) & (vmax == bg)), f"voxels != background value {bg:g} (frame_0 voxel [0,0,0])"
-
-        cp = resolve_crop_pad(crop_pad, target_shape, store.shape)
-        path = write_volume_run(
-            output, out_subject, "frames", _FramesSource(store, 0), tr=tr, affine=None, mask=background,
-            crop_pad=cp, normalisation="none", fill="zero" if bg == 0 else "min", applied_upstream=normalisation,
-            source=str(store.path(0)), overwrite=overwrite,
-            extra_meta={"input_kind": "frames", "frames_background": bg, "subject_folder": subject},
-        )
-        result.status, result.path = "written", str(path)
-    except (DataError, ConfigError) as exc:
-        result.error = str(exc)
-    return result
-
-
-def convert_frames(
-    root: str | os.PathLike,
-    output: str | os.PathLike,
-    tr: float,
-    *,
-    crop_pad: CropPad | Sequence[int] | str | None = None,
-    target_shape: Sequence[int] | None = None,
-    normalisation: str = "global",
-    subjects: Sequence[str] | None = None,
-    workers: int = 1,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> list:
-    """Convert SwiFT/TFF/R2T frame folders into a volume store (``<output>/<subject>/frames/``).
-
-    The values are copied as they are (they are normalised already: ``normalisation`` records
-    how, ``global`` for SwiFT's default); the brain mask is every voxel that differs from the
-    background value at some TR (SwiFT's background value: voxel [0, 0, 0] of the first frame),
-    and the background fill is ``zero`` when that value is 0, else ``min``. Every frame is
-    kept (SwiFT's loader drops the last 2). Resumable like :func:`brainfm.data.preprocess.preprocess_volumes`.
-
-    Args:
-        root: folder holding ``img/`` (or the ``img`` folder). output: store root.
-        tr: repetition time in seconds. crop_pad, target_shape: as ``preprocess_volumes`` (e.g.
-            ``"swift_hcp"`` pads HCP 75x93x81 frames to 96^3 once, instead of at every load).
-        subjects: subject folders (default: all). workers: parallel processes.
-
-    Raises:
-        DataError: unreadable or inconsistent frames (all failed subjects listed; the finished
-            ones stay).
-    """
-    from brainfm.data.preprocess import RunResult, _run_all
-
-    store = FrameStore(root, tr, subjects)
-    results: list = []
-    todo = []
-    for s in store.subject_ids:
-        if not overwrite and run_is_finished(run_dir(output, safe_name(s), "frames")):
-            results.append(RunResult(safe_name(s), "frames", str(store.root / s), "skipped",
-                                     str(run_dir(output, safe_name(s), "frames"))))
-        else:
-            todo.append(s)
-            results.append(None)
-    Path(output).mkdir(parents=True, exist_ok=True)
-    done = _run_all(_convert_one, [(str(root), float(tr), s, str(output), crop_pad, target_shape, normalisation,
-                                    overwrite) for s in todo], workers, progress, "brainfm-preprocess frames", False)
-    it = iter(done)
-    results = [r if r is not None else next(it) for r in results]
-    failed = [r for r in results if r.status == "failed"]
-    if failed:
-        raise DataError(f"{len(failed)} of {len(results)} subject(s) failed:\n"
-                        + "\n".join(f"  - {r.error}" for r in failed[:20])
-                        + "\nFix these and run the same command again: finished subjects are skipped.")
-    return results

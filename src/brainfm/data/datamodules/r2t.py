@@ -8,11 +8,11 @@ a batch are the negatives of its NT-Xent loss. The three input kinds of the refe
 supported, each from a brainfm store:
 
 - ``volume``: frames ``[1, X, Y, Z]`` (raw 4-D NIfTI in the reference) from a
-  :class:`~brainfm.data.volume_store.VolumeStore` (or SwiFT/R2T ``img/<subject>/frame_<t>.pt``
+  :class:`~brainfm.data.stores.volume.VolumeStore` (or SwiFT/R2T ``img/<subject>/frame_<t>.pt``
   folders); batch view ``volume`` ``(B, 1, X, Y, Z, L)`` float16, for Swin4D.
 - ``grayordinate``: frames ``[91282]`` (CIFTI ``.dtseries.nii``) from a :class:`GrayordinateStore`
   (this module); batch view ``bold`` ``(B, L, 91282)`` float32.
-- ``roi``: frames ``[V]`` (parcellated) from a :class:`~brainfm.data.roi_store.ROIStore`; batch
+- ``roi``: frames ``[V]`` (parcellated) from a :class:`~brainfm.data.stores.roi.ROIStore`; batch
   view ``bold`` ``(B, L, V)`` float32 (z-scored per ROI and run by default).
 
 Rest and task runs are told apart by their run ids (``rest_runs``/``task_runs``: shell patterns,
@@ -42,12 +42,6 @@ TRs is one contiguous byte range.
 
 from __future__ import annotations
 
-import fnmatch
-import json
-import math
-import os
-import shutil
-import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,14 +52,34 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from brainfm.data.datamodule import check_tr
+from brainfm.data.datamodules.roi import check_tr
+from brainfm.data.datasets.pairs import (
+    R2TPairDataset,
+    _grid_windows,
+    assign_roles,
+    collate_pairs,
+)
+from brainfm.data.datasets.roi import ROIWindowDataset
+from brainfm.data.datasets.volume import (
+    LOAD_NORMALISATIONS,
+    VolumeClipDataset,
+    collate_volume_clips,
+)
 from brainfm.data.normalization import ROINormalizer
 from brainfm.data.phenotypes import build_label_table
-from brainfm.data.roi_store import ROIStore
-from brainfm.data.splits import load_or_create_subject_split, segments_for_subjects, time_split
-from brainfm.data.volume_store import VolumeStore, _brainfm_version, _fsync, check_name, publish_run_dir
-from brainfm.data.volumes import LOAD_NORMALISATIONS, VolumeClipDataset, collate_volume_clips
-from brainfm.data.windows import ROIWindowDataset, ResumableTrainPosition, WindowBatchSampler, collate_windows
+from brainfm.data.splits import (
+    load_or_create_subject_split,
+    segments_for_subjects,
+    time_split,
+)
+from brainfm.data.stores.grayordinate import GrayordinateStore
+from brainfm.data.stores.roi import ROIStore
+from brainfm.data.stores.volume import VolumeStore
+from brainfm.data.windows import (
+    ResumableTrainPosition,
+    WindowBatchSampler,
+    collate_windows,
+)
 from brainfm.errors import ConfigError, DataError
 
 KINDS = ("volume", "grayordinate", "roi")
@@ -77,407 +91,6 @@ GRAYORDINATE_LAYOUT_VERSION = 1
 GRAYORDINATE_NORMALISATIONS = ("global", "grayordinate", "none")
 _FP16_MAX = 65504.0
 _BOLD, _META = "bold.npy", "meta.json"
-
-
-# -- grayordinate store ----------------------------------------------------------------------------------
-def read_dtseries(path: str | os.PathLike) -> tuple[np.ndarray, float | None, list[dict]]:
-    """Read a CIFTI-2 dense time series (``.dtseries.nii``) with nibabel.
-
-    Returns:
-        ``(data, tr, structures)``: ``data`` float32 ``(T, N)`` (TRs x grayordinates), the
-        repetition time in seconds from the series axis (None when its unit is not seconds), and
-        the brain models as ``{"name", "kind": "surface"|"volume", "offset", "count"}``.
-
-    Raises:
-        DataError: unreadable file, or not a dense time series (axes series x brain models).
-    """
-    import nibabel as nib
-    from nibabel.cifti2 import BrainModelAxis, SeriesAxis
-
-    path = Path(path)
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for corrupt/unknown files
-        raise DataError(f"{path} cannot be read as CIFTI ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(img, nib.Cifti2Image):
-        raise DataError(f"{path} is a {type(img).__name__}, not a CIFTI-2 image; expected a .dtseries.nii")
-    series, models = img.header.get_axis(0), img.header.get_axis(1)
-    if not isinstance(series, SeriesAxis) or not isinstance(models, BrainModelAxis):
-        raise DataError(
-            f"{path} has axes ({type(series).__name__}, {type(models).__name__}); a dense time series "
-            "(.dtseries.nii) has (SeriesAxis, BrainModelAxis). Parcellated (.ptseries) files go to the ROI store."
-        )
-    tr = float(series.step) if str(series.unit).upper() == "SECOND" else None
-    structures = []
-    for name, slc, bm in models.iter_structures():
-        count = int(len(bm))
-        structures.append({"name": str(name), "kind": "surface" if bool(bm.surface_mask.all()) else "volume",
-                           "offset": int(slc.start or 0), "count": count})
-    data = np.asarray(img.get_fdata(dtype=np.float32))
-    return data, tr, structures
-
-
-def write_grayordinate_run(
-    root: str | os.PathLike,
-    subject: str,
-    run: str,
-    data: np.ndarray | str | os.PathLike,
-    *,
-    tr: float | None = None,
-    normalisation: str = "global",
-    source: str | None = None,
-    structures: list[dict] | None = None,
-    extra_meta: dict[str, Any] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write one run of grayordinate BOLD to ``<root>/<subject>/<run>/`` atomically.
-
-    Args:
-        root: store root. subject, run: ids (folder names: letters, digits, ``._-``).
-        data: ``(T, N)`` array (TRs x grayordinates) or the path of a ``.dtseries.nii``.
-        tr: repetition time in seconds; None takes it from the CIFTI series axis. Given both, they
-            must agree.
-        normalisation: ``global`` (one mean and standard deviation over all grayordinates x TRs:
-            R2T-Net's ``prepare_data.py --normalise zscore``), ``grayordinate`` (each grayordinate
-            z-scored over time; constant ones become 0 and are counted in ``meta.json``) or
-            ``none`` (values must fit float16).
-        source, structures, extra_meta: provenance for ``meta.json`` (``structures`` is read from the
-            CIFTI file when ``data`` is a path).
-        overwrite: replace an existing run (else it is kept and its path returned).
-
-    Returns:
-        The run directory.
-
-    Raises:
-        DataError: non-finite values (the TRs are named), a missing or mismatched TR, a constant
-            run, values that do not fit float16, a non-2-D array.
-        ConfigError: unknown normalisation.
-    """
-    if normalisation not in GRAYORDINATE_NORMALISATIONS:
-        raise ConfigError(f"normalisation={normalisation!r} is not one of {GRAYORDINATE_NORMALISATIONS}")
-    root = Path(root)
-    final = root / check_name(subject, "subject id") / check_name(run, "run id")
-    if (final / _META).is_file() and not overwrite:
-        return final
-    if isinstance(data, (str, os.PathLike)):
-        source = source or str(data)
-        data, file_tr, file_structures = read_dtseries(data)
-        structures = structures or file_structures
-        if tr is None:
-            tr = file_tr
-        elif file_tr is not None and not math.isclose(float(tr), file_tr, abs_tol=1e-3):
-            raise DataError(f"{source}: the CIFTI series step is {file_tr:g} s but tr={float(tr):g} s was given; "
-                            "fix the TR (or the file's header)")
-    where = f"{source or '<array>'} (subject {subject}, run {run})"
-    if tr is None or not math.isfinite(float(tr)) or float(tr) <= 0:
-        raise DataError(f"{where}: the repetition time must be a positive number of seconds (got {tr!r}); pass tr=")
-    x = np.asarray(data)
-    if x.ndim != 2 or min(x.shape) < 1:
-        raise DataError(f"{where}: expected a (T, N) array of TRs x grayordinates, got shape {x.shape}")
-    n_frames, n_values = (int(v) for v in x.shape)
-    chunk = max(1, (64 << 20) // (8 * n_values))  # ~64 MB of float64 per chunk: an HCP run never sits in float64
-    # statistics per grayordinate, shifted by the first TR (stable sums of squares)
-    shift = x[0].astype(np.float64)
-    s1, s2 = np.zeros(n_values), np.zeros(n_values)
-    vmax = 0.0
-    for t0 in range(0, n_frames, chunk):
-        block = x[t0:t0 + chunk].astype(np.float64)
-        bad = ~np.isfinite(block)
-        if bad.any():
-            frames = np.flatnonzero(~np.isfinite(x).all(axis=1))
-            shown = ", ".join(str(int(t)) for t in frames[:10]) + (" ..." if len(frames) > 10 else "")
-            raise DataError(f"{where}: NaN/inf at TR(s) {shown} (0-based). Fix: interpolate or censor these frames "
-                            "before writing the store")
-        vmax = max(vmax, float(np.abs(block).max()))
-        d = block - shift
-        s1 += d.sum(axis=0)
-        s2 += (d * d).sum(axis=0)
-    col_mean = shift + s1 / n_frames
-    col_var = np.maximum(s2 / n_frames - (s1 / n_frames) ** 2, 0.0)
-    g_mean = float(col_mean.mean())
-    g_std = float(np.sqrt(max(float(col_var.mean() + ((col_mean - g_mean) ** 2).mean()), 0.0)))  # total variance
-    constant = 0
-    if normalisation == "global":
-        if not g_std > 0:
-            raise DataError(f"{where}: the run is constant; it cannot be z-scored")
-        offset, scale = np.float64(g_mean), np.full(n_values, 1.0 / g_std)
-    elif normalisation == "grayordinate":
-        col_std = np.sqrt(col_var)
-        ok = col_std > 1e-8 * max(1.0, float(np.abs(col_mean).max()))
-        constant = int((~ok).sum())
-        if constant == n_values:
-            raise DataError(f"{where}: every grayordinate is constant; it cannot be z-scored")
-        offset, scale = col_mean, np.where(ok, 1.0 / np.where(ok, col_std, 1.0), 0.0)  # constant ones become 0
-    else:
-        if vmax > _FP16_MAX:
-            raise DataError(f"{where}: values up to {vmax:.6g} do not fit float16 with normalisation none. "
-                            "Fix: normalisation='global'")
-        offset, scale = np.float64(0.0), np.ones(n_values)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{run}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        out = np.lib.format.open_memmap(tmp / _BOLD, mode="w+", dtype=np.float16, shape=(n_frames, n_values))
-        for t0 in range(0, n_frames, chunk):
-            out[t0:t0 + chunk] = ((x[t0:t0 + chunk].astype(np.float64) - offset) * scale).astype(np.float16)
-        out.flush()
-        del out
-        _fsync(tmp / _BOLD)
-        meta = {
-            "layout": GRAYORDINATE_LAYOUT,
-            "layout_version": GRAYORDINATE_LAYOUT_VERSION,
-            "subject": str(subject),
-            "run": str(run),
-            "tr": float(tr),
-            "n_frames": n_frames,
-            "n_grayordinates": n_values,
-            "dtype": "float16",
-            "axes": "T G",
-            "normalisation": normalisation,
-            "global_mean": g_mean,
-            "global_std": g_std,
-            "constant_grayordinates": constant,
-            "structures": structures or [],
-            "source": source,
-            "brainfm_version": _brainfm_version(),
-            **(extra_meta or {}),
-        }
-        publish_run_dir(tmp, final, meta, _META)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-class GrayordinateStore:
-    """Index and reader of a grayordinate store (layout in the module docstring).
-
-    Runs are ordered by (subject, run). Reading follows :class:`~brainfm.data.roi_store.ROIStore`
-    (``read(run, start, stop)`` -> ``(N, stop - start)`` float32), so the ROI window dataset reads
-    grayordinates as is. Every run's ``meta.json`` and ``.npy`` header are checked at construction.
-
-    Attributes:
-        path: the store root. subject_ids, run_ids: per run. lengths: TRs per run.
-        trs: seconds per run; tr: the common TR or None. n_rois: grayordinates per TR (the
-            same for every run). roi_names: None (grayordinates are identified by their index).
-
-    Raises:
-        DataError: missing root, no runs, unreadable ``meta.json``, runs with different
-            grayordinate counts, or a ``bold.npy`` that disagrees with ``meta.json`` or is truncated.
-    """
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.path = self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(f"grayordinate store {self.root} does not exist. Fix: write it with "
-                            "brainfm.data.r2t.write_grayordinate_run (from .dtseries.nii files), or set data.path")
-        metas = []
-        for meta_path in sorted(self.root.glob(f"*/*/{_META}")):
-            if meta_path.parent.name.startswith(".") or meta_path.parent.parent.name.startswith("."):
-                continue
-            metas.append(self._check_run(meta_path))
-        if not metas:
-            raise DataError(f"{self.root} holds no grayordinate runs (<subject>/<run>/meta.json); set data.path "
-                            "to the store root")
-        self.metas = metas
-        self.subject_ids = [m["subject"] for m in metas]
-        self.run_ids = [m["run"] for m in metas]
-        self.lengths = np.array([m["n_frames"] for m in metas], dtype=np.int64)
-        self.trs = np.array([m["tr"] for m in metas], dtype=np.float64)
-        self.tr: float | None = float(self.trs[0]) if np.allclose(self.trs, self.trs[0], atol=1e-6) else None
-        counts = sorted({int(m["n_grayordinates"]) for m in metas})
-        if len(counts) != 1:
-            first = next(m for m in metas if m["n_grayordinates"] != metas[0]["n_grayordinates"])
-            raise DataError(f"{self.root}: runs have different grayordinate counts {counts} (e.g. subject "
-                            f"{first['subject']} run {first['run']}); write every run in one CIFTI space")
-        self.n_rois = counts[0]
-        self.roi_names = None
-        self.n_runs = len(metas)
-        self._maps: dict[int, np.ndarray] = {}
-        self._pid = os.getpid()
-
-    @staticmethod
-    def _check_run(meta_path: Path) -> dict:
-        fix = "Fix: write the run again (delete its folder first)."
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{meta_path} is unreadable ({exc}). {fix}") from exc
-        if not isinstance(meta, dict) or meta.get("layout") != GRAYORDINATE_LAYOUT:
-            raise DataError(f"{meta_path} is not a brainfm grayordinate run. {fix}")
-        bold = meta_path.parent / _BOLD
-        try:
-            with open(bold, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                header = read_header(f)
-                offset = f.tell()
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{bold} is missing or not a .npy file ({exc}). {fix}") from exc
-        shape, fortran, dtype = header
-        want = (int(meta["n_frames"]), int(meta["n_grayordinates"]))
-        if tuple(shape) != want or np.dtype(dtype) != np.float16 or fortran:
-            raise DataError(f"{bold} holds {np.dtype(dtype)} {tuple(shape)} but meta.json says float16 {want}. {fix}")
-        size = offset + want[0] * want[1] * 2
-        if bold.stat().st_size < size:
-            raise DataError(f"{bold} is truncated: {bold.stat().st_size} bytes of {size}. {fix}")
-        return meta
-
-    def __len__(self) -> int:
-        return self.n_runs
-
-    def describe_run(self, run: int) -> str:
-        folder = self.root / self.subject_ids[run] / self.run_ids[run]
-        return f"subject {self.subject_ids[run]} ({self.run_ids[run]}, {folder})"
-
-    def meta(self, run: int) -> dict:
-        return self.metas[run]
-
-    def memmap(self, run: int) -> np.ndarray:
-        """Read-only memory map ``(T, N)`` float16 of run ``run`` (cached per process)."""
-        if self._pid != os.getpid():
-            self._maps, self._pid = {}, os.getpid()
-        mm = self._maps.get(run)
-        if mm is None:
-            mm = np.load(self.root / self.subject_ids[run] / self.run_ids[run] / _BOLD, mmap_mode="r")
-            self._maps[run] = mm
-        return mm
-
-    def read(self, run: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """TRs ``[start, stop)`` of run ``run`` as ``(N, stop - start)`` float32 (a transposed view
-        of a contiguous ``(stop - start, N)`` array).
-
-        Raises:
-            IndexError: a range outside the run.
-        """
-        stop = int(self.lengths[run]) if stop is None else int(stop)
-        if not 0 <= start < stop <= self.lengths[run]:
-            raise IndexError(f"TRs [{start}, {stop}) outside {self.describe_run(run)} ({self.lengths[run]} TRs)")
-        return self.memmap(run)[start:stop].astype(np.float32).T
-
-    def __getstate__(self):  # memory maps are reopened in each worker
-        state = dict(self.__dict__)
-        state["_maps"], state["_pid"] = {}, None
-        return state
-
-    def __repr__(self) -> str:
-        return (f"GrayordinateStore({self.root}, runs={self.n_runs}, subjects={len(set(self.subject_ids))}, "
-                f"grayordinates={self.n_rois}, tr={self.tr}s)")
-
-
-# -- roles and pairs ---------------------------------------------------------------------------------------
-def assign_roles(run_ids: Sequence[str], rest_runs: Sequence[str], task_runs: Sequence[str] | None) -> list[str | None]:
-    """``rest``, ``task`` or None (unused) for each run id, from shell patterns (case-insensitive).
-
-    ``task_runs=None`` makes every run that is not rest a task run.
-
-    Raises:
-        ConfigError: a run id that matches both a rest and a task pattern.
-    """
-    def match(run: str, patterns: Sequence[str]) -> bool:
-        return any(fnmatch.fnmatchcase(run.upper(), str(p).upper()) for p in patterns)
-
-    roles: list[str | None] = []
-    for run in run_ids:
-        rest = match(run, rest_runs)
-        task = (not rest) if task_runs is None else match(run, task_runs)
-        if rest and task:
-            raise ConfigError(f"run {run!r} matches both data.rest_runs={list(rest_runs)} and "
-                              f"data.task_runs={list(task_runs or [])}; make the patterns exclusive")
-        roles.append("rest" if rest else "task" if task else None)
-    return roles
-
-
-class R2TPairDataset(Dataset):
-    """Pairs ``(rest window, task window)`` of one subject (R2T-Net's paired dataset).
-
-    Item ``i`` belongs to subject ``subjects[i % len(subjects)]`` (so ``pairs_per_subject`` items
-    per subject and epoch). Indexing with ``(i, L, seed)`` (a
-    :class:`~brainfm.data.windows.WindowBatchSampler` request with ``pairs=True``) draws, from
-    ``seed``, a rest run of the subject uniformly, a start uniformly in it, and the same for a task
-    run; an ``int`` uses ``i`` as the seed (fixed pairs). ``L`` is ignored: both windows have the
-    datasets' full length (R2T-Net crops in the model).
-
-    Args:
-        rest, task: window datasets whose items are ``(run, start)`` grid windows with stride 1
-            (:class:`~brainfm.data.windows.ROIWindowDataset` or
-            :class:`~brainfm.data.volumes.VolumeClipDataset`), over the rest and task segments.
-        rest_windows, task_windows: subject -> one array of grid indices per run of that role.
-        subjects: the paired subjects (both roles present).
-        view: the rest view's data key (``bold`` or ``volume``); the task view's is ``task_<view>``.
-        pairs_per_subject: items per subject and epoch.
-
-    Returns (per item) the rest window's dict plus ``task_<view>``, ``task_t``, ``task_onset``,
-    ``task_run``.
-    """
-
-    def __init__(self, rest: Dataset, task: Dataset, rest_windows: dict[str, list[np.ndarray]],
-                 task_windows: dict[str, list[np.ndarray]], subjects: Sequence[str], view: str,
-                 pairs_per_subject: int = 1) -> None:
-        if not subjects:
-            raise ConfigError("no paired subjects (with both a rest and a task run)")
-        self.rest, self.task = rest, task
-        self.rest_windows, self.task_windows = rest_windows, task_windows
-        self.subjects = list(subjects)
-        self.view = view
-        self.pairs_per_subject = int(pairs_per_subject)
-        if self.pairs_per_subject < 1:
-            raise ConfigError(f"data.pairs_per_subject={pairs_per_subject} must be >= 1")
-
-    def __len__(self) -> int:
-        return len(self.subjects) * self.pairs_per_subject
-
-    @staticmethod
-    def _draw(rng: np.random.Generator, runs: list[np.ndarray]) -> int:
-        grid = runs[int(rng.integers(len(runs)))]
-        return int(grid[int(rng.integers(len(grid)))])
-
-    def pair(self, i: int, seed: int) -> tuple[int, int]:
-        """Grid indices ``(rest, task)`` of item ``i`` drawn with ``seed``."""
-        subject = self.subjects[int(i) % len(self.subjects)]
-        rng = np.random.default_rng([int(seed) % 2**63, int(i)])
-        return self._draw(rng, self.rest_windows[subject]), self._draw(rng, self.task_windows[subject])
-
-    def __getitem__(self, item) -> dict:
-        if isinstance(item, tuple):
-            i, _, *seed = item
-            seed = seed[0] if seed else i
-        else:
-            i = seed = int(item)
-        r, t = self.pair(int(i), int(seed))
-        sample = dict(self.rest[r])
-        other = self.task[t]
-        if other["subject"] != sample["subject"]:  # the grid bookkeeping is broken: never train on it
-            raise RuntimeError(f"pair {i}: rest subject {sample['subject']} != task subject {other['subject']}")
-        sample.update({f"task_{self.view}": other[self.view], "task_t": other["t"], "task_onset": other["onset"],
-                       "task_run": other["run"]})
-        return sample
-
-
-def collate_pairs(samples: list[dict]) -> dict:
-    """Stack paired samples: tensors are stacked, numbers become ``(B,)`` tensors (``subject``,
-    ``run``, ``task_run``: long; ``onset``, ``task_onset``: float32); ``brain_mask`` is dropped."""
-    batch: dict[str, torch.Tensor] = {}
-    for key, value in samples[0].items():
-        if key == "brain_mask":
-            continue
-        if torch.is_tensor(value):
-            batch[key] = torch.stack([s[key] for s in samples])
-        else:
-            dtype = torch.long if key in ("subject", "run", "task_run") else torch.float32
-            batch[key] = torch.tensor([s[key] for s in samples], dtype=dtype)
-    return batch
-
-
-def _grid_windows(segments: Sequence[tuple[int, int, int]], span: int) -> list[tuple[int, np.ndarray]]:
-    """``(run, grid indices)`` per segment of a stride-1 window grid, in the datasets' order."""
-    out, offset = [], 0
-    for run, lo, hi in segments:
-        n = max(0, int(hi) - span + 1 - int(lo))
-        out.append((int(run), np.arange(offset, offset + n)))
-        offset += n
-    return out
 
 
 # -- datamodule -----------------------------------------------------------------------------------------------
@@ -598,7 +211,7 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
         if self.layout == "volumes":
             return VolumeStore(path)
         if self.layout == "frames":
-            from brainfm.data.frames import FrameStore
+            from brainfm.data.stores.frames import FrameStore
 
             if not isinstance(self.expected_tr, (int, float)):
                 raise ConfigError(f"frame folders ({path}) carry no TR: set data.tr=<seconds>")

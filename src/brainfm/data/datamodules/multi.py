@@ -113,8 +113,8 @@ class MultiDataModule(ResumableTrainPosition, L.LightningDataModule):
     """Several data set recipes trained together (SwiFT v2 pretraining; see the module docstring).
 
     Args:
-        datasets: name -> datamodule (instantiated recipes, e.g. :class:`brainfm.data.recipes.RecipeDataModule`;
-            any :class:`~brainfm.data.volumes.VolumeDataModule`). Every one keeps its own split files.
+        datasets: name -> datamodule (instantiated recipes, e.g. :class:`brainfm.data.datamodules.recipes.RecipeDataModule`;
+            any :class:`~brainfm.data.datamodules.volume.VolumeDataModule`). Every one keeps its own split files.
         weights: name -> sampling weight (normalised to probabilities; a data set not named, or 0, is left out of
             training but not out of validation), or None: proportional to each data set's training
             clips (SwiFT v2's concatenation).

@@ -1,0 +1,1 @@
+"""LightningDataModules: a store opened, checked, split and normalised, and its loaders."""

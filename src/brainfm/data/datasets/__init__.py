@@ -1,0 +1,1 @@
+"""Datasets: what a sample is (ROI windows, volume clips, rest/task pairs)."""

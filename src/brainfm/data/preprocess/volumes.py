@@ -1,0 +1,203 @@
+"""NIfTI runs -> the volume store (normalised float16, one array per run)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from brainfm.data.preprocess.discover import (
+    DEFAULT_SPACE,
+    NiftiFrames,
+    RunSource,
+    discover_runs,
+    load_mask_file,
+    load_nifti,
+    repetition_time,
+)
+from brainfm.data.preprocess.runner import _run_all
+from brainfm.data.stores.volume import (
+    FILLS,
+    MASK_RULES,
+    NORMALISATIONS,
+    CropPad,
+    run_dir,
+    run_is_finished,
+    write_volume_run,
+)
+from brainfm.errors import ConfigError, DataError
+
+#: SwiFT's crop/pad of each data set (``datasets.py``), converted to axis order.
+CROP_PAD_PRESETS: dict[str, CropPad] = {
+    # HCP 75x93x81 (after SwiFT's own crop) -> 96^3: torch pad (8, 7, 2, 1, 11, 10)
+    "swift_hcp": CropPad.from_torch_pad((8, 7, 2, 1, 11, 10)),
+    # ABCD rest 79x97x85 -> 96^3: torch pad (6, 5, 0, 0, 9, 8), then Y cropped to 96
+    "swift_abcd_rest": CropPad((9, 8), (0, -1), (6, 5)),
+    # UKB 91x109x91 -> 96^3: torch pad (3, 2, -7, -6, 3, 2)
+    "swift_ukb": CropPad.from_torch_pad((3, 2, -7, -6, 3, 2)),
+}
+
+
+# -- volumes ----------------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """What happened to one run: ``written``, ``skipped`` (finished before) or ``failed``."""
+
+    subject: str
+    run: str
+    source: str
+    status: str
+    path: str | None = None
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    config_error: bool = False
+
+
+def resolve_crop_pad(crop_pad: CropPad | Sequence[int] | str | None, target_shape: Sequence[int] | None,
+                     in_shape: Sequence[int]) -> CropPad | None:
+    """The crop/pad of a run: explicit (6 ints in axis order, or a SwiFT preset name), or the
+    centred crop/pad to ``target_shape``; with both, the explicit one must reach the target.
+
+    Raises:
+        ConfigError: unknown preset, or an explicit crop/pad that does not reach the target.
+    """
+    cp: CropPad | None
+    if isinstance(crop_pad, str):
+        if crop_pad not in CROP_PAD_PRESETS:
+            raise ConfigError(f"unknown crop/pad preset {crop_pad!r}; presets: {sorted(CROP_PAD_PRESETS)}")
+        cp = CROP_PAD_PRESETS[crop_pad]
+    elif crop_pad is None or isinstance(crop_pad, CropPad):
+        cp = crop_pad
+    else:
+        cp = CropPad.from_axis_order(crop_pad)
+    if target_shape is None:
+        return cp
+    target = tuple(int(s) for s in target_shape)
+    if cp is None:
+        return CropPad.centred(in_shape, target)
+    got = cp.output_shape(in_shape)
+    if got != target:
+        raise ConfigError(f"crop/pad {cp.as_list()} takes a {tuple(in_shape)} grid to {got}, not the target {target}")
+    return cp
+
+
+def _preprocess_one(src: RunSource, root: str, options: dict) -> RunResult:
+    result = RunResult(src.subject, src.run, str(src.path), "failed")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            img = load_nifti(src.path)
+            frames = NiftiFrames(src.path, img)
+            tr, tr_source = repetition_time(src.path, img, src.sidecar, options["tr"])
+            mask: Any = options["mask"]
+            mask_source = None
+            if mask not in MASK_RULES:
+                mask_source = str(mask)
+                mask = load_mask_file(Path(mask), frames.spatial_shape, frames.affine, src.path)
+            elif mask == "auto" and src.mask_path is not None:
+                mask_source = str(src.mask_path)
+                mask = load_mask_file(src.mask_path, frames.spatial_shape, frames.affine, src.path)
+            cp = resolve_crop_pad(options["crop_pad"], options["target_shape"], frames.spatial_shape)
+            path = write_volume_run(
+                root, src.subject, src.run, frames, tr=tr, affine=frames.affine, mask=mask, crop_pad=cp,
+                normalisation=options["normalisation"], fill=options["fill"], source=str(src.path),
+                overwrite=options["overwrite"],
+                extra_meta={"tr_source": tr_source, "mask_file": mask_source, "input_kind": src.kind,
+                            "sidecars": [str(p) for p in src.sidecar_paths],
+                            "source_dtype": str(img.get_data_dtype())},
+            )
+            result.status, result.path = "written", str(path)
+        except (DataError, ConfigError) as exc:
+            result.error = str(exc)
+            result.config_error = isinstance(exc, ConfigError)
+        except Exception as exc:  # keep the other runs going; report this one with its file
+            result.error = f"{src.path}: {type(exc).__name__}: {exc}"
+    result.warnings = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
+    return result
+
+
+def preprocess_volumes(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    pattern: str | None = None,
+    space: str = DEFAULT_SPACE,
+    tr: float | None = None,
+    crop_pad: CropPad | Sequence[int] | str | None = None,
+    target_shape: Sequence[int] | None = None,
+    normalisation: str = "global",
+    fill: str = "min",
+    mask: str = "auto",
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    fail_fast: bool = False,
+) -> list[RunResult]:
+    """Preprocess every BOLD run under ``input`` into the volume store at ``output``.
+
+    Args:
+        input: NIfTI folder, BIDS root, fMRIPrep derivatives root, or one file.
+        output: store root (``<output>/<subject>/<run>/``).
+        pattern: glob of the runs relative to ``input`` (default by input kind: module docstring).
+        space: fMRIPrep output space.
+        tr: repetition time in seconds for every run (overrides sidecars and headers).
+        crop_pad: 6 ints in axis order (x_before x_after y_before y_after z_before z_after;
+            negative crops), a preset of :data:`CROP_PAD_PRESETS`, or a :class:`CropPad`.
+        target_shape: (X, Y, Z) of the output grid (centred crop/pad unless ``crop_pad``).
+        normalisation: ``global`` or ``none``. fill: ``min`` or ``zero``.
+        mask: ``auto`` (fMRIPrep's brain mask when present, else a rule from the data), a rule of
+            :data:`~brainfm.data.stores.volume.MASK_RULES`, or a NIfTI mask file for every run.
+        workers: parallel processes (one run each).
+        overwrite: rewrite finished runs (default: skip them, so a stopped job resumes).
+        progress: tqdm progress bar.
+        fail_fast: stop at the first failed run (default: process the others, then raise).
+
+    Returns:
+        One :class:`RunResult` per run, in discovery order.
+
+    Raises:
+        DataError: nothing to read, or any run failed (all failures listed; the finished runs stay).
+        ConfigError: an invalid option.
+    """
+    if normalisation not in NORMALISATIONS:
+        raise ConfigError(f"--normalisation {normalisation!r} is not one of {NORMALISATIONS}")
+    if fill not in FILLS:
+        raise ConfigError(f"--fill {fill!r} is not one of {FILLS}")
+    if mask not in MASK_RULES and not Path(mask).is_file():
+        raise ConfigError(f"--mask {mask!r} is neither a rule ({', '.join(MASK_RULES)}) nor an existing mask file")
+    if isinstance(crop_pad, str) and crop_pad not in CROP_PAD_PRESETS:
+        raise ConfigError(f"unknown crop/pad preset {crop_pad!r}; presets: {sorted(CROP_PAD_PRESETS)}")
+    runs = discover_runs(input, pattern, space)
+    results: list[RunResult | None] = [None] * len(runs)
+    todo = []
+    for i, src in enumerate(runs):
+        if not overwrite and run_is_finished(run_dir(output, src.subject, src.run)):
+            results[i] = RunResult(src.subject, src.run, str(src.path), "skipped",
+                                   str(run_dir(output, src.subject, src.run)))
+        else:
+            todo.append(i)
+    options = {"tr": tr, "crop_pad": crop_pad, "target_shape": target_shape, "normalisation": normalisation,
+               "fill": fill, "mask": mask, "overwrite": overwrite}
+    Path(output).mkdir(parents=True, exist_ok=True)
+    done = _run_all(_preprocess_one, [(runs[i], str(output), options) for i in todo], workers, progress,
+                    "brainfm-preprocess volumes", fail_fast)
+    for i, r in zip(todo, done):
+        results[i] = r if r is not None else RunResult(runs[i].subject, runs[i].run, str(runs[i].path),
+                                                       "failed", error="not run (--fail-fast)")
+    failed = [r for r in results if r.status == "failed"]
+    config = [r for r in failed if r.config_error]
+    if config:  # the options, not a file, are wrong
+        raise ConfigError(f"{config[0].source}: {config[0].error}")
+    if failed:
+        ok = sum(r.status != "failed" for r in results)
+        lines = "\n".join(f"  - {r.error}" for r in failed[:20]) + ("\n  ..." if len(failed) > 20 else "")
+        raise DataError(
+            f"{len(failed)} of {len(results)} run(s) failed ({ok} finished and kept in {output}):\n{lines}\n"
+            "Fix these and run the same command again: finished runs are skipped."
+        )
+    return results  # type: ignore[return-value]
+
+
