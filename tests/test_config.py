@@ -44,7 +44,7 @@ def test_every_experiment_composes_and_instantiates(experiment, overrides_for):
     if "window" in cfg.data:
         assert dm.window["length"] == cfg.data.window.length
     else:
-        assert dm.clip["length"] == cfg.data.clip.length
+        assert dm.window["length"] == cfg.data.window.length
 
 
 def test_any_key_is_overridable(overrides_for):

@@ -72,7 +72,7 @@ def _eval_loss(path: Path, hcp_h5: Path) -> float:
 
     task = build_task_from_checkpoint(load_checkpoint(path)).eval()
     store = ROIStore(hcp_h5)
-    x = torch.stack([torch.as_tensor(store.read(i, 600, 640).T, dtype=torch.float32) for i in range(len(store.lengths))])
+    x = torch.stack([torch.as_tensor(store.read(i, 600, 640), dtype=torch.float32) for i in range(len(store.lengths))])
     x = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
     batch = {"bold": x, "t": torch.arange(40, dtype=torch.float32).expand(len(x), 40) * store.tr,
              "subject": torch.arange(len(x))}

@@ -31,7 +31,7 @@ def test_layout_and_attributes(hcp_h5):
 
 def test_values_are_the_raw_bold_of_the_mat_files(hcp_h5):
     store = ROIStore(hcp_h5)
-    x = store.read(0, 0, 3)
+    x = store.read(0, 0, 3).T  # (ROI, TR)
     # TC_rsfMRI_REST1_LR.mat of subject 101309, key 'tc', rows Precentral_L/_R, TRs 0-2
     np.testing.assert_allclose(x[0], [9361.322414, 9357.927934, 9345.210731], rtol=1e-6)
     np.testing.assert_allclose(x[1], [8088.014501, 8092.011204, 8097.111238], rtol=1e-6)

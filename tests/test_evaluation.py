@@ -138,7 +138,7 @@ def test_evaluate_refuses_data_with_other_tr(cfg_for, tmp_path, hcp_h5):
                   "data.window.length=30", "data.window.min_length=null")
     train.run(cfg)
     store = ROIStore(hcp_h5)
-    other = write_roi_h5(tmp_path / "tr2.h5", {"aal2": [store.read(r) for r in range(7)]}, store.subject_ids, 2.0,
+    other = write_roi_h5(tmp_path / "tr2.h5", {"aal2": [store.read(r).T for r in range(7)]}, store.subject_ids, 2.0,
                          {"aal2": store.roi_names})
     proc = subprocess.run([sys.executable, "-m", "brainfm.cli.evaluate", f"ckpt={cfg.paths.run_dir}",
                            f"data_path={other}", f"out_dir={tmp_path}/e"], capture_output=True, text=True, timeout=300)

@@ -95,13 +95,13 @@ def test_data_overrides_and_errors_name_the_fix(gpt_run, tmp_path, hcp_h5):
 
     store = ROIStore(hcp_h5)
     # other data with the same TR/ROIs: two subjects, stride of 20 TRs between windows
-    other = write_roi_h5(tmp_path / "other.h5", series={store.atlas: [store.read(0), store.read(3)]},
+    other = write_roi_h5(tmp_path / "other.h5", series={store.atlas: [store.read(0).T, store.read(3).T]},
                          subject_ids=["subA", "subB"], tr=0.72, roi_names={store.atlas: store.roi_names})
     feats, rows, _ = _extract(gpt_run, tmp_path / "o.h5", f"data_path={other}", "+data.window.eval_stride=20",
                               "+data.split_dir=" + str(tmp_path / "sp"))
     assert set(rows["subject_id"]) == {"subA", "subB"} and np.diff(rows["window_start_tr"][:3]).tolist() == [20, 20]
     assert feats.shape[0] == 2 * ((600 - 40) // 20 + 1)
-    wrong_tr = write_roi_h5(tmp_path / "tr2.h5", series={store.atlas: [store.read(0)]}, subject_ids=["s"], tr=2.0,
+    wrong_tr = write_roi_h5(tmp_path / "tr2.h5", series={store.atlas: [store.read(0).T]}, subject_ids=["s"], tr=2.0,
                             roi_names={store.atlas: store.roi_names})
     with pytest.raises(CheckpointError, match="TR"):
         _extract(gpt_run, tmp_path / "x.h5", f"data_path={wrong_tr}", "+data.tr=null")
@@ -135,9 +135,9 @@ def test_swin4d_simmim_clip_embeddings(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("simmim")
     store = write_volume_pairs(tmp / "store", n_subjects=3, shape=(8, 8, 8), rest_trs=24, task_trs=16)
     run = _train(tmp, "data=volumes", "model=swin4d_v7", "task=simmim", "experiment_name=simmim_tiny", f"data.path={store}",
-                 "data.shape=[8,8,8]", "data.clip.length=4", "data.split.kind=time", "data.num_workers=0",
+                 "data.shape=[8,8,8]", "data.window.length=4", "data.split.kind=time", "data.num_workers=0",
                  "data.pin_memory=false", "data.pool_mb=4", "data.batch_size=2", "data.eval_batch_size=4",
-                 "data.normalisation.stored=null", "data.normalisation.fill=null",
+                 "data.normalization.stored=null", "data.normalization.fill=null",
                  "model.img_size=[8,8,8,4]", "model.embed_dim=12", "model.depths=[1,1]", "model.num_heads=[2,2]",
                  "model.window_size=[4,4,4,4]", "model.first_window_size=[4,4,4,4]", "model.patch_size=[2,2,2,1]",
                  "trainer.max_steps=2", "trainer.val_check_interval=2")
@@ -198,9 +198,9 @@ def test_r2t_rest_embeddings_and_signatures(r2t_run, tmp_path):
     assert sig.shape == (len(pairs), 32) and np.isfinite(sig).all() and attrs["kind"] == "signature"
     assert list(srows["subject_id"]) == pairs.subjects and set(srows["task_run_id"]) == {"WM_LR"}
     assert set(srows["run_id"]) == {"REST1_LR"} and (srows["task_run"] != srows["run"]).all()
-    from brainfm.data.datasets.pairs import collate_pairs
+    from brainfm.data.windows import collate_windows
 
-    np.testing.assert_allclose(sig[0], loaded.task.signature(collate_pairs([pairs[0]]))[0].numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sig[0], loaded.task.signature(collate_windows([pairs[0]]))[0].numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(srows["task_window_start_s"], srows["task_window_start_tr"] * 0.72, rtol=1e-6)
 
 

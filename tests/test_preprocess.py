@@ -107,7 +107,7 @@ def test_toy_recipe_batches_feed_swin4d(toy_store):
     cfg = compose("train", ["data=nifti_toy", f"data.path={toy_store}"])
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup()
-    assert dm.meta["tr"] == "mixed" and dm.meta["shape"] == [48, 48, 48] and dm.meta["clip_length"] == 8
+    assert dm.meta["tr"] == "mixed" and dm.meta["shape"] == [48, 48, 48] and dm.meta["window_length"] == 8
     batch = next(iter(dm.train_dataloader()))
     assert batch["volume"].shape == (2, 1, 48, 48, 48, 8) and batch["volume"].dtype == torch.float16
     from brainfm.models.swin4d import SwinTransformer4D
@@ -290,7 +290,7 @@ def test_parcellate_labels_to_the_roi_store(toy_dir, tmp_path, capsys):
     assert store.tr == 1.35 and store.subject_ids == ["sub-nitime", "sub-nitime"] and store.run_ids == ["run-1", "run-2"]
     raw = np.asanyarray(nib.load(str(toy_dir / "sub-nitime_run-2_bold.nii.gz")).dataobj).astype(np.float64)
     for k, lab in enumerate((1, 3, 7)):
-        np.testing.assert_allclose(store.read(1)[k], raw[labels == lab].mean(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(store.read(1)[:, k], raw[labels == lab].mean(axis=0), rtol=1e-5)
     from brainfm.cli.preprocess import main
 
     main(["parcellate", "--input", str(toy_dir), "--pattern", "sub-nitime*", "--atlas", str(atlas),
@@ -319,7 +319,7 @@ def test_parcellate_probabilistic_maps(toy_dir, tmp_path):
                                 progress=False))
     assert store.n_rois == 2 and store.roi_names == ["roi_0", "roi_1"] and store.lengths.tolist() == [40]
     raw = np.asanyarray(img.dataobj).astype(np.float64)
-    np.testing.assert_allclose(store.read(0)[0], raw[:5].reshape(-1, 40).mean(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(store.read(0)[:, 0], raw[:5].reshape(-1, 40).mean(axis=0), rtol=1e-4)
 
 
 # -- embedded data ------------------------------------------------------------------------------------------------

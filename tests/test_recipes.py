@@ -20,12 +20,8 @@ import fixtures_recipes as fx  # noqa: E402
 
 from brainfm.cli import train  # noqa: E402
 from brainfm.config import compose, repo_root  # noqa: E402
-from brainfm.data.datamodules.recipes import (  # noqa: E402
-    RecipeDataModule,
-    SubjectIds,
-    stratified_subject_split,
-)
-from brainfm.data.splits import read_split_file  # noqa: E402
+from brainfm.data.datamodules.recipes import RecipeDataModule, SubjectIds  # noqa: E402
+from brainfm.data.splits import read_split_file, stratified_subject_split  # noqa: E402
 from brainfm.errors import ConfigError, DataError  # noqa: E402
 
 RECIPES = ["ukb", "ukb_task", "abcd", "abcd_task", "hcp", "hcp_task", "abide", "embarc", "oasis3"]
@@ -46,7 +42,7 @@ IN_SHAPES = {"ukb": (91, 109, 91), "ukb_task": (91, 109, 91), "abcd": (79, 97, 8
              "hcp": (75, 93, 81), "hcp_task": (75, 93, 81)}
 TINY = ["model=swin4d_v7", "model.img_size=[24,24,24,4]", "model.embed_dim=12", "model.depths=[1,1,1]",
         "model.num_heads=[2,2,2]", "model.window_size=[4,4,4,4]", "model.first_window_size=[2,2,2,2]"]
-LOADER = ["clip.length=4", "batch_size=2", "eval_batch_size=2", "num_workers=0", "pool_mb=0", "pin_memory=false"]
+LOADER = ["window.length=4", "batch_size=2", "eval_batch_size=2", "num_workers=0", "pool_mb=0", "pin_memory=false"]
 
 
 def _quiet(tmp_path) -> list[str]:
@@ -117,7 +113,7 @@ SWIFT_PADS = {  # Transconnectome/SwiFT datasets.py (torch pad over (X, Y, Z), l
 def test_frames_are_padded_to_96_exactly_as_swift(tmp_path, recipe):
     maker = {"abcd_task": lambda r, **k: fx.make_abcd(r, task=True, **k)}.get(recipe, fx.MAKERS.get(recipe))
     info = maker(tmp_path / recipe, n=2, n_frames=4, shape="real")
-    extra = ["data.layout=frames", f"data.root={info['root']}", "data.split.kind=time", "data.clip.length=2",
+    extra = ["data.layout=frames", f"data.root={info['root']}", "data.split.kind=time", "data.window.length=2",
              "data.num_workers=0", "data.pool_mb=0", "data.tr=2.0"]
     dm = _dm(tmp_path, recipe, *extra)
     assert dm.store.shape == (96, 96, 96)
@@ -371,8 +367,8 @@ def test_multi_pretraining_step(tmp_path):
 
 
 def test_multi_refuses_different_grids(tmp_path):
-    cfg, _ = _multi(tmp_path, "data.datasets.hcp.clip.length=6")
-    with pytest.raises(ConfigError, match="data sets of data=multi differ in clip_length"):
+    cfg, _ = _multi(tmp_path, "data.datasets.hcp.window.length=6")
+    with pytest.raises(ConfigError, match="data sets of data=multi differ in window_length"):
         instantiate(cfg.data, _convert_="all").setup()
 
 

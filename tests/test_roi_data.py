@@ -50,21 +50,43 @@ def test_nan_padding_defines_run_length_without_ts_len(tmp_path):
         f.attrs["tr"] = 0.8
     store = ROIStore(path)
     assert list(store.lengths) == [50, 40]
-    assert store.read(1).shape == (3, 40)
+    assert store.read(1).shape == (40, 3)
+
+
+def _read_every_window(dm):
+    dm.setup()
+    ds = dm.dataset("train", stride=1)
+    for i in range(len(ds)):
+        ds[i]
 
 
 def test_nan_inside_a_run_names_subject_roi_and_tr(small_h5, tmp_path):
     with h5py.File(small_h5, "a") as f:
         f["timeseries/toy"][2, 3, 17] = np.nan
     with pytest.raises(DataError, match=r"sub-02.*'roi3'.*TR\(s\) 17"):
-        _dm(small_h5).setup()
+        _read_every_window(_dm(small_h5))  # found when a window of the run is read: setup reads no run
 
 
-def test_constant_roi_is_an_error(small_h5):
-    with h5py.File(small_h5, "a") as f:
-        f["timeseries/toy"][1, 0, :] = 5.0
-    with pytest.raises(DataError, match="constant"):
-        _dm(small_h5).setup()
+def test_nan_in_a_file_without_run_statistics_is_found_when_the_run_is_first_used(tmp_path):
+    data = np.stack(synthetic_series(2, n_trs=80)).astype(np.float32)
+    data[1, 4, 30] = np.nan
+    path = tmp_path / "foreign.h5"
+    with h5py.File(path, "w") as f:  # a Brain-Semantoks file: no /run_stats
+        f["timeseries/a"] = data
+        f["long_subject_id"] = np.array([b"s1", b"s2"])
+        f.attrs["tr"] = 2.0
+    store = ROIStore(path)
+    assert not store.has_run_stats and store.run_stats(0)["n"] == 80
+    with pytest.raises(DataError, match=r"s2.*#4.*TR\(s\) 30"):
+        store.run_stats(1)
+
+
+def test_constant_roi_is_an_error(tmp_path):
+    series = synthetic_series(3)
+    series[1][0, :] = 5.0
+    path = write_roi_h5(tmp_path / "c.h5", {"toy": series}, ["a", "b", "c"], 2.0, {"toy": [f"roi{i}" for i in range(6)]})
+    with pytest.raises(DataError, match=r"ROI 'roi0'.*constant in subject b"):
+        _read_every_window(_dm(path))
 
 
 def test_tr_mismatch(small_h5):
@@ -90,18 +112,18 @@ def test_run_zscore_gives_zero_mean_unit_std(small_h5):
     store = ROIStore(small_h5)
     norm = ROINormalizer.fit(store, "run")
     z = norm.apply(2, store.read(2))
-    np.testing.assert_allclose(z.mean(axis=1), 0, atol=1e-4)
-    np.testing.assert_allclose(z.std(axis=1), 1, atol=1e-4)
+    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-4)
+    np.testing.assert_allclose(z.std(axis=0), 1, atol=1e-4)
 
 
 def test_global_zscore_pools_training_trs_only(small_h5):
     store = ROIStore(small_h5)
     train = [(0, 0, 100), (1, 0, 100)]
     norm = ROINormalizer.fit(store, "global", train_segments=train)
-    pooled = np.concatenate([store.read(0, 0, 100), store.read(1, 0, 100)], axis=1)
-    np.testing.assert_allclose(norm.mean, pooled.mean(axis=1), rtol=1e-5)
-    np.testing.assert_allclose(norm.std, pooled.std(axis=1), rtol=1e-4)
-    restored = ROINormalizer.from_state(norm.state())
+    pooled = np.concatenate([store.read(0, 0, 100), store.read(1, 0, 100)], axis=0)
+    np.testing.assert_allclose(norm.mean, pooled.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(norm.std, pooled.std(axis=0), rtol=1e-4)
+    restored = ROINormalizer.from_state(norm.state(), store=store)
     np.testing.assert_array_equal(restored.apply(3, store.read(3)), norm.apply(3, store.read(3)))
 
 
@@ -115,7 +137,7 @@ def test_grid_windows_carry_time_in_seconds(small_h5):
     assert s["bold"].shape == (30, 6)
     torch.testing.assert_close(s["t"], torch.arange(30) * 2.0)
     assert s["onset"] == 45 * 2.0 and s["run"] == 1
-    np.testing.assert_allclose(s["bold"].numpy().T, norm.apply(1, store.read(1, 45, 75)), rtol=1e-6)
+    np.testing.assert_allclose(s["bold"].numpy(), norm.apply(1, store.read(1, 45, 75)), rtol=1e-6)
 
 
 def test_window_longer_than_every_segment(small_h5):

@@ -178,12 +178,12 @@ def test_perceptual_needs_a_weights_file_and_runs_with_one(tmp_path):
 
 # -- task checks and phase-1 -> phase-2 initialisation ------------------------------------------------------
 def test_data_mismatches_are_named():
-    with pytest.raises(ConfigError, match="data.normalisation.load=stored\\+voxel"):
+    with pytest.raises(ConfigError, match="data.normalization.load=stored\\+voxel"):
         TFFAutoencoder(TINY, data_meta={"in_chans": 1, "normalisation": {"load": "stored"}})
     with pytest.raises(ConfigError, match=r"model.img_size=\[8, 8, 4\] but the data's grid is \[10, 10, 18\]"):
         TFFAutoencoder(TINY, data_meta={"in_chans": 2, "shape": [10, 10, 18]})
-    with pytest.raises(ConfigError, match="data.clip.length=30"):
-        TFFAutoencoder(TINY, data_meta={"clip_length": 30})
+    with pytest.raises(ConfigError, match="data.window.length=30"):
+        TFFAutoencoder(TINY, data_meta={"window_length": 30})
     with pytest.raises(ConfigError, match="needs model=tff"):
         TFFAutoencoder(dict(_target_="torch.nn.Linear", in_features=2, out_features=2))
     with pytest.raises(ConfigError, match="task.intensity_channel=1 is not a channel"):
@@ -206,15 +206,15 @@ def test_phase1_autoencoder_initialises_phase2(tmp_path):
 # -- the preset ---------------------------------------------------------------------------------------------
 def test_tff_hcp_preset_is_the_paper_setup(tmp_path):
     cfg = compose("train", [f"paths.output_dir={tmp_path}", "experiment=tff_hcp"])
-    assert list(cfg.data.shape) == [75, 93, 81] and cfg.data.tr == 0.72 and cfg.data.clip.length == 20
-    assert cfg.data.normalisation.load == "stored+voxel" and list(cfg.model.img_size) == [75, 93, 81]
+    assert list(cfg.data.shape) == [75, 93, 81] and cfg.data.tr == 0.72 and cfg.data.window.length == 20
+    assert cfg.data.normalization.load == "stored+voxel" and list(cfg.model.img_size) == [75, 93, 81]
     assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads) == (2640, 2, 16)
     assert not cfg.task.perceptual and cfg.task.intensity_quantile == 0.9
     from omegaconf import OmegaConf
 
     with torch.device("meta"):
         task = TFFAutoencoder(OmegaConf.to_container(cfg.model, resolve=True),
-                              data_meta={"in_chans": 2, "shape": [75, 93, 81], "clip_length": 20})
+                              data_meta={"in_chans": 2, "shape": [75, 93, 81], "window_length": 20})
     assert isinstance(task.model.into_hidden, nn.Identity)
 
 
@@ -233,7 +233,7 @@ def _small_tff_hcp(tmp: Path, store: Path) -> list[str]:
     return [
         f"paths.output_dir={tmp}/outputs", f"paths.split_dir={tmp}/splits", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "logger=csv", "experiment=tff_hcp",
-        f"data.path={store}", "data.tr=1.35", "data.shape=[10,10,18]", "data.split.kind=time", "data.clip.length=4",
+        f"data.path={store}", "data.tr=1.35", "data.shape=[10,10,18]", "data.split.kind=time", "data.window.length=4",
         "data.batch_size=2", "data.eval_batch_size=4", "data.num_workers=0", "data.pin_memory=false", "data.pool_mb=16",
         "model.hidden_size=32", "model.num_heads=4", "model.intermediate_size=64", "model.encoder_blocks=[1,1,1,1]",
         "task.optimizer.lr=3e-3", "trainer.log_every_n_steps=1",
@@ -272,7 +272,7 @@ def test_checkpoint_reloads_and_embeds_the_same(tff_run):
     ckpt = load_checkpoint(cfg.paths.run_dir)  # torch.load(weights_only=True)
     assert ckpt["brainfm"]["task_class"] == "brainfm.tasks.tff.TFFAutoencoder"
     assert ckpt["hyper_parameters"]["data_meta"]["in_chans"] == 2
-    assert ckpt["hyper_parameters"]["data_meta"]["normalisation"]["load"] == "stored+voxel"
+    assert ckpt["hyper_parameters"]["data_meta"]["normalization"]["load"] == "stored+voxel"
     reloaded = build_task_from_checkpoint(ckpt)
     fresh = build_task_from_checkpoint(ckpt, weights=False)
     batch = next(iter(datamodule.val_dataloader()))

@@ -17,14 +17,14 @@ from brainfm.data.datasets.volume import (
     VolumeClipDataset,
     VolumeClipLoader,
     build_augmentation,
-    collate_volume_clips,
+    collate_windows,
 )
 from brainfm.data.preprocess.frames import convert_frames
 from brainfm.data.stores.frames import FrameStore
+from brainfm.data.stores.rundir import clean_stale_temp
 from brainfm.data.stores.volume import (
     CropPad,
     VolumeStore,
-    clean_stale_temp,
     run_is_finished,
     write_volume_run,
 )
@@ -133,7 +133,7 @@ def test_atomic_write_and_resume(tmp_path, monkeypatch):
 
     data, mask = _run(4)
     calls = {"n": 0}
-    real = vs._save_npy
+    real = vs.save_npy
 
     def crash(path, array):
         calls["n"] += 1
@@ -141,11 +141,11 @@ def test_atomic_write_and_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         real(path, array)
 
-    monkeypatch.setattr(vs, "_save_npy", crash)
+    monkeypatch.setattr(vs, "save_npy", crash)
     with pytest.raises(KeyboardInterrupt):
         write_volume_run(tmp_path, "s", "r", data, tr=1.0, mask=mask)
     assert list((tmp_path / "s").iterdir()) == []  # neither the run nor its temporary folder
-    monkeypatch.setattr(vs, "_save_npy", real)
+    monkeypatch.setattr(vs, "save_npy", real)
     # a temporary folder of a writer that was killed (dead pid on this host) is ignored and cleaned
     stale = tmp_path / "s" / f".r.tmp-{socket.gethostname()}-999999999-abcdef12"
     stale.mkdir()
@@ -295,7 +295,7 @@ def test_pooled_loader_matches_samples_and_never_overwrites_a_held_batch(store_r
             assert torch.equal(c[k], b[k])
     sampler.set_epoch(0)
     first_requests = next(iter(sampler))
-    expected = collate_volume_clips([ds[r] for r in first_requests])
+    expected = collate_windows([ds[r] for r in first_requests])
     for k in ("volume", "volume2", "t", "t2", "onset", "onset2", "subject", "run", "brain_mask"):
         assert torch.equal(copies[0][k], expected[k]), k
     assert copies[0]["volume"].shape == (3, 1, *SHAPE, 6)
@@ -308,10 +308,10 @@ def test_pooled_loader_matches_samples_and_never_overwrites_a_held_batch(store_r
 def test_plain_dataloader_and_fresh_batches(store_root):
     store = VolumeStore(store_root)
     ds = VolumeClipDataset(store, _segments(store), length=6)
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_volume_clips)))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_windows)))
     assert batch["volume"].shape == (2, 1, *SHAPE, 6) and batch["t"].shape == (2, 6)
     fresh = ds.__getitems__(ClipBatchRequest(((0, 6), (1, 6)), slot=None, seed=0))
-    assert torch.equal(fresh["volume"], batch["volume"]) and collate_volume_clips(fresh) is fresh
+    assert torch.equal(fresh["volume"], batch["volume"]) and collate_windows(fresh) is fresh
 
 
 def test_augmentation_moves_every_frame_alike(tmp_path):
@@ -331,17 +331,17 @@ def test_augmentation_moves_every_frame_alike(tmp_path):
 
 # -- datamodule -----------------------------------------------------------------------------------------
 def _dm(root, **kw):
-    kw.setdefault("clip", {"length": 6})
+    kw.setdefault("window", {"length": 6})
     return VolumeDataModule(name="toy", path=str(root), **kw)
 
 
 def test_datamodule_checks_and_meta(store_root, tmp_path):
-    dm = _dm(store_root, tr=2.0, shape=list(SHAPE), normalisation={"stored": "global", "fill": "min"})
+    dm = _dm(store_root, tr=2.0, shape=list(SHAPE), normalization={"stored": "global", "fill": "min"})
     dm.setup()
     meta = dm.meta
     assert meta["tr"] == 2.0 and meta["shape"] == list(SHAPE) and meta["in_chans"] == 1
-    assert meta["normalisation"] == {"stored": ["global"], "fill": ["min"], "load": "stored"}
-    assert meta["subjects"] == ["sub-a", "sub-b"] and meta["clip_length"] == 6
+    assert meta["normalization"] == {"stored": ["global"], "fill": ["min"], "load": "stored"}
+    assert meta["n_subjects"] == 2 and meta["window_length"] == 6
     json.dumps(meta)  # plain containers only
     batch = next(iter(dm.train_dataloader()))
     assert batch["volume"].shape == (4, 1, *SHAPE, 6) and batch["brain_mask"].shape == (4, *SHAPE)
@@ -349,18 +349,18 @@ def test_datamodule_checks_and_meta(store_root, tmp_path):
         _dm(store_root, tr=0.72).setup()
     with pytest.raises(ConfigError, match=r"grid mismatch.*\(6, 5, 4\).*--target-shape 96 96 96"):
         _dm(store_root, shape=[96, 96, 96]).setup()
-    with pytest.raises(ConfigError, match="written with normalisation='global' but data.normalisation.stored='none'"):
-        _dm(store_root, normalisation={"stored": "none"}).setup()
+    with pytest.raises(ConfigError, match="written with normalisation='global' but data.normalization.stored='none'"):
+        _dm(store_root, normalization={"stored": "none"}).setup()
     with pytest.raises(ConfigError, match="longer than every segment"):
-        _dm(store_root, clip={"length": 20}).setup()
+        _dm(store_root, window={"length": 20}).setup()
     dm = _dm(store_root, split={"kind": "subject", "fractions": [0.5, 0.5, 0.0], "seed": 0},
              split_dir=str(tmp_path / "splits"))
     dm.setup()
     assert (tmp_path / "splits" / "seed0.txt").is_file()
     ids = {k: {dm.store.subject_ids[r] for r, _, _ in dm.segments[k]} for k in ("train", "val")}
     assert len(ids["train"]) == len(ids["val"]) == 1 and ids["train"].isdisjoint(ids["val"])
-    with pytest.raises(ConfigError, match="data.clip.min_length=1"):
-        _dm(store_root, clip={"length": 6, "min_length": 1}).setup()
+    with pytest.raises(ConfigError, match="data.window.min_length=1"):
+        _dm(store_root, window={"length": 6, "min_length": 1}).setup()
 
 
 def test_datamodule_mixed_tr(tmp_path):
@@ -378,10 +378,10 @@ def test_datamodule_mixed_tr(tmp_path):
 
 
 def test_datamodule_resume_skips_consumed_batches(store_root):
-    dm = _dm(store_root, clip={"length": 4, "train_clip_stride": 1}, batch_size=2)
+    dm = _dm(store_root, window={"length": 4, "train_stride": 1}, batch_size=2)
     dm.setup()
     full = [b["run"].tolist() + b["onset"].tolist() for b in dm.train_dataloader()]
-    dm2 = _dm(store_root, clip={"length": 4, "train_clip_stride": 1}, batch_size=2)
+    dm2 = _dm(store_root, window={"length": 4, "train_stride": 1}, batch_size=2)
     dm2.load_state_dict({"train_epoch": 0, "train_batches_done": 3})
     resumed = [b["run"].tolist() + b["onset"].tolist() for b in dm2.train_dataloader()]
     assert resumed == full[3:]

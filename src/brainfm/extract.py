@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from brainfm.data.windows import collate_windows
 from brainfm.errors import CheckpointError, ConfigError, DataError
 
 KINDS = ("embedding", "signature")
@@ -171,7 +172,7 @@ def check_compatible(meta: Mapping[str, Any], dm, where: str = "the checkpoint")
     from brainfm.runs import check_data_compatible
 
     for store in _stores(dm):
-        if hasattr(store, "n_rois"):
+        if store.kind in ("roi", "grayordinate"):
             if isinstance(meta.get("tr"), (int, float)) or meta.get("tr") is None:
                 check_data_compatible(meta, store, where=where)
             continue
@@ -186,10 +187,11 @@ def check_compatible(meta: Mapping[str, Any], dm, where: str = "the checkpoint")
                     f"{float(tr):g} s; models see time in seconds. Fix: resample the data to {float(tr):g} s"
                 )
         shape = meta.get("shape")
-        if shape is not None and store.shape is not None and list(store.shape) != [int(s) for s in shape]:
+        grid = store.frame_shape
+        if shape is not None and grid is not None and list(grid) != [int(s) for s in shape]:
             raise CheckpointError(
                 f"grid mismatch: {where} was trained on {list(shape)} volumes but the data hold "
-                f"{list(store.shape)}. Fix: preprocess with --target-shape {' '.join(map(str, shape))}"
+                f"{list(grid)}. Fix: preprocess with --target-shape {' '.join(map(str, shape))}"
             )
 
 
@@ -205,24 +207,17 @@ def use_checkpoint_normalization(ckpt: dict, dm) -> None:
         return
     norm = ROINormalizer.from_state(state)
     if getattr(dm, "normalizer", None) is not None:
-        dm.normalizer = norm
+        dm.normalizer = norm.bind(dm.store)
     normalizers = getattr(dm, "normalizers", None)
     if isinstance(normalizers, dict):
         for role in list(normalizers):
-            normalizers[role] = norm
+            normalizers[role] = norm.bind(dm.stores[role])
 
 
 # -- the windows of a split ---------------------------------------------------------------------------------
-def _collate_for(dataset):
-    from brainfm.data.datasets.volume import VolumeClipDataset, collate_volume_clips
-    from brainfm.data.windows import collate_windows
-
-    return collate_volume_clips if isinstance(dataset, VolumeClipDataset) else collate_windows
-
-
 def _locate(dataset, i: int) -> tuple[int, int]:
     """``(run, start TR)`` of grid window/clip ``i``."""
-    return dataset.clip(i) if hasattr(dataset, "clip") else dataset.window(i)
+    return dataset.index.window(i)
 
 
 def _subject_names(dataset) -> list[str]:
@@ -234,14 +229,14 @@ def _subject_names(dataset) -> list[str]:
 
 def _row(dataset, run: int, start: int, split: str, name: str, prefix: str = "") -> dict[str, Any]:
     store = dataset.store
-    tr = float(store.trs[run]) if hasattr(store, "trs") else float(dataset.tr)
+    tr = float(store.trs[run]) if np.isfinite(store.trs[run]) else float(dataset.tr)
     subject = store.subject_ids[run]
-    run_ids = getattr(store, "run_ids", None)
+    run_ids = store.run_ids
     return {
         f"{prefix}subject_id": str(subject),
         f"{prefix}subject_index": int(dataset.subject_index[subject]),
         f"{prefix}run": int(run),
-        f"{prefix}run_id": str(run_ids[run]) if run_ids is not None else f"run{run}",
+        f"{prefix}run_id": str(run_ids[run]),
         f"{prefix}window_start_tr": int(start),
         f"{prefix}window_start_s": float(start * tr),
         f"{prefix}tr": tr,
@@ -335,7 +330,7 @@ def extract(loaded: LoadedRun, kind: str = "embedding", splits: Sequence[str] = 
 
 def _embedding_split(task, dm, split: str, batch_size: int, name: str) -> Iterable[tuple[np.ndarray, list[dict]]]:
     ds = window_dataset(dm, split)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate_for(ds))
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_windows)
     i = 0
     for batch in loader:
         n = int(batch["subject"].shape[0])
@@ -345,14 +340,14 @@ def _embedding_split(task, dm, split: str, batch_size: int, name: str) -> Iterab
 
 
 def _signature_split(task, dm, split: str, batch_size: int, name: str) -> Iterable[tuple[np.ndarray, list[dict]]]:
-    from brainfm.data.datasets.pairs import collate_pairs
+    from brainfm.data.windows import collate_windows
 
     pairs = getattr(dm, "_pairs", {}).get(split) if hasattr(dm, "pair_dataset") else None
     if pairs is None:
         return  # no paired subjects in this split
     for lo in range(0, len(pairs), batch_size):
         idx = list(range(lo, min(lo + batch_size, len(pairs))))
-        batch = collate_pairs([pairs[i] for i in idx])  # pair i is drawn with seed i: fixed
+        batch = collate_windows([pairs[i] for i in idx])  # pair i is drawn with seed i: fixed
         rows = []
         for i in idx:
             r, t = pairs.pair(i, i)
@@ -524,7 +519,7 @@ def predict(loaded: LoadedRun, splits: Sequence[str] | None = None, batch_size: 
             if _has_split(dm, split):
                 ds = window_dataset(dm, split)
                 names = _subject_names(ds)
-                loaders.append(DataLoader(ds, batch_size=bs, shuffle=False, collate_fn=_collate_for(ds)))
+                loaders.append(DataLoader(ds, batch_size=bs, shuffle=False, collate_fn=collate_windows))
     batches = (b for loader in loaders for b in loader)
     if isinstance(task, R2TTask):
         preds = predict_subjects(task, batches, names)

@@ -107,24 +107,26 @@ def build_task_from_checkpoint(ckpt: dict, weights: bool = True) -> BrainfmTask:
 def check_data_compatible(meta: dict, store, where: str = "the checkpoint") -> None:
     """Raise CheckpointError unless ``store`` has the TR, ROI count and ROI order the model was
     trained with (``meta`` = the checkpoint's ``data_meta``)."""
-    from brainfm.data.datamodules.roi import check_tr
+    from brainfm.data.datamodules.base import check_tr
     from brainfm.errors import ConfigError
 
     try:
-        store.tr = check_tr(store.tr, meta.get("tr"), str(store.path), key=f"the TR of {where}")
+        tr = check_tr(store.tr, meta.get("tr"), str(store.location), key=f"the TR of {where}")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
+    if store.kind == "roi":  # a file that records no TR takes the checkpoint's
+        store.tr = tr
     n = meta.get("n_rois")
     if n is not None and int(n) != store.n_rois:
         raise CheckpointError(
-            f"{where} was trained on {n} ROIs ({meta.get('atlas')}) but {store.path} has "
+            f"{where} was trained on {n} ROIs ({meta.get('atlas')}) but {store.location} has "
             f"{store.n_rois}; parcellate the data with the same atlas"
         )
     names, found = meta.get("roi_names"), store.roi_names
     if names and found and list(names) != list(found):
         i = next(i for i, (a, b) in enumerate(zip(names, found)) if a != b)
         raise CheckpointError(
-            f"ROI order of {store.path} differs from {where} at index {i}: data {found[i]!r}, "
+            f"ROI order of {store.location} differs from {where} at index {i}: data {found[i]!r}, "
             f"model {names[i]!r}. Fix: reorder the data's ROIs to the model's order "
             "(roi_names in the checkpoint's data_meta)."
         )

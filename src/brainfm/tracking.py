@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter as _FabricWriter
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-
 
 from brainfm.errors import ConfigError
 

@@ -48,7 +48,11 @@ def print_table(report: dict) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    from brainfm.eval.protocol import plot_reidentification, run_reidentification, write_json
+    from brainfm.eval.protocol import (
+        plot_reidentification,
+        run_reidentification,
+        write_json,
+    )
     from brainfm.runs import find_checkpoint
 
     ckpt = find_checkpoint(cfg.ckpt)

@@ -94,10 +94,11 @@ def _info(args: argparse.Namespace) -> None:
 
     store = VolumeStore(args.store)
     print(store)
-    for i, r in enumerate(store.runs):
-        m = r.meta
-        print(f"  {r.subject}/{r.run}: {r.n_frames} TRs, TR {r.tr:g} s, {m.get('normalisation')}/{m.get('fill')}, "
-              f"crop/pad {m.get('crop_pad')}, from {m.get('source')}")
+    crops = store.crop_pads()
+    for i in range(len(store)):  # from the run index: no run folder is opened
+        st = store.run_stats(i)
+        print(f"  {store.subject_ids[i]}/{store.run_ids[i]}: {st['n']} TRs, TR {store.trs[i]:g} s, "
+              f"{st['normalisation']}/{st['fill']}, crop/pad {crops[i]}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ index, so datasets and loaders stay label-free.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,22 +40,10 @@ class LabelTable:
 
     def __init__(self, file: str | Path, id_column: str, columns: dict[str, str], subjects: Sequence[str],
                  categories: dict[str, Sequence] | None = None) -> None:
-        import pandas as pd
-
-        path = Path(file)
-        if not path.is_file():
-            raise DataError(f"phenotype file {path} does not exist; fix data.labels.file")
-        sep = "\t" if path.suffix in (".tsv", ".tab") else ","
-        df = pd.read_csv(path, sep=sep, dtype=str)
-        missing = [c for c in [id_column, *columns.values()] if c not in df.columns]
-        if missing:
-            raise DataError(f"{path} has no column(s) {missing}; available: {list(df.columns)[:30]}. "
-                            "Fix data.labels.id_column / data.labels.columns")
-        dup = df[id_column][df[id_column].duplicated()].tolist()
-        if dup:
-            raise DataError(f"{path}: subject id(s) {dup[:5]} appear more than once in column {id_column!r}")
-        df = df.set_index(df[id_column].str.strip())
-        self._encode(df, columns, subjects, categories, str(path))
+        table = {"file": str(file), "id_column": id_column, "columns": dict(columns),
+                 "categories": dict(categories or {})}
+        frame, cats, sources = read_phenotype_tables({"labels": table}, list(columns))
+        self._encode(frame, {k: k for k in columns}, subjects, cats, str(file))
 
     @classmethod
     def from_frame(cls, df, columns: dict[str, str], subjects: Sequence[str],
@@ -102,10 +90,12 @@ class LabelTable:
             batch[key] = values[idx]
         return batch
 
-    def stats(self) -> dict[str, dict]:
-        """Mean/std of numeric labels and class counts of categorical ones (for standardisation)."""
+    def stats(self, index: torch.Tensor | None = None) -> dict[str, dict]:
+        """Mean/std of numeric labels and class counts of categorical ones (for standardisation), over
+        the subjects ``index`` (subject indices; default: all)."""
         out = {}
         for key, v in self.values.items():
+            v = v if index is None else v[index]
             if v.dtype == torch.long:
                 out[key] = {"counts": torch.bincount(v).tolist()}
             else:
@@ -113,10 +103,112 @@ class LabelTable:
         return out
 
 
+# -- phenotype tables: the one reader ---------------------------------------------------------------------
+_TABLE_KEYS = {"file", "id_column", "columns", "categories"}
+
+
+def _read_table_file(path: Path, table: str):
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"phenotype file {path} does not exist ({_key(table)}.file). Fix: put the "
+                        f"data set's table there or point {_key(table)}.file at it")
+    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    # some public tables (ABIDE II) are not valid UTF-8: undecodable bytes become U+FFFD, ids are ASCII
+    return pd.read_csv(path, sep=sep, dtype=str, encoding_errors="replace", keep_default_na=True)
+
+
+def _key(table: str) -> str:
+    return "data.labels" if table == "labels" else f"data.phenotypes.{table}"
+
+
+def read_phenotype_tables(tables: Mapping[str, Mapping], keys: Sequence[str], ids=None):
+    """Read the label columns ``keys`` from a recipe's phenotype tables.
+
+    Args:
+        tables: ``{table name: {"file": path or [paths], "id_column": str, "columns": {key: column},
+            "categories": {key: [class values]}}}``. Several files of one table are stacked (e.g.
+            ABIDE I and ABIDE II); for an id present in more than one, the later file wins (SwiFT v2
+            keeps the ABIDE II row). Tables are joined on the subject id.
+        keys: label keys to read (each must be in the ``columns`` of some table; the first wins).
+        ids: the data set's :class:`~brainfm.data.datamodules.recipes.SubjectIds` (table ids are
+            canonicalised with its ``canonical_id``), or None: ids are compared as stripped strings.
+
+    Returns:
+        ``(frame, categories, sources)``: a ``pandas.DataFrame`` indexed by canonical subject id with
+        one string column per key (NaN where a subject has no value), ``{key: class values}`` of the
+        categorical keys, and ``{key: "file:column"}`` for messages.
+
+    Raises:
+        ConfigError: a key in no table, unknown table fields.
+        DataError: a missing file, a missing column (file and column named), an id matching no id
+            pattern, an id listed twice in one file.
+    """
+    import pandas as pd
+
+    canonical = ids.canonical_id if ids is not None else (lambda v, where: str(v).strip())
+    keys = list(dict.fromkeys(keys))
+    where: dict[str, str] = {}
+    for key in keys:
+        for name, table in tables.items():
+            if key in (table.get("columns") or {}):
+                where[key] = name
+                break
+        else:
+            known = sorted({k for t in tables.values() for k in (t.get("columns") or {})})
+            raise ConfigError(f"label {key!r} is in no phenotype table of the recipe (labels: {known}); add it as "
+                              f"data.phenotypes.<table>.columns.{key}=<column>")
+    frames, categories, sources = [], {}, {}
+    for name in dict.fromkeys(where.values()):
+        table = tables[name]
+        unknown = set(table) - _TABLE_KEYS
+        if unknown:
+            raise ConfigError(f"{_key(name)} has unknown field(s) {sorted(unknown)}; allowed: {sorted(_TABLE_KEYS)}")
+        if not table.get("file") or not table.get("id_column"):
+            raise ConfigError(f"{_key(name)} needs 'file' and 'id_column'")
+        mine = {k: table["columns"][k] for k in keys if where[k] == name}
+        files = table["file"] if isinstance(table["file"], (list, tuple)) else [table["file"]]
+        parts = []
+        for file in files:
+            path = Path(file)
+            df = _read_table_file(path, name)
+            wanted = [table["id_column"], *mine.values()]
+            missing = [c for c in wanted if c not in df.columns]
+            if missing:
+                raise DataError(f"{path} has no column(s) {missing} ({_key(name)}); available: "
+                                f"{list(df.columns)[:40]}. Fix the table, or {_key(name)}.id_column / .columns")
+            df = df[wanted].copy()
+            raw_ids = df[table["id_column"]]
+            keep = raw_ids.notna() & (raw_ids.astype(str).str.strip() != "")
+            df = df[keep]
+            df.index = [canonical(v, f"{path} (row {r + 2}, column {table['id_column']!r})")
+                        for r, v in zip(np.flatnonzero(keep.to_numpy()), df[table["id_column"]])]
+            dup = df.index[df.index.duplicated()].unique().tolist()
+            if dup:
+                raise DataError(f"{path}: subject id(s) {dup[:5]} appear more than once (column "
+                                f"{table['id_column']!r}); keep one row per subject")
+            parts.append(df.drop(columns=[table["id_column"]]).rename(columns={c: k for k, c in mine.items()}))
+            for k, c in mine.items():
+                sources[k] = f"{path}:{c}" if k not in sources else f"{sources[k]} + {path}:{c}"
+        stacked = pd.concat(parts)
+        stacked = stacked[~stacked.index.duplicated(keep="last")]
+        frames.append(stacked)
+        for k in mine:
+            cats = (table.get("categories") or {}).get(k)
+            if cats is not None:
+                categories[k] = [str(c) for c in cats]
+    out = frames[0]
+    for f in frames[1:]:
+        out = out.join(f, how="outer")
+    out = out.apply(lambda col: col.map(lambda v: v.strip() if isinstance(v, str) else v))
+    out = out.replace("", np.nan)
+    return out[keys], categories, sources
+
+
 def build_label_table(config: dict | None, subjects: Sequence[str]) -> LabelTable | None:
     if not config:
         return None
-    unknown = set(config) - {"file", "id_column", "columns", "categories"}
+    unknown = set(config) - _TABLE_KEYS
     if unknown:
         raise ConfigError(f"data.labels has unknown key(s) {sorted(unknown)}; allowed: file, id_column, columns, categories")
     return LabelTable(config["file"], config["id_column"], dict(config["columns"]), subjects, config.get("categories"))

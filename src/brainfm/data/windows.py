@@ -1,29 +1,122 @@
-"""Windows of ROI time series: a dataset of fixed-grid windows and a resumable random sampler.
+"""Windowing, shared by every dataset: the grid of windows over split segments, the resumable
+sampler that orders them, and the one collate.
 
-A window is ``length`` consecutive TRs of one subject run. Each sample carries the time of every
-TR in seconds from the window's onset (``t = arange(length) * TR``), as the TR embedding of
-Thomas, Ré & Poldrack (2022) expects, plus the onset in seconds from the start of the run.
+A window (a *clip* of volumes) is ``length`` TRs of one subject run, every ``frame_stride`` TRs; it
+spans ``(length - 1) * frame_stride + 1`` TRs. :class:`WindowIndex` numbers the windows of a list
+of segments ``(run, first TR, stop TR)`` whose starts lie ``stride`` TRs apart, in O(segments)
+memory (no array of every window: 60,000 runs x 1,000 starts would be 60M entries), and places the
+second, non-overlapping view of a contrastive pair.
 
-Training visits every window start (stride 1 by default) once per epoch in a random order, with
-a random crop length per batch; evaluation uses a fixed grid (``stride`` TRs apart). The order
-and the lengths are a pure function of ``(seed, epoch)``, drawn by :class:`WindowBatchSampler`
-in the main process, so a run resumed from a checkpoint in the middle of an epoch sees exactly
-the batches an uninterrupted run would have seen.
+Training visits every window once per epoch in a random order, with a random crop length per
+batch; evaluation uses a fixed grid. The order and the lengths are a pure function of
+``(seed, epoch)``, drawn by :class:`WindowBatchSampler` in the main process, so a run resumed from
+a checkpoint in the middle of an epoch sees exactly the batches an uninterrupted run would have
+seen. Each sample carries the time of every frame in seconds from the window's onset (as the TR
+embedding of Thomas, Ré & Poldrack (2022) expects) and the onset in seconds from the run start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from brainfm.errors import ConfigError
 
 #: A training request: (grid window index, crop length in TRs at most the dataset's length) and,
 #: for contrastive pairs, a seed that places the second view.
 WindowRequest = tuple[int, int] | tuple[int, int, int]
+#: keys of a batch that hold integer indices (collated to long tensors)
+INDEX_KEYS = frozenset({"subject", "run", "task_run", "dataset"})
+
+
+class WindowIndex:
+    """The grid windows of ``segments``: window ``i`` <-> (segment, start TR).
+
+    Args:
+        segments: ``(run, first TR, stop TR)`` ranges (stop exclusive), e.g. one split of a store.
+        span: TRs one window covers (``(length - 1) * frame_stride + 1``).
+        stride: TRs between the starts of neighbouring grid windows (>= 1).
+
+    Windows of segment ``k`` start at ``lo_k, lo_k + stride, ...`` while they fit before ``hi_k``
+    (as ``numpy.arange(lo, hi - span + 1, stride)``). Memory is O(segments).
+
+    Raises:
+        ConfigError: a span or stride below 1.
+    """
+
+    def __init__(self, segments: Sequence[tuple[int, int, int]], span: int, stride: int) -> None:
+        self.span, self.stride = int(span), int(stride)
+        if self.span < 1 or self.stride < 1:
+            raise ConfigError(f"a window span of {span} TRs and stride of {stride} TRs must be >= 1")
+        self.segments = np.asarray(list(segments), dtype=np.int64).reshape(-1, 3)
+        lo, hi = self.segments[:, 1], self.segments[:, 2]
+        self.counts = np.maximum(0, (hi - self.span - lo) // self.stride + 1)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def longest_segment(self) -> int:
+        return int((self.segments[:, 2] - self.segments[:, 1]).max()) if len(self.segments) else 0
+
+    def segment_of(self, i: int) -> int:
+        """Index of the segment holding window ``i``. Raises IndexError outside ``[0, len)``."""
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} outside [0, {len(self)})")
+        return int(np.searchsorted(self.offsets, i, side="right") - 1)
+
+    def window(self, i: int) -> tuple[int, int]:
+        """``(run, start TR)`` of window ``i``."""
+        k = self.segment_of(i)
+        run, lo, _ = self.segments[k]
+        return int(run), int(lo + (int(i) - self.offsets[k]) * self.stride)
+
+    def partner_start(self, i: int, start: int, span: int, seed: int) -> int:
+        """A start for a second view of ``span`` TRs in window ``i``'s segment that does not overlap the
+        view at ``start`` (when the segment allows), drawn from ``seed``: the positive of a contrastive
+        pair (SwiFT and R2T-Net draw it unseeded; here it is a function of the request)."""
+        _, lo, hi = (int(v) for v in self.segments[self.segment_of(i)])
+        last = hi - int(span)
+        before = np.arange(lo, max(lo, start - span + 1))
+        after = np.arange(min(last + 1, start + span), last + 1)
+        choices = np.concatenate([before, after])
+        if len(choices) == 0:  # segment shorter than two views: any other start
+            choices = np.setdiff1d(np.arange(lo, last + 1), [start]) if last > lo else np.array([start])
+        return int(np.random.default_rng(seed).choice(choices))
+
+    def run_windows(self) -> list[tuple[int, int, int]]:
+        """``(run, first window, windows)`` of every segment, in order (R2T draws per run)."""
+        return [(int(r), int(o), int(c)) for (r, _, _), o, c in zip(self.segments, self.offsets[:-1], self.counts)]
+
+
+class WindowDataset(Dataset):
+    """Base of the window datasets: the grid of windows of ``segments`` (a :class:`WindowIndex`) and the
+    subject index (subject id -> integer label; default: the store's sorted unique ids)."""
+
+    def _index_windows(self, store, segments: Sequence[tuple[int, int, int]], span: int, stride: int,
+                       subject_index: dict[str, int] | None, what: str, fix: str) -> None:
+        """Set ``index``, ``segments`` and ``subject_index``.
+
+        Raises:
+            ConfigError: no segment holds one window (``what``: the window in words, ``fix``: the key to lower).
+        """
+        self.subject_index = subject_index or {s: i for i, s in enumerate(store.subjects())}
+        self.index = WindowIndex(segments, span, stride)
+        self.segments = [tuple(int(v) for v in s) for s in self.index.segments]
+        if len(self.index) == 0:
+            raise ConfigError(f"{what}, longer than every segment of {store.location} (longest: "
+                              f"{self.index.longest_segment()} TRs); lower {fix}")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def window(self, i: int) -> tuple[int, int]:
+        """``(run, start TR)`` of grid window ``i``."""
+        return self.index.window(i)
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -110,21 +203,21 @@ class WindowBatchSampler(Sampler[list[WindowRequest]]):
                 yield [(int(order[p]), length) for p in pos]
 
 
-def collate_windows(samples: list[dict]) -> dict:
-    """Stack samples of equal length into a batch: ``bold`` ``(B, L, R)``, ``t`` ``(B, L)``,
-    ``onset`` ``(B,)``, ``subject`` ``(B,)`` long, ``run`` ``(B,)`` long (and ``bold2``, ``t2``,
-    ``onset2`` for pairs)."""
-    batch = {
-        "bold": torch.stack([s["bold"] for s in samples]),
-        "t": torch.stack([s["t"] for s in samples]),
-        "onset": torch.tensor([s["onset"] for s in samples], dtype=torch.float32),
-        "subject": torch.tensor([s["subject"] for s in samples], dtype=torch.long),
-        "run": torch.tensor([s["run"] for s in samples], dtype=torch.long),
-    }
-    if "bold2" in samples[0]:
-        batch["bold2"] = torch.stack([s["bold2"] for s in samples])
-        batch["t2"] = torch.stack([s["t2"] for s in samples])
-        batch["onset2"] = torch.tensor([s["onset2"] for s in samples], dtype=torch.float32)
+def collate_windows(samples: list[dict] | dict) -> dict:
+    """Stack samples of equal length into a batch, for every dataset: tensors are stacked (``bold``
+    ``(B, L, R)``, ``volume`` ``(B, C, X, Y, Z, L)``, ``t`` ``(B, L)``, ``brain_mask``, second and task
+    views), numbers become ``(B,)`` tensors (``subject``, ``run``, ``task_run``: long; ``onset``,
+    ``onset2``, ``task_onset``: float32). A batch already assembled by a dataset (a dict, e.g.
+    :meth:`~brainfm.data.datasets.volume.VolumeClipDataset.__getitems__`) passes through unchanged."""
+    if isinstance(samples, dict):
+        return samples
+    batch: dict[str, torch.Tensor] = {}
+    for key, value in samples[0].items():
+        if torch.is_tensor(value):
+            batch[key] = torch.stack([s[key] for s in samples])
+        else:
+            dtype = torch.long if key in INDEX_KEYS else torch.float32
+            batch[key] = torch.tensor([s[key] for s in samples], dtype=dtype)
     return batch
 
 

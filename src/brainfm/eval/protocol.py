@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from brainfm.data.datasets.roi import ROIWindowDataset
 from brainfm.data.normalization import ROINormalizer
 from brainfm.data.splits import time_split
+from brainfm.data.stores import open_store
 from brainfm.data.stores.roi import ROIStore
 from brainfm.data.windows import collate_windows
 from brainfm.eval.fingerprinting import fc_features
@@ -60,7 +61,7 @@ def normalizer_for(ckpt: dict, store: ROIStore) -> ROINormalizer:
     state = ckpt[CHECKPOINT_KEY].get("normalization") or {}
     mode = state.get("mode") or ckpt["hyper_parameters"]["data_meta"].get("normalization", {}).get("mode", "run")
     if mode == "global":
-        return ROINormalizer.from_state(state)
+        return ROINormalizer.from_state(state, store=store)
     return ROINormalizer.fit(store, mode=mode, eps=float(state.get("eps", 1e-6)))
 
 
@@ -86,7 +87,7 @@ def run_reidentification(
         raise ValueError(f"unknown baseline(s) {unknown}; available: {list(BASELINES)}")
     ckpt = load_checkpoint(ckpt_path)
     meta = ckpt["hyper_parameters"]["data_meta"]
-    store = ROIStore(data_path or meta["path"], atlas=meta.get("atlas"))
+    store = open_store("roi", data_path or meta["path"], atlas=meta.get("atlas"))
     check_data_compatible(meta, store, where=f"checkpoint {ckpt['_path']}")
     norm = normalizer_for(ckpt, store)
     segments = time_split(store.lengths, gallery_fraction)
@@ -118,7 +119,7 @@ def run_reidentification(
     return {
         "checkpoint": ckpt["_path"],
         "global_step": int(ckpt.get("global_step", -1)),
-        "data": {"path": str(store.path), "atlas": store.atlas, "tr": store.tr, "n_subjects": len(set(store.subject_ids))},
+        "data": {"path": str(store.location), "atlas": store.atlas, "tr": store.tr, "n_subjects": len(set(store.subject_ids))},
         "protocol": {
             "gallery": f"windows of the first {gallery_fraction:g} of each run",
             "queries": "windows of the rest of each run",

@@ -232,7 +232,7 @@ class TFF(nn.Module):
 
     Args:
         img_size: ``[X, Y, Z]`` voxels of a volume (TFF: HCP cropped to ``[75, 93, 81]``).
-        in_chans: input channels (2: global and per-voxel z-norm, ``data.normalisation.load=stored+voxel``).
+        in_chans: input channels (2: global and per-voxel z-norm, ``data.normalization.load=stored+voxel``).
         out_chans: reconstructed channels (1: the global z-norm channel).
         base_channels, encoder_blocks: CNN width and residual blocks per level (TFF: 4, ``[1, 2, 2, 4]``).
         bottleneck_channels: channels before flattening (TFF: 2).
@@ -309,7 +309,7 @@ class TFF(nn.Module):
             raise ConfigError(
                 f"TFF expects volumes (B, {self.in_chans}, {', '.join(map(str, self.img_size))}, T), got "
                 f"{tuple(x.shape)}. Fix: model.img_size must equal data.shape, and model.in_chans the data's channels "
-                "(2 with data.normalisation.load=stored+voxel)"
+                "(2 with data.normalization.load=stored+voxel)"
             )
 
     def encode_frames(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from brainfm.errors import ConfigError
 from brainfm.scaling.accounting import build_on_meta, count_flops, count_parameters
 from brainfm.scaling.families import family_of
 from brainfm.scaling.memory import (
-    GiB,
     STRATEGIES,
+    GiB,
     StepMemory,
     model_state_memory,
     per_gpu_need,

@@ -135,7 +135,11 @@ def _lstm_stages(model: nn.Module) -> dict[str, list[nn.Module]]:
 def _register_builtin() -> None:
     from brainfm.models.lstm import LSTMAutoencoder
     from brainfm.models.sequence import SequenceTransformer
-    from brainfm.models.swin4d import FactorizedSwinBlock4D, SwinBlock4D, SwinTransformer4D
+    from brainfm.models.swin4d import (
+        FactorizedSwinBlock4D,
+        SwinBlock4D,
+        SwinTransformer4D,
+    )
     from brainfm.models.transformer import TransformerBlock
 
     register_family(SwinTransformer4D, Family("swin4d", _swin_inputs, _mean_square, _swin_stages,

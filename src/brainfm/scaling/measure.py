@@ -31,6 +31,7 @@ from brainfm.scaling.families import family_of
 from brainfm.scaling.memory import _storage_bytes, optimizer_state_bytes
 from brainfm.tasks.base import BrainfmTask
 
+
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
     """Dense bf16 peak of ``device`` in FLOP/s from Lightning's table of GPUs (A100: 312 TFLOP/s),
     or ``override_tflops``; ``None`` on a CPU or a GPU the table does not know."""

@@ -291,7 +291,9 @@ def model_state_memory(strategy: str, n_params: int, largest_layer: int, nodes: 
 
     with redirect_stdout(io.StringIO()):  # DeepSpeed logs its accelerator choice on import
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import (
+            estimate_zero2_model_states_mem_needs,
+        )
     if strategy.startswith("deepspeed_stage_2"):
         cpu, gpu = estimate_zero2_model_states_mem_needs(
             n_params, gpus_per_node, nodes, cpu_offload=strategy.endswith("offload"),

@@ -172,8 +172,14 @@ class SupervisedTask(BrainfmTask):
 
     def subject_metrics(self, per_subject: dict) -> dict[str, float]:
         """Metrics from each subject's mean clip output (SwiFT's clip -> subject averaging)."""
-        from torchmetrics.functional import (accuracy, auroc, mean_absolute_error, mean_squared_error,
-                                             pearson_corrcoef, r2_score)
+        from torchmetrics.functional import (
+            accuracy,
+            auroc,
+            mean_absolute_error,
+            mean_squared_error,
+            pearson_corrcoef,
+            r2_score,
+        )
 
         outs = torch.stack([torch.stack([o for o, _ in v]).mean(0) for v in per_subject.values()])
         ys = torch.tensor([v[0][1] for v in per_subject.values()])

@@ -179,7 +179,7 @@ class TFFAutoencoder(BrainfmTask):
             the checkpoint's hyper-parameters (the weights are).
 
     Batches: ``volume`` ``(B, C, X, Y, Z, T)`` (float16 or float32; channel 0 global z-norm, channel 1
-    per-voxel z-norm with ``data.normalisation.load=stored+voxel``) and optionally ``brain_mask``
+    per-voxel z-norm with ``data.normalization.load=stored+voxel``) and optionally ``brain_mask``
     ``(B, X, Y, Z)``. :meth:`embed` returns the model's pooled output ``(B, hidden_size)``.
 
     Raises:
@@ -229,19 +229,19 @@ class TFFAutoencoder(BrainfmTask):
         m = self.model
         chans = meta.get("in_chans")
         if chans is not None and int(chans) != m.in_chans:
-            load = (meta.get("normalisation") or {}).get("load")
+            load = (meta.get("normalization") or {}).get("load")
             raise ConfigError(
-                f"model.in_chans={m.in_chans} but the data give {chans} channel(s) (data.normalisation.load={load!r}). "
-                "Fix: TFF's two channels (global + per-voxel z-norm) come with data.normalisation.load=stored+voxel; "
+                f"model.in_chans={m.in_chans} but the data give {chans} channel(s) (data.normalization.load={load!r}). "
+                "Fix: TFF's two channels (global + per-voxel z-norm) come with data.normalization.load=stored+voxel; "
                 "for one channel set model.in_chans=1 task.intensity_channel=0"
             )
         shape = meta.get("shape")
         if shape is not None and tuple(int(s) for s in shape) != m.img_size:
             raise ConfigError(f"model.img_size={list(m.img_size)} but the data's grid is {list(shape)}: set "
                               f"model.img_size={list(shape)}")
-        length = meta.get("clip_length")
+        length = meta.get("window_length")
         if length is not None and m.transformer is not None and int(length) + 1 > m.transformer.max_positions:
-            raise ConfigError(f"data.clip.length={length} TRs needs {int(length) + 1} positions (CLS included) but "
+            raise ConfigError(f"data.window.length={length} TRs needs {int(length) + 1} positions (CLS included) but "
                               f"model.max_positions={m.transformer.max_positions}")
 
     # -- perceptual network: loaded when training starts (a checkpoint rebuilt for embeddings never reads it)
@@ -263,7 +263,7 @@ class TFFAutoencoder(BrainfmTask):
         if x.shape[1] != self.model.in_chans:
             raise ConfigError(
                 f"the batch has {x.shape[1]} channel(s) but model.in_chans={self.model.in_chans}. Fix: "
-                "data.normalisation.load=stored+voxel gives TFF's two channels (global + per-voxel z-norm)"
+                "data.normalization.load=stored+voxel gives TFF's two channels (global + per-voxel z-norm)"
             )
         return x.float()
 

@@ -161,10 +161,10 @@ class MultiDataModule(ResumableTrainPosition, L.LightningDataModule):
             dm.setup(stage)
             metas[name] = dm.meta
         first = next(iter(metas))
-        for key in ("shape", "clip_length", "in_chans"):
+        for key in ("shape", "window_length", "in_chans"):
             values = {n: m.get(key) for n, m in metas.items()}
             if len({str(v) for v in values.values()}) > 1:
-                what = {"shape": "shape", "clip_length": "clip.length", "in_chans": "normalisation.load"}[key]
+                what = {"shape": "shape", "window_length": "window.length", "in_chans": "normalization.load"}[key]
                 raise ConfigError(f"data sets of data=multi differ in {key}: {values}; one model sees every batch, "
                                   f"so set the same data.datasets.<name>.{what} for all (as {first}'s)")
         if self.weights_config is None:
@@ -174,7 +174,7 @@ class MultiDataModule(ResumableTrainPosition, L.LightningDataModule):
             raw = {n: float(self.weights_config.get(n, 0.0)) for n in self.children}
         total = sum(raw.values())
         self.weights = {n: v / total for n, v in raw.items()}
-        counts = [len(metas[n]["subjects"]) for n in self.children]
+        counts = [int(metas[n]["n_subjects"]) for n in self.children]
         self.offsets = [int(v) for v in np.cumsum([0, *counts[:-1]])]
         self._metas = metas
         self._ready = True
@@ -202,8 +202,8 @@ class MultiDataModule(ResumableTrainPosition, L.LightningDataModule):
             "trs": trs,
             "shape": first.get("shape"),
             "in_chans": first.get("in_chans"),
-            "clip_length": first.get("clip_length"),
-            "subjects": [f"{n}:{s}" for n, m in self._metas.items() for s in m.get("subjects", [])],
+            "window_length": first.get("window_length"),
+            "n_subjects": int(sum(int(m.get("n_subjects", 0)) for m in self._metas.values())),
         }
 
     def train_dataloader(self) -> MixedTrainLoader:

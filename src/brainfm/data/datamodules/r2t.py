@@ -25,19 +25,7 @@ A paired batch carries the rest view under the usual keys (``bold``/``volume``, 
 :attr:`R2TDataModule.subjects`). A rest-only batch (rest-only inference, R2T-Net's ``predict``)
 is an ordinary window batch: ``bold``/``volume``, ``t``, ``subject``.
 
-Grayordinate store layout (one directory per subject run)::
-
-    <root>/<subject>/<run>/
-        bold.npy    float16 (T, N) C order (np.load(mmap_mode="r")): N grayordinates per TR
-                    (91282 in HCP's 32k_fs_LR space), normalised as meta.normalisation says
-        meta.json   layout "brainfm-grayordinate-run", subject, run, tr (s), n_frames,
-                    n_grayordinates, normalisation, global_mean/global_std (input units),
-                    constant_grayordinates, structures ([name, kind, offset, count] of the CIFTI
-                    brain models), source, brainfm_version
-
-written by :func:`write_grayordinate_run` from a ``(T, N)`` array or a ``.dtseries.nii`` (read with
-nibabel) into a hidden temporary directory that is renamed when complete. A window of consecutive
-TRs is one contiguous byte range.
+The grayordinate store's layout is in :mod:`brainfm.data.stores.grayordinate`.
 """
 
 from __future__ import annotations
@@ -47,54 +35,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from brainfm.data.datamodules.roi import check_tr
-from brainfm.data.datasets.pairs import (
-    R2TPairDataset,
-    _grid_windows,
-    assign_roles,
-    collate_pairs,
-)
+from brainfm.data.datamodules.base import StoreDataModule, plain, resolve_tr
+from brainfm.data.datasets.pairs import ROLES, R2TPairDataset, assign_roles
 from brainfm.data.datasets.roi import ROIWindowDataset
-from brainfm.data.datasets.volume import (
-    LOAD_NORMALISATIONS,
-    VolumeClipDataset,
-    collate_volume_clips,
-)
+from brainfm.data.datasets.volume import LOAD_NORMALISATIONS, VolumeClipDataset
 from brainfm.data.normalization import ROINormalizer
-from brainfm.data.phenotypes import build_label_table
-from brainfm.data.splits import (
-    load_or_create_subject_split,
-    segments_for_subjects,
-    time_split,
-)
-from brainfm.data.stores.grayordinate import GrayordinateStore
-from brainfm.data.stores.roi import ROIStore
-from brainfm.data.stores.volume import VolumeStore
-from brainfm.data.windows import (
-    ResumableTrainPosition,
-    WindowBatchSampler,
-    collate_windows,
-)
+from brainfm.data.stores import open_store
+from brainfm.data.windows import WindowBatchSampler, WindowIndex, collate_windows
 from brainfm.errors import ConfigError, DataError
 
 KINDS = ("volume", "grayordinate", "roi")
-ROLES = ("rest", "task")
-#: grayordinates of HCP's CIFTI space (32k_fs_LR surfaces + 2 mm subcortical voxels)
-N_GRAYORDINATES_HCP = 91282
-GRAYORDINATE_LAYOUT = "brainfm-grayordinate-run"
-GRAYORDINATE_LAYOUT_VERSION = 1
-GRAYORDINATE_NORMALISATIONS = ("global", "grayordinate", "none")
-_FP16_MAX = 65504.0
-_BOLD, _META = "bold.npy", "meta.json"
 
 
-# -- datamodule -----------------------------------------------------------------------------------------------
-class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
+class R2TDataModule(StoreDataModule):
     """Rest/task pairs of the same subject (R2T-Net) for volumes, grayordinates or ROI series.
 
     Args:
@@ -113,8 +69,8 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
             ``{"load": one of LOAD_NORMALISATIONS}``. ``grayordinate``: None (the store is normalised
             when written).
         layout, shape: ``volume``: ``volumes``|``frames`` and the expected grid ``[X, Y, Z]``.
-        window: ``{"length": TRs per window (Swin4D: the model's img_size[3]), "stride": TRs between a
-            clip's frames (volume only), "eval_stride": TRs between rest-only evaluation windows}``.
+        window: ``{"length": TRs per window (Swin4D: the model's img_size[3]), "frame_stride": TRs between
+            a clip's frames (volume only), "eval_stride": TRs between rest-only evaluation windows}``.
         split: ``{"kind": "subject", "fractions", "seed", "file"}`` (subjects of both stores) or
             ``{"kind": "time", "train_fraction"}`` (the start of every run trains, the rest validates).
         split_dir: folder of the split files.
@@ -131,6 +87,8 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
         mismatch between stores or with the recipe, no paired training subjects, unpaired subjects with
         ``unpaired=error``, fewer training pairs than a batch.
     """
+
+    window_defaults = {"length": 20, "min_length": None, "frame_stride": 1, "train_stride": 1, "eval_stride": None}
 
     def __init__(
         self,
@@ -157,35 +115,29 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         labels: dict | None = None,
+        cache: dict | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(name, path, tr=tr, split={"kind": "subject", **(split or {})}, split_dir=split_dir,
+                         window=window, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                         num_workers=num_workers, seed=seed, labels=labels, cache=cache)
         if kind not in KINDS:
             raise ConfigError(f"data.kind={kind!r} must be one of {KINDS}")
         if unpaired not in ("skip", "error"):
             raise ConfigError(f"data.unpaired={unpaired!r} must be 'skip' or 'error'")
-        self.name, self.kind = name, kind
-        self.path = Path(path)
+        self.kind = kind
         self.task_path = Path(task_path) if task_path else None
         self.rest_runs = [str(p) for p in (rest_runs or [])]
         self.task_runs = None if task_runs is None else [str(p) for p in task_runs]
         if not self.rest_runs:
             raise ConfigError("data.rest_runs needs at least one pattern (e.g. ['*REST*'])")
-        self.expected_tr, self.expected_n_rois = tr, n_rois
+        self.expected_n_rois = n_rois
         self.atlas, self.preload = atlas, preload
         defaults = {"roi": {"mode": "run", "eps": 1e-6}, "volume": {"load": "stored"}, "grayordinate": {}}[kind]
         self.normalization = {**defaults, **(normalization or {})}
         self.layout = layout
         self.expected_shape = None if shape is None else tuple(int(s) for s in shape)
-        self.window = {"length": 20, "stride": 1, "eval_stride": None, **(window or {})}
-        self.split = {"kind": "subject", "train_fraction": 0.5, "fractions": [0.8, 0.1, 0.1], "seed": 0,
-                      "file": None, **(split or {})}
-        self.split_dir = Path(split_dir)
         self.pairs_per_subject = int(pairs_per_subject)
         self.unpaired = unpaired
-        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
-        self.num_workers, self.seed = int(num_workers), int(seed)
-        self.labels_config = labels
-        self.labels = None
         self.view = "volume" if kind == "volume" else "bold"
         self.stores: dict[str, Any] = {}
         self.normalizers: dict[str, ROINormalizer | None] = {}
@@ -193,38 +145,24 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
         self.roles: dict[str, list[str | None]] = {}
         self.subjects: list[str] = []
         self.subject_index: dict[str, int] = {}
-        self.segments: dict[str, dict[str, list[tuple[int, int, int]]]] = {}
+        self.segments: dict[str, dict[str, list[tuple[int, int, int]]]] = {}  # type: ignore[assignment]
         self.paired_subjects: dict[str, list[str]] = {}
         self.unpaired_subjects: dict[str, list[str]] = {}
-        self.subject_split: dict[str, list[str]] | None = None
-        self.tr: float | None = None
         self._pairs: dict[str, R2TPairDataset] = {}
-        self._resume: tuple[int, int] | None = None
-        self._train_sampler: WindowBatchSampler | None = None
 
     # -- setup --------------------------------------------------------------------------------------------
     def _open(self, path: Path):
-        if self.kind == "roi":
-            return ROIStore(path, atlas=self.atlas, preload=self.preload)
-        if self.kind == "grayordinate":
-            return GrayordinateStore(path)
-        if self.layout == "volumes":
-            return VolumeStore(path)
-        if self.layout == "frames":
-            from brainfm.data.stores.frames import FrameStore
-
-            if not isinstance(self.expected_tr, (int, float)):
-                raise ConfigError(f"frame folders ({path}) carry no TR: set data.tr=<seconds>")
-            return FrameStore(path, tr=float(self.expected_tr))
-        raise ConfigError(f"data.layout={self.layout!r} must be 'volumes' or 'frames'")
+        if self.kind == "volume":
+            if self.layout not in ("volumes", "frames"):
+                raise ConfigError(f"data.layout={self.layout!r} must be 'volumes' or 'frames'")
+            kind = "volume" if self.layout == "volumes" else "frames"
+        else:
+            kind = self.kind
+        return open_store(kind, path, atlas=self.atlas, preload=self.preload, tr=self.expected_tr, cache=self.cache)
 
     def _check_store(self, store, path: Path) -> float:
-        """TR of ``store`` (checked against the recipe), plus its value count or grid."""
-        tr = getattr(store, "tr", None)
-        if tr is None:
-            trs = sorted({round(float(t), 6) for t in store.trs})
-            raise ConfigError(f"runs of {path} have different TRs {trs} s; R2T pairs need one TR per store")
-        tr = check_tr(float(tr), None if self.expected_tr is None else float(self.expected_tr), str(path))
+        """TR of ``store`` (one per store, checked against the recipe), plus its value count or grid."""
+        tr = resolve_tr(store, None if self.expected_tr is None else float(self.expected_tr))
         if self.kind in ("roi", "grayordinate"):
             what = "ROIs" if self.kind == "roi" else "grayordinates"
             if self.expected_n_rois is not None and int(self.expected_n_rois) != store.n_rois:
@@ -234,13 +172,13 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
                     "at the data you meant"
                 )
         else:
-            if store.shape is None:
+            if store.frame_shape is None:
                 raise DataError(f"{path} mixes grids; preprocess every run with one --target-shape")
-            if self.expected_shape is not None and tuple(store.shape) != self.expected_shape:
-                raise ConfigError(f"grid mismatch: {path} holds {tuple(store.shape)} volumes but data.shape="
-                                  f"{list(self.expected_shape)}. Fix: set data.shape={list(store.shape)} (and the model's "
-                                  "img_size)")
-        return tr
+            if self.expected_shape is not None and tuple(store.frame_shape) != self.expected_shape:
+                raise ConfigError(f"grid mismatch: {path} holds {tuple(store.frame_shape)} volumes but data.shape="
+                                  f"{list(self.expected_shape)}. Fix: set data.shape={list(store.frame_shape)} (and the "
+                                  "model's img_size)")
+        return float(tr)
 
     def _check_same_space(self, rest, task) -> None:
         if self.kind in ("roi", "grayordinate"):
@@ -251,11 +189,12 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
                 i = next(i for i, (a, b) in enumerate(zip(rest.roi_names, task.roi_names)) if a != b)
                 raise ConfigError(f"ROI order of {self.task_path} differs from {self.path} at index {i}: "
                                   f"{task.roi_names[i]!r} vs {rest.roi_names[i]!r}. Fix: reorder the task store's ROIs")
-        elif rest.shape != task.shape:
-            raise ConfigError(f"{self.path} holds {rest.shape} volumes but task_path {self.task_path} holds {task.shape}")
+        elif rest.frame_shape != task.frame_shape:
+            raise ConfigError(f"{self.path} holds {rest.frame_shape} volumes but task_path {self.task_path} holds "
+                              f"{task.frame_shape}")
 
     def _span(self) -> int:
-        stride = int(self.window.get("stride") or 1) if self.kind == "volume" else 1
+        stride = int(self.window.get("frame_stride") or 1) if self.kind == "volume" else 1
         return (int(self.window["length"]) - 1) * stride + 1
 
     def setup(self, stage: str | None = None) -> None:
@@ -296,27 +235,13 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
                 )
         self.subjects = sorted({s for role in ROLES for s, r in zip(stores[role].subject_ids, roles[role]) if r == role})
         self.subject_index = {s: i for i, s in enumerate(self.subjects)}
-
-        kind = self.split["kind"]
+        if self.split["kind"] == "subject":  # subjects of both stores, one split
+            self.subject_split, self.split_file = self._subject_split(self.subjects)
         per_split: dict[str, dict[str, list[tuple[int, int, int]]]] = {name: {} for name in ("train", "val", "test")}
-        if kind == "subject":
-            split_file = Path(self.split["file"] or self.split_dir / f"seed{int(self.split['seed'])}.txt")
-            self.subject_split = load_or_create_subject_split(split_file, self.subjects, self.split["fractions"],
-                                                              int(self.split["seed"]))
-            self.split_file = split_file
-            for name, subjects in self.subject_split.items():
-                for role in ROLES:
-                    st = stores[role]
-                    segs = segments_for_subjects(st.subject_ids, st.lengths, subjects)
-                    per_split[name][role] = [s for s in segs if roles[role][s[0]] == role]
-        elif kind == "time":
-            for role in ROLES:
-                parts = time_split(stores[role].lengths, float(self.split["train_fraction"]))
-                for name in ("train", "val", "test"):
-                    per_split[name][role] = [s for s in parts.get(name, []) if roles[role][s[0]] == role]
-        else:
-            raise ConfigError(f"data.split.kind={kind!r} must be 'subject' or 'time'")
-
+        for role in ROLES:
+            parts = self.split_segments(stores[role].subject_ids, stores[role].lengths, self.subject_split)
+            for name in per_split:
+                per_split[name][role] = [s for s in parts.get(name, []) if roles[role][s[0]] == role]
         for role, store in stores.items():
             if self.kind == "roi" and role not in self.normalizers:
                 train_segs = [s for r in ROLES if stores[r] is store for s in per_split["train"].get(r, [])]
@@ -326,7 +251,8 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
                     self.normalizers["task"] = norm
         self.normalizer = self.normalizers.get("rest")
         self.stores, self.roles, self.segments = stores, roles, per_split
-        self.labels = build_label_table(self.labels_config, self.subjects)
+        self.store = rest_store
+        self.labels = self._label_table(self.subjects)
         self._pairs = {}
         for name in ("train", "val", "test"):
             self._pairs_for(name, must_exist=name == "train")
@@ -342,22 +268,22 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
         store = self.stores[role]
         length = int(self.window["length"])
         if self.kind == "volume":
-            return VolumeClipDataset(store, segments, length, int(self.window.get("stride") or 1), clip_stride=stride or 1,
-                                     normalisation=self.normalization.get("load", "stored"), return_mask=False,
-                                     subject_index=self.subject_index)
+            return VolumeClipDataset(store, segments, length, int(self.window.get("frame_stride") or 1),
+                                     clip_stride=stride or 1, normalisation=self.normalization.get("load", "stored"),
+                                     return_mask=False, subject_index=self.subject_index)
         return ROIWindowDataset(store, self.normalizers.get(role) or ROINormalizer(mode="none"), segments, length,
                                 stride=stride or 1, subject_index=self.subject_index)
 
     def _pairs_for(self, split: str, must_exist: bool = False) -> R2TPairDataset | None:
         span = self._span()
-        windows: dict[str, dict[str, list[np.ndarray]]] = {}
+        windows: dict[str, dict[str, list[tuple[int, int]]]] = {}
         present: dict[str, set[str]] = {}
         for role in ROLES:
             store, segs = self.stores[role], self.segments[split].get(role, [])
             windows[role] = {}
-            for run, grid in _grid_windows(segs, span):
-                if len(grid):
-                    windows[role].setdefault(store.subject_ids[run], []).append(grid)
+            for run, first, count in WindowIndex(segs, span, 1).run_windows():
+                if count:
+                    windows[role].setdefault(store.subject_ids[run], []).append((first, count))
             present[role] = {store.subject_ids[run] for run, _, _ in segs}
         subjects = present["rest"] | present["task"]
         paired = sorted(s for s in subjects if s in windows["rest"] and s in windows["task"])
@@ -409,9 +335,6 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
         stride = int(self.window.get("eval_stride") or (self._span() if self.kind == "volume" else self.window["length"]))
         return self._role_dataset("rest", segs, stride=stride)
 
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        return self.labels.add_to(batch) if self.labels is not None else batch
-
     def label_stats(self, split: str = "train") -> dict[str, dict]:
         """Mean/std (numeric) or class counts (categorical) of each label over the paired subjects of
         ``split`` (the training subjects by default: targets are standardised with training
@@ -420,14 +343,7 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
         if self.labels is None:
             return {}
         idx = torch.tensor([self.subject_index[s] for s in self.paired_subjects.get(split, [])], dtype=torch.long)
-        out = {}
-        for key, values in self.labels.values.items():
-            v = values[idx]
-            if v.dtype == torch.long:
-                out[key] = {"counts": torch.bincount(v).tolist()}
-            else:
-                out[key] = {"mean": float(v.mean()), "std": float(v.std(unbiased=False))}
-        return out
+        return self.labels.stats(idx)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -435,18 +351,14 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
         self.setup()
         rest = self.stores["rest"]
         out: dict[str, Any] = {
-            "dataset": self.name,
+            **self.base_meta(),
+            "n_subjects": len(self.subjects),
             "kind": self.kind,
-            "path": str(self.path),
             "task_path": str(self.task_path) if self.task_path else None,
-            "tr": self.tr,
             "rest_runs": list(self.rest_runs),
             "task_runs": None if self.task_runs is None else list(self.task_runs),
-            "window_length": int(self.window["length"]),
-            "normalization": dict(self.normalization),
-            "split": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.split.items()},
-            "subjects": list(self.subjects),
-            "paired_subjects": {k: list(v) for k, v in self.paired_subjects.items()},
+            "normalization": plain(self.normalization),
+            "n_paired_subjects": {k: len(v) for k, v in self.paired_subjects.items()},
         }
         if self.kind in ("roi", "grayordinate"):
             out["n_rois"] = int(rest.n_rois)
@@ -454,34 +366,26 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
             if self.kind == "roi":
                 out["atlas"] = rest.atlas
         else:
-            out["shape"] = [int(s) for s in rest.shape]
-            out["clip_stride"] = int(self.window.get("stride") or 1)
+            out["shape"] = [int(s) for s in rest.frame_shape]
+            out["frame_stride"] = int(self.window.get("frame_stride") or 1)
             out["in_chans"] = 2 if self.normalization.get("load") == "stored+voxel" else 1
         return out
 
     # -- loaders ----------------------------------------------------------------------------------------------
     def _pair_loader(self, ds: R2TPairDataset, sampler: WindowBatchSampler) -> DataLoader:
         return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate_pairs)
+                          persistent_workers=self.num_workers > 0, collate_fn=collate_windows)
 
     def train_dataloader(self) -> DataLoader:
         ds = self.pair_dataset("train")
-        length = int(self.window["length"])
-        sampler = WindowBatchSampler(len(ds), self.batch_size, length, seed=self.seed, pairs=True)
-        if self._resume is not None:
-            sampler.fast_forward(*self._resume)
-            self._resume = None
-        self._train_sampler = sampler
-        return self._pair_loader(ds, sampler)
+        return self._pair_loader(ds, self.train_sampler(len(ds), int(self.window["length"]), pairs=True))
 
     def _eval_pairs(self, split: str):
         self.setup()
         ds = self._pairs.get(split)
         if ds is None:
             return []
-        sampler = WindowBatchSampler(len(ds), self.eval_batch_size, int(self.window["length"]), seed=self.seed,
-                                     shuffle=False, drop_last=False, pairs=True)
-        return self._pair_loader(ds, sampler)
+        return self._pair_loader(ds, self.eval_sampler(len(ds), int(self.window["length"]), pairs=True))
 
     def val_dataloader(self):
         return self._eval_pairs("val")
@@ -493,7 +397,5 @@ class R2TDataModule(ResumableTrainPosition, L.LightningDataModule):
         """Rest-only windows of the test split (val when there is none): R2T-Net's ``predict``."""
         self.setup()
         split = "test" if self.segments["test"].get("rest") else "val"
-        collate = collate_volume_clips if self.kind == "volume" else collate_windows
         return DataLoader(self.rest_dataset(split), batch_size=self.eval_batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=collate)
-
+                          num_workers=self.num_workers, collate_fn=collate_windows)

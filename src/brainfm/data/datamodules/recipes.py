@@ -45,25 +45,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from brainfm.data.datamodules.volume import VolumeDataModule
-from brainfm.data.phenotypes import LabelTable
-from brainfm.data.splits import (
-    SPLITS,
-    check_disjoint,
-    draw_subject_split,
-    read_split_file,
-    write_split_file,
-)
-from brainfm.data.stores.view import RecipeStoreView
-from brainfm.data.stores.volume import CropPad, VolumeStore
+from brainfm.data.phenotypes import _TABLE_KEYS, LabelTable, read_phenotype_tables
+from brainfm.data.splits import load_or_create_subject_split
+from brainfm.data.stores import open_store
+from brainfm.data.stores.view import StoreView
+from brainfm.data.stores.volume import CropPad
 from brainfm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("volumes", "frames")
-_TABLE_KEYS = {"file", "id_column", "columns", "categories"}
 
 
 def _show(patterns: Sequence[re.Pattern]) -> str:
@@ -158,185 +150,6 @@ class SubjectIds:
             f"{_show([*self.id_patterns, *self.patterns])}; fix the file, or "
             "data.subjects.id_patterns if the data set writes its ids differently"
         )
-
-
-# -- phenotype tables -------------------------------------------------------------------------------------
-def _read_table_file(path: Path, table: str):
-    import pandas as pd
-
-    if not path.is_file():
-        raise DataError(f"phenotype file {path} does not exist ({_key(table)}.file). Fix: put the "
-                        f"data set's table there or point {_key(table)}.file at it")
-    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    # some public tables (ABIDE II) are not valid UTF-8: undecodable bytes become U+FFFD, ids are ASCII
-    return pd.read_csv(path, sep=sep, dtype=str, encoding_errors="replace", keep_default_na=True)
-
-
-def _key(table: str) -> str:
-    return "data.labels" if table == "labels" else f"data.phenotypes.{table}"
-
-
-def read_phenotype_tables(tables: Mapping[str, Mapping], keys: Sequence[str], ids: SubjectIds):
-    """Read the label columns ``keys`` from a recipe's phenotype tables.
-
-    Args:
-        tables: ``{table name: {"file": path or [paths], "id_column": str, "columns": {key: column},
-            "categories": {key: [class values]}}}``. Several files of one table are stacked (e.g.
-            ABIDE I and ABIDE II); for an id present in more than one, the later file wins (SwiFT v2
-            keeps the ABIDE II row). Tables are joined on the subject id.
-        keys: label keys to read (each must be in the ``columns`` of some table; the first wins).
-        ids: the data set's :class:`SubjectIds` (table ids are canonicalised with it).
-
-    Returns:
-        ``(frame, categories, sources)``: a ``pandas.DataFrame`` indexed by canonical subject id with
-        one string column per key (NaN where a subject has no value), ``{key: class values}`` of the
-        categorical keys, and ``{key: "file:column"}`` for messages.
-
-    Raises:
-        ConfigError: a key in no table, unknown table fields.
-        DataError: a missing file, a missing column (file and column named), an id matching no id
-            pattern, an id listed twice in one file.
-    """
-    import pandas as pd
-
-    keys = list(dict.fromkeys(keys))
-    where: dict[str, str] = {}
-    for key in keys:
-        for name, table in tables.items():
-            if key in (table.get("columns") or {}):
-                where[key] = name
-                break
-        else:
-            known = sorted({k for t in tables.values() for k in (t.get("columns") or {})})
-            raise ConfigError(f"label {key!r} is in no phenotype table of the recipe (labels: {known}); add it as "
-                              f"data.phenotypes.<table>.columns.{key}=<column>")
-    frames, categories, sources = [], {}, {}
-    for name in dict.fromkeys(where.values()):
-        table = tables[name]
-        unknown = set(table) - _TABLE_KEYS
-        if unknown:
-            raise ConfigError(f"{_key(name)} has unknown field(s) {sorted(unknown)}; allowed: {sorted(_TABLE_KEYS)}")
-        if not table.get("file") or not table.get("id_column"):
-            raise ConfigError(f"{_key(name)} needs 'file' and 'id_column'")
-        mine = {k: table["columns"][k] for k in keys if where[k] == name}
-        files = table["file"] if isinstance(table["file"], (list, tuple)) else [table["file"]]
-        parts = []
-        for file in files:
-            path = Path(file)
-            df = _read_table_file(path, name)
-            wanted = [table["id_column"], *mine.values()]
-            missing = [c for c in wanted if c not in df.columns]
-            if missing:
-                raise DataError(f"{path} has no column(s) {missing} ({_key(name)}); available: "
-                                f"{list(df.columns)[:40]}. Fix the table, or {_key(name)}.id_column / .columns")
-            df = df[wanted].copy()
-            raw_ids = df[table["id_column"]]
-            keep = raw_ids.notna() & (raw_ids.astype(str).str.strip() != "")
-            df = df[keep]
-            df.index = [ids.canonical_id(v, f"{path} (row {r + 2}, column {table['id_column']!r})")
-                        for r, v in zip(np.flatnonzero(keep.to_numpy()), df[table["id_column"]])]
-            dup = df.index[df.index.duplicated()].unique().tolist()
-            if dup:
-                raise DataError(f"{path}: subject id(s) {dup[:5]} appear more than once (column "
-                                f"{table['id_column']!r}); keep one row per subject")
-            parts.append(df.drop(columns=[table["id_column"]]).rename(columns={c: k for k, c in mine.items()}))
-            for k, c in mine.items():
-                sources[k] = f"{path}:{c}" if k not in sources else f"{sources[k]} + {path}:{c}"
-        stacked = pd.concat(parts)
-        stacked = stacked[~stacked.index.duplicated(keep="last")]
-        frames.append(stacked)
-        for k in mine:
-            cats = (table.get("categories") or {}).get(k)
-            if cats is not None:
-                categories[k] = [str(c) for c in cats]
-    out = frames[0]
-    for f in frames[1:]:
-        out = out.join(f, how="outer")
-    out = out.apply(lambda col: col.map(lambda v: v.strip() if isinstance(v, str) else v))
-    out = out.replace("", np.nan)
-    return out[keys], categories, sources
-
-
-# -- splits --------------------------------------------------------------------------------------------------
-def _apportion(n: int, fractions: Sequence[float]) -> list[int]:
-    """Largest-remainder counts of ``n`` items over ``fractions``; a positive fraction gets >= 1 when possible."""
-    counts = [int(np.floor(f * n)) for f in fractions]
-    for i in np.argsort([-(f * n - c) for f, c in zip(fractions, counts)], kind="stable"):
-        if sum(counts) < n:
-            counts[i] += 1
-    for i, f in enumerate(fractions):
-        if f > 0 and counts[i] == 0 and n >= sum(1 for g in fractions if g > 0):
-            donor = int(np.argmax(counts))
-            counts[donor] -= 1
-            counts[i] += 1
-    return counts
-
-
-def stratified_subject_split(subjects: Sequence[str], strata: Mapping[str, str] | None,
-                             fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
-    """Seeded, subject-level train/val/test split that keeps every stratum's proportions.
-
-    The split sizes are those of an unstratified draw (largest remainders; a requested split is
-    never empty when there are enough subjects). Each stratum's share of every split is its
-    proportional quota, rounded by largest remainders under those totals, so the class balance of
-    the three splits matches the data's up to one subject per stratum. Subjects are drawn within
-    each stratum from ``numpy.random.default_rng(seed)``.
-
-    Written here rather than with scikit-learn's ``StratifiedShuffleSplit`` because that needs >= 2
-    subjects per class and a test set at least as large as the number of classes (it fails on rare
-    sites or small downstream sets) and splits two ways per call.
-
-    Args:
-        subjects: subject ids (unique). strata: subject -> stratum label (None: unstratified draw,
-            :func:`~brainfm.data.splits.draw_subject_split`). fractions: train/val/test. seed: seed.
-
-    Returns:
-        ``{"train": [...], "val": [...], "test": [...]}``, each sorted.
-
-    Raises:
-        ConfigError: fractions that are not three non-negative numbers summing to 1; a subject
-            without a stratum.
-    """
-    fractions = [float(f) for f in fractions]
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ConfigError(f"data.split.fractions={fractions} must be three non-negative numbers summing to 1")
-    subjects = sorted(set(subjects))
-    if not strata:
-        return draw_subject_split(subjects, fractions, seed)
-    absent = [s for s in subjects if s not in strata]
-    if absent:
-        raise ConfigError(f"subjects {absent[:5]} have no stratum")
-    rng = np.random.default_rng(seed)
-    groups: dict[str, list[str]] = {}
-    for s in subjects:
-        groups.setdefault(str(strata[s]), []).append(s)
-    names = sorted(groups)
-    for g in names:
-        groups[g] = [groups[g][i] for i in rng.permutation(len(groups[g]))]
-    totals = _apportion(len(subjects), fractions)
-    quota = np.array([[fractions[k] * len(groups[g]) for k in range(3)] for g in names])
-    cells = np.floor(quota).astype(int)
-    need = np.array(totals) - cells.sum(axis=0)  # per split
-    left = np.array([len(groups[g]) for g in names]) - cells.sum(axis=1)  # per stratum
-    order = sorted(((quota[i, k] - cells[i, k], -i, -k) for i in range(len(names)) for k in range(3)), reverse=True)
-    for _, mi, mk in order:
-        i, k = -mi, -mk
-        if need[k] > 0 and left[i] > 0:
-            cells[i, k] += 1
-            need[k] -= 1
-            left[i] -= 1
-    for i in range(len(names)):  # whatever the remainders could not place (totals and strata always agree)
-        for k in range(3):
-            take = min(left[i], need[k])
-            cells[i, k] += take
-            left[i] -= take
-            need[k] -= take
-    out = {name: [] for name in SPLITS}
-    for i, g in enumerate(names):
-        bounds = np.cumsum([0, *cells[i]])
-        for k, name in enumerate(SPLITS):
-            out[name].extend(groups[g][bounds[k]:bounds[k + 1]])
-    return {name: sorted(v) for name, v in out.items()}
 
 
 def read_bad_subjects(config: Mapping | None, ids: SubjectIds) -> set[str]:
@@ -438,11 +251,11 @@ class RecipeDataModule(VolumeDataModule):
         unknown = set(self.frames) - {"glob"}
         if unknown:
             raise ConfigError(f"data.frames has unknown key(s) {sorted(unknown)}; allowed: glob")
-        # frames record nothing about their normalisation: data.normalisation.stored says what they hold
+        # frames record nothing about their normalisation: data.normalization.stored says what they hold
         # (SwiFT: global z-norm; ABCD task: minmax), and there is nothing to check it against
-        self.frames_normalisation = self.normalisation.get("stored") or "global"
+        self.frames_normalisation = self.normalization.get("stored") or "global"
         if layout == "frames":
-            self.normalisation["stored"] = self.normalisation["fill"] = None
+            self.normalization["stored"] = self.normalization["fill"] = None
         self.runs_filter = {"include": None, "exclude": None, **dict(runs or {})}
         self.bad_config = dict(bad_subjects or {})
         self.phenotype_tables = {k: dict(v) for k, v in (phenotypes or {}).items()}
@@ -452,7 +265,7 @@ class RecipeDataModule(VolumeDataModule):
         self.phenotype_frame = None
         self.categories: dict[str, list[str]] = {}
         self._sources: dict[str, str] = {}
-        self._view: RecipeStoreView | None = None
+        self._view: StoreView | None = None
 
     # -- which keys the phenotype tables must provide ------------------------------------------------------------
     def stratify_keys(self) -> list[str]:
@@ -472,7 +285,7 @@ class RecipeDataModule(VolumeDataModule):
                        if p.is_dir() and not any(part.startswith(".") for part in p.relative_to(root).parts))
         return root, found
 
-    def _open_store(self):
+    def open_store(self):
         """The recipe's view of the data (its subjects, canonical ids, crop/pad); see the class docstring."""
         if self._view is not None:
             return self._view
@@ -496,9 +309,10 @@ class RecipeDataModule(VolumeDataModule):
                     keep.append(f)
             if not keep:
                 raise DataError(f"{img}: no subject folder left (found {len(folders)}; {self._summary(excluded)})")
-            base = FrameStore(img, tr=float(self.expected_tr), subjects=keep, normalisation=self.frames_normalisation)
+            base = FrameStore(img, tr=float(self.expected_tr), subjects=keep, normalisation=self.frames_normalisation,
+                              cache=self.cache)
         else:
-            base = VolumeStore(self.path)
+            base = open_store("volume", self.path, cache=self.cache)
         include = re.compile(self.runs_filter["include"]) if self.runs_filter.get("include") else None
         exclude = re.compile(self.runs_filter["exclude"]) if self.runs_filter.get("exclude") else None
         runs, canon = [], []
@@ -555,7 +369,7 @@ class RecipeDataModule(VolumeDataModule):
         elif excluded["ignored"]:
             log.info("%s: ignored %s", self.name, self._summary(excluded))
         crop_pad = self._crop_pad(base) if self.layout == "frames" else None
-        self._view = RecipeStoreView(base, runs, canon, crop_pad)
+        self._view = StoreView(base, runs, canon, crop_pad)
         return self._view
 
     @staticmethod
@@ -605,38 +419,18 @@ class RecipeDataModule(VolumeDataModule):
             labels.append(col.fillna("NA").astype(str).replace({"<NA>": "NA"}))
         return {s: "|".join(parts) for s, *parts in zip(subjects, *labels)}
 
-    def _subject_split(self, store) -> tuple[dict[str, list[str]], Path]:
+    def _subject_split(self, subject_ids: Sequence[str]) -> tuple[dict[str, list[str]], Path]:
         path = self.split_file_path()
-        present = sorted(set(store.subject_ids))
-        if path.is_file():
-            raw = read_split_file(path)  # headers; a subject in two splits is named
-            split = {k: [self.ids.canonical_id(s, str(path)) for s in v] for k, v in raw.items()}
-            check_disjoint(split, source=str(path))
-            listed = {s for v in split.values() for s in v}
-            unlisted = sorted(set(present) - listed)
-            if unlisted and self.split["unlisted"] == "error":
-                raise DataError(
-                    f"{path} does not list {len(unlisted)} {self.name} subject(s) of the data (e.g. {unlisted[:5]}). "
-                    "brainfm never regenerates a split silently. Fix: add them to one split, delete the file to "
-                    "draw a new split, or data.split.unlisted=drop to leave them out (SwiFT's behaviour)"
-                )
-            if unlisted:
-                log.warning("%s: %d subject(s) not in %s are left out (data.split.unlisted=drop)", self.name,
-                            len(unlisted), path)
-            keep = set(present)
-            return {k: [s for s in v if s in keep] for k, v in split.items()}, path
-        split = stratified_subject_split(present, self.strata(present), self.split["fractions"],
-                                         int(self.split["seed"]))
-        write_split_file(path, split)
-        log.info("%s: wrote a new split to %s (%s)", self.name, path,
-                 ", ".join(f"{k} {len(v)}" for k, v in split.items()))
+        split = load_or_create_subject_split(path, subject_ids, self.split["fractions"], int(self.split["seed"]),
+                                             strata=self.strata, canonical=self.ids.canonical_id,
+                                             unlisted=self.split["unlisted"], what=self.name)
         return split, path
 
-    def _label_table(self, store):
+    def _label_table(self, subjects: Sequence[str]):
         if not self.targets:
             return None
         return LabelTable.from_frame(
-            self.phenotype_frame, {k: k for k in self.targets}, sorted(set(store.subject_ids)),
+            self.phenotype_frame, {k: k for k in self.targets}, list(subjects),
             {k: v for k, v in self.categories.items() if k in self.targets},
             source=", ".join(self._sources[k] for k in self.targets), config_key="data.phenotypes.<table>",
         )
@@ -652,7 +446,11 @@ class RecipeDataModule(VolumeDataModule):
             "subject_patterns": [rx.pattern for rx in self.ids.patterns],
             "targets": list(self.targets),
             "categories": {k: list(v) for k, v in self.categories.items() if k in self.targets},
-            "split_file": str(getattr(self, "split_file", "")) or None,
             "excluded": {k: len(v) for k, v in self.excluded.items()},
         }
         return meta
+
+    def _fills(self) -> list:
+        if self.layout == "frames":  # padded with each clip's first voxel at read time; nothing to read here
+            return ["first voxel of each clip (SwiFT)"]
+        return super()._fills()

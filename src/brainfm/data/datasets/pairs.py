@@ -1,4 +1,4 @@
-"""Rest/task pairs of one subject (R2T-Net): roles of runs, the pair dataset and its collate."""
+"""Rest/task pairs of one subject (R2T-Net): roles of runs and the pair dataset."""
 
 from __future__ import annotations
 
@@ -6,20 +6,11 @@ import fnmatch
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from brainfm.errors import ConfigError
 
-KINDS = ("volume", "grayordinate", "roi")
 ROLES = ("rest", "task")
-#: grayordinates of HCP's CIFTI space (32k_fs_LR surfaces + 2 mm subcortical voxels)
-N_GRAYORDINATES_HCP = 91282
-GRAYORDINATE_LAYOUT = "brainfm-grayordinate-run"
-GRAYORDINATE_LAYOUT_VERSION = 1
-GRAYORDINATE_NORMALISATIONS = ("global", "grayordinate", "none")
-_FP16_MAX = 65504.0
-_BOLD, _META = "bold.npy", "meta.json"
 
 
 # -- roles and pairs ---------------------------------------------------------------------------------------
@@ -59,7 +50,8 @@ class R2TPairDataset(Dataset):
         rest, task: window datasets whose items are ``(run, start)`` grid windows with stride 1
             (:class:`~brainfm.data.datasets.roi.ROIWindowDataset` or
             :class:`~brainfm.data.datasets.volume.VolumeClipDataset`), over the rest and task segments.
-        rest_windows, task_windows: subject -> one array of grid indices per run of that role.
+        rest_windows, task_windows: subject -> ``(first grid index, windows)`` of each run of that role
+            (:meth:`~brainfm.data.windows.WindowIndex.run_windows`).
         subjects: the paired subjects (both roles present).
         view: the rest view's data key (``bold`` or ``volume``); the task view's is ``task_<view>``.
         pairs_per_subject: items per subject and epoch.
@@ -68,8 +60,8 @@ class R2TPairDataset(Dataset):
     ``task_run``.
     """
 
-    def __init__(self, rest: Dataset, task: Dataset, rest_windows: dict[str, list[np.ndarray]],
-                 task_windows: dict[str, list[np.ndarray]], subjects: Sequence[str], view: str,
+    def __init__(self, rest: Dataset, task: Dataset, rest_windows: dict[str, list[tuple[int, int]]],
+                 task_windows: dict[str, list[tuple[int, int]]], subjects: Sequence[str], view: str,
                  pairs_per_subject: int = 1) -> None:
         if not subjects:
             raise ConfigError("no paired subjects (with both a rest and a task run)")
@@ -85,9 +77,9 @@ class R2TPairDataset(Dataset):
         return len(self.subjects) * self.pairs_per_subject
 
     @staticmethod
-    def _draw(rng: np.random.Generator, runs: list[np.ndarray]) -> int:
-        grid = runs[int(rng.integers(len(runs)))]
-        return int(grid[int(rng.integers(len(grid)))])
+    def _draw(rng: np.random.Generator, runs: list[tuple[int, int]]) -> int:
+        first, count = runs[int(rng.integers(len(runs)))]
+        return int(first + int(rng.integers(count)))
 
     def pair(self, i: int, seed: int) -> tuple[int, int]:
         """Grid indices ``(rest, task)`` of item ``i`` drawn with ``seed``."""
@@ -109,30 +101,3 @@ class R2TPairDataset(Dataset):
         sample.update({f"task_{self.view}": other[self.view], "task_t": other["t"], "task_onset": other["onset"],
                        "task_run": other["run"]})
         return sample
-
-
-def collate_pairs(samples: list[dict]) -> dict:
-    """Stack paired samples: tensors are stacked, numbers become ``(B,)`` tensors (``subject``,
-    ``run``, ``task_run``: long; ``onset``, ``task_onset``: float32); ``brain_mask`` is dropped."""
-    batch: dict[str, torch.Tensor] = {}
-    for key, value in samples[0].items():
-        if key == "brain_mask":
-            continue
-        if torch.is_tensor(value):
-            batch[key] = torch.stack([s[key] for s in samples])
-        else:
-            dtype = torch.long if key in ("subject", "run", "task_run") else torch.float32
-            batch[key] = torch.tensor([s[key] for s in samples], dtype=dtype)
-    return batch
-
-
-def _grid_windows(segments: Sequence[tuple[int, int, int]], span: int) -> list[tuple[int, np.ndarray]]:
-    """``(run, grid indices)`` per segment of a stride-1 window grid, in the datasets' order."""
-    out, offset = [], 0
-    for run, lo, hi in segments:
-        n = max(0, int(hi) - span + 1 - int(lo))
-        out.append((int(run), np.arange(offset, offset + n)))
-        offset += n
-    return out
-
-

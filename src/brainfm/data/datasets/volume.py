@@ -34,17 +34,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
+from brainfm.data.stores.base import LRUCache
 from brainfm.data.stores.frames import FrameStore
-from brainfm.data.windows import WindowRequest
+from brainfm.data.windows import WindowDataset, WindowRequest, collate_windows
 from brainfm.errors import ConfigError, DataError
 
 #: Load-time normalisations of the stored clip (the store's own one is ``stored``).
@@ -155,7 +155,7 @@ class PooledBatchSampler(Sampler[ClipBatchRequest]):
 
 
 # -- dataset -------------------------------------------------------------------------------------------
-class VolumeClipDataset(Dataset):
+class VolumeClipDataset(WindowDataset):
     """Clips of a volume store (or of SwiFT frame folders, :class:`brainfm.data.stores.frames.FrameStore`).
 
     Indexing:
@@ -213,57 +213,39 @@ class VolumeClipDataset(Dataset):
         if self.clip_stride < 1:
             raise ConfigError(f"clip_stride {clip_stride} must be >= 1 TR")
         if normalisation not in LOAD_NORMALISATIONS:
-            raise ConfigError(f"data.normalisation.load={normalisation!r} is not one of {LOAD_NORMALISATIONS}")
+            raise ConfigError(f"data.normalization.load={normalisation!r} is not one of {LOAD_NORMALISATIONS}")
         self.normalisation = normalisation
         self.channels = 2 if normalisation == "stored+voxel" else 1
         self.transform = transform
-        if store.shape is None:
-            raise DataError(f"{getattr(store, 'root', store)} mixes grids {sorted({tuple(r.shape) for r in store.runs})}; "
+        if store.frame_shape is None:
+            raise DataError(f"{store.location} mixes grids {sorted({tuple(r) for r in store.shapes.tolist()})}; "
                             "a clip dataset needs one grid. Fix: preprocess with one --target-shape")
-        self.shape = tuple(int(s) for s in store.shape)
+        self.shape = tuple(int(s) for s in store.frame_shape)
         self.return_mask = bool(return_mask) and store.mask(0) is not None
-        self.subject_index = subject_index or {s: i for i, s in enumerate(sorted(set(store.subject_ids)))}
-        self.segments = [tuple(int(v) for v in s) for s in segments]
-        seg_of, starts = [], []
-        for k, (_, lo, hi) in enumerate(self.segments):
-            grid = np.arange(lo, hi - self.span + 1, self.clip_stride)
-            seg_of.append(np.full(len(grid), k))
-            starts.append(grid)
-        self._seg_of = np.concatenate(seg_of) if seg_of else np.zeros(0, dtype=int)
-        self._starts = np.concatenate(starts) if starts else np.zeros(0, dtype=int)
-        if len(self._starts) == 0:
-            longest = max((hi - lo for _, lo, hi in self.segments), default=0)
-            raise ConfigError(
-                f"a clip of {self.length} TRs every {self.stride} spans {self.span} TRs, longer than every "
-                f"segment of {getattr(store, 'root', 'the store')} (longest: {longest} TRs); lower "
-                "data.clip.length or data.clip.stride"
-            )
-        self._stats: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._index_windows(store, segments, self.span, self.clip_stride, subject_index,
+                            f"a clip of {self.length} TRs every {self.stride} spans {self.span} TRs",
+                            "data.window.length or data.window.frame_stride")
+        self._stats = LRUCache(16)
         self._pool: ClipBufferPool | None = None
 
-    def __len__(self) -> int:
-        return len(self._starts)
-
     def clip(self, i: int) -> tuple[int, int]:
-        """``(run, start TR)`` of grid clip ``i``."""
-        return self.segments[self._seg_of[i]][0], int(self._starts[i])
+        """``(run, start TR)`` of grid clip ``i`` (as :meth:`window`)."""
+        return self.index.window(i)
 
     # -- reading one clip into a buffer ----------------------------------------------------------
     def _voxel_stats(self, run: int) -> tuple[np.ndarray, np.ndarray]:
-        hit = self._stats.get(run)
-        if hit is None:
+        """Per-voxel mean and inverse standard deviation (float32) of a run (a small LRU)."""
+        def load() -> tuple[np.ndarray, np.ndarray]:
             stats = self.store.voxel_stats(run)
             if stats is None:
                 raise ConfigError(f"{self.store.describe_run(run)} has no per-voxel statistics; "
-                                  f"data.normalisation.load={self.normalisation!r} needs them")
+                                  f"data.normalization.load={self.normalisation!r} needs them")
             mean, std = (np.asarray(a, dtype=np.float32) for a in stats)
             inv = np.zeros_like(std)
             np.divide(1.0, std, out=inv, where=std > 1e-6)
-            hit = (mean, inv)
-            self._stats[run] = hit
-            while len(self._stats) > 16:
-                self._stats.popitem(last=False)
-        return hit
+            return mean, inv
+
+        return self._stats.get(run, load)
 
     def _fill(self, run: int, start: int, length: int, out: np.ndarray) -> None:
         """Write a clip into ``out`` ``(C, length, X, Y, Z)`` float16."""
@@ -271,8 +253,8 @@ class VolumeClipDataset(Dataset):
         if self.normalisation == "stored":
             return
         if self.normalisation == "minmax":
-            meta = self.store.meta(run)
-            lo, hi = float(meta["min"]), float(meta["max"])
+            stats = self.store.run_stats(run)
+            lo, hi = float(stats["min"]), float(stats["max"])
             scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
             for k in range(length):
                 out[0, k] = (out[0, k].astype(np.float32) - np.float32(lo)) * scale
@@ -293,16 +275,8 @@ class VolumeClipDataset(Dataset):
         clip[...] = y.reshape(clip.shape).numpy()
 
     def _partner_start(self, i: int, start: int, length: int, seed: int) -> int:
-        """A start of ``length`` TRs in clip ``i``'s segment whose span does not overlap ``start``'s."""
-        _, lo, hi = self.segments[self._seg_of[i]]
-        span = (length - 1) * self.stride + 1
-        last = hi - span
-        before = np.arange(lo, max(lo, start - span + 1))
-        after = np.arange(min(last + 1, start + span), last + 1)
-        choices = np.concatenate([before, after])
-        if len(choices) == 0:  # segment shorter than two clips: any other start
-            choices = np.setdiff1d(np.arange(lo, last + 1), [start]) if last > lo else np.array([start])
-        return int(np.random.default_rng(seed).choice(choices))
+        """A start of a ``length``-TR clip in clip ``i``'s segment whose span does not overlap ``start``'s."""
+        return self.index.partner_start(i, start, (length - 1) * self.stride + 1, seed)
 
     def _times(self, run: int, start: int, length: int) -> tuple[torch.Tensor, float]:
         tr = float(self.store.trs[run])
@@ -416,29 +390,6 @@ class VolumeClipDataset(Dataset):
         return batch
 
 
-def collate_volume_clips(samples: list[dict] | dict) -> dict:
-    """Stack samples into a batch: ``volume`` ``(B, C, X, Y, Z, T)``, ``t`` ``(B, T)``, ``onset``
-    ``(B,)``, ``subject``/``run`` ``(B,)`` long, ``brain_mask`` ``(B, X, Y, Z)`` (and ``volume2``,
-    ``t2``, ``onset2`` for pairs). A batch already assembled by
-    :meth:`VolumeClipDataset.__getitems__` passes through unchanged."""
-    if isinstance(samples, dict):
-        return samples
-    batch = {
-        "volume": torch.stack([s["volume"] for s in samples]),
-        "t": torch.stack([s["t"] for s in samples]),
-        "onset": torch.tensor([s["onset"] for s in samples], dtype=torch.float32),
-        "subject": torch.tensor([s["subject"] for s in samples], dtype=torch.long),
-        "run": torch.tensor([s["run"] for s in samples], dtype=torch.long),
-    }
-    if "brain_mask" in samples[0]:
-        batch["brain_mask"] = torch.stack([s["brain_mask"] for s in samples])
-    if "volume2" in samples[0]:
-        batch["volume2"] = torch.stack([s["volume2"] for s in samples])
-        batch["t2"] = torch.stack([s["t2"] for s in samples])
-        batch["onset2"] = torch.tensor([s["onset2"] for s in samples], dtype=torch.float32)
-    return batch
-
-
 # -- loader -----------------------------------------------------------------------------------------
 class _MaterialisingIterator:
     def __init__(self, base, loader: "VolumeClipLoader") -> None:
@@ -465,7 +416,7 @@ class VolumeClipLoader(DataLoader):
         pin_memory: copy batches to pinned memory (CUDA only) after assembly.
         Other keyword arguments go to ``torch.utils.data.DataLoader``.
 
-    Batches are dicts as :func:`collate_volume_clips`; ``volume`` is a view of a pooled
+    Batches are dicts as :func:`~brainfm.data.windows.collate_windows`; ``volume`` is a view of a pooled
     buffer, valid for as long as you hold it (the buffer is not reused while any tensor or
     array refers to it).
     """
@@ -478,7 +429,7 @@ class VolumeClipLoader(DataLoader):
         if num_workers > 0 and prefetch_factor is None:
             prefetch_factor = 2
         super().__init__(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                         collate_fn=collate_volume_clips, pin_memory=False, prefetch_factor=prefetch_factor,
+                         collate_fn=collate_windows, pin_memory=False, prefetch_factor=prefetch_factor,
                          persistent_workers=persistent_workers, **kwargs)
         self.max_batch, self.pool_mb, self.pin = int(max_batch), float(pool_mb), bool(pin_memory)
         self.pool: ClipBufferPool | None = None

@@ -41,9 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainfm.data.stores.volume import (
-    safe_name,
-)
+from brainfm.data.stores.rundir import safe_name
 from brainfm.errors import DataError
 
 TR_RANGE_S = (0.1, 20.0)

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from brainfm.data.stores.frames import FrameStore
-from brainfm.data.stores.volume import (
-    CropPad,
-    run_dir,
-    run_is_finished,
-    safe_name,
-    write_volume_run,
-)
+from brainfm.data.stores.rundir import run_dir, safe_name
+from brainfm.data.stores.volume import CropPad, run_is_finished, write_volume_run
 from brainfm.errors import ConfigError, DataError
-
-FRAME = re.compile(r"^frame_(\d+)\.pt$")
-STATS = ("voxel_mean.pt", "voxel_std.pt")
 
 
 class _FramesSource:

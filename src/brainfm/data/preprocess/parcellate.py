@@ -23,9 +23,7 @@ from brainfm.data.preprocess.discover import (
     strip_nifti,
 )
 from brainfm.data.preprocess.runner import _run_all
-from brainfm.data.stores.volume import (
-    safe_name,
-)
+from brainfm.data.stores.rundir import safe_name
 from brainfm.errors import ConfigError, DataError
 
 

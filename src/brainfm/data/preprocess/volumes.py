@@ -19,12 +19,12 @@ from brainfm.data.preprocess.discover import (
     repetition_time,
 )
 from brainfm.data.preprocess.runner import _run_all
+from brainfm.data.stores.rundir import run_dir
 from brainfm.data.stores.volume import (
     FILLS,
     MASK_RULES,
     NORMALISATIONS,
     CropPad,
-    run_dir,
     run_is_finished,
     write_volume_run,
 )

@@ -1,1 +1,57 @@
-"""Stores: how the bytes of fMRI runs sit on disk (ROI HDF5, volume store, frame folders, grayordinates)."""
+"""Stores: how the bytes of fMRI runs sit on disk, behind one interface (:mod:`.base`).
+
+| kind | class | layout |
+|---|---|---|
+| ``roi`` | :class:`~.roi.ROIStore` | HDF5, Brain-Semantoks layout (``timeseries/<atlas>``), its own run index |
+| ``volume`` | :class:`~.volume.VolumeStore` | ``<subject>/<run>/bold.npy`` fp16 + mask + stats, ``index.parquet`` |
+| ``frames`` | :class:`~.frames.FrameStore` | SwiFT/TFF ``img/<subject>/frame_<t>.pt``, optional ``index.parquet`` |
+| ``grayordinate`` | :class:`~.grayordinate.GrayordinateStore` | ``<subject>/<run>/bold.npy`` fp16 (T, 91282), ``index.parquet`` |
+| ``view`` | :class:`~.view.StoreView` | some runs of another store, renamed and cropped/padded |
+"""
+
+from __future__ import annotations
+
+import os
+
+from brainfm.data.stores.base import DEFAULT_CACHE, LRUCache, Store, StoreBase
+from brainfm.errors import ConfigError
+
+KINDS = ("roi", "volume", "frames", "grayordinate")
+
+
+def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None, atlas: str | None = None,
+               preload: bool | str = "auto", tr: float | str | None = None, normalisation: str = "global"):
+    """Open the store of ``kind`` at ``path`` (the one place datamodules and tools open stores).
+
+    Args:
+        kind: ``roi``, ``volume``, ``frames`` or ``grayordinate``.
+        path: the file (``roi``) or folder.
+        cache: per-process cache sizes (``data.cache``).
+        atlas, preload: ``roi`` only. tr, normalisation: ``frames`` only (frames record neither; ``tr`` is
+            required).
+
+    Raises:
+        ConfigError: an unknown kind, or frames without a numeric TR. DataError: as the store classes.
+    """
+    if kind == "roi":
+        from brainfm.data.stores.roi import ROIStore
+
+        return ROIStore(path, atlas=atlas, preload=preload, cache=cache)
+    if kind == "volume":
+        from brainfm.data.stores.volume import VolumeStore
+
+        return VolumeStore(path, cache=cache)
+    if kind == "grayordinate":
+        from brainfm.data.stores.grayordinate import GrayordinateStore
+
+        return GrayordinateStore(path, cache=cache)
+    if kind == "frames":
+        from brainfm.data.stores.frames import FrameStore
+
+        if isinstance(tr, bool) or not isinstance(tr, (int, float)):
+            raise ConfigError(f"frame folders ({path}) carry no TR: set data.tr=<seconds>")
+        return FrameStore(path, tr=float(tr), normalisation=normalisation, cache=cache)
+    raise ConfigError(f"store kind {kind!r} is not one of {KINDS}")
+
+
+__all__ = ["DEFAULT_CACHE", "KINDS", "LRUCache", "Store", "StoreBase", "open_store"]

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainfm.data.stores.base import LRUCache, StoreBase, cache_sizes, ensure_out
+from brainfm.data.stores.index import read_index, write_index
 from brainfm.errors import ConfigError, DataError
 
 FRAME = re.compile(r"^frame_(\d+)\.pt$")
@@ -44,68 +46,108 @@ def _load(path: Path):
                         "the file is truncated or not a tensor: convert this subject again") from exc
 
 
-class FrameStore:
-    """Reader of ``img/<subject>/frame_<t>.pt`` folders with the interface of
-    :class:`~brainfm.data.stores.volume.VolumeStore` (one run per subject folder).
+class FrameStore(StoreBase):
+    """Reader of ``img/<subject>/frame_<t>.pt`` folders, one run per subject folder (the store
+    interface of :mod:`brainfm.data.stores.base`).
+
+    Opening lists each subject folder to count its frames, unless the folder has a run index
+    (``<img>/index.parquet``, written by ``brainfm-data index <folder> --tr S``: one row per subject
+    with its frame count, frame shape and whether it has per-voxel statistics), which is read instead.
 
     Args:
         root: the data set folder holding ``img/``, or the ``img`` folder itself.
         tr: repetition time in seconds (frames do not record it).
         subjects: subject folders to use (default: every folder with frames).
         normalisation: what the frames hold (``global`` for SwiFT's default preprocessing).
+        cache: ``data.cache`` sizes (``run_stats``: subjects whose frame-0 facts a process keeps).
 
-    Attributes as ``VolumeStore``: ``subject_ids``, ``run_ids`` (``"frames"``), ``lengths``,
-    ``trs``, ``tr``, ``shape`` (X, Y, Z).
+    Attributes as every store: ``subject_ids``, ``run_ids`` (``"frames"``), ``lengths``, ``trs``,
+    ``tr``, ``frame_shape`` / ``shape`` (X, Y, Z).
 
     Raises:
         DataError: no subject folder, a gap in the frame numbers (the missing files are named),
             an unreadable frame, frames of another shape.
     """
 
+    kind = "frames"
+
     def __init__(self, root: str | os.PathLike, tr: float, subjects: Sequence[str] | None = None,
-                 normalisation: str = "global") -> None:
+                 normalisation: str = "global", cache: dict | None = None) -> None:
         root = Path(root)
-        self.root = root / "img" if (root / "img").is_dir() else root
+        self.root = self.location = root / "img" if (root / "img").is_dir() else root
         if not self.root.is_dir():
             raise DataError(f"frame folder {self.root} does not exist (expected <root>/img/<subject>/frame_<t>.pt)")
         if tr is None or not float(tr) > 0:
             raise ConfigError(f"frame folders carry no TR: pass the repetition time in seconds (got {tr!r})")
-        names = sorted(subjects) if subjects is not None else sorted(
-            e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
-        self.subject_ids, self.lengths_list, self.has_stats = [], [], []
-        for name in names:
-            folder = self.root / name
-            if not folder.is_dir():
-                raise DataError(f"subject folder {folder} does not exist")
-            files = os.listdir(folder)
-            idx = sorted(int(m.group(1)) for f in files if (m := FRAME.match(f)))
-            if not idx:
-                if subjects is not None:
-                    raise DataError(f"{folder} holds no frame_<t>.pt files")
-                continue
-            if idx != list(range(len(idx))):
-                missing = sorted(set(range(idx[-1] + 1)) - set(idx))
-                shown = ", ".join(f"frame_{t}.pt" for t in missing[:8]) + (" ..." if len(missing) > 8 else "")
-                raise DataError(
-                    f"{folder}: frames must be numbered 0..T-1 without gaps; missing {shown} "
-                    f"({len(missing)} of {idx[-1] + 1}). Fix: convert this subject again"
-                )
-            self.subject_ids.append(name)
-            self.lengths_list.append(len(idx))
-            self.has_stats.append(all(s in files for s in STATS))
+        index = read_index(self.root, self.kind)
+        if index is not None:
+            keep = None if subjects is None else set(subjects)
+            rows = [i for i, s in enumerate(index["subject"]) if keep is None or s in keep]
+            if keep is not None and len(rows) != len(keep):
+                missing = sorted(keep - {index["subject"][i] for i in rows})
+                raise DataError(f"subject folder(s) {missing[:5]} are not in {self.root / 'index.parquet'}")
+            self.subject_ids = [str(index["subject"][i]) for i in rows]
+            self.lengths = np.asarray([index["n_frames"][i] for i in rows], dtype=np.int64)
+            self.has_stats = [bool(index["has_stats"][i]) for i in rows]
+            shapes = {tuple(int(v) for v in index["shape"][i]) for i in rows}
+            if len(shapes) > 1:
+                raise DataError(f"{self.root}: subjects have frames of different shapes {sorted(shapes)}")
+            self.shape: tuple[int, int, int] = shapes.pop()  # type: ignore[assignment]
+        else:
+            self.subject_ids, self.has_stats = [], []
+            lengths = []
+            for name in (sorted(subjects) if subjects is not None else self._folders(self.root)):
+                n, has_stats = self.count_frames(self.root / name, required=subjects is not None)
+                if n:
+                    self.subject_ids.append(name)
+                    lengths.append(n)
+                    self.has_stats.append(has_stats)
+            self.lengths = np.array(lengths, dtype=np.int64)
         if not self.subject_ids:
             raise DataError(f"{self.root} holds no <subject>/frame_<t>.pt folders")
         self.run_ids = ["frames"] * len(self.subject_ids)
-        self.lengths = np.array(self.lengths_list, dtype=np.int64)
         self.trs = np.full(len(self.subject_ids), float(tr))
-        self.tr = float(tr)
         self.normalisation = normalisation
-        first = self._frame(0, 0)
-        self.shape: tuple[int, int, int] = tuple(int(s) for s in first.shape)
-        self._meta_cache: dict[int, dict] = {}
+        if index is None:
+            self.shape = tuple(int(s) for s in self._frame(0, 0).shape)  # type: ignore[assignment]
+        self.frame_shape = self.shape
+        self._meta_cache = LRUCache(cache_sizes(cache)["run_stats"])
 
-    def __len__(self) -> int:
-        return len(self.subject_ids)
+    @staticmethod
+    def _folders(root: Path) -> list[str]:
+        return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+    @staticmethod
+    def count_frames(folder: Path, required: bool = True) -> tuple[int, bool]:
+        """``(frames, has per-voxel statistics)`` of one subject folder.
+
+        Raises:
+            DataError: a missing folder, no frames (when ``required``), a gap in the numbers.
+        """
+        if not folder.is_dir():
+            raise DataError(f"subject folder {folder} does not exist")
+        files = os.listdir(folder)
+        idx = sorted(int(m.group(1)) for f in files if (m := FRAME.match(f)))
+        if not idx:
+            if required:
+                raise DataError(f"{folder} holds no frame_<t>.pt files")
+            return 0, False
+        if idx != list(range(len(idx))):
+            missing = sorted(set(range(idx[-1] + 1)) - set(idx))
+            shown = ", ".join(f"frame_{t}.pt" for t in missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise DataError(
+                f"{folder}: frames must be numbered 0..T-1 without gaps; missing {shown} "
+                f"({len(missing)} of {idx[-1] + 1}). Fix: convert this subject again"
+            )
+        return len(idx), all(s in files for s in STATS)
+
+    @classmethod
+    def build_index(cls, root: str | os.PathLike, tr: float) -> Path:
+        """Write ``<img>/index.parquet`` (``brainfm-data index``): every subject folder's frame count."""
+        store = cls(root, tr)
+        rows = [{"subject": s, "run": "frames", "n_frames": int(n), "shape": list(store.shape), "has_stats": bool(h)}
+                for s, n, h in zip(store.subject_ids, store.lengths, store.has_stats)]
+        return write_index(store.root, rows, cls.kind)
 
     def path(self, i: int) -> Path:
         return self.root / self.subject_ids[i]
@@ -126,22 +168,17 @@ class FrameStore:
             raise DataError(f"{path} has shape {tuple(arr.shape)}, other frames {shape}; convert this subject again")
         return arr
 
-    def read_clip(self, i: int, start: int, length: int, stride: int = 1, out: np.ndarray | None = None) -> np.ndarray:
-        """``(length, X, Y, Z)`` float16: ``length`` frames from ``start`` every ``stride`` (one
-        ``torch.load`` each).
+    def read(self, run: int, start: int = 0, stop: int | None = None, stride: int = 1,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """``(n, X, Y, Z)`` float16: frames ``start, start + stride, ... < stop`` (one ``torch.load`` each).
 
         Raises:
-            IndexError: a clip outside the subject's frames. DataError: an unreadable frame.
+            IndexError: frames outside the subject's. DataError: an unreadable frame.
         """
-        n = int(self.lengths[i])
-        last = start + (length - 1) * stride
-        if length < 1 or stride < 1 or start < 0 or last >= n:
-            raise IndexError(f"clip of {length} TRs from TR {start} every {stride} is outside "
-                             f"{self.describe_run(i)} ({n} frames)")
-        if out is None:
-            out = np.empty((length, *self.shape), dtype=np.float16)
-        for k in range(length):
-            out[k] = self._frame(i, start + k * stride)
+        frames = self._frames(run, start, stop, stride)
+        out = ensure_out(out, (len(frames), *self.shape), np.float16, self.describe_run(run))
+        for k, t in enumerate(frames):
+            out[k] = self._frame(run, t)
         return out
 
     def mask(self, i: int) -> None:
@@ -161,19 +198,31 @@ class FrameStore:
 
     def meta(self, i: int) -> dict:
         """Normalisation and brain min/max (from frame 0: the background voxel [0, 0, 0], SwiFT's
-        own convention, and the extremes of the first frame's other voxels)."""
-        m = self._meta_cache.get(i)
-        if m is None:
+        own convention, and the extremes of the first frame's other voxels; read on first use)."""
+        def load() -> dict:
             f0 = self._frame(i, 0).astype(np.float32)
             bg = float(f0.flat[0])
             brain = f0[f0 != bg]
             lo = float(brain.min()) if brain.size else bg
-            m = {"normalisation": self.normalisation, "fill": "zero" if bg == 0 else "min", "fill_value": bg,
-                 "min": lo, "max": float(brain.max()) if brain.size else bg, "tr": self.tr, "crop_pad": None}
-            self._meta_cache[i] = m
-        return m
+            return {"normalisation": self.normalisation, "fill": "zero" if bg == 0 else "min", "fill_value": bg,
+                    "min": lo, "max": float(brain.max()) if brain.size else bg, "tr": float(self.trs[i]),
+                    "crop_pad": None}
+
+        return self._meta_cache.get(i, load)
+
+    def column(self, name: str) -> list:
+        """Per-subject facts as the volume store's index columns: ``normalisation`` (as given), and
+        ``fill``, ``fill_value``, ``min``, ``max`` from each subject's frame 0 (read on first use)."""
+        if name == "normalisation":
+            return [self.normalisation] * len(self)
+        return [self.meta(i)[name] for i in range(len(self))]
+
+    def crop_pads(self) -> list:
+        return [None] * len(self)
+
+    def run_stats(self, run: int) -> dict:
+        """``n`` (frames) and :meth:`meta`'s normalisation, fill and brain min/max (frame 0 is read)."""
+        return {"n": int(self.lengths[run]), **self.meta(run)}
 
     def __repr__(self) -> str:
         return f"FrameStore({self.root}, subjects={len(self.subject_ids)}, shape={self.shape}, tr={self.tr:g}s)"
-
-

@@ -1,29 +1,5 @@
-"""Rest <-> task pairs of the same subject, for R2T-Net (rest2task/R2T-Net).
-
-R2T-Net trains on pairs ``(rest window, task window)`` of one subject: a window of a resting-state
-run and a window of a task run (HCP: ``REST1_LR``, 1200 TRs, with ``WM_LR``, 405 TRs; TR 0.72 s),
-drawn at random in every epoch (the reference's ``PairedFMRIWindowDataset`` picks a rest scan and
-a task scan of the subject uniformly, then a start uniformly in each). Subjects of other pairs in
-a batch are the negatives of its NT-Xent loss. The three input kinds of the reference are
-supported, each from a brainfm store:
-
-- ``volume``: frames ``[1, X, Y, Z]`` (raw 4-D NIfTI in the reference) from a
-  :class:`~brainfm.data.stores.volume.VolumeStore` (or SwiFT/R2T ``img/<subject>/frame_<t>.pt``
-  folders); batch view ``volume`` ``(B, 1, X, Y, Z, L)`` float16, for Swin4D.
-- ``grayordinate``: frames ``[91282]`` (CIFTI ``.dtseries.nii``) from a :class:`GrayordinateStore`
-  (this module); batch view ``bold`` ``(B, L, 91282)`` float32.
-- ``roi``: frames ``[V]`` (parcellated) from a :class:`~brainfm.data.stores.roi.ROIStore`; batch
-  view ``bold`` ``(B, L, V)`` float32 (z-scored per ROI and run by default).
-
-Rest and task runs are told apart by their run ids (``rest_runs``/``task_runs``: shell patterns,
-case-insensitive, e.g. ``*REST*`` and ``*WM*``); they may sit in one store or in two
-(``task_path``: e.g. the embedded resting-state ROI file plus a task file of the same atlas).
-
-A paired batch carries the rest view under the usual keys (``bold``/``volume``, ``t``, ``onset``,
-``run``) and the task view under ``task_``-prefixed keys (``task_bold``/``task_volume``,
-``task_t``, ``task_onset``, ``task_run``), plus ``subject`` (index into
-:attr:`R2TDataModule.subjects`). A rest-only batch (rest-only inference, R2T-Net's ``predict``)
-is an ordinary window batch: ``bold``/``volume``, ``t``, ``subject``.
+"""The grayordinate store: CIFTI dense time series (HCP ``.dtseries.nii``, 91282 grayordinates per TR),
+one contiguous float16 array per subject run, for R2T-Net's grayordinate input (rest2task/R2T-Net).
 
 Grayordinate store layout (one directory per subject run)::
 
@@ -42,33 +18,31 @@ TRs is one contiguous byte range.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from brainfm.data.stores.volume import (
-    _brainfm_version,
-    _fsync,
-    check_name,
+from brainfm.data.stores.rundir import (
+    META,
+    RunDirStore,
+    brainfm_version,
+    fsync_path,
     publish_run_dir,
+    run_dir,
+    staged_run_dir,
 )
 from brainfm.errors import ConfigError, DataError
 
-KINDS = ("volume", "grayordinate", "roi")
-ROLES = ("rest", "task")
 #: grayordinates of HCP's CIFTI space (32k_fs_LR surfaces + 2 mm subcortical voxels)
 N_GRAYORDINATES_HCP = 91282
 GRAYORDINATE_LAYOUT = "brainfm-grayordinate-run"
 GRAYORDINATE_LAYOUT_VERSION = 1
 GRAYORDINATE_NORMALISATIONS = ("global", "grayordinate", "none")
 _FP16_MAX = 65504.0
-_BOLD, _META = "bold.npy", "meta.json"
+_BOLD = "bold.npy"
 
 
 # -- grayordinate store ----------------------------------------------------------------------------------
@@ -148,8 +122,8 @@ def write_grayordinate_run(
     if normalisation not in GRAYORDINATE_NORMALISATIONS:
         raise ConfigError(f"normalisation={normalisation!r} is not one of {GRAYORDINATE_NORMALISATIONS}")
     root = Path(root)
-    final = root / check_name(subject, "subject id") / check_name(run, "run id")
-    if (final / _META).is_file() and not overwrite:
+    final = run_dir(root, subject, run)
+    if (final / META).is_file() and not overwrite:
         return final
     if isinstance(data, (str, os.PathLike)):
         source = source or str(data)
@@ -205,16 +179,13 @@ def write_grayordinate_run(
             raise DataError(f"{where}: values up to {vmax:.6g} do not fit float16 with normalisation none. "
                             "Fix: normalisation='global'")
         offset, scale = np.float64(0.0), np.ones(n_values)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{run}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_run_dir(root, subject, run) as tmp:
         out = np.lib.format.open_memmap(tmp / _BOLD, mode="w+", dtype=np.float16, shape=(n_frames, n_values))
         for t0 in range(0, n_frames, chunk):
             out[t0:t0 + chunk] = ((x[t0:t0 + chunk].astype(np.float64) - offset) * scale).astype(np.float16)
         out.flush()
         del out
-        _fsync(tmp / _BOLD)
+        fsync_path(tmp / _BOLD)
         meta = {
             "layout": GRAYORDINATE_LAYOUT,
             "layout_version": GRAYORDINATE_LAYOUT_VERSION,
@@ -231,130 +202,66 @@ def write_grayordinate_run(
             "constant_grayordinates": constant,
             "structures": structures or [],
             "source": source,
-            "brainfm_version": _brainfm_version(),
+            "brainfm_version": brainfm_version(),
             **(extra_meta or {}),
         }
-        publish_run_dir(tmp, final, meta, _META)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_run_dir(tmp, final, meta, META)
     return final
 
 
-class GrayordinateStore:
-    """Index and reader of a grayordinate store (layout in the module docstring).
+class GrayordinateStore(RunDirStore):
+    """Reader of a grayordinate store (layout in the module docstring), opened from its run index.
 
-    Runs are ordered by (subject, run). Reading follows :class:`~brainfm.data.stores.roi.ROIStore`
-    (``read(run, start, stop)`` -> ``(N, stop - start)`` float32), so the ROI window dataset reads
-    grayordinates as is. Every run's ``meta.json`` and ``.npy`` header are checked at construction.
+    Runs are ordered by (subject, run). ``read(run, start, stop)`` returns ``(stop - start, N)`` float16
+    (time-first, as every store); the ROI window dataset reads grayordinates as ROI series.
+
+    Args:
+        root: the store folder. cache: ``data.cache`` sizes. validate: check every run's array now.
 
     Attributes:
-        path: the store root. subject_ids, run_ids: per run. lengths: TRs per run.
-        trs: seconds per run; tr: the common TR or None. n_rois: grayordinates per TR (the
-            same for every run). roi_names: None (grayordinates are identified by their index).
+        subject_ids, run_ids, lengths (TRs), trs (s): the run table. n_rois: grayordinates per TR (the
+        same for every run). roi_names: None (grayordinates are identified by their index).
+
+    ``run_stats(run)``: ``n`` (TRs), ``normalisation``, ``global_mean``/``global_std`` (input units),
+    ``constant_grayordinates``.
 
     Raises:
-        DataError: missing root, no runs, unreadable ``meta.json``, runs with different
+        DataError: missing root, no runs, unreadable ``meta.json`` or index, runs with different
             grayordinate counts, or a ``bold.npy`` that disagrees with ``meta.json`` or is truncated.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.path = self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(f"grayordinate store {self.root} does not exist. Fix: write it with "
-                            "brainfm.data.stores.grayordinate.write_grayordinate_run (from .dtseries.nii files), or set data.path")
-        metas = []
-        for meta_path in sorted(self.root.glob(f"*/*/{_META}")):
-            if meta_path.parent.name.startswith(".") or meta_path.parent.parent.name.startswith("."):
-                continue
-            metas.append(self._check_run(meta_path))
-        if not metas:
-            raise DataError(f"{self.root} holds no grayordinate runs (<subject>/<run>/meta.json); set data.path "
-                            "to the store root")
-        self.metas = metas
-        self.subject_ids = [m["subject"] for m in metas]
-        self.run_ids = [m["run"] for m in metas]
-        self.lengths = np.array([m["n_frames"] for m in metas], dtype=np.int64)
-        self.trs = np.array([m["tr"] for m in metas], dtype=np.float64)
-        self.tr: float | None = float(self.trs[0]) if np.allclose(self.trs, self.trs[0], atol=1e-6) else None
-        counts = sorted({int(m["n_grayordinates"]) for m in metas})
+    kind = "grayordinate"
+    LAYOUT = GRAYORDINATE_LAYOUT
+    LAYOUT_VERSION = GRAYORDINATE_LAYOUT_VERSION
+    ARRAY = _BOLD
+    DTYPE = np.dtype(np.float16)
+    STATS = ("normalisation", "global_mean", "global_std", "constant_grayordinates")
+
+    def __init__(self, root: str | os.PathLike, cache: dict | None = None, validate: bool = False) -> None:
+        super().__init__(root, cache=cache, validate=validate)
+        counts = sorted({int(s[0]) for s in self.shapes.tolist()})
         if len(counts) != 1:
-            first = next(m for m in metas if m["n_grayordinates"] != metas[0]["n_grayordinates"])
+            i = next(i for i, s in enumerate(self.shapes.tolist()) if s[0] != self.shapes[0][0])
             raise DataError(f"{self.root}: runs have different grayordinate counts {counts} (e.g. subject "
-                            f"{first['subject']} run {first['run']}); write every run in one CIFTI space")
+                            f"{self.subject_ids[i]} run {self.run_ids[i]}); write every run in one CIFTI space")
         self.n_rois = counts[0]
         self.roi_names = None
-        self.n_runs = len(metas)
-        self._maps: dict[int, np.ndarray] = {}
-        self._pid = os.getpid()
+        self.n_runs = len(self)
 
-    @staticmethod
-    def _check_run(meta_path: Path) -> dict:
-        fix = "Fix: write the run again (delete its folder first)."
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{meta_path} is unreadable ({exc}). {fix}") from exc
-        if not isinstance(meta, dict) or meta.get("layout") != GRAYORDINATE_LAYOUT:
-            raise DataError(f"{meta_path} is not a brainfm grayordinate run. {fix}")
-        bold = meta_path.parent / _BOLD
-        try:
-            with open(bold, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                header = read_header(f)
-                offset = f.tell()
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{bold} is missing or not a .npy file ({exc}). {fix}") from exc
-        shape, fortran, dtype = header
-        want = (int(meta["n_frames"]), int(meta["n_grayordinates"]))
-        if tuple(shape) != want or np.dtype(dtype) != np.float16 or fortran:
-            raise DataError(f"{bold} holds {np.dtype(dtype)} {tuple(shape)} but meta.json says float16 {want}. {fix}")
-        size = offset + want[0] * want[1] * 2
-        if bold.stat().st_size < size:
-            raise DataError(f"{bold} is truncated: {bold.stat().st_size} bytes of {size}. {fix}")
-        return meta
+    def missing_message(self) -> str:
+        return (f"grayordinate store {self.root} does not exist. Fix: write it with "
+                "brainfm.data.stores.grayordinate.write_grayordinate_run (from .dtseries.nii files), or set data.path")
 
-    def __len__(self) -> int:
-        return self.n_runs
+    @classmethod
+    def frame_shape_of(cls, meta: dict) -> tuple[int, ...]:
+        return (int(meta["n_grayordinates"]),)
 
-    def describe_run(self, run: int) -> str:
-        folder = self.root / self.subject_ids[run] / self.run_ids[run]
-        return f"subject {self.subject_ids[run]} ({self.run_ids[run]}, {folder})"
-
-    def meta(self, run: int) -> dict:
-        return self.metas[run]
-
-    def memmap(self, run: int) -> np.ndarray:
-        """Read-only memory map ``(T, N)`` float16 of run ``run`` (cached per process)."""
-        if self._pid != os.getpid():
-            self._maps, self._pid = {}, os.getpid()
-        mm = self._maps.get(run)
-        if mm is None:
-            mm = np.load(self.root / self.subject_ids[run] / self.run_ids[run] / _BOLD, mmap_mode="r")
-            self._maps[run] = mm
-        return mm
-
-    def read(self, run: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """TRs ``[start, stop)`` of run ``run`` as ``(N, stop - start)`` float32 (a transposed view
-        of a contiguous ``(stop - start, N)`` array).
-
-        Raises:
-            IndexError: a range outside the run.
-        """
-        stop = int(self.lengths[run]) if stop is None else int(stop)
-        if not 0 <= start < stop <= self.lengths[run]:
-            raise IndexError(f"TRs [{start}, {stop}) outside {self.describe_run(run)} ({self.lengths[run]} TRs)")
-        return self.memmap(run)[start:stop].astype(np.float32).T
-
-    def __getstate__(self):  # memory maps are reopened in each worker
-        state = dict(self.__dict__)
-        state["_maps"], state["_pid"] = {}, None
-        return state
+    @classmethod
+    def extra_row(cls, meta: dict) -> dict[str, Any]:
+        return {"normalisation": str(meta.get("normalisation")), "global_mean": float(meta.get("global_mean", "nan")),
+                "global_std": float(meta.get("global_std", "nan")),
+                "constant_grayordinates": int(meta.get("constant_grayordinates", 0))}
 
     def __repr__(self) -> str:
-        return (f"GrayordinateStore({self.root}, runs={self.n_runs}, subjects={len(set(self.subject_ids))}, "
+        return (f"GrayordinateStore({self.root}, runs={len(self)}, subjects={len(set(self.subject_ids))}, "
                 f"grayordinates={self.n_rois}, tr={self.tr}s)")
-
-

@@ -8,30 +8,194 @@ Layout (one row per subject run)::
     /run_id               bytes (n_runs,)     run/session label of each row (brainfm; optional)
     /ts_len               int32 (n_runs,)     valid TRs of each row (optional: else found from NaNs)
     /labels/<name>        (n_runs,)           optional phenotype labels
+    /run_stats/<atlas>/mean, /std
+                          float64 (n_runs, n_rois) per-run mean and standard deviation of every ROI
+                          over the run's TRs (brainfm; optional: ``brainfm-data index`` adds them)
     root attrs: tr (repetition time, seconds), plus free provenance (source, version, sha256)
 
 This is the layout of SamGijsen/Brain-Semantoks (``data/dataset.py``: ``timeseries/<atlas>``,
 ``long_subject_id``, ``ts_len``, NaN padding). brainfm adds the TR and the ROI order as
 attributes, because a TR or ROI-order mismatch between pretraining and downstream data is the most
-common silent error in the reference projects.
+common silent error in the reference projects, and the per-run statistics, so that per-run
+z-scoring and pooled (global) statistics need no pass over the data: the file is its own run index.
+Opening reads the ids and lengths only; a run's statistics are read (or, in a file without them,
+computed from the run) the first time a process needs them, in a bounded cache.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
+from brainfm.data.stores.base import LRUCache, StoreBase, cache_sizes, ensure_out
+from brainfm.data.stores.index import temp_name
 from brainfm.errors import DataError
 
+log = logging.getLogger(__name__)
+
 LAYOUT_VERSION = 1
+STATS_GROUP = "run_stats"
 
 
 def _decode(values) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _run_moments(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-ROI mean and standard deviation (float64) of one run ``(n_rois, T)``."""
+    x = np.asarray(data, dtype=np.float64)
+    return x.mean(axis=1), x.std(axis=1)
+
+
+class ROIStoreWriter:
+    """Write an ROI store run by run, in bounded memory, atomically.
+
+    Runs are appended to resizable data sets of a temporary file beside ``path`` (``.<name>.tmp-...``),
+    which is renamed to ``path`` by :meth:`close` (or the ``with`` block) only when everything is
+    written; an exception (or a kill) leaves no file at ``path``. Only the ids, lengths and labels
+    (one scalar per run) are kept in memory. Time is padded with NaN up to the longest run.
+
+    Args:
+        path: destination ``.h5`` file. tr: repetition time in seconds.
+        roi_names: atlas name -> ROI names in the order of the rows of each run's array.
+        attrs: extra root attributes (provenance).
+
+    Raises:
+        DataError: a non-positive TR; from :meth:`append`: a run of another ROI count, a run whose atlases
+            disagree on its length, or non-finite values inside a run (named).
+    """
+
+    def __init__(self, path: str | os.PathLike, tr: float, roi_names: Mapping[str, Sequence[str]],
+                 attrs: Mapping[str, object] | None = None, time_chunk: int = 512) -> None:
+        self.path = Path(path)
+        if tr is None or not np.isfinite(tr) or tr <= 0:
+            raise DataError(f"{self.path}: the repetition time must be a positive number of seconds, got {tr!r}")
+        if not roi_names:
+            raise DataError(f"{self.path}: give the ROI names of at least one atlas")
+        self.tr = float(tr)
+        self.roi_names = {a: [str(n) for n in names] for a, names in roi_names.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_name(self.path)
+        self._file = h5py.File(self.tmp, "w")
+        f = self._file
+        f.attrs["tr"] = self.tr
+        f.attrs["brainfm_layout_version"] = LAYOUT_VERSION
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+        self._ts, self._mean, self._std = {}, {}, {}
+        for atlas, names in self.roi_names.items():
+            n = len(names)
+            ds = f.create_dataset(f"timeseries/{atlas}", shape=(0, n, 0), maxshape=(None, n, None), dtype=np.float32,
+                                  chunks=(1, n, int(time_chunk)), fillvalue=np.nan)
+            ds.attrs["roi_names"] = np.array(names, dtype=h5py.string_dtype())
+            ds.attrs["tr"] = self.tr
+            self._ts[atlas] = ds
+            for key, store in (("mean", self._mean), ("std", self._std)):
+                store[atlas] = f.create_dataset(f"{STATS_GROUP}/{atlas}/{key}", shape=(0, n), maxshape=(None, n),
+                                                dtype=np.float64, chunks=(64, n))
+        self.subject_ids: list[str] = []
+        self.run_ids: list[str] = []
+        self.lengths: list[int] = []
+        self.labels: dict[str, list] = {}
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def append(self, subject: str, run: str, series: Mapping[str, np.ndarray],
+               labels: Mapping[str, Any] | None = None) -> None:
+        """Add one run: ``series`` maps every atlas to its ``(n_rois, n_timepoints)`` array.
+
+        Raises:
+            DataError: a missing atlas, a wrong ROI count, atlases of different lengths, non-finite values.
+        """
+        where = f"{self.path}: run {len(self)} (subject {subject}, {run})"
+        if set(series) != set(self._ts):
+            raise DataError(f"{where} has atlases {sorted(series)}, the file {sorted(self._ts)}")
+        lengths = set()
+        for atlas, arr in series.items():
+            arr = np.asarray(arr)
+            n = len(self.roi_names[atlas])
+            if arr.ndim != 2 or arr.shape[0] != n:
+                raise DataError(f"{where} of atlas {atlas!r} has shape {arr.shape}, expected ({n} ROIs, n_timepoints)")
+            if not np.isfinite(arr).all():
+                raise DataError(f"{where} of atlas {atlas!r} has non-finite values; interpolate or censor them "
+                                "before writing the store")
+            lengths.add(int(arr.shape[1]))
+        if len(lengths) != 1:
+            raise DataError(f"{where}: atlases disagree on run lengths ({sorted(lengths)})")
+        t = lengths.pop()
+        i = len(self)
+        for atlas, arr in series.items():
+            ds = self._ts[atlas]
+            if t > ds.shape[2]:
+                ds.resize(t, axis=2)
+            ds.resize(i + 1, axis=0)
+            ds[i, :, :t] = np.asarray(arr, dtype=np.float32)
+            mean, std = _run_moments(arr)
+            for store, value in ((self._mean, mean), (self._std, std)):
+                store[atlas].resize(i + 1, axis=0)
+                store[atlas][i] = value
+        self.subject_ids.append(str(subject))
+        self.run_ids.append(str(run))
+        self.lengths.append(t)
+        for name, value in (labels or {}).items():
+            self.labels.setdefault(name, [None] * i).append(value)
+        for name, values in self.labels.items():
+            if len(values) < i + 1:
+                values.append(None)
+
+    def close(self) -> Path:
+        """Write the ids, lengths and labels, then rename the file into place.
+
+        Raises:
+            DataError: no run was appended, or a label missing for some runs.
+        """
+        if self._closed:
+            return self.path
+        f = self._file
+        try:
+            if not len(self):
+                raise DataError(f"{self.path}: no run was written")
+            f.create_dataset("long_subject_id", data=np.array([s.encode() for s in self.subject_ids]))
+            f.create_dataset("run_id", data=np.array([s.encode() for s in self.run_ids]))
+            f.create_dataset("ts_len", data=np.asarray(self.lengths, dtype=np.int32))
+            for name, values in self.labels.items():
+                if any(v is None for v in values):
+                    raise DataError(f"{self.path}: label {name!r} is missing for some runs")
+                f.create_dataset(f"labels/{name}", data=np.asarray(values))
+            f.close()
+            os.replace(self.tmp, self.path)
+        finally:
+            self._closed = True
+            if f.id.valid:
+                f.close()
+            if self.tmp.exists():
+                self.tmp.unlink()
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file (nothing is written at ``path``)."""
+        self._closed = True
+        if self._file.id.valid:
+            self._file.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+    def __enter__(self) -> "ROIStoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_roi_h5(
@@ -44,7 +208,7 @@ def write_roi_h5(
     labels: Mapping[str, Sequence] | None = None,
     attrs: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write ROI time series to ``path`` atomically (temporary file, then rename).
+    """Write ROI time series held in memory to ``path`` atomically (through :class:`ROIStoreWriter`).
 
     Args:
         path: destination ``.h5`` file.
@@ -53,7 +217,7 @@ def write_roi_h5(
         subject_ids: subject id of each run (``len == n_runs``).
         tr: repetition time in seconds.
         roi_names: atlas name -> ROI names in the order of the rows of each array.
-        run_ids: optional run label of each row (e.g. ``"REST1_LR"``).
+        run_ids: optional run label of each row (e.g. ``"REST1_LR"``; default ``run<i>``).
         labels: optional label name -> one value per run.
         attrs: extra root attributes (provenance).
 
@@ -62,76 +226,92 @@ def write_roi_h5(
     """
     path = Path(path)
     n_runs = len(subject_ids)
-    if tr is None or not np.isfinite(tr) or tr <= 0:
-        raise DataError(f"{path}: the repetition time must be a positive number of seconds, got {tr!r}")
     for atlas, runs in series.items():
         if len(runs) != n_runs:
             raise DataError(f"{path}: atlas {atlas!r} has {len(runs)} runs but {n_runs} subject ids")
-        names = list(roi_names[atlas])
-        for i, arr in enumerate(runs):
-            if arr.ndim != 2 or arr.shape[0] != len(names):
-                raise DataError(
-                    f"{path}: run {i} (subject {subject_ids[i]}) of atlas {atlas!r} has shape "
-                    f"{arr.shape}, expected ({len(names)} ROIs, n_timepoints)"
-                )
-            if not np.isfinite(arr).all():
-                raise DataError(
-                    f"{path}: run {i} (subject {subject_ids[i]}) of atlas {atlas!r} has non-finite "
-                    "values; interpolate or censor them before writing the store"
-                )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["tr"] = float(tr)
-            f.attrs["brainfm_layout_version"] = LAYOUT_VERSION
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-            lengths = None
-            for atlas, runs in series.items():
-                t_max = max(a.shape[1] for a in runs)
-                n_rois = runs[0].shape[0]
-                data = np.full((n_runs, n_rois, t_max), np.nan, dtype=np.float32)
-                for i, arr in enumerate(runs):
-                    data[i, :, : arr.shape[1]] = arr
-                ds = f.create_dataset(
-                    f"timeseries/{atlas}", data=data, chunks=(1, n_rois, t_max), compression=None
-                )
-                ds.attrs["roi_names"] = np.array(list(roi_names[atlas]), dtype=h5py.string_dtype())
-                ds.attrs["tr"] = float(tr)
-                run_lengths = np.array([a.shape[1] for a in runs], dtype=np.int32)
-                if lengths is not None and not np.array_equal(lengths, run_lengths):
-                    raise DataError(f"{path}: atlases disagree on run lengths")
-                lengths = run_lengths
-            f.create_dataset("long_subject_id", data=np.array([s.encode() for s in subject_ids]))
-            if run_ids is not None:
-                f.create_dataset("run_id", data=np.array([s.encode() for s in run_ids]))
-            f.create_dataset("ts_len", data=lengths)
-            for name, values in (labels or {}).items():
-                f.create_dataset(f"labels/{name}", data=np.asarray(values))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    run_ids = list(run_ids) if run_ids is not None else [f"run{i}" for i in range(n_runs)]
+    with ROIStoreWriter(path, tr, {a: roi_names[a] for a in series}, attrs) as writer:
+        for i in range(n_runs):
+            writer.append(subject_ids[i], run_ids[i], {a: runs[i] for a, runs in series.items()},
+                          {k: v[i] for k, v in (labels or {}).items()})
     return path
 
 
-class ROIStore:
+def add_run_stats(path: str | os.PathLike, atlas: str | None = None, chunk_runs: int = 256) -> int:
+    """Compute and add the per-run statistics (``/run_stats/<atlas>/mean|std``) to an ROI store that
+    lacks them (``brainfm-data index rois.h5``), reading the runs in chunks; each data set is written
+    under a temporary name and moved into place when complete.
+
+    Returns:
+        The number of atlases whose statistics were added.
+
+    Raises:
+        DataError: non-finite values inside a run (named), an unreadable file.
+    """
+    added = 0
+    with h5py.File(path, "a") as f:
+        atlases = [atlas] if atlas else sorted(f["timeseries"].keys())
+        for name in atlases:
+            if f"{STATS_GROUP}/{name}/mean" in f and f"{STATS_GROUP}/{name}/std" in f:
+                continue
+            ds = f[f"timeseries/{name}"]
+            lengths = _lengths(f, ds, path)
+            n_runs, n_rois = ds.shape[0], ds.shape[1]
+            tmp_mean = f.create_dataset(f"{STATS_GROUP}/{name}/.mean.tmp", shape=(n_runs, n_rois), dtype=np.float64)
+            tmp_std = f.create_dataset(f"{STATS_GROUP}/{name}/.std.tmp", shape=(n_runs, n_rois), dtype=np.float64)
+            ids = _decode(f["long_subject_id"][:])
+            for r0 in range(0, n_runs, chunk_runs):
+                block = ds[r0:r0 + chunk_runs]
+                for k, data in enumerate(block):
+                    run = r0 + k
+                    valid = data[:, : lengths[run]]
+                    if not np.isfinite(valid).all():
+                        trs = np.unique(np.nonzero(~np.isfinite(valid))[1])
+                        raise DataError(f"{path}: NaN/inf inside subject {ids[run]} (row {run}) of atlas {name!r} at "
+                                        f"TR(s) {', '.join(map(str, trs[:8]))}. Fix: interpolate or censor these frames")
+                    tmp_mean[run], tmp_std[run] = _run_moments(valid)
+            f.move(f"{STATS_GROUP}/{name}/.mean.tmp", f"{STATS_GROUP}/{name}/mean")
+            f.move(f"{STATS_GROUP}/{name}/.std.tmp", f"{STATS_GROUP}/{name}/std")
+            added += 1
+    return added
+
+
+def _lengths(f: h5py.File, ds: h5py.Dataset, path) -> np.ndarray:
+    n_t = int(ds.shape[2])
+    if "ts_len" in f:
+        lengths = np.asarray(f["ts_len"][:], dtype=np.int64)
+    else:  # as Brain-Semantoks: a run ends at the first NaN of its first ROI
+        nan = np.isnan(ds[:, 0, :])
+        lengths = np.where(nan.any(axis=1), nan.argmax(axis=1), n_t).astype(np.int64)
+    if (lengths < 1).any() or (lengths > n_t).any():
+        raise DataError(f"{path}: /ts_len has values outside [1, {n_t}]")
+    return lengths
+
+
+class ROIStore(StoreBase):
     """Lazy reader of the HDF5 ROI store (see the module docstring for the layout).
 
-    Metadata is read once at construction; the data set is opened on first read in each process
-    (safe with forked DataLoader workers). With ``preload=True`` (or ``"auto"`` and a file under
-    ``preload_limit_mb``) the whole atlas array is read into memory once.
+    Metadata (ids, lengths, TR, ROI names) is read once at construction; the data set is opened on
+    first read in each process (safe with forked DataLoader workers). With ``preload=True`` (or
+    ``"auto"`` and a file under ``preload_limit_mb``) the whole atlas array is read into memory once.
 
     Args:
         path: the ``.h5`` file.
         atlas: name under ``/timeseries``; may be omitted when the file holds exactly one.
         preload: ``True``, ``False`` or ``"auto"``.
         preload_limit_mb: size limit for ``preload="auto"``.
+        cache: ``data.cache`` sizes (``run_stats``: runs whose statistics a process keeps).
+
+    ``read(run, start, stop, stride)`` returns ``(n, n_rois)`` float32 (time-first). ``run_stats(run)``
+    returns ``n`` (TRs), ``mean`` and ``std`` ``(n_rois,)`` float64 over the run's TRs: from
+    ``/run_stats`` when the file has them, else computed from the run (which is then checked to be
+    finite).
 
     Raises:
         DataError: missing or unreadable file (e.g. truncated), missing atlas, inconsistent ids.
     """
+
+    kind = "roi"
 
     def __init__(
         self,
@@ -139,8 +319,9 @@ class ROIStore:
         atlas: str | None = None,
         preload: bool | str = "auto",
         preload_limit_mb: float = 512.0,
+        cache: Mapping[str, int] | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path = self.location = Path(path)
         if not self.path.is_file():
             raise DataError(
                 f"ROI data file {self.path} does not exist. Fix: for the embedded data set run "
@@ -179,7 +360,7 @@ class ROIStore:
                 )
             self.n_runs, self.n_rois, self.n_timepoints = (int(s) for s in ds.shape)
             tr = ds.attrs.get("tr", f.attrs.get("tr"))
-            self.tr: float | None = float(tr) if tr is not None else None
+            self._tr: float | None = float(tr) if tr is not None else None
             names = ds.attrs.get("roi_names")
             self.roi_names: list[str] | None = _decode(names) if names is not None else None
             if self.roi_names is not None and len(self.roi_names) != self.n_rois:
@@ -196,49 +377,93 @@ class ROIStore:
                     f"/timeseries/{atlas}"
                 )
             self.run_ids = _decode(f["run_id"][:]) if "run_id" in f else [f"run{i}" for i in range(self.n_runs)]
-            if "ts_len" in f:
-                self.lengths = np.asarray(f["ts_len"][:], dtype=np.int64)
-            else:  # as Brain-Semantoks: a run ends at the first NaN of its first ROI
-                first_roi = ds[:, 0, :]
-                nan = np.isnan(first_roi)
-                self.lengths = np.where(nan.any(axis=1), nan.argmax(axis=1), self.n_timepoints)
-            if (self.lengths < 1).any() or (self.lengths > self.n_timepoints).any():
-                raise DataError(f"{self.path}: /ts_len has values outside [1, {self.n_timepoints}]")
+            self.lengths = _lengths(f, ds, self.path)
+            self.has_run_stats = f"{STATS_GROUP}/{atlas}/mean" in f and f"{STATS_GROUP}/{atlas}/std" in f
             self.attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in f.attrs.items()}
             size_mb = self.n_runs * self.n_rois * self.n_timepoints * 4 / 2**20
+        self.frame_shape = (self.n_rois,)
         if preload == "auto":
             preload = size_mb <= preload_limit_mb
         self._memory: np.ndarray | None = None
         self._file: h5py.File | None = None
         self._pid: int | None = None
+        self._stats = LRUCache(cache_sizes(cache)["run_stats"])
         if preload:
             with h5py.File(self.path, "r") as f:
                 self._memory = np.asarray(f[f"timeseries/{self.atlas}"][:], dtype=np.float32)
 
-    # -- reading ---------------------------------------------------------------------------------
-    def _dataset(self) -> h5py.Dataset:
+    # -- the run table -----------------------------------------------------------------------------------
+    @property
+    def tr(self) -> float | None:
+        """The file's repetition time in seconds (one TR per file), or None when it records none."""
+        return self._tr
+
+    @tr.setter
+    def tr(self, value: float | None) -> None:
+        self._tr = None if value is None else float(value)
+
+    @property
+    def trs(self) -> np.ndarray:
+        """``(n_runs,)`` seconds (the file's one TR; NaN when it records none)."""
+        return np.full(self.n_runs, np.nan if self._tr is None else self._tr)
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def _open(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
             self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
-        return self._file[f"timeseries/{self.atlas}"]
+        return self._file
 
-    def read(self, run: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Raw BOLD of one run, ``(n_rois, stop - start)`` float32; TRs ``[start, stop)``."""
-        stop = int(self.lengths[run]) if stop is None else stop
-        if not 0 <= start < stop <= self.lengths[run]:
-            raise IndexError(
-                f"TRs [{start}, {stop}) outside run {run} of {self.path} ({self.lengths[run]} TRs)"
-            )
+    def _dataset(self) -> h5py.Dataset:
+        return self._open()[f"timeseries/{self.atlas}"]
+
+    def read(self, run: int, start: int = 0, stop: int | None = None, stride: int = 1,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """Raw BOLD of TRs ``start, start + stride, ... < stop`` of one run: ``(n, n_rois)`` float32.
+
+        Raises:
+            IndexError: TRs outside the run. ValueError: an ``out`` of the wrong shape.
+        """
+        frames = self._frames(run, start, stop, stride)
+        sl = slice(frames.start, frames.stop, frames.step)
         if self._memory is not None:
-            return self._memory[run, :, start:stop]
-        return np.asarray(self._dataset()[run, :, start:stop], dtype=np.float32)
+            x = self._memory[run, :, sl]
+        else:
+            x = np.asarray(self._dataset()[run, :, sl], dtype=np.float32)
+        if out is None:
+            return x.T
+        ensure_out(out, (len(frames), self.n_rois), np.float32, self.describe_run(run))[...] = x.T
+        return out
+
+    def run_stats(self, run: int) -> dict[str, Any]:
+        """``n`` (TRs), ``mean`` and ``std`` ``(n_rois,)`` float64 of every ROI over the run (class docstring).
+
+        Raises:
+            DataError: computed from a run with NaN/inf inside it (subject, ROI and TRs named).
+        """
+        def load() -> dict[str, Any]:
+            n = int(self.lengths[run])
+            if self.has_run_stats:
+                f = self._open()
+                mean = np.asarray(f[f"{STATS_GROUP}/{self.atlas}/mean"][run], dtype=np.float64)
+                std = np.asarray(f[f"{STATS_GROUP}/{self.atlas}/std"][run], dtype=np.float64)
+            else:
+                data = self.read(run).T
+                self.check_finite(run, data)
+                mean, std = _run_moments(data)
+            return {"n": n, "mean": mean, "std": std}
+
+        return self._stats.get(run, load)
 
     def describe_run(self, run: int) -> str:
         return f"subject {self.subject_ids[run]} ({self.run_ids[run]}, row {run})"
 
     def check_finite(self, run: int, data: np.ndarray | None = None) -> None:
-        """Raise a DataError naming the subject, ROI and TRs if a run has NaN/inf inside it."""
-        data = self.read(run) if data is None else data
+        """Raise a DataError naming the subject, ROI and TRs if a run has NaN/inf inside it.
+
+        ``data``: the run as ``(n_rois, T)`` (read when None).
+        """
+        data = self.read(run).T if data is None else data
         bad = ~np.isfinite(data)
         if bad.any():
             rois, trs = np.nonzero(bad)

@@ -1,88 +1,89 @@
-"""A store restricted to some runs, with other subject ids and a crop/pad applied at read time."""
+"""A store restricted to some runs, with other subject ids and a crop/pad applied at read time.
+
+Data set recipes (:mod:`brainfm.data.datamodules.recipes`) keep the runs of their subjects, name
+them by the data set's own subject id (the UKB eid, the ABCD subject key) and, for SwiFT frame
+folders, apply SwiFT's crop/pad to the model grid when a clip is read. A :class:`StoreView` is
+itself a store (:mod:`brainfm.data.stores.base`), so datasets read it as any other.
+"""
 
 from __future__ import annotations
 
-import logging
-import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from brainfm.data.stores.volume import CropPad, VolumeStore
+from brainfm.data.stores.base import StoreBase, ensure_out
+from brainfm.data.stores.volume import CropPad
 from brainfm.errors import DataError
 
-log = logging.getLogger(__name__)
 
-LAYOUTS = ("volumes", "frames")
-_TABLE_KEYS = {"file", "id_column", "columns", "categories"}
-
-
-def _show(patterns: Sequence[re.Pattern]) -> str:
-    return "[" + ", ".join(rx.pattern for rx in patterns) + "]"
-
-
-# -- a store restricted to the recipe's runs, with canonical subject ids and crop/pad --------------------
-class RecipeStoreView:
-    """A :class:`~brainfm.data.stores.volume.VolumeStore` or :class:`~brainfm.data.stores.frames.FrameStore`
-    restricted to some runs, with the data set's subject ids and (for frames) SwiFT's crop/pad to the
-    model grid applied at read time. It has the reader interface the clip datasets use.
+class StoreView(StoreBase):
+    """Runs ``runs`` of store ``base``, with ``subject_ids`` as their subjects and ``crop_pad`` applied.
 
     Args:
-        base: the store. runs: indices of the runs kept (base order). subject_ids: canonical subject
-            id of each kept run. crop_pad: applied to every read (None: the base grid).
+        base: the store (a volume store or frame folders for a crop/pad; any store otherwise).
+        runs: indices of the runs kept (base order). subject_ids: subject id of each kept run.
+        crop_pad: applied to every read of a volume store (None: the base grid).
 
-    ``read_clip`` returns ``(length, X, Y, Z)`` float16 on the output grid; padding takes the clip's
-    background value (its first voxel, as SwiFT's ``y.flatten()[0]``); ``mask`` pads with False;
-    ``voxel_stats`` pads the mean with the run's background value and the standard deviation with 0.
+    ``read`` returns ``(n, X, Y, Z)`` on the output grid; padding takes the clip's background value
+    (its first voxel, as SwiFT's ``y.flatten()[0]``); ``mask`` pads with False; ``voxel_stats`` pads the
+    mean with the run's background value and the standard deviation with 0.
+
+    Raises:
+        DataError: a crop/pad of a store that mixes grids. ValueError: one subject id per run is needed.
     """
 
     def __init__(self, base, runs: Sequence[int], subject_ids: Sequence[str], crop_pad: CropPad | None = None) -> None:
         if len(runs) != len(subject_ids):
             raise ValueError("one subject id per kept run")
         self.base = base
+        self.kind = base.kind  # a view reads as the store it restricts
         self.index = np.asarray(runs, dtype=np.int64)
         self.subject_ids = [str(s) for s in subject_ids]
         self.source_subject_ids = [base.subject_ids[int(i)] for i in self.index]
         self.run_ids = [base.run_ids[int(i)] for i in self.index]
         self.lengths = np.asarray(base.lengths, dtype=np.int64)[self.index]
         self.trs = np.asarray(base.trs, dtype=np.float64)[self.index]
-        self.tr = float(self.trs[0]) if len(self.trs) and np.allclose(self.trs, self.trs[0], atol=1e-6) else None
-        self.root = getattr(base, "root", None)
+        self.location = self.root = base.location
         self.crop_pad = None if crop_pad is None or crop_pad.is_identity else crop_pad
-        in_shape = getattr(base, "shape", None)
+        in_shape = base.frame_shape
         if self.crop_pad is not None and in_shape is None:
             raise DataError(f"{self.root} mixes grids; a crop/pad needs one input grid")
         self.in_shape = None if in_shape is None else tuple(int(s) for s in in_shape)
-        self.shape = self.in_shape if self.crop_pad is None else self.crop_pad.output_shape(self.in_shape)
+        self.frame_shape = self.in_shape if self.crop_pad is None else self.crop_pad.output_shape(self.in_shape)
+        self.shape = self.frame_shape
+        base_shapes = getattr(base, "shapes", None)
+        self.shapes = (np.asarray(base_shapes)[self.index] if self.crop_pad is None and base_shapes is not None
+                       else np.tile(np.asarray(self.frame_shape or (), dtype=np.int64), (len(self.index), 1)))
         self._slices = None if self.crop_pad is None else self.crop_pad.slices(self.in_shape)
-        self.frames = not isinstance(base, VolumeStore)
-
-    def __len__(self) -> int:
-        return len(self.index)
 
     def _j(self, i: int) -> int:
         return int(self.index[i])
 
-    @property
-    def runs(self) -> list:
-        base_runs = getattr(self.base, "runs", None)
-        return [] if base_runs is None else [base_runs[self._j(i)] for i in range(len(self))]
-
     def describe_run(self, i: int) -> str:
         return self.base.describe_run(self._j(i))
 
-    def meta(self, i: int):
-        """The run's ``meta.json`` (stores). For frame folders, whose facts need a frame read, a lazy
-        mapping: ``normalisation``, ``tr``, ``crop_pad``, ``shape`` without reading; ``min``, ``max`` and
-        ``fill_value`` (frame 0) on first access."""
-        j = self._j(i)
-        if not self.frames:
-            return self.base.meta(j)
-        cheap = {"normalisation": self.base.normalisation, "fill": "first voxel of each clip (SwiFT)",
-                 "tr": float(self.trs[i]), "shape": list(self.shape), "original_shape": list(self.in_shape),
-                 "crop_pad": None if self.crop_pad is None else self.crop_pad.as_list(),
-                 "source": str(self.base.path(j))}
-        return _LazyMeta(cheap, lambda: self.base.meta(j))
+    def meta(self, i: int) -> Mapping[str, Any]:
+        """The base run's metadata, with this view's grid and crop/pad."""
+        m = dict(self.base.meta(self._j(i)))
+        if self.crop_pad is not None:
+            m.update(shape=list(self.frame_shape), original_shape=list(self.in_shape), crop_pad=self.crop_pad.as_list())
+        return m
+
+    def run_stats(self, i: int) -> Mapping[str, Any]:
+        return self.base.run_stats(self._j(i))
+
+    def column(self, name: str) -> list:
+        """An index column of the base store, for the kept runs."""
+        values = self.base.column(name)
+        return [values[j] for j in self.index.tolist()]
+
+    def crop_pads(self) -> list:
+        if self.crop_pad is not None:
+            return [self.crop_pad.as_list()] * len(self)
+        base = self.base.crop_pads() if hasattr(self.base, "crop_pads") else [None] * len(self.base)
+        return [base[j] for j in self.index.tolist()]
 
     def _place(self, src: np.ndarray, out: np.ndarray, fill: float) -> np.ndarray:
         region_in, region_out = self._slices
@@ -91,21 +92,21 @@ class RecipeStoreView:
         out[(*lead, *region_out)] = src[(*lead, *region_in)]
         return out
 
-    def read_clip(self, i: int, start: int, length: int, stride: int = 1, out: np.ndarray | None = None) -> np.ndarray:
-        """``(length, X, Y, Z)`` float16 of run ``i`` (see the class docstring). Raises as the base."""
-        j = self._j(i)
+    def read(self, run: int, start: int = 0, stop: int | None = None, stride: int = 1,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """The base run's TRs (as the base's ``read``), cropped/padded to this view's grid."""
+        j = self._j(run)
         if self.crop_pad is None:
-            return self.base.read_clip(j, start, length, stride, out=out)
-        raw = self.base.read_clip(j, start, length, stride)
-        if out is None:
-            out = np.empty((length, *self.shape), dtype=np.float16)
+            return self.base.read(j, start, stop, stride, out=out)
+        raw = self.base.read(j, start, stop, stride)
+        out = ensure_out(out, (len(raw), *self.frame_shape), raw.dtype, self.describe_run(run))
         return self._place(raw, out, float(raw.flat[0]))  # SwiFT: pad with y.flatten()[0]
 
     def mask(self, i: int):
         m = self.base.mask(self._j(i))
         if m is None or self.crop_pad is None:
             return m
-        return self._place(np.asarray(m), np.zeros(self.shape, dtype=bool), False)
+        return self._place(np.asarray(m), np.zeros(self.frame_shape, dtype=bool), False)
 
     def voxel_stats(self, i: int):
         j = self._j(i)
@@ -113,35 +114,10 @@ class RecipeStoreView:
         if stats is None or self.crop_pad is None:
             return stats
         fill = float(self.base.meta(j).get("fill_value") or 0.0)
-        mean = self._place(np.asarray(stats[0], dtype=np.float32), np.empty(self.shape, np.float32), fill)
-        std = self._place(np.asarray(stats[1], dtype=np.float32), np.empty(self.shape, np.float32), 0.0)
+        mean = self._place(np.asarray(stats[0], dtype=np.float32), np.empty(self.frame_shape, np.float32), fill)
+        std = self._place(np.asarray(stats[1], dtype=np.float32), np.empty(self.frame_shape, np.float32), 0.0)
         return mean, std
 
     def __repr__(self) -> str:
-        return (f"RecipeStoreView({self.base!r}, runs={len(self)}, subjects={len(set(self.subject_ids))}, "
-                f"shape={self.shape}, crop_pad={None if self.crop_pad is None else self.crop_pad.as_list()})")
-
-
-class _LazyMeta(Mapping):
-    """A run's facts: ``cheap`` ones at once, the others from ``load()`` on first access."""
-
-    def __init__(self, cheap: dict, load) -> None:
-        self._cheap, self._load, self._full = cheap, load, None
-
-    def _all(self) -> dict:
-        if self._full is None:
-            self._full = {**self._load(), **self._cheap}
-        return self._full
-
-    def __getitem__(self, key):
-        if key in self._cheap:
-            return self._cheap[key]
-        return self._all()[key]
-
-    def __iter__(self):
-        return iter(self._all())
-
-    def __len__(self) -> int:
-        return len(self._all())
-
-
+        return (f"StoreView({self.base!r}, runs={len(self)}, subjects={len(set(self.subject_ids))}, "
+                f"shape={self.frame_shape}, crop_pad={None if self.crop_pad is None else self.crop_pad.as_list()})")

@@ -34,11 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import socket
-import uuid
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,16 +42,27 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from brainfm.data.stores.base import LRUCache, cache_sizes
+from brainfm.data.stores.rundir import (
+    META,
+    RunDirStore,
+    brainfm_version,
+    fsync_path,
+    npy_layout,
+    publish_run_dir,
+    run_dir,
+    save_npy,
+    staged_run_dir,
+)
 from brainfm.errors import ConfigError, DataError
 
 LAYOUT = "brainfm-volume-run"
 LAYOUT_VERSION = 1
-BOLD, MASK, VOXEL_MEAN, VOXEL_STD, META = "bold.npy", "mask.npy", "voxel_mean.npy", "voxel_std.npy", "meta.json"
+BOLD, MASK, VOXEL_MEAN, VOXEL_STD = "bold.npy", "mask.npy", "voxel_mean.npy", "voxel_std.npy"
 NORMALISATIONS = ("global", "none")
 FILLS = ("min", "zero")
 MASK_RULES = ("auto", "nonzero", "threshold", "epi", "all")
 FP16_MAX = 65504.0
-_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _FIX = "Fix: re-run brainfm-preprocess for it (delete the folder first)."
 
 
@@ -167,29 +174,8 @@ class ArrayFrames:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-def check_name(value: str, what: str) -> str:
-    """A subject or run id usable as a folder name (letters, digits, ``._-``)."""
-    value = str(value)
-    if not value or value.startswith(".") or not set(value) <= _SAFE:
-        raise DataError(
-            f"{what} {value!r} cannot be a store folder name; use letters, digits, '.', '_' and '-' "
-            "(not starting with '.')"
-        )
-    return value
-
-
-def safe_name(value: str) -> str:
-    """``value`` with characters outside ``[A-Za-z0-9._-]`` replaced by ``_``."""
-    out = "".join(c if c in _SAFE else "_" for c in str(value)).lstrip(".")
-    return out or "_"
-
-
-def run_dir(root: str | os.PathLike, subject: str, run: str) -> Path:
-    return Path(root) / check_name(subject, "subject id") / check_name(run, "run id")
-
-
 def read_meta(path: Path) -> dict | None:
-    """``meta.json`` of a run directory, or None when missing/unreadable/not a brainfm run."""
+    """``meta.json`` of a run directory, or None when missing/unreadable/not a brainfm volume run."""
     try:
         meta = json.loads((path / META).read_text())
     except (OSError, ValueError):
@@ -200,89 +186,12 @@ def read_meta(path: Path) -> dict | None:
 def run_is_finished(path: str | os.PathLike) -> bool:
     """A run directory with a complete ``meta.json`` and a ``bold.npy`` of the recorded size."""
     path = Path(path)
-    meta = read_meta(path)
-    if meta is None:
+    if read_meta(path) is None:
         return False
     try:
-        return _npy_layout(path / BOLD)[2] <= (path / BOLD).stat().st_size
+        return npy_layout(path / BOLD)[2] <= (path / BOLD).stat().st_size
     except (OSError, ValueError, DataError):
         return False
-
-
-def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int, int]:
-    """``(shape, dtype, expected file size, data offset)`` from a .npy header."""
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        except ValueError as exc:
-            raise DataError(f"{path}: not a readable .npy file ({exc})") from exc
-        offset = f.tell()
-    if fortran:
-        raise DataError(f"{path}: Fortran-ordered array; brainfm writes C order")
-    return tuple(int(s) for s in shape), np.dtype(dtype), offset + int(np.prod(shape)) * np.dtype(dtype).itemsize, offset
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a directory entry to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_run_dir(tmp: Path, final: Path, meta: dict, meta_name: str) -> None:
-    """Finish a run folder written under the temporary name ``tmp``: write its ``meta_name`` (the
-    file whose presence marks a complete run) durably, then move it to ``final`` in one rename,
-    replacing an existing folder (an overwrite, or a folder left without a complete meta file)."""
-    with open(tmp / meta_name, "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync(final.parent)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temp(root: str | os.PathLike, subject: str, run: str) -> list[Path]:
-    """Remove temporary directories of ``run`` left by killed writers on this host."""
-    parent = Path(root) / subject
-    removed = []
-    if not parent.is_dir():
-        return removed
-    host = socket.gethostname()
-    for p in parent.glob(f".{run}.tmp-*"):
-        parts = p.name[len(f".{run}.tmp-"):].rsplit("-", 2)
-        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
 
 
 # -- writer -----------------------------------------------------------------------------------------------
@@ -498,11 +407,7 @@ def write_volume_run(
     std_out[dst_region] = np.where(brain[src_region], np.sqrt(vvar[src_region]) * scale, 0.0)
 
     # pass 2: write into a temporary directory, rename when complete
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temp(root, subject, run)
-    tmp = final.parent / f".{run}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_run_dir(root, subject, run) as tmp:
         bold = np.lib.format.open_memmap(tmp / BOLD, mode="w+", dtype=np.float16, shape=(T, *out_shape))
         in_mask = brain[src_region]
         chunk2 = int(chunk_frames or _chunk_frames(int(np.prod(out_shape)), itemsize=6))
@@ -515,10 +420,10 @@ def write_volume_run(
             bold[t0:t1] = block
         bold.flush()
         del bold
-        _fsync(tmp / BOLD)
-        _save_npy(tmp / MASK, brain_out)
-        _save_npy(tmp / VOXEL_MEAN, mean_out)
-        _save_npy(tmp / VOXEL_STD, std_out)
+        fsync_path(tmp / BOLD)
+        save_npy(tmp / MASK, brain_out)
+        save_npy(tmp / VOXEL_MEAN, mean_out)
+        save_npy(tmp / VOXEL_STD, std_out)
         meta = {
             "layout": LAYOUT,
             "layout_version": LAYOUT_VERSION,
@@ -541,222 +446,117 @@ def write_volume_run(
             "fill_value": fill_value,
             "mask": {"rule": mask_rule, "brain_voxels": int(brain_out.sum()), "brain_voxels_cropped": cut},
             "source": source,
-            "brainfm_version": _brainfm_version(),
+            "brainfm_version": brainfm_version(),
             **(extra_meta or {}),
         }
         publish_run_dir(tmp, final, meta, META)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def _brainfm_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("brainfm")
-    except Exception:  # not installed (source checkout on the path)
-        return "unknown"
-
-
 # -- reader ------------------------------------------------------------------------------------------------
-_MADV_POPULATE_READ = 22  # Linux >= 5.14: map the pages of a range in one call
+class VolumeStore(RunDirStore):
+    """Reader of a volume store (layout in the module docstring), opened from its run index.
 
+    Runs are ordered by (subject, run); ``run`` everywhere is the position in that order. With an
+    index (``index.parquet``, written by ``brainfm-preprocess`` or ``brainfm-data index``) opening
+    reads one file; each run's arrays are checked the first time a process reads it. Without one,
+    every run's ``meta.json`` and array headers are read and checked at open (older stores).
 
-@dataclass
-class VolumeRun:
-    """One indexed run: where it is and what its meta.json says."""
-
-    subject: str
-    run: str
-    path: Path
-    n_frames: int
-    tr: float
-    shape: tuple[int, int, int]
-    meta: dict
-
-
-class VolumeStore:
-    """Index and reader of a volume store (layout in the module docstring).
-
-    Runs are ordered by (subject, run); ``run_index`` everywhere is the position in that order.
-    At construction every run's ``meta.json`` and the headers and sizes of its arrays are
-    checked, so a truncated or mismatched file fails here, naming the file, not in a worker
-    in the middle of training.
+    Args:
+        root: the store folder. cache: ``data.cache`` sizes (``open_runs`` file descriptors, ``masks``).
+        validate: check every run's files now (``brainfm-data validate``).
 
     Attributes:
-        runs: :class:`VolumeRun` per run. subject_ids, run_ids: per run.
-        lengths: ``(n_runs,)`` int64 TRs. trs: ``(n_runs,)`` float64 seconds.
-        tr: the common TR in seconds, or None when runs differ. shape: common (X, Y, Z) or None.
+        subject_ids, run_ids, lengths (TRs), trs (s), shapes ``(n_runs, 3)``: the run table.
+        shape / frame_shape: the common grid (X, Y, Z), or None when runs differ. tr: the common TR or None.
+
+    ``run_stats(run)``: ``n`` (TRs), ``normalisation``, ``fill``, ``fill_value``, ``min``/``max`` (brain,
+    as stored), ``global_mean``/``global_std`` (raw units, before normalisation), ``brain_voxels``.
 
     Raises:
-        DataError: missing root, no runs, unreadable meta.json, a .npy whose header disagrees with
-            meta.json, or a truncated .npy ("re-run brainfm-preprocess").
+        DataError: missing root, no runs, unreadable ``meta.json`` or index, a ``.npy`` whose header
+            disagrees with ``meta.json``, or a truncated ``.npy`` ("re-run brainfm-preprocess").
     """
 
-    def __init__(self, root: str | os.PathLike, validate: bool = True, max_open: int = 32) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(
-                f"volume store {self.root} does not exist. Fix: build it with `brainfm-preprocess volumes "
+    kind = "volume"
+    LAYOUT = LAYOUT
+    LAYOUT_VERSION = LAYOUT_VERSION
+    ARRAY = BOLD
+    DTYPE = np.dtype(np.float16)
+    FIX = _FIX
+    STATS = ("normalisation", "fill", "fill_value", "min", "max", "global_mean", "global_std", "brain_voxels")
+
+    def __init__(self, root: str | os.PathLike, cache: dict | None = None, validate: bool = False) -> None:
+        super().__init__(root, cache=cache, validate=validate)
+        self.shape: tuple[int, int, int] | None = self.frame_shape  # type: ignore[assignment]
+        self._masks = LRUCache(cache_sizes(cache)["masks"])
+
+    def missing_message(self) -> str:
+        return (f"volume store {self.root} does not exist. Fix: build it with `brainfm-preprocess volumes "
                 f"--input <NIfTI folder | BIDS | fMRIPrep> --output {self.root}` (or `brainfm-preprocess "
-                "frames` for SwiFT/TFF frame folders); for the embedded toy data `brainfm-data fetch nifti_toy`."
-            )
-        runs = []
-        for meta_path in sorted(self.root.glob("*/*/" + META)):
-            rdir = meta_path.parent
-            if rdir.name.startswith(".") or rdir.parent.name.startswith("."):
-                continue
-            runs.append(self._index_run(rdir, validate))
-        if not runs:
-            raise DataError(
-                f"{self.root} holds no runs (<subject>/<run>/meta.json). Fix: run brainfm-preprocess "
-                "into it, or point data.path at the store root"
-            )
-        self.runs: list[VolumeRun] = runs
-        self.subject_ids = [r.subject for r in runs]
-        self.run_ids = [r.run for r in runs]
-        self.lengths = np.array([r.n_frames for r in runs], dtype=np.int64)
-        self.trs = np.array([r.tr for r in runs], dtype=np.float64)
-        self.tr: float | None = float(self.trs[0]) if np.allclose(self.trs, self.trs[0], atol=1e-6) else None
-        shapes = {r.shape for r in runs}
-        self.shape: tuple[int, int, int] | None = next(iter(shapes)) if len(shapes) == 1 else None
-        self.max_open = int(max_open)
-        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
-        self._masks: dict[int, np.ndarray] = {}
-        self._pid = os.getpid()
-        self._advise = True
+                "frames` for SwiFT/TFF frame folders); for the embedded toy data `brainfm-data fetch nifti_toy`.")
 
-    def _index_run(self, rdir: Path, validate: bool) -> VolumeRun:
-        meta_path = rdir / META
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{meta_path} is unreadable ({exc}). {_FIX}") from exc
-        if not isinstance(meta, dict) or meta.get("layout") != LAYOUT:
-            raise DataError(f"{meta_path} is not a brainfm volume run (layout {meta.get('layout') if isinstance(meta, dict) else None!r}). {_FIX}")
-        if int(meta.get("layout_version", 0)) > LAYOUT_VERSION:
-            raise DataError(f"{meta_path}: layout version {meta['layout_version']} is newer than this brainfm "
-                            f"({LAYOUT_VERSION}); upgrade brainfm")
-        try:
-            subject, run = str(meta["subject"]), str(meta["run"])
-            n, shape, tr = int(meta["n_frames"]), tuple(int(s) for s in meta["shape"]), float(meta["tr"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"{meta_path} lacks a field ({exc}). {_FIX}") from exc
-        if (subject, run) != (rdir.parent.name, rdir.name):
-            raise DataError(f"{meta_path} says subject {subject!r} run {run!r} but lies in {rdir.parent.name}/{rdir.name}")
-        if validate:
-            expected = {BOLD: ((n, *shape), np.float16), MASK: (shape, np.bool_),
-                        VOXEL_MEAN: (shape, np.float32), VOXEL_STD: (shape, np.float32)}
-            for fname, (want_shape, want_dtype) in expected.items():
-                path = rdir / fname
-                if not path.is_file():
-                    raise DataError(f"{path} is missing (subject {subject}, run {run}). {_FIX}")
-                got_shape, got_dtype, size, _ = _npy_layout(path)
-                if got_shape != tuple(want_shape) or got_dtype != np.dtype(want_dtype):
-                    raise DataError(
-                        f"{path} holds {got_dtype} {got_shape} but meta.json says {np.dtype(want_dtype)} "
-                        f"{tuple(want_shape)} (subject {subject}, run {run}). {_FIX}"
-                    )
-                actual = path.stat().st_size
-                if actual < size:
-                    raise DataError(
-                        f"{path} is truncated: {actual} bytes of {size} (subject {subject}, run {run}). {_FIX}"
-                    )
-        return VolumeRun(subject, run, rdir, n, tr, shape, meta)
+    @classmethod
+    def frame_shape_of(cls, meta: dict) -> tuple[int, ...]:
+        return tuple(int(s) for s in meta["shape"])
 
-    # -- reading ------------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.runs)
+    @classmethod
+    def extra_row(cls, meta: dict) -> dict[str, Any]:
+        mask = meta.get("mask") or {}
+        return {"normalisation": str(meta.get("normalisation")), "fill": str(meta.get("fill")),
+                "fill_value": float(meta.get("fill_value") or 0.0), "min": float(meta.get("min", 0.0)),
+                "max": float(meta.get("max", 0.0)), "global_mean": float(meta.get("global_mean", float("nan"))),
+                "global_std": float(meta.get("global_std", float("nan"))),
+                "brain_voxels": int(mask.get("brain_voxels", -1)),
+                "crop_pad": json.dumps(meta.get("crop_pad"))}
 
-    def describe_run(self, i: int) -> str:
-        r = self.runs[i]
-        return f"subject {r.subject} ({r.run}, {r.path})"
+    @classmethod
+    def check_files(cls, rdir: Path, meta: dict) -> None:
+        shape = tuple(int(s) for s in meta["shape"])
+        where = f"(subject {meta['subject']}, run {meta['run']})"
+        for fname, dtype in ((MASK, np.bool_), (VOXEL_MEAN, np.float32), (VOXEL_STD, np.float32)):
+            path = rdir / fname
+            if not path.is_file():
+                raise DataError(f"{path} is missing {where}. {_FIX}")
+            got_shape, got_dtype, size, _ = npy_layout(path)
+            if got_shape != shape or got_dtype != np.dtype(dtype):
+                raise DataError(f"{path} holds {got_dtype} {got_shape} but meta.json says {np.dtype(dtype)} {shape} "
+                                f"{where}. {_FIX}")
+            if path.stat().st_size < size:
+                raise DataError(f"{path} is truncated: {path.stat().st_size} bytes of {size} {where}. {_FIX}")
 
-    def meta(self, i: int) -> dict:
-        return self.runs[i].meta
+    def crop_pads(self) -> list:
+        """The crop/pad of each run (``[[x_before, x_after], ...]`` or None), from the index."""
+        return [json.loads(v) if isinstance(v, str) else v for v in self._columns["crop_pad"]]
 
-    def memmap(self, i: int) -> np.memmap:
-        """Read-only memory map of run ``i``'s ``bold.npy``: ``(T, X, Y, Z)`` float16 (cached per
-        process, at most ``max_open`` open)."""
-        if self._pid != os.getpid():  # a forked worker: keep the parent's maps out of its LRU
-            self._maps, self._pid = OrderedDict(), os.getpid()
-        mm = self._maps.get(i)
-        if mm is None:
-            mm = np.load(self.runs[i].path / BOLD, mmap_mode="r")
-            self._maps[i] = mm
-            while len(self._maps) > self.max_open:
-                self._maps.popitem(last=False)
-        else:
-            self._maps.move_to_end(i)
-        return mm
-
-    def read_clip(self, i: int, start: int, length: int, stride: int = 1, out: np.ndarray | None = None) -> np.ndarray:
-        """TRs ``start, start + stride, ...`` (``length`` of them) of run ``i``.
-
-        Args:
-            i: run index. start: first TR (0-based). length: TRs in the clip. stride: TRs between
-                the clip's frames.
-            out: optional C-contiguous float16 ``(length, X, Y, Z)`` destination (e.g. a
-                shared-memory tensor's ``.numpy()``): the bytes are copied straight into it.
-
-        Returns:
-            ``(length, X, Y, Z)`` float16: a read-only slice of the memory map (no copy) when
-            ``out`` is None, else ``out``.
+    def mask(self, run: int) -> np.ndarray:
+        """Brain mask ``(X, Y, Z)`` bool of run ``run`` (an LRU of ``data.cache.masks`` per process).
 
         Raises:
-            IndexError: a clip outside the run.
+            DataError: a missing or unreadable ``mask.npy``.
         """
-        n = int(self.lengths[i])
-        last = start + (length - 1) * stride
-        if length < 1 or stride < 1 or start < 0 or last >= n:
-            raise IndexError(
-                f"clip of {length} TRs from TR {start} every {stride} is outside run {i} "
-                f"({self.describe_run(i)}, {n} TRs)"
-            )
-        mm = self.memmap(i)
-        view = mm[start : last + 1 : stride]
-        if out is None:
-            return view
-        if self._advise:  # map the clip's pages in one call (and start their read-ahead when cold)
+        def load() -> np.ndarray:
+            path = self.path(run) / MASK
             try:
-                frame = int(np.prod(mm.shape[1:])) * 2
-                begin = mm.offset + start * frame
-                page = 4096 if not hasattr(os, "sysconf") else os.sysconf("SC_PAGE_SIZE")
-                a = begin // page * page
-                size = begin + (last - start + 1) * frame - a
-                raw = mm._mmap
-                raw.madvise(3, a, size)  # MADV_WILLNEED
-                raw.madvise(_MADV_POPULATE_READ, a, size)
-            except (AttributeError, OSError, ValueError):
-                self._advise = False  # older kernel or platform: plain page faults
-        np.copyto(out, view)
-        return out
+                m = np.load(path)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{path} is missing or unreadable ({exc}; {self.describe_run(run)}). {_FIX}") from exc
+            if m.shape != tuple(self.shapes[run]) or m.dtype != np.bool_:
+                raise DataError(f"{path} holds {m.dtype} {m.shape}, expected bool {tuple(self.shapes[run])}. {_FIX}")
+            return m
 
-    def mask(self, i: int) -> np.ndarray:
-        """Brain mask ``(X, Y, Z)`` bool of run ``i`` (cached)."""
-        m = self._masks.get(i)
-        if m is None:
-            m = np.load(self.runs[i].path / MASK)
-            self._masks[i] = m
-        return m
+        return self._masks.get(run, load)
 
-    def voxel_stats(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-voxel mean and standard deviation over time ``(X, Y, Z)`` float32 of the stored run."""
-        p = self.runs[i].path
-        return np.load(p / VOXEL_MEAN, mmap_mode="r"), np.load(p / VOXEL_STD, mmap_mode="r")
-
-    def close(self) -> None:
-        self._maps.clear()
-
-    def __getstate__(self):  # memory maps do not pickle (they would be copied); reopened lazily
-        state = dict(self.__dict__)
-        state["_maps"] = OrderedDict()
-        state["_pid"] = None
-        return state
+    def voxel_stats(self, run: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-voxel mean and standard deviation over time ``(X, Y, Z)`` float32 of the stored run
+        (read-only memory maps; not cached here)."""
+        p = self.path(run)
+        try:
+            return np.load(p / VOXEL_MEAN, mmap_mode="r"), np.load(p / VOXEL_STD, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{p}: per-voxel statistics are missing or unreadable ({exc}). {_FIX}") from exc
 
     def __repr__(self) -> str:
         tr = f"{self.tr:g}s" if self.tr is not None else "mixed " + "/".join(f"{t:g}" for t in sorted(set(self.trs)))
-        return (f"VolumeStore({self.root}, runs={len(self.runs)}, subjects={len(set(self.subject_ids))}, "
-                f"shape={self.shape}, tr={tr}, TRs={int(self.lengths.sum())})")
+        return (f"VolumeStore({self.root}, runs={len(self)}, subjects={len(set(self.subject_ids))}, "
+                f"shape={self.shape}, tr={tr}, TRs={int(self.lengths.sum())}, index={'yes' if self.indexed else 'no'})")
