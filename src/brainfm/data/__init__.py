@@ -1,13 +1,13 @@
-"""Data: stores (how bytes sit on disk), datasets (what a sample is), datamodules, splits."""
+"""Data: how fMRI sits on disk and what a training sample is, in layers that only import downwards.
 
-from brainfm.data.datamodules.roi import ROIDataModule
-from brainfm.data.datamodules.volume import VolumeDataModule
-from brainfm.data.datasets.volume import VolumeClipDataset, VolumeClipLoader
-from brainfm.data.normalization import ROINormalizer
-from brainfm.data.stores.roi import ROIStore, write_roi_h5
-from brainfm.data.stores.volume import VolumeStore, write_volume_run
+- ``stores/``: one interface over every layout (ROI HDF5, volume store, SwiFT frame folders,
+  grayordinates, restricted views), the run index, bounded per-process caches, synthetic stores;
+- ``windows.py``, ``datasets/``: the window grid, the resumable sampler, the one collate; ROI windows,
+  volume clips, rest/task pairs;
+- ``datamodules/``: one base (store opening, TR/ROI/grid checks, splits, labels, normalisation state)
+  and the ROI, volume (+ data set recipes), R2T and multi-data-set datamodules;
+- ``preprocess/``: NIfTI / BIDS / fMRIPrep / SwiFT frames -> stores, sharded and resumable;
+- ``splits.py``, ``phenotypes.py``, ``normalization.py``: one implementation each.
 
-__all__ = [
-    "ROIDataModule", "ROINormalizer", "ROIStore", "write_roi_h5",
-    "VolumeStore", "write_volume_run", "VolumeClipDataset", "VolumeClipLoader", "VolumeDataModule",
-]
+Nothing is imported here, so ``brainfm-data`` and the stores start without torch or Lightning.
+"""

@@ -54,4 +54,48 @@ def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None,
     raise ConfigError(f"store kind {kind!r} is not one of {KINDS}")
 
 
-__all__ = ["DEFAULT_CACHE", "KINDS", "LRUCache", "Store", "StoreBase", "open_store"]
+def detect_kind(path: str | os.PathLike) -> str:
+    """The kind of the store at ``path``: ``roi`` (an HDF5 file), or for a folder the kind its run index
+    records, else the layout of its first ``meta.json`` (``volume``/``grayordinate``), else ``frames``
+    (``img/<subject>/frame_<t>.pt``).
+
+    Raises:
+        DataError: nothing at ``path``, or a folder in none of these layouts.
+    """
+    import json
+    from pathlib import Path
+
+    from brainfm.data.stores.grayordinate import GRAYORDINATE_LAYOUT
+    from brainfm.data.stores.index import INDEX
+    from brainfm.data.stores.volume import LAYOUT as VOLUME_LAYOUT
+    from brainfm.errors import DataError
+
+    path = Path(path)
+    if path.is_file():
+        return "roi"
+    if not path.is_dir():
+        raise DataError(f"{path} does not exist")
+    for index in (path / INDEX, path / "img" / INDEX):
+        if index.is_file():
+            import pyarrow.parquet as pq
+
+            kind = (pq.read_schema(index).metadata or {}).get(b"brainfm_kind", b"").decode()
+            if kind in KINDS:
+                return kind
+    meta = next(path.glob("*/*/meta.json"), None)
+    if meta is not None:
+        try:
+            layout = json.loads(meta.read_text()).get("layout")
+        except (OSError, ValueError):
+            layout = None
+        found = {VOLUME_LAYOUT: "volume", GRAYORDINATE_LAYOUT: "grayordinate"}.get(layout)
+        if found:
+            return found
+    img = path / "img" if (path / "img").is_dir() else path
+    if next(img.glob("*/frame_0.pt"), None) is not None:
+        return "frames"
+    raise DataError(f"{path} is no brainfm store: no HDF5 file, run index, <subject>/<run>/meta.json or "
+                    "img/<subject>/frame_<t>.pt")
+
+
+__all__ = ["DEFAULT_CACHE", "KINDS", "LRUCache", "Store", "StoreBase", "detect_kind", "open_store"]

@@ -149,6 +149,22 @@ class FrameStore(StoreBase):
                 for s, n, h in zip(store.subject_ids, store.lengths, store.has_stats)]
         return write_index(store.root, rows, cls.kind)
 
+    def validate(self) -> list[str]:
+        """Every problem of the folders, for ``brainfm-data validate``: frame counts that differ from the
+        index, gaps, and unreadable or mis-shaped first and last frames."""
+        problems = []
+        for i, subject in enumerate(self.subject_ids):
+            try:
+                n, _ = self.count_frames(self.path(i))
+                if n != int(self.lengths[i]):
+                    problems.append(f"{self.path(i)} holds {n} frames but the index says {int(self.lengths[i])}; run "
+                                    f"`brainfm-data index {self.root} --tr {self.tr:g}`")
+                self._frame(i, 0)
+                self._frame(i, n - 1)
+            except DataError as exc:
+                problems.append(str(exc))
+        return problems
+
     def path(self, i: int) -> Path:
         return self.root / self.subject_ids[i]
 

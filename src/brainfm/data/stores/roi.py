@@ -478,6 +478,31 @@ class ROIStore(StoreBase):
                 "only as padding after a run's last TR (set /ts_len)."
             )
 
+    def validate(self, eps: float = 1e-6) -> list[str]:
+        """Every problem of the store, for ``brainfm-data validate``: NaN/inf inside a run, an ROI that is
+        constant over a run, and stored per-run statistics that no longer match the data (reads every run)."""
+        problems = []
+        for run in range(self.n_runs):
+            data = self.read(run).T
+            try:
+                self.check_finite(run, data)
+            except DataError as exc:
+                problems.append(str(exc))
+                continue
+            mean, std = _run_moments(data)
+            if (std < eps).any():
+                roi = int(np.flatnonzero(std < eps)[0])
+                name = self.roi_names[roi] if self.roi_names else f"#{roi}"
+                problems.append(f"{self.path}: ROI {name!r} is constant in {self.describe_run(run)} "
+                                "(z-scoring per run will refuse it)")
+            if self.has_run_stats:
+                stored = self.run_stats(run)
+                if not (np.allclose(stored["mean"], mean, rtol=1e-5, atol=1e-6)
+                        and np.allclose(stored["std"], std, rtol=1e-4, atol=1e-6)):
+                    problems.append(f"{self.path}: /{STATS_GROUP}/{self.atlas} of {self.describe_run(run)} no longer "
+                                    "matches its data (the file was changed after it was written); rewrite the store")
+        return problems
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

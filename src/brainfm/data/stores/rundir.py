@@ -382,6 +382,26 @@ class RunDirStore(StoreBase):
             raise DataError(f"{self.path(run) / self.ARRAY} no longer matches {self.root / INDEX} (the run was "
                             f"rewritten after indexing). Fix: `brainfm-data index {self.root}`")
 
+    def validate(self) -> list[str]:
+        """Every problem of the store, for ``brainfm-data validate``: runs whose files are missing,
+        mismatched or truncated, and (with an index) run folders the index lacks or rows without a folder.
+        Reads every run's headers (not its data)."""
+        problems = []
+        if self.indexed:
+            on_disk = {(r.parent.name, r.name) for r in self.run_folders(self.root)}
+            listed = set(zip(self.subject_ids, self.run_ids))
+            for subject, run in sorted(on_disk - listed)[:20]:
+                problems.append(f"{self.root / subject / run} is not in {self.root / INDEX}; run "
+                                f"`brainfm-data index {self.root}`")
+            for subject, run in sorted(listed - on_disk)[:20]:
+                problems.append(f"{self.root / INDEX} lists {subject}/{run}, which has no finished run folder")
+        for i in range(len(self)):
+            try:
+                self.check_run(i)
+            except DataError as exc:
+                problems.append(str(exc))
+        return problems
+
     def _fd(self, run: int) -> int:
         def open_run() -> int:
             path = self.path(run) / self.ARRAY

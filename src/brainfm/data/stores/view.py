@@ -62,7 +62,10 @@ class StoreView(StoreBase):
         return int(self.index[i])
 
     def describe_run(self, i: int) -> str:
-        return self.base.describe_run(self._j(i))
+        base = self.base.describe_run(self._j(i))
+        if self.subject_ids[i] == self.source_subject_ids[i]:
+            return base
+        return f"subject {self.subject_ids[i]} ({base})"
 
     def meta(self, i: int) -> Mapping[str, Any]:
         """The base run's metadata, with this view's grid and crop/pad."""
@@ -95,6 +98,7 @@ class StoreView(StoreBase):
     def read(self, run: int, start: int = 0, stop: int | None = None, stride: int = 1,
              out: np.ndarray | None = None) -> np.ndarray:
         """The base run's TRs (as the base's ``read``), cropped/padded to this view's grid."""
+        self._frames(run, start, stop, stride)  # range errors in this view's numbering
         j = self._j(run)
         if self.crop_pad is None:
             return self.base.read(j, start, stop, stride, out=out)
