@@ -8,7 +8,7 @@ STAMP := $(VENV)/.brainfm-installed
 # keep pip quiet about the extra local indexes some machines configure
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install demo demo-volume test test-slow bench bench-search clean-venv
+.PHONY: install demo demo-volume test test-slow bench bench-search bench-scale-data clean-venv
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ bench: install
 bench-search: install
 	$(BIN)/brainfm-data fetch hcp_rest_roi
 	$(BIN)/python scripts/bench_pruning.py
+
+# the data layer at UK Biobank scale on synthetic stores (45,000 and 60,000 runs; ~15-25 min on 2 cores):
+# store open time and metadata operations, time to the first optimizer step, worker memory, parcellation
+bench-scale-data: install
+	$(BIN)/python scripts/bench_scale_data.py
 
 clean-venv:
 	rm -rf $(VENV)

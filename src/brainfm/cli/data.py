@@ -106,10 +106,10 @@ def _synth(args: argparse.Namespace) -> None:
 
             raise ConfigError("brainfm-data synth volumes needs --grid X Y Z")
         out = synth_volumes(args.out, args.runs, args.trs, args.grid, tr=args.tr, runs_per_subject=args.runs_per_subject,
-                            subject_prefix=args.subject_prefix, data=args.data, seed=args.seed, workers=args.workers)
+                            subject_format=args.subject_format, run_ids=args.run_ids, data=args.data, seed=args.seed, workers=args.workers)
     else:
         out = synth_rois(args.out, args.runs, args.trs, args.rois, tr=args.tr, runs_per_subject=args.runs_per_subject,
-                         subject_prefix=args.subject_prefix, seed=args.seed)
+                         subject_format=args.subject_format, seed=args.seed)
     print(f"wrote {_open(out)}")
 
 
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rois", type=int, default=400, help="rois: ROIs per TR")
     p.add_argument("--out", type=Path, required=True, help="volumes: store folder; rois: .h5 file")
     p.add_argument("--runs-per-subject", type=int, default=1)
-    p.add_argument("--subject-prefix", default="sub-")
+    p.add_argument("--subject-format", default="sub-{i:06d}",
+                   help="subject folder of subject i, e.g. '{i:07d}_20227_2_0' (UKB), 'sub-NDARINV{i:08d}' (ABCD)")
+    p.add_argument("--run-ids", nargs="+", default=None, help="volumes: run ids (default run-1 .. run-K)")
     p.add_argument("--tr", type=float, default=0.735, help="seconds (UKB 0.735, ABCD 0.8, HCP 0.72)")
     p.add_argument("--data", choices=["random", "zeros"], default="random", help="volumes: zeros writes sparse files")
     p.add_argument("--seed", type=int, default=0)

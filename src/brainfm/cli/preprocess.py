@@ -3,22 +3,40 @@
     brainfm-preprocess volumes --input <folder|BIDS|fMRIPrep> --output <store>
         [--pattern GLOB] [--space MNI152NLin2009cAsym] [--tr S] [--crop-pad X0 X1 Y0 Y1 Z0 Z1 | PRESET]
         [--target-shape 96 96 96] [--normalisation global|none] [--fill min|zero]
-        [--mask auto|nonzero|threshold|epi|all|<mask.nii.gz>] [--workers N] [--overwrite]
-    brainfm-preprocess frames --input <folder with img/> --output <store> --tr S [--crop-pad ...]
+        [--mask auto|nonzero|threshold|epi|all|<mask.nii.gz>] [--nan error|fill|drop-run]
+        [--shard I/N] [--workers N] [--overwrite]
+    brainfm-preprocess frames --input <folder with img/> --output <store> --tr S [--crop-pad ...] [--shard I/N]
     brainfm-preprocess parcellate --input <folder|BIDS|fMRIPrep> --atlas <labels|maps NIfTI|schaefer400|difumo64>
-        --output rois.h5 [--roi-names names.tsv] [--atlas-name NAME] [--tr S] [--workers N]
+        --output rois.h5 [--roi-names names.tsv] [--atlas-name NAME] [--tr S] [--nan error|fill|drop-run]
+        [--shard I/N] [--merge-only] [--overwrite] [--workers N]
     brainfm-preprocess info <store>
 
 --crop-pad takes six integers in axis order (x_before x_after y_before y_after z_before z_after;
 negative values crop) or a SwiFT preset: swift_hcp (75x93x81 -> 96^3; SwiFT's torch pad
 (8, 7, 2, 1, 11, 10) lists Z first), swift_abcd_rest (79x97x85), swift_ukb (91x109x91).
-A stopped run resumes: finished runs are skipped (each is written to a temporary folder first).
+
+Sharding: --shard I/N does runs[I::N] of the runs sorted by (subject, run) (0-based I). Without it,
+a SLURM job array gives the shard (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of
+SLURM_ARRAY_TASK_COUNT), else 0/1 (every run). Shards may run at the same time on one output.
+
+Resuming: a stopped or requeued job skips finished runs (each is written to a temporary name first,
+then renamed). volumes/frames keep <store>/index.parquet listing every finished run.
+
+--nan: brain voxels that are NaN/inf at some TRs make the run fail (error, default: the file and the
+0-based TRs are named, nothing is written), are replaced by the voxel's temporal mean (fill,
+recorded in meta.json), or drop the run with a warning (drop-run). Voxels NaN at every TR are
+background.
+
+parcellate writes one part per run (<output>.parts/<subject>/<run>.npz); the process that finishes
+the last part merges them into the HDF5 and removes the parts (--merge-only: just merge).
+See docs/preprocess.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from brainfm.cli.common import exit_on_brainfm_error
@@ -37,50 +55,77 @@ def _crop_pad(values: list[str] | None):
     return [int(v) for v in values]
 
 
-def _report(results, output: Path, what: str = "run") -> None:
+def _shard(args: argparse.Namespace) -> tuple[int, int]:
+    from brainfm.data.preprocess.runner import resolve_shard
+
+    return resolve_shard(args.shard)
+
+
+def _report(results, output: Path, what: str = "run", shard: tuple[int, int] = (0, 1)) -> None:
     for r in results:
         for w in r.warnings:
             print(f"warning: {w}", file=sys.stderr)
     written = sum(r.status == "written" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
-    print(f"{output}: wrote {written} {what}(s), skipped {skipped} finished before")
+    dropped = sum(r.status == "skipped-nan" for r in results)
+    where = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
+    print(f"{output}{where}: wrote {written} {what}(s), skipped {skipped} finished before"
+          + (f", dropped {dropped} with NaN/inf (skipped-nan)" if dropped else ""))
 
 
 def _volumes(args: argparse.Namespace) -> None:
     from brainfm.data.preprocess.volumes import preprocess_volumes
 
+    shard = _shard(args)
     results = preprocess_volumes(
         args.input, args.output, pattern=args.pattern, space=args.space, tr=args.tr,
         crop_pad=_crop_pad(args.crop_pad), target_shape=args.target_shape, normalisation=args.normalisation,
         fill=args.fill, mask=args.mask, workers=args.workers, overwrite=args.overwrite,
-        progress=not args.no_progress, fail_fast=args.fail_fast,
+        progress=not args.no_progress, fail_fast=args.fail_fast, nan=args.nan, shard=shard,
     )
-    _report(results, args.output)
+    _report(results, args.output, shard=shard)
     _info_line(args.output)
 
 
 def _frames(args: argparse.Namespace) -> None:
     from brainfm.data.preprocess.frames import convert_frames
 
+    shard = _shard(args)
     results = convert_frames(
         args.input, args.output, args.tr, crop_pad=_crop_pad(args.crop_pad), target_shape=args.target_shape,
         normalisation=args.normalisation_applied, subjects=args.subjects, workers=args.workers,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress, shard=shard,
     )
-    _report(results, args.output, "subject")
+    _report(results, args.output, "subject", shard)
     _info_line(args.output)
 
 
 def _parcellate(args: argparse.Namespace) -> None:
-    from brainfm.data.preprocess.parcellate import parcellate
+    from brainfm.data.preprocess.parcellate import run_parcellation
     from brainfm.data.stores.roi import ROIStore
 
-    path = parcellate(
-        args.input, args.atlas, args.output, pattern=args.pattern, space=args.space, tr=args.tr,
-        roi_names=args.roi_names, atlas_name=args.atlas_name, use_brain_mask=not args.no_brain_mask,
-        workers=args.workers, progress=not args.no_progress,
-    )
-    print(f"wrote {ROIStore(path, preload=False)}")
+    shard = _shard(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the dropped runs are printed below
+        report = run_parcellation(
+            args.input, args.atlas, args.output, pattern=args.pattern, space=args.space, tr=args.tr,
+            roi_names=args.roi_names, atlas_name=args.atlas_name, use_brain_mask=not args.no_brain_mask,
+            workers=args.workers, progress=not args.no_progress, nan=args.nan, shard=shard,
+            merge_only=args.merge_only, overwrite=args.overwrite,
+        )
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    where = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
+    if not args.merge_only and not report.up_to_date:
+        print(f"{report.parts}{where}: parcellated {report.written} run(s), skipped {report.skipped} with a part "
+              f"before" + (f", dropped {report.dropped} with NaN/inf (skipped-nan)" if report.dropped else ""))
+    if report.output is None:
+        print(f"{args.output}: not merged yet: runs of other shards have no part. The shard that finishes last "
+              f"merges them; or run the same command with --merge-only once every shard is done")
+    else:
+        state = ("up to date (nothing to do):" if report.up_to_date else "wrote" if report.merged
+                 else "merged by another shard:")
+        print(f"{state} {ROIStore(report.output, preload=False)}")
 
 
 def _info_line(root: Path) -> None:
@@ -113,6 +158,15 @@ def main(argv: list[str] | None = None) -> None:
                        help="repetition time in seconds (default: JSON sidecar, else NIfTI header)")
         p.add_argument("--workers", type=int, default=1, help="parallel processes (one run each)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--shard", default=None, metavar="I/N",
+                       help="do runs[I::N] of the runs sorted by (subject, run), I 0-based (default: the SLURM "
+                            "array task, SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT, "
+                            "else 0/1)")
+
+    def nan_policy(p):
+        p.add_argument("--nan", choices=["error", "fill", "drop-run"], default="error",
+                       help="brain voxels NaN/inf at some TRs: error (name the file and TRs, write nothing), fill "
+                            "(the voxel's temporal mean), drop-run (skip the run with a warning)")
 
     def grid(p):
         p.add_argument("--crop-pad", nargs="+", default=None, metavar="N",
@@ -131,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fill", choices=["min", "zero"], default="min", help="background value")
     p.add_argument("--mask", default="auto", help="auto | nonzero | threshold | epi | all | <mask NIfTI>")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    nan_policy(p)
     p.set_defaults(func=_volumes)
 
     p = sub.add_parser("frames", help="SwiFT/TFF frame folders (img/<subject>/frame_<t>.pt) -> volume store")
@@ -149,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pattern", default=None)
     p.add_argument("--space", default="MNI152NLin2009cAsym")
     p.add_argument("--no-brain-mask", action="store_true", help="ignore fMRIPrep brain masks")
+    nan_policy(p)
+    p.add_argument("--merge-only", action="store_true",
+                   help="only merge the parts (<output>.parts/) of every run into the HDF5")
+    p.add_argument("--overwrite", action="store_true", help="recompute this shard's parts and the output")
     p.set_defaults(func=_parcellate)
 
     p = sub.add_parser("info", help="describe a volume store")

@@ -106,7 +106,7 @@ class WindowDataset(Dataset):
         """
         self.subject_index = subject_index or {s: i for i, s in enumerate(store.subjects())}
         self.index = WindowIndex(segments, span, stride)
-        self.segments = [tuple(int(v) for v in s) for s in self.index.segments]
+        self.segments = self.index.segments  # (n_segments, 3) int64: run, first TR, stop TR
         if len(self.index) == 0:
             raise ConfigError(f"{what}, longer than every segment of {store.location} (longest: "
                               f"{self.index.longest_segment()} TRs); lower {fix}")

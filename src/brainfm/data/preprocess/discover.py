@@ -2,11 +2,16 @@
 
 - :func:`preprocess_volumes`: every 4-D BOLD run -> one run of the volume store
   (:mod:`brainfm.data.stores.volume`): TR, brain mask, crop/pad to the model's grid, global
-  z-normalisation and background fill as SwiFT, float16. Runs in parallel, resumable (finished
-  runs are skipped; each run is written to a temporary folder and renamed).
+  z-normalisation and background fill as SwiFT, float16. Runs in parallel and in shards
+  (``--shard I/N`` or a SLURM job array), resumable (finished runs are skipped; each run is written
+  to a temporary folder and renamed), with the store's run index kept up to date
+  (:mod:`brainfm.data.preprocess.volumes`).
 - :func:`parcellate`: every run -> ROI time series of an atlas (nilearn's
-  ``NiftiLabelsMasker``/``NiftiMapsMasker``) -> the HDF5 ROI store
-  (:func:`brainfm.data.stores.roi.write_roi_h5`) that the sequence models read.
+  ``NiftiLabelsMasker``/``NiftiMapsMasker``) -> one part file per run, merged by the last shard
+  into the HDF5 ROI store (:class:`brainfm.data.stores.roi.ROIStoreWriter`) that the sequence
+  models read (:mod:`brainfm.data.preprocess.parcellate`).
+
+The discovered runs are sorted by (subject, run) before sharding (:mod:`brainfm.data.preprocess.runner`).
 
 Inputs:
 

@@ -1,4 +1,9 @@
-"""Convert SwiFT/TFF/R2T frame folders (``img/<subject>/frame_<t>.pt``) into a volume store."""
+"""Convert SwiFT/TFF/R2T frame folders (``img/<subject>/frame_<t>.pt``) into a volume store.
+
+Sharded, resumable and indexed like :mod:`brainfm.data.preprocess.volumes`: shard ``I/N`` converts
+``subjects[I::N]`` of the sorted subject folders, finished subjects are skipped, and every converted
+(or found finished but unindexed) subject is merged into ``<output>/index.parquet``.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from brainfm.data.stores.frames import FrameStore
-from brainfm.data.stores.rundir import run_dir, safe_name
-from brainfm.data.stores.volume import CropPad, run_is_finished, write_volume_run
+from brainfm.data.stores.rundir import safe_name
+from brainfm.data.stores.volume import CropPad, write_volume_run
 from brainfm.errors import ConfigError, DataError
 
 
@@ -65,6 +70,8 @@ def convert_frames(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    shard: tuple[int, int] | str | None = None,
+    index_every: int = 256,
 ) -> list:
     """Convert SwiFT/TFF/R2T frame folders into a volume store (``<output>/<subject>/frames/``).
 
@@ -79,27 +86,41 @@ def convert_frames(
         tr: repetition time in seconds. crop_pad, target_shape: as ``preprocess_volumes`` (e.g.
             ``"swift_hcp"`` pads HCP 75x93x81 frames to 96^3 once, instead of at every load).
         subjects: subject folders (default: all). workers: parallel processes.
+        shard: ``(I, N)`` or ``"I/N"``: convert ``subjects[I::N]`` of the sorted subjects (None: all).
+        index_every: merge index rows after this many subjects (and every 60 s, and at the end).
+
+    Returns:
+        One :class:`~brainfm.data.preprocess.volumes.RunResult` per subject of the shard, sorted.
 
     Raises:
         DataError: unreadable or inconsistent frames (all failed subjects listed; the finished
-            ones stay).
+            ones stay, indexed).
+        ConfigError: an invalid shard.
     """
-    from brainfm.data.preprocess.runner import _run_all
-    from brainfm.data.preprocess.volumes import RunResult
+    from brainfm.data.preprocess.runner import _run_all, parse_shard
+    from brainfm.data.preprocess.volumes import _finished_runs
+    from brainfm.data.stores.index import IndexWriter
+    from brainfm.data.stores.volume import VolumeStore
 
+    i_shard, n_shards = parse_shard(shard)
     store = FrameStore(root, tr, subjects)
-    results: list = []
-    todo = []
-    for s in store.subject_ids:
-        if not overwrite and run_is_finished(run_dir(output, safe_name(s), "frames")):
-            results.append(RunResult(safe_name(s), "frames", str(store.root / s), "skipped",
-                                     str(run_dir(output, safe_name(s), "frames"))))
-        else:
-            todo.append(s)
-            results.append(None)
+    mine = sorted(store.subject_ids, key=lambda s: (safe_name(s), s))[i_shard::n_shards]
     Path(output).mkdir(parents=True, exist_ok=True)
-    done = _run_all(_convert_one, [(str(root), float(tr), s, str(output), crop_pad, target_shape, normalisation,
-                                    overwrite) for s in todo], workers, progress, "brainfm-preprocess frames", False)
+    desc = "brainfm-preprocess frames" + (f" (shard {i_shard}/{n_shards})" if n_shards > 1 else "")
+    with IndexWriter(output, VolumeStore.kind, every_rows=index_every) as index:
+        results = _finished_runs(mine, output, overwrite, index,
+                                 lambda s: (safe_name(s), "frames", str(store.root / s)))
+        todo = [s for s, r in zip(mine, results) if r is None]
+
+        def indexed(k: int, r) -> None:
+            if r.status == "written":
+                try:
+                    index.add(VolumeStore.index_row(Path(r.path)))
+                except DataError as exc:  # not expected for a run just written; report it with the run
+                    r.status, r.error = "failed", str(exc)
+
+        done = _run_all(_convert_one, [(str(root), float(tr), s, str(output), crop_pad, target_shape, normalisation,
+                                        overwrite) for s in todo], workers, progress, desc, False, on_result=indexed)
     it = iter(done)
     results = [r if r is not None else next(it) for r in results]
     failed = [r for r in results if r.status == "failed"]

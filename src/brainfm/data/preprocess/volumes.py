@@ -1,4 +1,17 @@
-"""NIfTI runs -> the volume store (normalised float16, one array per run)."""
+"""NIfTI runs -> the volume store (normalised float16, one array per run), sharded and resumable.
+
+:func:`preprocess_volumes` does the runs of one shard (``runs[I::N]`` of the runs sorted by
+(subject, run); :mod:`brainfm.data.preprocess.runner`), skips finished runs, writes each run atomically
+(:func:`~brainfm.data.stores.volume.write_volume_run`) and keeps the store's run index
+(``<output>/index.parquet``) up to date through an :class:`~brainfm.data.stores.index.IndexWriter`:
+every run it writes, and every finished run it finds that the index lacks, is merged into the index
+in batches under the index lock, so shards running at the same time share one index and, after any
+combination of shards and resumes, the index lists every finished run.
+
+NaN/inf values inside the brain at some TRs: ``nan="error"`` (default: the run fails, naming the file
+and the TRs), ``"fill"`` (replaced by each voxel's temporal mean) or ``"drop-run"`` (the run is skipped
+with a warning and reported as ``skipped-nan``; nothing is written).
+"""
 
 from __future__ import annotations
 
@@ -18,17 +31,23 @@ from brainfm.data.preprocess.discover import (
     load_nifti,
     repetition_time,
 )
-from brainfm.data.preprocess.runner import _run_all
+from brainfm.data.preprocess.runner import _run_all, parse_shard
+from brainfm.data.stores.index import IndexWriter, read_index
 from brainfm.data.stores.rundir import run_dir
 from brainfm.data.stores.volume import (
     FILLS,
     MASK_RULES,
     NORMALISATIONS,
     CropPad,
+    NonFiniteError,
+    VolumeStore,
     run_is_finished,
     write_volume_run,
 )
 from brainfm.errors import ConfigError, DataError
+
+#: What to do with NaN/inf brain values at some TRs of a run (``--nan``; module docstring).
+NAN_POLICIES = ("error", "fill", "drop-run")
 
 #: SwiFT's crop/pad of each data set (``datasets.py``), converted to axis order.
 CROP_PAD_PRESETS: dict[str, CropPad] = {
@@ -44,7 +63,8 @@ CROP_PAD_PRESETS: dict[str, CropPad] = {
 # -- volumes ----------------------------------------------------------------------------------------------------
 @dataclass
 class RunResult:
-    """What happened to one run: ``written``, ``skipped`` (finished before) or ``failed``."""
+    """What happened to one run: ``written``, ``skipped`` (finished before), ``skipped-nan``
+    (NaN/inf in the brain with ``nan="drop-run"``: nothing written) or ``failed``."""
 
     subject: str
     run: str
@@ -86,6 +106,7 @@ def resolve_crop_pad(crop_pad: CropPad | Sequence[int] | str | None, target_shap
 
 def _preprocess_one(src: RunSource, root: str, options: dict) -> RunResult:
     result = RunResult(src.subject, src.run, str(src.path), "failed")
+    dropped: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -104,18 +125,24 @@ def _preprocess_one(src: RunSource, root: str, options: dict) -> RunResult:
             path = write_volume_run(
                 root, src.subject, src.run, frames, tr=tr, affine=frames.affine, mask=mask, crop_pad=cp,
                 normalisation=options["normalisation"], fill=options["fill"], source=str(src.path),
-                overwrite=options["overwrite"],
+                overwrite=options["overwrite"], nan="fill" if options["nan"] == "fill" else "error",
                 extra_meta={"tr_source": tr_source, "mask_file": mask_source, "input_kind": src.kind,
                             "sidecars": [str(p) for p in src.sidecar_paths],
                             "source_dtype": str(img.get_data_dtype())},
             )
             result.status, result.path = "written", str(path)
+        except NonFiniteError as exc:
+            if options["nan"] != "drop-run":
+                result.error = str(exc)
+            else:
+                result.status = "skipped-nan"
+                dropped.append(f"run dropped (--nan drop-run), nothing written: {exc}")
         except (DataError, ConfigError) as exc:
             result.error = str(exc)
             result.config_error = isinstance(exc, ConfigError)
         except Exception as exc:  # keep the other runs going; report this one with its file
             result.error = f"{src.path}: {type(exc).__name__}: {exc}"
-    result.warnings = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
+    result.warnings = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] + dropped
     return result
 
 
@@ -135,8 +162,11 @@ def preprocess_volumes(
     overwrite: bool = False,
     progress: bool = True,
     fail_fast: bool = False,
+    nan: str = "error",
+    shard: tuple[int, int] | str | None = None,
+    index_every: int = 256,
 ) -> list[RunResult]:
-    """Preprocess every BOLD run under ``input`` into the volume store at ``output``.
+    """Preprocess the BOLD runs under ``input`` (those of ``shard``) into the volume store at ``output``.
 
     Args:
         input: NIfTI folder, BIDS root, fMRIPrep derivatives root, or one file.
@@ -151,16 +181,23 @@ def preprocess_volumes(
         mask: ``auto`` (fMRIPrep's brain mask when present, else a rule from the data), a rule of
             :data:`~brainfm.data.stores.volume.MASK_RULES`, or a NIfTI mask file for every run.
         workers: parallel processes (one run each).
-        overwrite: rewrite finished runs (default: skip them, so a stopped job resumes).
+        overwrite: rewrite finished runs and replace their index rows (default: skip them, so a
+            stopped job resumes).
         progress: tqdm progress bar.
         fail_fast: stop at the first failed run (default: process the others, then raise).
+        nan: ``error``, ``fill`` or ``drop-run`` (:data:`NAN_POLICIES`, module docstring).
+        shard: ``(I, N)`` or ``"I/N"``: do ``runs[I::N]`` of the runs sorted by (subject, run)
+            (None: every run; the CLI reads SLURM array variables, :func:`~brainfm.data.preprocess.runner.resolve_shard`).
+        index_every: merge the rows of finished runs into ``<output>/index.parquet`` after this
+            many runs (and every 60 s, and at the end).
 
     Returns:
-        One :class:`RunResult` per run, in discovery order.
+        One :class:`RunResult` per run of the shard, in (subject, run) order.
 
     Raises:
-        DataError: nothing to read, or any run failed (all failures listed; the finished runs stay).
-        ConfigError: an invalid option.
+        DataError: nothing to read, or any run failed (all failures listed; the finished runs stay,
+            indexed); an unreadable run index.
+        ConfigError: an invalid option or shard.
     """
     if normalisation not in NORMALISATIONS:
         raise ConfigError(f"--normalisation {normalisation!r} is not one of {NORMALISATIONS}")
@@ -170,20 +207,28 @@ def preprocess_volumes(
         raise ConfigError(f"--mask {mask!r} is neither a rule ({', '.join(MASK_RULES)}) nor an existing mask file")
     if isinstance(crop_pad, str) and crop_pad not in CROP_PAD_PRESETS:
         raise ConfigError(f"unknown crop/pad preset {crop_pad!r}; presets: {sorted(CROP_PAD_PRESETS)}")
-    runs = discover_runs(input, pattern, space)
-    results: list[RunResult | None] = [None] * len(runs)
-    todo = []
-    for i, src in enumerate(runs):
-        if not overwrite and run_is_finished(run_dir(output, src.subject, src.run)):
-            results[i] = RunResult(src.subject, src.run, str(src.path), "skipped",
-                                   str(run_dir(output, src.subject, src.run)))
-        else:
-            todo.append(i)
+    if nan not in NAN_POLICIES:
+        raise ConfigError(f"--nan {nan!r} is not one of {NAN_POLICIES}")
+    i_shard, n_shards = parse_shard(shard)
+    runs = sorted(discover_runs(input, pattern, space), key=lambda r: (r.subject, r.run))[i_shard::n_shards]
     options = {"tr": tr, "crop_pad": crop_pad, "target_shape": target_shape, "normalisation": normalisation,
-               "fill": fill, "mask": mask, "overwrite": overwrite}
+               "fill": fill, "mask": mask, "overwrite": overwrite, "nan": nan}
     Path(output).mkdir(parents=True, exist_ok=True)
-    done = _run_all(_preprocess_one, [(runs[i], str(output), options) for i in todo], workers, progress,
-                    "brainfm-preprocess volumes", fail_fast)
+    desc = "brainfm-preprocess volumes" + (f" (shard {i_shard}/{n_shards})" if n_shards > 1 else "")
+    with IndexWriter(output, VolumeStore.kind, every_rows=index_every) as index:
+        results = _finished_runs(runs, output, overwrite, index,
+                                 lambda src: (src.subject, src.run, str(src.path)))
+        todo = [i for i, r in enumerate(results) if r is None]
+
+        def indexed(k: int, r: RunResult) -> None:
+            if r.status == "written":
+                try:
+                    index.add(VolumeStore.index_row(Path(r.path)))
+                except DataError as exc:  # not expected for a run just written; report it with the run
+                    r.status, r.error = "failed", str(exc)
+
+        done = _run_all(_preprocess_one, [(runs[i], str(output), options) for i in todo], workers, progress,
+                        desc, fail_fast, on_result=indexed)
     for i, r in zip(todo, done):
         results[i] = r if r is not None else RunResult(runs[i].subject, runs[i].run, str(runs[i].path),
                                                        "failed", error="not run (--fail-fast)")
@@ -201,3 +246,31 @@ def preprocess_volumes(
     return results  # type: ignore[return-value]
 
 
+def _finished_runs(items: Sequence, output: str | os.PathLike, overwrite: bool, index: IndexWriter,
+                   ids) -> list[RunResult | None]:
+    """``skipped`` results for the items whose run folder is finished (None for the others, to do),
+    adding the finished runs that ``<output>/index.parquet`` lacks to ``index``. ``ids(item)`` ->
+    ``(subject, run, source)``. A finished run whose files do not check out fails, named.
+
+    Raises:
+        DataError: an unreadable index (from :func:`~brainfm.data.stores.index.read_index`).
+    """
+    out: list[RunResult | None] = []
+    if overwrite:
+        return [None] * len(items)
+    have = read_index(output, VolumeStore.kind)
+    listed = set(zip(map(str, have["subject"]), map(str, have["run"]))) if have else set()
+    for item in items:
+        subject, run, source = ids(item)
+        rdir = run_dir(output, subject, run)
+        if not run_is_finished(rdir):
+            out.append(None)
+            continue
+        result = RunResult(subject, run, source, "skipped", str(rdir))
+        if (subject, run) not in listed:
+            try:
+                index.add(VolumeStore.index_row(rdir))
+            except DataError as exc:
+                result.status, result.error = "failed", str(exc)
+        out.append(result)
+    return out

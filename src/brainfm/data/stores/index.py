@@ -44,8 +44,9 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def read_index(root: str | os.PathLike, kind: str) -> dict[str, Any] | None:
-    """The index of the store at ``root`` as ``{column: list or numpy array}``, or None without one.
+def read_index(root: str | os.PathLike, kind: str, as_table: bool = False) -> dict[str, Any] | Any | None:
+    """The index of the store at ``root`` as ``{column: list or numpy array}`` (``as_table``: the
+    ``pyarrow.Table`` itself, whose string columns cost no Python object per run), or None without one.
 
     Raises:
         DataError: an unreadable index, or one written for another store kind or a newer brainfm.
@@ -67,6 +68,8 @@ def read_index(root: str | os.PathLike, kind: str) -> dict[str, Any] | None:
     if int(meta.get("brainfm_index_version", 0)) > INDEX_VERSION:
         raise DataError(f"{path}: index version {meta['brainfm_index_version']} is newer than this brainfm "
                         f"({INDEX_VERSION}); upgrade brainfm")
+    if as_table:
+        return table
     import pyarrow.types as pat
 
     out: dict[str, Any] = {}

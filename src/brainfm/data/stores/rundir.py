@@ -216,31 +216,35 @@ class RunDirStore(StoreBase):
         self.root = self.location = Path(root)
         if not self.root.is_dir():
             raise DataError(self.missing_message())
-        columns = read_index(self.root, self.kind)
-        self.indexed = columns is not None
-        if columns is None:
+        import pyarrow as pa
+
+        table = read_index(self.root, self.kind, as_table=True)
+        self.indexed = table is not None
+        if table is None:
             rows = self.scan(self.root)
             if len(rows) > SCAN_WARN_RUNS:
                 log.warning("%s has no run index: opening it read %d meta.json files and array headers. Write the "
                             "index once with `brainfm-data index %s`", self.root, len(rows), self.root)
-            columns = {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
-        if not columns or not len(columns.get("subject", [])):
+            table = pa.Table.from_pylist(rows) if rows else None
+        if table is None or table.num_rows == 0:
             raise DataError(f"{self.root} holds no runs (<subject>/<run>/{META}). Fix: write runs into it, or point "
                             "data.path at the store root")
-        self._columns = columns
-        self.subject_ids = [str(s) for s in columns["subject"]]
-        self.run_ids = [str(r) for r in columns["run"]]
-        self.lengths = np.asarray(columns["n_frames"], dtype=np.int64)
-        self.trs = np.asarray(columns["tr"], dtype=np.float64)
-        self.shapes = np.asarray([list(s) for s in columns["shape"]], dtype=np.int64)
-        self._offsets = np.asarray(columns["data_offset"], dtype=np.int64)
-        self._nbytes = np.asarray(columns["nbytes"], dtype=np.int64)
+        # numbers as numpy arrays; other columns stay Arrow arrays (no Python object per run and column)
+        self._columns = {name: table.column(name) for name in table.column_names}
+        self.subject_ids = table.column("subject").to_pylist()
+        self.run_ids = table.column("run").to_pylist()
+        self.lengths = table.column("n_frames").to_numpy().astype(np.int64)
+        self.trs = table.column("tr").to_numpy().astype(np.float64)
+        flat = pa.chunked_array(table.column("shape")).combine_chunks().flatten().to_numpy()
+        self.shapes = np.asarray(flat, dtype=np.int64).reshape(table.num_rows, -1)
+        self._offsets = table.column("data_offset").to_numpy().astype(np.int64)
+        self._nbytes = table.column("nbytes").to_numpy().astype(np.int64)
         unique = {tuple(s) for s in self.shapes.tolist()}
         self.frame_shape: tuple[int, ...] | None = tuple(int(v) for v in next(iter(unique))) if len(unique) == 1 else None
         sizes = cache_sizes(cache)
         self._fds = LRUCache(sizes["open_runs"], on_evict=os.close)
         self._metas = LRUCache(64)
-        self._validated: set[int] = set()
+        self._validated = np.zeros(len(self.lengths), dtype=bool)  # runs whose headers this process checked
         self._pid = os.getpid()
         if validate and self.indexed:
             for i in range(len(self)):
@@ -354,20 +358,19 @@ class RunDirStore(StoreBase):
         """The run's ``meta.json`` (read on first use; a small cache per process)."""
         return self._metas.get(run, lambda: self.read_run_meta(self.path(run))[0])
 
-    def column(self, name: str) -> list | np.ndarray:
+    def column(self, name: str) -> list:
         """One index column (one value per run), e.g. ``normalisation`` or ``global_std``.
 
         Raises:
             KeyError: a column this store kind does not record.
         """
-        return self._columns[name]
+        return self._columns[name].to_pylist()
 
     def run_stats(self, run: int) -> dict[str, Any]:
         """``n`` (TRs) and the run's :attr:`STATS` columns of the index (nothing is read)."""
         out: dict[str, Any] = {"n": int(self.lengths[run])}
         for key in self.STATS:
-            value = self._columns[key][run]
-            out[key] = value.item() if hasattr(value, "item") else value
+            out[key] = self._columns[key][run].as_py()
         return out
 
     def check_run(self, run: int) -> None:
@@ -409,7 +412,7 @@ class RunDirStore(StoreBase):
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 raise DataError(f"{path} is missing ({self.describe_run(run)}). {self.FIX}") from None
-            if run not in self._validated:  # lazy validation: header and size, once per process
+            if not self._validated[run]:  # lazy validation: header and size, once per process
                 try:
                     with os.fdopen(os.dup(fd), "rb") as f:
                         shape, dtype, size, offset = _parse_npy_header(f, path)
@@ -423,11 +426,11 @@ class RunDirStore(StoreBase):
                 except BaseException:
                     os.close(fd)
                     raise
-                self._validated.add(run)
+                self._validated[run] = True
             return fd
 
         if self._pid != os.getpid():
-            self._validated, self._pid = set(), os.getpid()
+            self._validated, self._pid = np.zeros(len(self.lengths), dtype=bool), os.getpid()
         return self._fds.get(run, open_run)
 
     def read(self, run: int, start: int = 0, stop: int | None = None, stride: int = 1,

@@ -93,29 +93,36 @@ def _write_runs(args: tuple) -> list[dict]:
     return rows
 
 
-def run_names(n_runs: int, runs_per_subject: int = 1, subject_prefix: str = "sub-",
+def run_names(n_runs: int, runs_per_subject: int = 1, subject_format: str = "sub-{i:06d}",
               run_names: Sequence[str] | None = None) -> list[tuple[int, str, str]]:
     """``(index, subject, run)`` of ``n_runs`` runs, ``runs_per_subject`` per subject (the last subject
-    may have fewer), named ``<prefix><000000>`` and ``run-<k>`` (or ``run_names``)."""
+    may have fewer). Subject ``i`` is ``subject_format.format(i=i)`` (UKB folders: ``"{i:07d}_20227_2_0"``,
+    ABCD: ``"sub-NDARINV{i:08d}"``, HCP: ``"{i:06d}"``); runs are ``run-<k>`` (or ``run_names``).
+
+    Raises:
+        ConfigError: sizes below 1, too few run names, or a format without ``{i}``.
+    """
     k = int(runs_per_subject)
     if k < 1 or n_runs < 1:
         raise ConfigError(f"--runs {n_runs} and --runs-per-subject {runs_per_subject} must be >= 1")
     names = list(run_names) if run_names else [f"run-{j + 1}" for j in range(k)]
     if len(names) < k:
         raise ConfigError(f"{len(names)} run names for {k} runs per subject")
-    return [(i, f"{subject_prefix}{i // k:06d}", names[i % k]) for i in range(int(n_runs))]
+    if subject_format.format(i=0) == subject_format.format(i=1):
+        raise ConfigError(f"--subject-format {subject_format!r} must contain {{i}} (e.g. 'sub-{{i:06d}}')")
+    return [(i, subject_format.format(i=i // k), names[i % k]) for i in range(int(n_runs))]
 
 
 def synth_volumes(out: str | os.PathLike, n_runs: int, n_trs: int, grid: Sequence[int], *, tr: float = 0.735,
-                  runs_per_subject: int = 1, subject_prefix: str = "sub-", data: str = "random", seed: int = 0,
-                  workers: int = 1, chunk: int = 500) -> Path:
+                  runs_per_subject: int = 1, subject_format: str = "sub-{i:06d}", run_ids: Sequence[str] | None = None,
+                  data: str = "random", seed: int = 0, workers: int = 1, chunk: int = 500) -> Path:
     """Write a synthetic volume store of ``n_runs`` runs (module docstring) with its run index.
 
     Args:
         out: store folder (created; must not hold runs yet).
         n_runs: runs. n_trs: TRs per run (UKB rest: 490). grid: ``(X, Y, Z)`` voxels.
         tr: repetition time in seconds (UKB 0.735, ABCD 0.8, HCP 0.72).
-        runs_per_subject: runs per subject (ABCD: 4). subject_prefix: subject id prefix.
+        runs_per_subject: runs per subject (ABCD: 4). subject_format, run_ids: names (:func:`run_names`).
         data: ``random`` (seeded noise) or ``zeros`` (sparse files). seed: the noise seed.
         workers: processes. chunk: runs per work item.
 
@@ -134,7 +141,7 @@ def synth_volumes(out: str | os.PathLike, n_runs: int, n_trs: int, grid: Sequenc
     if out.exists() and any(out.glob(f"*/*/{META}")):
         raise ConfigError(f"{out} already holds runs; choose an empty --out")
     out.mkdir(parents=True, exist_ok=True)
-    items = run_names(n_runs, runs_per_subject, subject_prefix)
+    items = run_names(n_runs, runs_per_subject, subject_format, run_ids)
     jobs = [(str(out), items[i:i + chunk], int(n_trs), grid, float(tr), data, int(seed))
             for i in range(0, len(items), chunk)]
     if workers > 1 and len(jobs) > 1:
@@ -147,7 +154,7 @@ def synth_volumes(out: str | os.PathLike, n_runs: int, n_trs: int, grid: Sequenc
 
 
 def synth_rois(out: str | os.PathLike, n_runs: int, n_trs: int, n_rois: int, *, tr: float = 0.735,
-               runs_per_subject: int = 1, subject_prefix: str = "sub-", atlas: str = "synthetic",
+               runs_per_subject: int = 1, subject_format: str = "sub-{i:06d}", atlas: str = "synthetic",
                seed: int = 0) -> Path:
     """Write a synthetic ROI HDF5 store (Brain-Semantoks layout with per-run statistics): AR(1) noise
     around 100 per ROI, ``n_runs`` runs of ``(n_rois, n_trs)``.
@@ -163,7 +170,7 @@ def synth_rois(out: str | os.PathLike, n_runs: int, n_trs: int, n_rois: int, *, 
         raise ConfigError(f"--rois {n_rois} and --trs {n_trs} must be >= 1 and >= 2")
     names = [f"roi{i}" for i in range(int(n_rois))]
     with ROIStoreWriter(out, tr, {atlas: names}, {"source": f"brainfm-data synth (seed {seed})"}) as writer:
-        for index, subject, run in run_names(n_runs, runs_per_subject, subject_prefix):
+        for index, subject, run in run_names(n_runs, runs_per_subject, subject_format):
             rng = np.random.default_rng([seed, index])
             x = lfilter([1.0], [1.0, -0.8], rng.standard_normal((int(n_rois), int(n_trs))), axis=1)  # AR(1)
             writer.append(subject, run, {atlas: (100.0 + x).astype(np.float32)})

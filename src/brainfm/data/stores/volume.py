@@ -11,7 +11,8 @@ Layout (one directory per subject run)::
         voxel_std.npy   float32 (X, Y, Z) per-voxel standard deviation over time (0 outside the brain)
         meta.json       subject, run, tr (s), n_frames, shape, affine (4x4 of the output grid),
                         original_shape, crop_pad, normalisation, global_mean/global_std (raw units),
-                        min/max (brain, as stored), fill, fill_value, mask rule, source, version
+                        min/max (brain, as stored), fill, fill_value, mask rule, nan_policy and
+                        nan_filled_voxels/nan_filled_values, source, version
 
 A run is written into a hidden temporary directory beside its final place (``.<run>.tmp-...``) and
 renamed when complete, ``meta.json`` last: a run directory that exists with a readable
@@ -63,7 +64,49 @@ NORMALISATIONS = ("global", "none")
 FILLS = ("min", "zero")
 MASK_RULES = ("auto", "nonzero", "threshold", "epi", "all")
 FP16_MAX = 65504.0
+#: ``write_volume_run(nan=...)``: brain voxels NaN/inf at some TRs raise, or are filled (drop-run is the caller's).
+NAN_HANDLING = ("error", "fill")
 _FIX = "Fix: re-run brainfm-preprocess for it (delete the folder first)."
+
+
+class NonFiniteError(DataError):
+    """NaN/inf values inside the brain at some TRs of a run (voxels NaN at every TR are background).
+
+    Attributes:
+        frames: the 0-based TRs with non-finite brain values. counts: brain voxels at each of them.
+        n_voxels: brain voxels that are non-finite at some (not all) TRs.
+    """
+
+    def __init__(self, message: str, frames: Sequence[int] = (), counts: Sequence[int] = (), n_voxels: int = 0) -> None:
+        super().__init__(message)
+        self.frames, self.counts, self.n_voxels = [int(t) for t in frames], [int(c) for c in counts], int(n_voxels)
+
+
+def nonfinite_error(where: str, frames: Sequence[int], counts: Sequence[int], n_voxels: int,
+                    n_frames: int) -> NonFiniteError:
+    """The :class:`NonFiniteError` of a run: ``where`` (file, subject, run), the 0-based TRs with
+    non-finite brain values and how many voxels at each, and the fixes (``--nan fill|drop-run``)."""
+    shown = ", ".join(str(int(t)) for t in frames[:10]) + (" ..." if len(frames) > 10 else "")
+    per = ", ".join(f"TR {int(t)}: {int(c)}" for t, c in zip(frames[:10], counts[:10]))
+    return NonFiniteError(
+        f"{where}: NaN/inf values in {int(n_voxels)} brain voxel(s) at TR(s) {shown} (of {n_frames}; 0-based; "
+        f"non-finite brain voxels per TR: {per}{' ...' if len(frames) > 10 else ''}). Fix: censor/interpolate "
+        "these frames before preprocessing, or pass --nan fill (replace them by each voxel's temporal mean) or "
+        "--nan drop-run (skip the run); voxels that are NaN at every TR are treated as background.",
+        frames, counts, n_voxels)
+
+
+def nonfinite_frames(src: "FrameSource", voxels: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(frames, counts)``: the TRs at which some of ``voxels`` (bool ``(X, Y, Z)``) are NaN/inf
+    in ``src``, and how many of them at each (one more pass over the frames, on the error path)."""
+    T = int(src.n_frames)
+    counts = np.zeros(T, dtype=np.int64)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        x = np.asarray(src.read(t0, t1))
+        counts[t0:t1] = (~np.isfinite(x[:, voxels])).sum(axis=1)
+    frames = np.flatnonzero(counts)
+    return frames, counts[frames]
 
 
 # -- crop / pad --------------------------------------------------------------------------------------
@@ -243,6 +286,7 @@ def write_volume_run(
     extra_meta: dict[str, Any] | None = None,
     overwrite: bool = False,
     chunk_frames: int | None = None,
+    nan: str = "error",
 ) -> Path:
     """Normalise one run and write it to ``<root>/<subject>/<run>/`` atomically.
 
@@ -264,7 +308,7 @@ def write_volume_run(
             fields of view), ``all``, or ``auto`` (``nonzero`` when >= 5 % of the voxels are 0 at
             every TR, else ``threshold``), or a callable ``(mean, min, max, valid) -> (mask,
             description)`` of per-voxel statistics. Voxels that are NaN/inf at every TR are
-            background.
+            background (as are voxels outside the mask, whatever their values).
         crop_pad: crop/pad to the output grid (None: none); padding takes the fill value.
         normalisation: ``global`` (z-score over brain voxels x TRs, as SwiFT) or ``none``
             (values as given; they must fit float16).
@@ -276,20 +320,28 @@ def write_volume_run(
         extra_meta: more provenance fields for meta.json.
         overwrite: replace a finished run (else it is kept and its path returned).
         chunk_frames: TRs per chunk (default: ~256 MB of float64).
+        nan: brain voxels that are NaN/inf at some (not all) TRs: ``error`` (raise
+            :class:`NonFiniteError`, nothing written) or ``fill`` (each non-finite value is replaced
+            by its voxel's temporal mean over the finite TRs before normalisation; the statistics
+            are those of the filled data). Recorded in meta.json as ``nan_policy`` with
+            ``nan_filled_voxels`` and ``nan_filled_values`` (voxel x TR values replaced).
 
     Returns:
         The run directory.
 
     Raises:
-        DataError: NaN/inf at some TRs of a voxel (the frames are named), an empty mask, a
-            constant brain, values that overflow float16, a mask of the wrong shape, or an
-            unreadable source.
+        NonFiniteError: (a DataError) NaN/inf at some TRs of brain voxels with ``nan="error"``:
+            the file, the 0-based TRs and the voxel count of each are named.
+        DataError: an empty mask, a constant brain, values that overflow float16, a mask of the
+            wrong shape, or an unreadable source.
         ConfigError: unknown normalisation, fill or mask rule; a bad crop/pad.
     """
     if normalisation not in NORMALISATIONS:
         raise ConfigError(f"normalisation={normalisation!r} is not one of {NORMALISATIONS}")
     if fill not in FILLS:
         raise ConfigError(f"fill={fill!r} is not one of {FILLS}")
+    if nan not in NAN_HANDLING:
+        raise ConfigError(f"nan={nan!r} is not one of {NAN_HANDLING}")
     if applied_upstream is not None and normalisation != "none":
         raise ConfigError("applied_upstream needs normalisation='none' (data normalised twice otherwise)")
     if tr is None or not math.isfinite(float(tr)) or float(tr) <= 0:
@@ -315,7 +367,6 @@ def write_volume_run(
     vmin = np.full(in_shape, np.inf)
     vmax = np.full(in_shape, -np.inf)
     bad_count = np.zeros(in_shape, dtype=np.int64)
-    bad_per_frame = np.zeros(T, dtype=np.int64)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         x = np.asarray(src.read(t0, t1), dtype=np.float64)
@@ -325,7 +376,6 @@ def write_volume_run(
         if not finite.all():
             bad = ~finite
             bad_count += bad.sum(axis=0)
-            bad_per_frame[t0:t1] = bad.reshape(t1 - t0, -1).sum(axis=1)
             x = np.where(finite, x, 0.0)
             vmin = np.minimum(vmin, np.where(finite, x, np.inf).min(axis=0))
             vmax = np.maximum(vmax, np.where(finite, x, -np.inf).max(axis=0))
@@ -341,14 +391,6 @@ def write_volume_run(
         s2 += np.einsum("t...,t...->...", d, d)
     all_bad = bad_count == T
     partial = (bad_count > 0) & ~all_bad
-    if partial.any():
-        frames_bad = np.flatnonzero(bad_per_frame > int(all_bad.sum()))
-        shown = ", ".join(str(int(t)) for t in frames_bad[:10]) + (" ..." if len(frames_bad) > 10 else "")
-        raise DataError(
-            f"{where}: NaN/inf values in {int(partial.sum())} voxel(s) at TR(s) {shown} (of {T}; 0-based). "
-            "Fix: censor/interpolate these frames (or drop them) before preprocessing; voxels that are "
-            "NaN at every TR are treated as background."
-        )
     valid = ~all_bad
     n_valid = np.maximum(T - bad_count, 1)
     vmean = shift + s1 / n_valid
@@ -371,6 +413,16 @@ def write_volume_run(
             f"{where}: the brain mask ({mask_rule}) is empty. Fix: pass --mask <file> or another rule "
             f"({', '.join(MASK_RULES)})"
         )
+
+    # brain voxels that are NaN/inf at some TRs: an error, or filled with the voxel's temporal mean
+    bad_brain = partial & brain
+    n_fill_voxels = int(bad_brain.sum())
+    n_fill_values = int(bad_count[bad_brain].sum())
+    if n_fill_voxels and nan == "error":
+        frames_bad, counts = nonfinite_frames(src, bad_brain, chunk)
+        raise nonfinite_error(where, frames_bad, counts, n_fill_voxels, T)
+    if n_fill_voxels:  # the filled voxel keeps its mean; its variance shrinks by (finite TRs) / T
+        vvar[bad_brain] *= (T - bad_count[bad_brain]) / T
 
     # global statistics over brain voxels x TRs (law of total variance: stable in float64)
     bm, bv = vmean[brain], vvar[brain]
@@ -410,10 +462,14 @@ def write_volume_run(
     with staged_run_dir(root, subject, run) as tmp:
         bold = np.lib.format.open_memmap(tmp / BOLD, mode="w+", dtype=np.float16, shape=(T, *out_shape))
         in_mask = brain[src_region]
+        if n_fill_voxels:
+            fill_in, fill_with = bad_brain[src_region], vmean[src_region].astype(np.float32)
         chunk2 = int(chunk_frames or _chunk_frames(int(np.prod(out_shape)), itemsize=6))
         for t0 in range(0, T, chunk2):
             t1 = min(T, t0 + chunk2)
             x = np.asarray(src.read(t0, t1))[(slice(None), *src_region)].astype(np.float32)
+            if n_fill_voxels:
+                x = np.where(np.isfinite(x) | ~fill_in, x, fill_with)
             z = np.where(in_mask, (x - np.float32(offset)) * np.float32(scale), np.float32(fill_value))
             block = np.full((t1 - t0, *out_shape), fill_value, dtype=np.float16)
             block[(slice(None), *dst_region)] = z
@@ -445,6 +501,9 @@ def write_volume_run(
             "fill": fill,
             "fill_value": fill_value,
             "mask": {"rule": mask_rule, "brain_voxels": int(brain_out.sum()), "brain_voxels_cropped": cut},
+            "nan_policy": nan,
+            "nan_filled_voxels": n_fill_voxels,
+            "nan_filled_values": n_fill_values,
             "source": source,
             "brainfm_version": brainfm_version(),
             **(extra_meta or {}),
@@ -527,7 +586,7 @@ class VolumeStore(RunDirStore):
 
     def crop_pads(self) -> list:
         """The crop/pad of each run (``[[x_before, x_after], ...]`` or None), from the index."""
-        return [json.loads(v) if isinstance(v, str) else v for v in self._columns["crop_pad"]]
+        return [json.loads(v) if isinstance(v, str) else v for v in self.column("crop_pad")]
 
     def mask(self, run: int) -> np.ndarray:
         """Brain mask ``(X, Y, Z)`` bool of run ``run`` (an LRU of ``data.cache.masks`` per process).
