@@ -224,8 +224,15 @@ def test_simdino_loss_by_hand():
 def test_coding_rate_is_taken_over_one_sample_per_subject():
     task = _tiny_task()
     batch = {"subject": torch.tensor([3, 1, 3, 0, 1])}
-    assert task._rate_rows(batch, 5, torch.device("cpu")).tolist() == [0, 1, 3]
-    assert _tiny_task(coding_rate_over="samples")._rate_rows(batch, 5, torch.device("cpu")) is None
+    cpu = torch.device("cpu")
+    assert task._rate_rows(batch, cpu, False).tolist() == [0, 1, 3]
+    # with window positions: each subject's earliest window, whatever the order of the batch (or its ranks)
+    batch.update(run=torch.tensor([0, 0, 0, 0, 0]), onset=torch.tensor([5.0, 1.0, 2.0, 0.0, 9.0]))
+    assert task._rate_rows(batch, cpu, False).tolist() == [1, 2, 3]
+    perm = torch.tensor([4, 2, 0, 3, 1])
+    shuffled = {k: v[perm] for k, v in batch.items()}
+    assert perm[task._rate_rows(shuffled, cpu, False)].sort().values.tolist() == [1, 2, 3]
+    assert _tiny_task(coding_rate_over="samples")._rate_rows(batch, cpu, False) is None
 
 
 def _tiny_task(**kw) -> SimDINO:

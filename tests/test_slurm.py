@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -92,15 +93,21 @@ def test_preempted_job_is_requeued_and_resumes_without_lost_or_repeated_steps(sl
     deadline = time.time() + 600
     hurried = False
     while time.time() < deadline:
-        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
-        if not q.stdout.strip():
-            break
-        if q.stdout.strip() == "PENDING" and not hurried:
+        # scontrol (not squeue, which can briefly list nothing while a job is requeued) says when the
+        # job has run again and ended
+        show = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+        state = re.search(r"JobState=(\S+)", show)
+        restarts = re.search(r"Restarts=(\d+)", show)
+        state = state.group(1) if state else ""
+        if state == "PENDING" and not hurried:
             # slurmctld holds a requeued batch job for 120 s (BeginTime); an admin's nudge skips the wait
             hurried = subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") and restarts \
+                and int(restarts.group(1)) >= 1:
+            break
         time.sleep(0.5)
     else:
-        pytest.fail("the requeued job did not finish")
+        pytest.fail("the requeued job did not run again and finish")
     log = next(tmp_path.glob(f"*-{job}.out")).read_text()
     assert "preemption signal: saved" in log and f"requeued SLURM job {job}" in log
     assert f"job {job} restart 1" in log  # the same job ran again

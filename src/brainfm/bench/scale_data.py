@@ -205,7 +205,7 @@ def multi_open_seconds(stores: Path, work: Path) -> float:
     return time.perf_counter() - t0
 
 
-def parcellation(work: Path, copies: int = 20) -> dict | None:
+def parcellation(work: Path, copies: int = 50) -> dict | None:
     """Runs/minute and peak RSS of ``brainfm-preprocess parcellate`` on ``copies`` copies of the embedded
     NIfTI runs, with a 2-label atlas on their grid."""
     import nibabel as nib
@@ -219,8 +219,11 @@ def parcellation(work: Path, copies: int = 20) -> dict | None:
         return None
     inp = work / "parc_in"
     inp.mkdir(parents=True, exist_ok=True)
-    first = nib.load(str(files[0]))
-    same = [f for f in files if nib.load(str(f)).shape[:3] == first.shape[:3]]
+    by_grid: dict = {}
+    for f in files:  # the runs on the most common grid (nitime's two 10x10x18 runs of 40 TRs)
+        by_grid.setdefault(nib.load(str(f)).shape[:3], []).append(f)
+    same = max(by_grid.values(), key=len)
+    first = nib.load(str(same[0]))
     n = 0
     for k in range(copies):
         for f in same:

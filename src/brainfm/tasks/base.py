@@ -110,7 +110,8 @@ class BrainfmTask(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self(batch)
         bs = self.batch_size(batch)
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+        # the mean over ranks: with equal per-rank batches the loss of the global batch (other train/* are rank 0's)
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
         for name, value in losses.items():
             if name != "loss":
                 self.log(f"train/{name}", value, batch_size=bs)

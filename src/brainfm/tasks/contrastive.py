@@ -19,14 +19,16 @@ from brainfm.errors import ConfigError
 from brainfm.models.lstm import LSTMAutoencoder
 from brainfm.models.sequence import SequenceTransformer
 from brainfm.tasks.base import BrainfmTask
+from brainfm.tasks.distributed import GlobalBatchNorm1d
 from brainfm.tasks.losses import nt_xent
 
 
 class ProjectionHead(nn.Sequential):
-    """``(B, d) -> (B, out_dim)``: Linear -> BatchNorm1d -> ReLU -> Linear (SimCLR)."""
+    """``(B, d) -> (B, out_dim)``: Linear -> BatchNorm1d -> ReLU -> Linear (SimCLR); the BatchNorm's
+    training statistics are those of the global batch (:class:`~brainfm.tasks.distributed.GlobalBatchNorm1d`)."""
 
     def __init__(self, d_model: int, out_dim: int = 128) -> None:
-        super().__init__(nn.Linear(d_model, d_model), nn.BatchNorm1d(d_model), nn.ReLU(), nn.Linear(d_model, out_dim))
+        super().__init__(nn.Linear(d_model, d_model), GlobalBatchNorm1d(d_model), nn.ReLU(), nn.Linear(d_model, out_dim))
 
 
 class ContrastiveSequenceModeling(BrainfmTask):
@@ -71,7 +73,8 @@ class ContrastiveSequenceModeling(BrainfmTask):
             views = [v + self.noise_std * torch.randn_like(v) for v in views]
         z1 = self.projection(self._pooled(views[0], batch["t"]))
         z2 = self.projection(self._pooled(views[1], batch["t2"]))
-        loss = nt_xent(z1, z2, self.temperature, groups=batch["run"])
+        # global negatives in training (every rank takes part); validation batches may differ in number per rank
+        loss = nt_xent(z1, z2, self.temperature, groups=batch["run"], global_negatives=self.training)
         with torch.no_grad():
             sim = nn.functional.normalize(z1, dim=1) @ nn.functional.normalize(z2, dim=1).T
             run = batch["run"]

@@ -68,6 +68,7 @@ from brainfm.models.r2t_encoders import TemporalMLPEncoder
 from brainfm.models.sequence import SequenceTransformer
 from brainfm.models.swin4d import SwinTransformer4D
 from brainfm.tasks.base import BrainfmTask
+from brainfm.tasks.distributed import gather
 from brainfm.tasks.losses import nt_xent
 from brainfm.tasks.supervised import load_backbone_weights
 
@@ -389,10 +390,12 @@ class R2TTask(BrainfmTask):
 
     def contrastive_loss(self, z_rest: torch.Tensor, z_task: torch.Tensor, subjects: torch.Tensor) -> torch.Tensor:
         """NT-Xent between rest and task embeddings ``(B, D)``; other windows of a subject are not
-        negatives. A batch of one subject has no negatives: 0."""
-        if z_rest.shape[0] < 2 or bool((subjects == subjects[0]).all()):
+        negatives. In training the negatives are those of the global batch (every rank's). A (global)
+        batch of one subject has no negatives: 0."""
+        every = gather(subjects, grad=False) if self.training else subjects  # the same decision on every rank
+        if every.shape[0] < 2 or bool((every == every[0]).all()):
             return (z_rest * 0.0).sum() + (z_task * 0.0).sum()
-        return nt_xent(z_rest, z_task, self._objective["temperature"], groups=subjects)
+        return nt_xent(z_rest, z_task, self._objective["temperature"], groups=subjects, global_negatives=self.training)
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         (xr, tr_, mr), (xt, tt, mt) = self._views(batch)

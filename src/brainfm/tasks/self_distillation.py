@@ -33,11 +33,13 @@ reference's linear probe.
 
 Differences from the reference, on purpose: views are windows of one run from brainfm's window
 sampler (random crop length per batch), so a batch may hold several windows of one subject; the
-coding rate is then taken over one sample per subject (``coding_rate_over``), which is what the
-reference's batches (one sample per subject) amount to; weight decay spares biases, norms and embeddings
-(brainfm's AdamW groups); the learning rate is absolute (reference: ``0.0007 * batch / 256``); the
-coding rate is computed per process (the reference, without covariance all-reduce, does the same
-but scales by the world size).
+coding rate is then taken over one sample per subject (its earliest window; ``coding_rate_over``),
+which is what the reference's batches (one sample per subject) amount to; weight decay spares biases,
+norms and embeddings (brainfm's AdamW groups); the learning rate is absolute (reference:
+``0.0007 * batch / 256``); in training the coding rate is taken over the global batch (the rows of
+every rank, gathered with gradients), so N ranks of batch b equal one rank of batch N b (the
+reference, without a covariance all-reduce, computes it per process and scales by the world size).
+SimDINO has no teacher centring (DINO's centring is what its coding-rate term replaces).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from torch import nn
 
 from brainfm.errors import ConfigError
 from brainfm.tasks.base import BrainfmTask, plain
+from brainfm.tasks.distributed import gather
 
 
 def coding_rate(z: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
@@ -88,7 +91,7 @@ def coding_rate(z: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
 
 def simdino_loss(
     student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], eps: float = 0.05, coeff: float = 1.0,
-    rate_rows: torch.Tensor | None = None,
+    rate_rows: torch.Tensor | None = None, global_batch: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SimDINO's loss between ``V`` student and ``V`` teacher views (Brain-Semantoks' ``MCRLoss``
     with ``no_diag=True, expa_type=1``).
@@ -103,7 +106,11 @@ def simdino_loss(
         eps: coding-rate precision (:func:`coding_rate`; reference 0.05).
         coeff: weight of the alignment term (reference 1).
         rate_rows: indices of the rows the coding rate is computed on (``None``: all ``n``; then
-            ``n`` in ``gamma`` and ``R`` is the number of these rows).
+            ``n`` in ``gamma`` and ``R`` is the number of these rows); rows of the global batch with
+            ``global_batch``.
+        global_batch: the coding rate is taken over the rows of every rank (gathered with gradients,
+            :func:`brainfm.tasks.distributed.gather`), as one process with the whole batch; the
+            alignment is this rank's mean (DDP averages it).
 
     Returns:
         ``(loss, {"alignment", "coding_rate"})``, scalars (the parts detached).
@@ -121,6 +128,8 @@ def simdino_loss(
     off_diagonal = ~torch.eye(v, dtype=torch.bool, device=sim.device)
     alignment = sim[off_diagonal].mean()
     z = (s + t) / 2
+    if global_batch:
+        z = gather(z.transpose(0, 1)).transpose(0, 1)  # (v, N, d): every rank's rows
     if rate_rows is not None:
         z = z[:, rate_rows]
     m = z.shape[1]
@@ -404,15 +413,22 @@ class SimDINO(BrainfmTask):
             masks = masks.expand(batch, n_networks, n_patches).clone()
         return masks.to(device)
 
-    def _rate_rows(self, batch: dict, b: int, device: torch.device) -> torch.Tensor | None:
-        """Rows of the batch the coding rate is taken over (first sample of each subject)."""
+    def _rate_rows(self, batch: dict, device: torch.device, global_batch: bool) -> torch.Tensor | None:
+        """Rows of the (global) batch the coding rate is taken over: one sample per subject, its
+        earliest window (smallest run, then onset), so the rows do not depend on how the batch is laid
+        out over ranks."""
         if self.hparams.coding_rate_over == "samples" or "subject" not in batch:
             return None
-        subject = batch["subject"].to(device)
-        _, inverse = torch.unique(subject, return_inverse=True)
-        first = torch.full((int(inverse.max()) + 1,), b, dtype=torch.long, device=device)
-        first = first.scatter_reduce(0, inverse, torch.arange(b, device=device), reduce="amin")
-        return torch.sort(first).values
+        keys = [batch[k].to(device) for k in ("subject", "run", "onset") if k in batch]
+        if global_batch:
+            keys = [gather(k, grad=False) for k in keys]
+        subject = keys[0]
+        order = torch.arange(len(subject), device=device)
+        for k in reversed(keys):  # lexicographic: subject, run, onset
+            order = order[torch.sort(k[order], stable=True).indices]
+        first = torch.ones(len(order), dtype=torch.bool, device=device)
+        first[1:] = subject[order][1:] != subject[order][:-1]
+        return torch.sort(order[first]).values
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         if "bold2" not in batch:
@@ -429,9 +445,10 @@ class SimDINO(BrainfmTask):
         s_tokens = self.model(x, mask)  # the MASK token is in the graph even when nothing is masked
         proj_t, proj_s = self.teacher_head, self.head
         eps, coeff = self.hparams.coding_rate_eps, self.hparams.alignment_coeff
-        rows = self._rate_rows(batch, b, x.device)
+        glob = self.training  # every rank takes part in training; validation batches may differ per rank
+        rows = self._rate_rows(batch, x.device, glob)
         t_cls, s_cls = proj_t(t_tokens[:, 0]), proj_s(s_tokens[:, 0])
-        cls_loss, parts = simdino_loss(s_cls.split(b), t_cls.split(b), eps, coeff, rows)
+        cls_loss, parts = simdino_loss(s_cls.split(b), t_cls.split(b), eps, coeff, rows, glob)
         loss = self.hparams.cls_loss_weight * cls_loss
         out = {"cls_loss": cls_loss.detach(), **parts}
 
@@ -440,7 +457,7 @@ class SimDINO(BrainfmTask):
             t_net = proj_t(t_tokens[:, 1:].reshape(2 * b, n_net, n_patch, -1).mean(2)).reshape(2, b * n_net, -1)
             s_net = proj_s(s_tokens[:, 1:].reshape(2 * b, n_net, n_patch, -1).mean(2)).reshape(2, b * n_net, -1)
             net_rows = None if rows is None else (rows[:, None] * n_net + torch.arange(n_net, device=x.device)).flatten()
-            network_loss, _ = simdino_loss(list(s_net), list(t_net), eps, coeff, net_rows)
+            network_loss, _ = simdino_loss(list(s_net), list(t_net), eps, coeff, net_rows, glob)
             loss = loss + w_net * network_loss
             out["network_loss"] = network_loss.detach()
         out["network_loss_weight"] = torch.tensor(w_net)

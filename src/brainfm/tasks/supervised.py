@@ -19,6 +19,7 @@ from brainfm.models.lstm import LSTMAutoencoder
 from brainfm.models.sequence import SequenceTransformer
 from brainfm.models.swin4d import SwinTransformer4D
 from brainfm.tasks.base import BrainfmTask
+from brainfm.tasks.distributed import GlobalBatchNorm1d
 
 KINDS = ("binary", "multiclass", "regression")
 
@@ -115,7 +116,7 @@ class SupervisedTask(BrainfmTask):
         if head == "linear":
             self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(d, n_out))
         elif head == "bn_linear":  # BatchNorm (no affine) + linear, the probe of Brain-JEPA
-            self.head = nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Dropout(dropout), nn.Linear(d, n_out))
+            self.head = nn.Sequential(GlobalBatchNorm1d(d, affine=False), nn.Dropout(dropout), nn.Linear(d, n_out))
         elif head == "mlp":
             self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, n_out))
         else:
