@@ -8,7 +8,7 @@ STAMP := $(VENV)/.brainfm-installed
 # keep pip quiet about the extra local indexes some machines configure
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install demo demo-volume test test-slow bench bench-search bench-scale-data clean-venv
+.PHONY: install demo demo-volume test test-slow bench bench-search bench-scale-data bench-eval clean-venv
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ bench-search: install
 # store open time and metadata operations, time to the first optimizer step, worker memory, parcellation
 bench-scale-data: install
 	$(BIN)/python scripts/bench_scale_data.py
+
+# subject re-identification over 100,000 and 300,000 synthetic embeddings (D = 288): blockwise time and
+# peak memory (< 2 GB) vs dense where it fits (10,000 / 30,000; predicted beyond); ~10 min on 2 cores
+bench-eval: install
+	$(BIN)/python scripts/bench_eval.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,8 +1,30 @@
-"""Test-only callbacks, referenced from Hydra overrides (``+callbacks.x._target_=helpers.X``)."""
+"""Test-only callbacks, referenced from Hydra overrides (``+callbacks.x._target_=helpers.X``), and the
+tiny deterministic training setup the multi-process tests share."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from lightning.pytorch.callbacks import Callback
+
+#: 7-way subject classification on the embedded data, dropout 0: strategies must agree up to float order
+MODEL = ["experiment=gpt", "task=supervised", "task.target=subject", "task.kind=multiclass", "task.num_classes=7",
+         "task.optimizer.lr=1e-3", "task.scheduler.warmup_fraction=0", "model.d_model=32", "model.depth=1",
+         "model.dropout=0", "model.attn_dropout=0", "data.window.length=40", "data.window.min_length=null",
+         "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
+         "trainer.enable_model_summary=false", "logger=csv", "callbacks.progress_bar=null"]
+#: 2 gloo ranks on the CPU for the sharded strategies
+CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2", "trainer.num_nodes=1",
+       "+trainer.strategy.process_group_backend=gloo"]
+
+
+def subprocess_env() -> dict:
+    """The environment of a ``brainfm-train`` subprocess: no SLURM variables, one thread, ``tests/`` on the
+    path (for ``helpers.CrashAtStep``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
 
 
 class SimulatedCrash(RuntimeError):

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 
@@ -30,19 +31,11 @@ ROOT = repo_root()
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="multi-process tests need POSIX")
 STEPS = 20
 
-MODEL = ["experiment=gpt", "task=supervised", "task.target=subject", "task.kind=multiclass", "task.num_classes=7",
-         "task.optimizer.lr=1e-3", "task.scheduler.warmup_fraction=0", "model.d_model=32", "model.depth=1",
-         "model.dropout=0", "model.attn_dropout=0", "data.window.length=40", "data.window.min_length=null",
-         "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
-         "trainer.enable_model_summary=false", "logger=csv", "callbacks.progress_bar=null"]
-CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2", "trainer.num_nodes=1",
-       "+trainer.strategy.process_group_backend=gloo"]
+MODEL, CPU = helpers.MODEL, helpers.CPU
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    path = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))  # helpers.CrashAtStep
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+    return helpers.subprocess_env()
 
 
 def _cmd(tmp: Path, run: str, hcp_h5: Path, *extra: str) -> list[str]:
@@ -189,6 +182,53 @@ def test_two_ranks_equal_one_rank_with_the_doubled_batch_for_objectives_across_s
     assert abs(first - last) > 1e-3  # it trained
 
 
+def _val_row(run: Path) -> dict[str, float]:
+    import csv
+
+    rows = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("val/n_windows")]
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "regression"])
+def test_subject_metrics_are_the_same_on_one_and_two_ranks_and_each_rank_validates_its_share(kind, hcp_h5, tmp_path):
+    """Validation windows are partitioned over the ranks and the outputs gathered before the subject
+    metrics (acc, balanced acc, AUROC; MAE, Pearson): 2 ranks report 1 rank's numbers, from as many
+    windows (each rank evaluating everything would double val/n_windows)."""
+    extra = ["trainer.limit_val_batches=1.0", "data.eval_batch_size=16", "trainer.max_steps=10",
+             "trainer.val_check_interval=10"]
+    if kind == "regression":
+        from brainfm.data.stores.roi import ROIStore
+
+        labels = tmp_path / "labels.csv"
+        subjects = sorted(set(ROIStore(hcp_h5).subject_ids))
+        labels.write_text("subject,score\n" + "".join(f"{s},{20 + 3 * i}\n" for i, s in enumerate(subjects)))
+        extra += ["task.kind=regression", "task.target=score", f"+data.labels.file={labels}",
+                  "+data.labels.id_column=subject", "+data.labels.columns={score: score}", "task.loss=l1"]
+    metrics = {}
+    for name, setting in (("one", ["trainer=cpu", "data.batch_size=16"]),
+                          ("two", ["trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=8"])):
+        run = _train(tmp_path, f"{kind}-{name}", hcp_h5, *setting, *extra)
+        metrics[name] = _val_row(run)
+    one, two = metrics["one"], metrics["two"]
+    keys = ["val/acc", "val/balanced_acc", "val/auroc"] if kind == "multiclass" else ["val/mae", "val/pearson_r"]
+    assert set(keys) <= set(one) and one["val/n_windows"] == two["val/n_windows"] == 7 * 15  # 600 TRs / 40 each
+    for k in [*keys, "val/loss"]:
+        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
+
+
+def test_eval_batches_partition_the_windows_over_the_ranks(monkeypatch):
+    from brainfm.data import windows
+
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr(windows, "_dist_rank_world", lambda r=rank: (r, 3))
+        sampler = windows.WindowBatchSampler(17, 4, 10, shuffle=False, drop_last=False)
+        batches = [[i for i, _ in b] for b in sampler]
+        assert len(batches) == len(sampler)
+        seen += [i for b in batches for i in b]
+    assert sorted(seen) == list(range(17))  # every window exactly once, no padding
+
+
 def test_demo_preset_runs_on_two_cpu_ranks(hcp_h5, tmp_path):
     out = subprocess.run([sys.executable, "-m", "brainfm.cli.train", "experiment=demo", "trainer=ddp_cpu",
                           f"data.path={hcp_h5}", f"paths.output_dir={tmp_path}", f"paths.split_dir={tmp_path}/splits",
@@ -201,24 +241,20 @@ def test_demo_preset_runs_on_two_cpu_ranks(hcp_h5, tmp_path):
 @pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3", "fsdp"])
 def test_sharded_strategy_saves_resumes_and_matches_ddp(strategy, reference, hcp_h5, tmp_path):
     """A 20-step run crashes after its step-10 last.ckpt, resumes from it and ends where DDP ended;
-    DeepSpeed checkpoints are consolidated into one file."""
+    the sharded checkpoint directories (DeepSpeed, FSDP2/DCP) are consolidated into one file."""
     common = [f"trainer={strategy}", *CPU, "data.batch_size=8", f"trainer.max_steps={STEPS}"]
     run = _train(tmp_path, strategy, hcp_h5, *common, "+callbacks.crash._target_=helpers.CrashAtStep",
                  f"+callbacks.crash.step={STEPS // 2}", crash=True)
     last = run / "checkpoints" / "last.ckpt"
     _train(tmp_path, strategy, hcp_h5, *common, "ckpt_path=last")
-    if strategy.startswith("deepspeed"):
-        assert last.is_dir()  # a DeepSpeed checkpoint directory, sharded per rank
-        from brainfm.errors import CheckpointError
-        from brainfm.runs import consolidate, load_checkpoint
+    assert last.is_dir()  # DeepSpeed, or FSDP2 through torch.distributed.checkpoint: a directory, sharded per rank
+    from brainfm.errors import CheckpointError
+    from brainfm.runs import consolidate, load_checkpoint
 
-        with pytest.raises(CheckpointError, match="consolidate"):
-            load_checkpoint(last)
-        single = consolidate(last, tmp_path / "consolidated.ckpt")
-        assert not list(tmp_path.glob(".consolidated.ckpt.tmp*"))
-        ckpt = torch.load(single, map_location="cpu", weights_only=True)
-        assert ckpt["global_step"] == STEPS and ckpt["hyper_parameters"]["seed"] == 0
-        _assert_same(reference["ddp"], single, hcp_h5)
-    else:
-        assert torch.load(last, weights_only=True)["global_step"] == STEPS
-        _assert_same(reference["ddp"], last, hcp_h5)
+    with pytest.raises(CheckpointError, match="consolidate"):
+        load_checkpoint(last)
+    single = consolidate(last, tmp_path / "consolidated.ckpt")
+    assert not list(tmp_path.glob(".consolidated.ckpt.tmp*"))
+    ckpt = torch.load(single, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == STEPS and ckpt["hyper_parameters"]["seed"] == 0
+    _assert_same(reference["ddp"], single, hcp_h5)

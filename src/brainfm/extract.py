@@ -21,16 +21,14 @@ for regression, or the class probabilities and the most probable class).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from brainfm.data.windows import collate_windows
 from brainfm.errors import CheckpointError, ConfigError, DataError
 
 KINDS = ("embedding", "signature")
@@ -274,10 +272,72 @@ def _check_splits(datamodule, splits: Sequence[str]) -> list[str]:
     return available
 
 
-@torch.inference_mode()
+def _window_rows(ds, split: str, name: str, prefix: str = "") -> "Any":
+    def rows(indices: np.ndarray) -> dict[str, list]:
+        cols: dict[str, list] = {}
+        for i in indices.tolist():
+            for key, value in _row(ds, *_locate(ds, i), split, name, prefix).items():
+                cols.setdefault(key, []).append(value)
+        return cols
+
+    return rows
+
+
+def _pair_rows(pairs, split: str, name: str) -> "Any":
+    def rows(indices: np.ndarray) -> dict[str, list]:
+        cols: dict[str, list] = {}
+        for i in indices.tolist():
+            r, t = pairs.pair(i, i)  # pair i is drawn with seed i: fixed
+            row = _row(pairs.rest, *_locate(pairs.rest, r), split, name)
+            row.update(_row(pairs.task, *_locate(pairs.task, t), split, name, prefix="task_"))
+            for key in ("task_split", "task_dataset", "task_subject_id", "task_subject_index"):
+                row.pop(key)
+            for key, value in row.items():
+                cols.setdefault(key, []).append(value)
+        return cols
+
+    return rows
+
+
+def groups_of(loaded: LoadedRun, kind: str, splits: Sequence[str], batch_size: int | None = None) -> list:
+    """The :class:`~brainfm.inference.Group` of each (data set, split) with windows: its evaluation
+    windows (``embedding``) or its fixed rest/task pairs (``signature``)."""
+    from brainfm.inference import Group
+
+    out = []
+    for name, dm in _children(loaded.datamodule):
+        bs = int(batch_size or getattr(dm, "eval_batch_size", 16))
+        for split in splits:
+            if not _has_split(dm, split):
+                continue
+            if kind == "signature":
+                pairs = getattr(dm, "_pairs", {}).get(split)
+                if pairs is not None:
+                    out.append(Group(f"{name}:{split}", pairs, bs, _pair_rows(pairs, split, name)))
+            else:
+                ds = window_dataset(dm, split)
+                out.append(Group(f"{name}:{split}", ds, bs, _window_rows(ds, split, name)))
+    return out
+
+
+def _output_fn(task, kind: str):
+    from brainfm.tasks.r2t import R2TTask
+
+    if kind not in KINDS:
+        raise ConfigError(f"kind={kind!r} must be one of {KINDS}")
+    if kind == "signature":
+        if not isinstance(task, R2TTask):
+            raise ConfigError(f"kind=signature is R2T-Net's rest+task signature; {type(task).__name__} checkpoints "
+                              "have embeddings only: use kind=embedding")
+        return lambda t, b: t.signature(b)
+    return lambda t, b: t.embed(b)
+
+
 def extract(loaded: LoadedRun, kind: str = "embedding", splits: Sequence[str] = ("val",),
-            batch_size: int | None = None) -> tuple[np.ndarray, dict[str, list]]:
-    """Embeddings or signatures of every evaluation window of ``splits``, with their provenance.
+            batch_size: int | None = None, trainer=None, shard_dir: str | os.PathLike | None = None
+            ) -> tuple[np.ndarray, dict[str, list]] | None:
+    """Embeddings or signatures of every evaluation window of ``splits``, with their provenance, in memory
+    (:func:`export` streams them to a file instead).
 
     Args:
         loaded: from :func:`load_run`.
@@ -285,78 +345,47 @@ def extract(loaded: LoadedRun, kind: str = "embedding", splits: Sequence[str] = 
             embeddings of the split's fixed rest/task pairs, concatenated).
         splits: among ``train``, ``val``, ``test``; a split without data is skipped (one with none: error).
         batch_size: windows per forward pass (None: the data's ``eval_batch_size``).
+        trainer: the ``trainer`` config to run on (None: one CPU process).
+        shard_dir: the ranks' shard folder (default: a temporary folder beside the run).
 
     Returns:
-        ``(features (N, D) float32, columns)``: ``columns`` maps each name of :data:`ROW_COLUMNS`
-        (and, for signatures, the same names prefixed ``task_`` for the task window) to ``N`` values.
+        ``(features (N, D) float32, columns)`` on the global rank 0 (None on the others): ``columns`` maps
+        each name of :data:`ROW_COLUMNS` (and, for signatures, the same names prefixed ``task_`` for the
+        task window) to ``N`` values.
 
     Raises:
         ConfigError: unknown kind, splits without data, ``signature`` on a non-R2T checkpoint.
         DataError: non-finite features (a diverged checkpoint).
     """
-    from brainfm.tasks.r2t import R2TTask
-
-    if kind not in KINDS:
-        raise ConfigError(f"kind={kind!r} must be one of {KINDS}")
-    task = loaded.task.eval()
-    if kind == "signature" and not isinstance(task, R2TTask):
-        raise ConfigError(f"kind=signature is R2T-Net's rest+task signature; {type(task).__name__} checkpoints have "
-                          "embeddings only: use kind=embedding")
-    splits = _check_splits(loaded.datamodule, splits)
-    feats: list[np.ndarray] = []
-    columns: dict[str, list] = {}
-    for name, dm in _children(loaded.datamodule):
-        bs = int(batch_size or getattr(dm, "eval_batch_size", 16))
-        for split in splits:
-            if not _has_split(dm, split):
-                continue
-            if kind == "signature":
-                items = _signature_split(task, dm, split, bs, name)
-            else:
-                items = _embedding_split(task, dm, split, bs, name)
-            for f, rows in items:
-                feats.append(f)
-                for row in rows:
-                    for key, value in row.items():
-                        columns.setdefault(key, []).append(value)
-    if not feats:
-        raise ConfigError(f"no windows in splits {splits}")
-    out = np.concatenate(feats).astype(np.float32, copy=False)
-    if not np.isfinite(out).all():
-        raise DataError(f"{int((~np.isfinite(out)).any(axis=1).sum())} of {len(out)} {kind}s of "
-                        f"{loaded.ckpt['_path']} are not finite; the checkpoint has diverged")
-    return out, columns
+    feats, columns = [], {}
+    for values, cols in _stream(loaded, kind, splits, batch_size, trainer, shard_dir):
+        feats.append(values)
+        for key, v in cols.items():
+            columns.setdefault(key, []).extend(v)
+    if not feats and not columns:
+        return None
+    return np.concatenate(feats).astype(np.float32, copy=False), columns
 
 
-def _embedding_split(task, dm, split: str, batch_size: int, name: str) -> Iterable[tuple[np.ndarray, list[dict]]]:
-    ds = window_dataset(dm, split)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_windows)
-    i = 0
-    for batch in loader:
-        n = int(batch["subject"].shape[0])
-        rows = [_row(ds, *_locate(ds, j), split, name) for j in range(i, i + n)]
-        i += n
-        yield task.embed(batch).float().cpu().numpy(), rows
+def _stream(loaded: LoadedRun, kind: str, splits: Sequence[str], batch_size: int | None, trainer,
+            shard_dir) -> Iterator[tuple[np.ndarray, dict[str, list]]]:
+    """Run the inference and yield ``(features chunk, columns chunk)`` in window order (rank 0 only)."""
+    from brainfm.inference import run_inference
 
-
-def _signature_split(task, dm, split: str, batch_size: int, name: str) -> Iterable[tuple[np.ndarray, list[dict]]]:
-    from brainfm.data.windows import collate_windows
-
-    pairs = getattr(dm, "_pairs", {}).get(split) if hasattr(dm, "pair_dataset") else None
-    if pairs is None:
-        return  # no paired subjects in this split
-    for lo in range(0, len(pairs), batch_size):
-        idx = list(range(lo, min(lo + batch_size, len(pairs))))
-        batch = collate_windows([pairs[i] for i in idx])  # pair i is drawn with seed i: fixed
-        rows = []
-        for i in idx:
-            r, t = pairs.pair(i, i)
-            row = _row(pairs.rest, *_locate(pairs.rest, r), split, name)
-            row.update(_row(pairs.task, *_locate(pairs.task, t), split, name, prefix="task_"))
-            for key in ("task_split", "task_dataset", "task_subject_id", "task_subject_index"):
-                row.pop(key)
-            rows.append(row)
-        yield task.signature(batch).float().cpu().numpy(), rows
+    fn = _output_fn(loaded.task, kind)
+    groups = groups_of(loaded, kind, _check_splits(loaded.datamodule, splits), batch_size)
+    if not groups:
+        raise ConfigError(f"no {'paired' if kind == 'signature' else 'evaluation'} windows in splits {list(splits)}")
+    root = Path(shard_dir) if shard_dir else loaded.run_dir / f".inference-{kind}"
+    shards = run_inference(loaded.task, fn, groups, root, trainer)
+    if shards is None:
+        return
+    try:
+        for k, group in enumerate(shards.groups):
+            for indices, values in shards.chunks(k):
+                yield values, group.rows(indices)
+    finally:
+        shards.close()
 
 
 # -- writing ----------------------------------------------------------------------------------------------
@@ -382,60 +411,112 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_features(path: str | os.PathLike, features: np.ndarray, columns: Mapping[str, Sequence],
-                   fmt: str | None = None, attrs: Mapping[str, Any] | None = None) -> Path:
-    """Write ``features`` ``(N, D)`` and the per-row ``columns`` atomically (temporary file, rename).
+class FeatureWriter:
+    """Write features and their per-row columns chunk by chunk, atomically (a temporary file renamed by
+    :meth:`close`; :meth:`abort` leaves nothing).
 
     HDF5 (``fmt="h5"``): dataset ``features`` ``(N, D)`` float32 plus one 1-D dataset per column
     (strings as UTF-8), ``attrs`` on the root. Parquet: one row per window, the columns plus
-    ``features`` as a fixed-size list of float32, ``attrs`` in the schema metadata (key ``brainfm``,
-    JSON). ``fmt=None``: from the suffix (``.h5``/``.hdf5`` or ``.parquet``/``.pq``).
+    ``features`` as a fixed-size list of float32 (one row group per chunk), ``attrs`` in the schema
+    metadata (key ``brainfm``, JSON). Memory: one chunk.
 
     Raises:
-        ConfigError: unknown format, columns whose length is not ``N``.
+        ConfigError: unknown format; from :meth:`append`: columns whose length is not the chunk's, or a
+            feature width that changes.
     """
+
+    def __init__(self, path: str | os.PathLike, fmt: str, attrs: Mapping[str, Any] | None = None) -> None:
+        if fmt not in FORMATS:
+            raise ConfigError(f"format={fmt!r} for {path} must be one of {FORMATS} (or use a .h5/.parquet file name)")
+        self.path, self.fmt, self.attrs = Path(path), fmt, dict(attrs or {})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _tmp(self.path)
+        self.rows, self.dim = 0, None
+        self._file = None
+
+    def append(self, features: np.ndarray, columns: Mapping[str, Sequence]) -> None:
+        feats = np.ascontiguousarray(features, dtype=np.float32)
+        n = len(feats)
+        bad = {k: len(v) for k, v in columns.items() if len(v) != n}
+        if bad:
+            raise ConfigError(f"columns {bad} do not have one value per row ({n})")
+        if self.dim is None:
+            self.dim = int(feats.shape[1])
+        elif feats.shape[1] != self.dim:
+            raise ConfigError(f"features of width {feats.shape[1]} after {self.dim}")
+        if self.fmt == "h5":
+            self._append_h5(feats, columns)
+        else:
+            self._append_parquet(feats, columns)
+        self.rows += n
+
+    def _append_h5(self, feats: np.ndarray, columns: Mapping[str, Sequence]) -> None:
+        import h5py
+
+        if self._file is None:
+            self._file = h5py.File(self.tmp, "w")
+            self._file.create_dataset("features", shape=(0, self.dim), maxshape=(None, self.dim), dtype=np.float32,
+                                      chunks=(min(4096, max(1, len(feats))), self.dim))
+            for key, value in self.attrs.items():
+                self._file.attrs[key] = value
+        f, n = self._file, self.rows
+        f["features"].resize(n + len(feats), axis=0)
+        f["features"][n:] = feats
+        for key, values in columns.items():
+            arr = np.asarray(values)
+            text = arr.dtype.kind in "US"
+            if key not in f:
+                dtype = h5py.string_dtype("utf-8") if text else arr.dtype
+                f.create_dataset(key, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
+            f[key].resize(n + len(arr), axis=0)
+            f[key][n:] = arr.astype(object) if text else arr
+
+    def _append_parquet(self, feats: np.ndarray, columns: Mapping[str, Sequence]) -> None:
+        import json
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({**{k: pa.array(list(v)) for k, v in columns.items()},
+                          "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), self.dim)})
+        table = table.replace_schema_metadata({"brainfm": json.dumps(self.attrs)})
+        if self._file is None:
+            self._file = pq.ParquetWriter(self.tmp, table.schema)
+        self._file.write_table(table)
+
+    def close(self) -> Path:
+        """Finish the file and rename it into place. Raises ConfigError when nothing was appended."""
+        try:
+            if self._file is None:
+                raise ConfigError(f"no rows to write to {self.path}")
+            self._file.close()
+            self._file = None
+            os.replace(self.tmp, self.path)
+        finally:
+            self.abort()
+        return self.path
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+
+def write_features(path: str | os.PathLike, features: np.ndarray, columns: Mapping[str, Sequence],
+                   fmt: str | None = None, attrs: Mapping[str, Any] | None = None) -> Path:
+    """Write ``features`` ``(N, D)`` and the per-row ``columns`` at once (:class:`FeatureWriter`; ``fmt=None``:
+    from the suffix, ``.h5``/``.hdf5`` or ``.parquet``/``.pq``). Raises as :class:`FeatureWriter`."""
     path = Path(path)
     fmt = fmt or {".h5": "h5", ".hdf5": "h5", ".parquet": "parquet", ".pq": "parquet"}.get(path.suffix.lower())
-    if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt!r} for {path} must be one of {FORMATS} (or use a .h5/.parquet file name)")
-    n = len(features)
-    bad = {k: len(v) for k, v in columns.items() if len(v) != n}
-    if bad:
-        raise ConfigError(f"columns {bad} do not have one value per row ({n})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
+    writer = FeatureWriter(path, fmt, attrs)
     try:
-        if fmt == "h5":
-            import h5py
-
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("features", data=np.asarray(features, dtype=np.float32))
-                for key, values in columns.items():
-                    arr = np.asarray(values)
-                    if arr.dtype.kind in "US":
-                        f.create_dataset(key, data=arr.astype(object), dtype=h5py.string_dtype("utf-8"))
-                    else:
-                        f.create_dataset(key, data=arr)
-                for key, value in (attrs or {}).items():
-                    f.attrs[key] = value
-        else:
-            import json
-
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            feats = np.ascontiguousarray(features, dtype=np.float32)
-            table = pa.table({
-                **{k: pa.array(list(v)) for k, v in columns.items()},
-                "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1]),
-            })
-            table = table.replace_schema_metadata({"brainfm": json.dumps(dict(attrs or {}))})
-            pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        writer.append(features, columns)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
 def read_features(path: str | os.PathLike) -> tuple[np.ndarray, "Any", dict]:
@@ -469,38 +550,53 @@ def read_features(path: str | os.PathLike) -> tuple[np.ndarray, "Any", dict]:
 
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, kind: str = "embedding", fmt: str | None = None,
            splits: Sequence[str] = ("val",), data_overrides: Mapping[str, Any] | Sequence[str] | None = None,
-           batch_size: int | None = None) -> tuple[Path, int, int]:
-    """``brainfm-extract``: load, extract and write; returns ``(path, rows, dim)``. Raises as
-    :func:`load_run`, :func:`extract` and :func:`write_features`."""
+           batch_size: int | None = None, trainer=None) -> tuple[Path, int, int] | None:
+    """``brainfm-extract``: load, run on the configured trainer and stream the rows to ``out``; returns
+    ``(path, rows, dim)`` on the global rank 0, None on the other ranks. Raises as :func:`load_run`,
+    :func:`extract` and :class:`FeatureWriter`."""
     fmt = fmt or {".h5": "h5", ".hdf5": "h5", ".parquet": "parquet", ".pq": "parquet"}.get(Path(out).suffix.lower())
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r} must be one of {FORMATS}")
     loaded = load_run(ckpt, data_overrides)
-    feats, columns = extract(loaded, kind, splits, batch_size)
-    path = write_features(out, feats, columns, fmt, _attrs(loaded, kind, feats.shape[1]))
-    return path, int(feats.shape[0]), int(feats.shape[1])
+    out = Path(out)
+    writer = None
+    try:
+        for values, cols in _stream(loaded, kind, splits, batch_size, trainer, out.with_name(f".{out.name}.shards")):
+            if writer is None:
+                writer = FeatureWriter(out, fmt, _attrs(loaded, kind, values.shape[1]))
+            writer.append(values, cols)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is None:
+        return None
+    return writer.close(), writer.rows, writer.dim
 
 
 # -- per-subject predictions --------------------------------------------------------------------------------
-@torch.inference_mode()
-def predict(loaded: LoadedRun, splits: Sequence[str] | None = None, batch_size: int | None = None) -> "Any":
-    """Per-subject predictions from the evaluation windows of ``splits`` (R2T: rest windows only).
+def predict(loaded: LoadedRun, splits: Sequence[str] | None = None, batch_size: int | None = None,
+            trainer=None, shard_dir: str | os.PathLike | None = None) -> "Any":
+    """Per-subject predictions from the evaluation windows of ``splits`` (R2T: rest windows only), run on
+    the configured trainer (the windows partitioned over its ranks).
 
-    R2T fine-tune checkpoints: :func:`brainfm.tasks.r2t.predict_subjects` (subject mean of the rest
-    windows' predictions, targets in their own units / class probabilities). SupervisedTask: the
-    subject mean of its clips' outputs (SwiFT), then de-standardised (regression) or turned into
-    probabilities (classification).
+    R2T fine-tune checkpoints: the subject mean of the rest windows' predictions
+    (:meth:`~brainfm.tasks.r2t.R2TTask.predict`: targets in their own units / class probabilities;
+    R2T-Net's ``inference.py``). SupervisedTask: the subject mean of its clips' outputs (SwiFT), then
+    de-standardised (regression) or turned into probabilities (classification).
 
     Returns:
-        a pandas DataFrame with ``subject_id`` and, for regression, ``prediction`` (one target) or
-        ``prediction_<target>``; for classification ``prediction`` (the most probable class: its
-        name when the data's labels give categories, else its index) and ``probability_<class>``.
-        Rows are in subject order; a subject of several splits is averaged over all its windows.
+        On the global rank 0 a pandas DataFrame with ``subject_id`` and, for regression, ``prediction``
+        (one target) or ``prediction_<target>``; for classification ``prediction`` (the most probable
+        class: its name when the data's labels give categories, else its index) and
+        ``probability_<class>``. Rows are in subject order; a subject of several splits is averaged over
+        all its windows. None on the other ranks.
 
     Raises:
         ConfigError: a checkpoint without a trained prediction head (self-supervised tasks).
     """
-    from brainfm.tasks.r2t import R2TTask, predict_subjects
+    from brainfm.inference import run_inference
+    from brainfm.tasks.r2t import R2TTask
     from brainfm.tasks.supervised import SupervisedTask
 
     task = loaded.task.eval()
@@ -508,37 +604,36 @@ def predict(loaded: LoadedRun, splits: Sequence[str] | None = None, batch_size: 
         raise ConfigError(f"{type(task).__name__} checkpoints have no prediction head; brainfm-predict takes an R2T "
                           "fine-tune (task=r2t task.mode=fine_tune) or a supervised (task=supervised) checkpoint. "
                           "Use brainfm-extract for embeddings")
+    r2t = isinstance(task, R2TTask)
+    if r2t and task.mode != "fine_tune":
+        task.predict({})  # raises the explanation of an untrained head
     if not splits:
         has_test = any(_has_split(dm, "test") for _, dm in _children(loaded.datamodule))
         splits = ["test" if has_test else "val"]
-    splits = _check_splits(loaded.datamodule, splits)
-    loaders, names = [], None
-    for _, dm in _children(loaded.datamodule):
-        bs = int(batch_size or getattr(dm, "eval_batch_size", 16))
-        for split in splits:
-            if _has_split(dm, split):
-                ds = window_dataset(dm, split)
-                names = _subject_names(ds)
-                loaders.append(DataLoader(ds, batch_size=bs, shuffle=False, collate_fn=collate_windows))
-    batches = (b for loader in loaders for b in loader)
-    if isinstance(task, R2TTask):
-        preds = predict_subjects(task, batches, names)
+    groups = groups_of(loaded, "embedding", _check_splits(loaded.datamodule, splits), batch_size)
+    fn = (lambda t, b: t.predict(b)) if r2t else (lambda t, b: t.logits(b))
+    shards = run_inference(task, fn, groups, Path(shard_dir) if shard_dir else loaded.run_dir / ".inference-predict",
+                           trainer)
+    if shards is None:
+        return None
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    try:
+        for k, group in enumerate(shards.groups):
+            for indices, values in shards.chunks(k):
+                for subject, v in zip(group.rows(indices)["subject_id"], values.astype(np.float64)):
+                    sums[subject] = sums.get(subject, 0.0) + v
+                    counts[subject] = counts.get(subject, 0) + 1
+    finally:
+        shards.close()
+    ids = sorted(sums)
+    mean = torch.from_numpy(np.stack([sums[s] / counts[s] for s in ids])).float() if ids else torch.zeros(0, 1)
+    if r2t:
         kind, targets = task.kind, task.targets
-        values = torch.stack(list(preds.values())) if preds else torch.zeros(0, 1)
         if kind == "regression":
-            return _frame(list(preds), values, [f"prediction_{t}" for t in targets] if len(targets) > 1 else ["prediction"])
-        probs = torch.cat([1 - values, values], dim=1) if kind == "binary" else values
-        return _classes(list(preds), probs, _categories(loaded, targets[0]))
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
-    for batch in batches:
-        out = task.logits(batch).float().cpu()
-        for s, o in zip(batch["subject"].tolist(), out):
-            sums[s] = sums.get(s, 0) + o
-            counts[s] = counts.get(s, 0) + 1
-    order = sorted(sums)
-    ids = [names[s] for s in order]
-    mean = torch.stack([sums[s] / counts[s] for s in order]) if order else torch.zeros(0, 1)
+            return _frame(ids, mean, [f"prediction_{t}" for t in targets] if len(targets) > 1 else ["prediction"])
+        probs = torch.cat([1 - mean, mean], dim=1) if kind == "binary" else mean
+        return _classes(ids, probs, _categories(loaded, targets[0]))
     if task.kind == "regression":
         return _frame(ids, mean * task.label_std + task.label_mean, ["prediction"])
     if task.kind == "binary":
@@ -590,13 +685,16 @@ def write_csv(path: str | os.PathLike, frame) -> Path:
 
 def predict_to_csv(ckpt: str | os.PathLike, out: str | os.PathLike, splits: Sequence[str] | None = None,
                    data_overrides: Mapping[str, Any] | Sequence[str] | None = None,
-                   batch_size: int | None = None) -> tuple[Path, "Any"]:
-    """``brainfm-predict``: load, predict per subject and write the CSV; returns ``(path, frame)``.
+                   batch_size: int | None = None, trainer=None) -> tuple[Path, "Any"] | None:
+    """``brainfm-predict``: load, predict per subject and write the CSV; returns ``(path, frame)`` on the
+    global rank 0, None on the others.
 
     Raises as :func:`load_run` and :func:`predict`; DataError for non-finite predictions.
     """
     loaded = load_run(ckpt, data_overrides)
-    frame = predict(loaded, splits, batch_size)
+    frame = predict(loaded, splits, batch_size, trainer, Path(out).with_name(f".{Path(out).name}.shards"))
+    if frame is None:
+        return None
     numeric = frame.select_dtypes("number").to_numpy()
     if numeric.size and not np.isfinite(numeric).all():
         raise DataError(f"predictions of {loaded.ckpt['_path']} are not finite; the checkpoint has diverged")

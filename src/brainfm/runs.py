@@ -1,13 +1,38 @@
-"""Run directories and checkpoints: finding them, resuming, and loading a task from one.
+"""Run directories and checkpoints: finding them, resuming, loading a task from one, and
+consolidating sharded checkpoints into one file.
 
 A brainfm checkpoint is a Lightning checkpoint whose ``hyper_parameters`` are plain containers
 and whose ``brainfm`` entry records the task class, the data facts (TR, ROI names, normalisation
 mode) and the normalisation statistics; it loads with ``torch.load(weights_only=True)``.
+
+It comes in three forms (:func:`checkpoint_format`):
+
+- ``file``: one ``torch.save`` file (1 process, DDP, FSDP2 with
+  ``trainer.strategy.save_distributed_checkpoint=false``);
+- ``dcp``: a directory written by torch.distributed.checkpoint (DCP) through Lightning's
+  ``ModelParallelStrategy(save_distributed_checkpoint=True)``, the default of ``trainer=fsdp``:
+  one shard per rank (``__<rank>_0.distcp``), DCP's ``.metadata`` index, and Lightning's
+  ``meta.pt`` (everything except weights and optimizer state: step, loops, hyper-parameters,
+  brainfm's entry). No rank ever holds the full state;
+- ``deepspeed``: a DeepSpeed ZeRO directory (a ``latest`` file and one folder per tag).
+
+Training resumes from any of them (``ckpt_path=last|auto|<path>``, :func:`resolve_resume`), on the
+strategy that wrote it. Everything that needs one file (``brainfm-evaluate``, ``brainfm-extract``,
+``brainfm-predict``, :func:`load_checkpoint`) refuses a directory with the command that makes one::
+
+    python -m brainfm.runs consolidate <checkpoint file, directory or run dir> <out.ckpt> [--weights-only]
+
+(:func:`consolidate`): a normal Lightning checkpoint dict with the ``state_dict`` keys of a DDP run
+and brainfm's metadata, without optimizer state.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,58 +40,123 @@ import torch
 from brainfm.errors import CheckpointError
 from brainfm.tasks.base import CHECKPOINT_KEY, BrainfmTask
 
+_log = logging.getLogger("brainfm")
+#: Lightning's metadata file in a DCP checkpoint directory (lightning.fabric.utilities.load._METADATA_FILENAME)
+DCP_META = "meta.pt"
+#: torch.distributed.checkpoint's index, written last by the coordinator rank
+DCP_INDEX = ".metadata"
+#: the top-level keys :func:`consolidate` keeps with ``weights_only=True``
+WEIGHTS_ONLY_KEYS = ("state_dict", "hyper_parameters", "hparams_name", CHECKPOINT_KEY, "epoch", "global_step",
+                     "pytorch-lightning_version")
+
 
 def last_checkpoint(run_dir: str | Path) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt`` (a file or a sharded checkpoint directory)."""
     return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
+def temporary_checkpoint(target: Path, step: int) -> Path:
+    """Where a checkpoint bound for ``target`` is written before the rename: ``.<name>.tmp-<step>``."""
+    return target.with_name(f".{target.name}.tmp-{step}")
+
+
+def previous_checkpoint(target: Path, step: int) -> Path:
+    """Where the replaced ``target`` directory waits while the new one is renamed into place
+    (``.<name>.old-<step>``); it is deleted right after, and resumed from only when a job died
+    between the two renames."""
+    return target.with_name(f".{target.name}.old-{step}")
+
+
+def checkpoint_format(path: str | Path) -> str | None:
+    """``"file"``, ``"dcp"`` (a complete torch.distributed.checkpoint directory: ``.metadata`` and
+    Lightning's ``meta.pt``), ``"deepspeed"`` (a directory with a ``latest`` file) or ``None``."""
+    path = Path(path)
+    if path.is_file():
+        return "file"
+    if path.is_dir():
+        if (path / DCP_META).is_file() and (path / DCP_INDEX).is_file():
+            return "dcp"
+        if (path / "latest").is_file():
+            return "deepspeed"
+    return None
+
+
+def _resumable(path: Path) -> bool:
+    return checkpoint_format(path) is not None
+
+
+def _last_or_previous(run_dir: str | Path) -> Path | None:
+    """``last.ckpt`` if it is complete; else the newest complete ``.last.ckpt.old-<step>`` (the
+    job died between moving the old directory aside and renaming the new one into place)."""
+    last = last_checkpoint(run_dir)
+    if _resumable(last):
+        return last
+    previous = [p for p in last.parent.glob(f".{last.name}.old-*") if _resumable(p)] if last.parent.is_dir() else []
+    if not previous:
+        return None
+    chosen = max(previous, key=lambda p: int(p.name.rpartition("-")[2]) if p.name.rpartition("-")[2].isdigit() else -1)
+    _log.warning(f"{last} is missing (the job died while replacing it); resuming from the previous checkpoint {chosen}")
+    return chosen
 
 
 def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     """``None`` | ``"last"`` | ``"auto"`` | a path -> the checkpoint Lightning should resume from.
 
+    ``last.ckpt`` may be a file or a sharded checkpoint directory (FSDP2/DCP, DeepSpeed); a sharded
+    directory is resumed by the strategy that wrote it.
+
     Raises:
-        CheckpointError: ``last`` without a ``last.ckpt``, or a path that does not exist.
+        CheckpointError: ``last`` without a ``last.ckpt``, or a path that is no checkpoint.
     """
     if ckpt_path in (None, "", "null"):
         return None
-    last = last_checkpoint(run_dir)
-    if ckpt_path == "auto":
-        return str(last) if _resumable(last) else None
-    if ckpt_path == "last":
-        if not _resumable(last):
+    if ckpt_path in ("auto", "last"):
+        found = _last_or_previous(run_dir)
+        if found is None and ckpt_path == "last":
             raise CheckpointError(
-                f"ckpt_path=last but {last} does not exist: this run directory has nothing to "
+                f"ckpt_path=last but {last_checkpoint(run_dir)} does not exist: this run directory has nothing to "
                 "resume. Fix: give the run_name=<name> (and experiment) of the run to resume, "
                 "use ckpt_path=auto to resume only when a checkpoint exists, or start without "
                 "ckpt_path."
             )
-        return str(last)
+        return None if found is None else str(found)
     path = Path(ckpt_path)
     if not _resumable(path):
-        raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint file (or DeepSpeed checkpoint directory)")
+        what = "an incomplete checkpoint directory (no DCP .metadata + meta.pt, no DeepSpeed 'latest')" if path.is_dir() else "no such file"
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path}: {what}. Fix: give a checkpoint file, a sharded checkpoint directory "
+            "(FSDP2/DCP or DeepSpeed), last or auto."
+        )
     return str(path)
 
 
-def _resumable(path: Path) -> bool:
-    """A checkpoint file, or a DeepSpeed checkpoint directory (it has a ``latest`` file)."""
-    return path.is_file() or (path.is_dir() and (path / "latest").is_file())
+def sharded_checkpoint_error(path: Path) -> CheckpointError:
+    """The error for a sharded checkpoint directory given where one file is needed."""
+    kind = {"dcp": "an FSDP2 sharded (torch.distributed.checkpoint)", "deepspeed": "a DeepSpeed (sharded)"}[checkpoint_format(path)]
+    return CheckpointError(
+        f"{path} is {kind} checkpoint directory, one shard per rank; this needs one checkpoint file. Fix: "
+        f"consolidate it into one file with `python -m brainfm.runs consolidate {path} "
+        f"{path.with_suffix('')}-consolidated.ckpt` and pass that file."
+    )
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run directory (its ``checkpoints/last.ckpt``).
 
     Raises:
-        CheckpointError: nothing loadable there; the message lists the checkpoints nearby.
+        CheckpointError: nothing loadable there (the message lists the checkpoints nearby), or a
+            sharded checkpoint directory (the message names the consolidate command).
     """
     path = Path(path)
-    if path.is_dir() and (path / "latest").is_file():
-        raise CheckpointError(
-            f"{path} is a DeepSpeed (sharded) checkpoint directory. Fix: consolidate it into one file with "
-            f"`python -m brainfm.runs consolidate {path} {path.with_suffix('')}-consolidated.ckpt`"
-        )
+    if checkpoint_format(path) in ("dcp", "deepspeed"):
+        raise sharded_checkpoint_error(path)
     if path.is_dir():
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
+            form = checkpoint_format(candidate)
+            if form == "file":
                 return candidate
+            if form is not None:
+                raise sharded_checkpoint_error(candidate)
         found = sorted(str(p) for p in path.rglob("*.ckpt"))[:10]
         raise CheckpointError(f"{path} is a directory without checkpoints/last.ckpt; checkpoints in it: {found or 'none'}")
     if not path.is_file():
@@ -76,7 +166,11 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """``torch.load(weights_only=True)`` with a clear error for files that are not brainfm's."""
+    """``torch.load(weights_only=True)`` with a clear error for files that are not brainfm's.
+
+    Raises:
+        CheckpointError: see :func:`find_checkpoint`; a file that does not load or has no brainfm entry.
+    """
     path = find_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -132,40 +226,148 @@ def check_data_compatible(meta: dict, store, where: str = "the checkpoint") -> N
         )
 
 
-def consolidate(checkpoint_dir: str | Path, output_file: str | Path) -> Path:
-    """Write a DeepSpeed ZeRO-2/3 checkpoint directory as one fp32 Lightning checkpoint file (its
-    hyper-parameters and brainfm metadata kept), loadable without DeepSpeed.
+def read_sharded_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model ``state_dict`` of a DCP checkpoint directory, read in this one
+    process without a process group (``torch.distributed.checkpoint.load(no_dist=True)``): every
+    tensor at its global shape, keys as a DDP run's (``model.…``); optimizer state is not read.
+    Needs host memory for the weights (4 bytes per fp32 parameter), not for the optimizer.
 
     Raises:
-        CheckpointError: not a DeepSpeed checkpoint directory.
+        CheckpointError: not a complete DCP checkpoint directory, or one without a ``state_dict``.
     """
-    checkpoint_dir, output_file = Path(checkpoint_dir), Path(output_file)
-    if not (checkpoint_dir / "latest").is_file():
-        raise CheckpointError(f"{checkpoint_dir} is not a DeepSpeed checkpoint directory (no 'latest' file)")
-    from lightning.pytorch.utilities.deepspeed import (
-        convert_zero_checkpoint_to_fp32_state_dict,
-    )
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_format(checkpoint_dir) != "dcp":
+        raise CheckpointError(f"{checkpoint_dir} is not a complete torch.distributed.checkpoint directory "
+                              f"(it needs {DCP_INDEX} and {DCP_META})")
+    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
+    weights: dict[str, torch.Tensor] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        where = (metadata.planner_data or {}).get(key, tuple(key.split(".", 1)))
+        if len(where) < 2 or where[0] != "state_dict":
+            continue  # optimizer_<i>.… : not needed for weights
+        if not isinstance(item, TensorStorageMetadata):
+            raise CheckpointError(f"{checkpoint_dir}: state_dict entry {key} is not a tensor; brainfm's models have "
+                                  "tensor-only state dicts")
+        weights[".".join(str(p) for p in where[1:])] = torch.empty(item.size, dtype=item.properties.dtype)
+    if not weights:
+        raise CheckpointError(f"{checkpoint_dir} holds no model state_dict (was it written by brainfm-train?)")
+    target = {"state_dict": weights}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": intended
+        warnings.filterwarnings("ignore", message=r".*assuming the intent is to load in a single process.*")
+        dcp.load(target, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    return target["state_dict"]
+
+
+def _save_atomic(checkpoint: dict, output_file: Path) -> None:
+    tmp = output_file.with_name(f".{output_file.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, output_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _strip(checkpoint: dict, weights_only: bool) -> dict:
+    """Drop optimizer state; with ``weights_only`` keep only :data:`WEIGHTS_ONLY_KEYS`."""
+    checkpoint.pop("optimizer_states", None)
+    if weights_only:
+        checkpoint = {k: v for k, v in checkpoint.items() if k in WEIGHTS_ONLY_KEYS}
+    return checkpoint
+
+
+def consolidate(checkpoint: str | Path, output_file: str | Path, weights_only: bool = False) -> Path:
+    """Write any brainfm checkpoint as one Lightning checkpoint file: weights (fp32 for DeepSpeed,
+    as saved for DCP) under ``state_dict`` with the keys of a DDP run, ``hyper_parameters``, brainfm's
+    metadata and the training progress; no optimizer state. It loads with
+    ``torch.load(weights_only=True)``, :func:`load_checkpoint` and ``brainfm-evaluate ckpt=<file>``.
+
+    Args:
+        checkpoint: a DCP directory (FSDP2), a DeepSpeed ZeRO-2/3 directory, a checkpoint file, or
+            a run directory (its ``checkpoints/last.ckpt``).
+        output_file: the file to write (atomically: a temporary name, then a rename).
+        weights_only: keep only what rebuilding the model needs (:data:`WEIGHTS_ONLY_KEYS`): no loop,
+            callback, scheduler or datamodule state.
+
+    A file without optimizer state is copied byte for byte unless ``weights_only``; one with
+    optimizer state is re-saved without it. The single-file export is for evaluation, extraction
+    and fine-tuning; resume the same run from the sharded directory itself.
+
+    Raises:
+        CheckpointError: no checkpoint at ``checkpoint``, an incomplete directory, or an
+            ``output_file`` that is a directory or the input itself.
+    """
+    checkpoint, output_file = Path(checkpoint), Path(output_file)
+    form = checkpoint_format(checkpoint)
+    if form is None and checkpoint.is_dir() and checkpoint_format(last_checkpoint(checkpoint)):
+        checkpoint = last_checkpoint(checkpoint)  # a run directory
+        form = checkpoint_format(checkpoint)
+    if form is None:
+        what = ("a directory that is neither a complete DCP checkpoint (.metadata + meta.pt), a DeepSpeed checkpoint "
+                "('latest') nor a run directory with checkpoints/last.ckpt") if checkpoint.is_dir() else "no such file"
+        raise CheckpointError(f"cannot consolidate {checkpoint}: {what}")
+    if output_file.is_dir():
+        raise CheckpointError(f"output {output_file} is a directory; give the path of the file to write (e.g. {output_file}/model.ckpt)")
+    if output_file.resolve() == checkpoint.resolve() or checkpoint.resolve() in output_file.resolve().parents:
+        raise CheckpointError(f"output {output_file} would overwrite the checkpoint {checkpoint}; write it elsewhere")
     output_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_file.with_name(f".{output_file.name}.tmp")
-    convert_zero_checkpoint_to_fp32_state_dict(str(checkpoint_dir), str(tmp))
-    tmp.replace(output_file)
+
+    if form == "dcp":
+        try:
+            state = torch.load(checkpoint / DCP_META, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{checkpoint / DCP_META} cannot be loaded ({type(exc).__name__}: {exc})") from exc
+        state["state_dict"] = read_sharded_state_dict(checkpoint)
+        _save_atomic(_strip(state, weights_only), output_file)
+    elif form == "deepspeed":
+        from lightning.pytorch.utilities.deepspeed import (
+            convert_zero_checkpoint_to_fp32_state_dict,
+        )
+
+        tmp = output_file.with_name(f".{output_file.name}.tmp-{os.getpid()}")
+        try:
+            state = convert_zero_checkpoint_to_fp32_state_dict(str(checkpoint), str(tmp))
+            if weights_only or "optimizer_states" in state:
+                _save_atomic(_strip(state, weights_only), tmp)
+            os.replace(tmp, output_file)
+        finally:
+            tmp.unlink(missing_ok=True)
+    else:
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(f"{checkpoint} cannot be loaded as a checkpoint ({type(exc).__name__}: {exc})") from exc
+        if weights_only or "optimizer_states" in state:
+            _save_atomic(_strip(state, weights_only), output_file)
+        else:
+            tmp = output_file.with_name(f".{output_file.name}.tmp-{os.getpid()}")
+            try:
+                shutil.copyfile(checkpoint, tmp)
+                os.replace(tmp, output_file)
+            finally:
+                tmp.unlink(missing_ok=True)
     return output_file
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m brainfm.runs consolidate <checkpoint> <out.ckpt> [--weights-only]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m brainfm.runs", description="checkpoint utilities")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("consolidate", help="DeepSpeed checkpoint directory -> one fp32 checkpoint file")
-    p.add_argument("checkpoint_dir")
+    p = sub.add_parser("consolidate", help="any checkpoint (FSDP2/DCP or DeepSpeed directory, file, run dir) -> "
+                                           "one Lightning checkpoint file without optimizer state")
+    p.add_argument("checkpoint", help="DCP or DeepSpeed checkpoint directory, checkpoint file, or run directory")
     p.add_argument("output_file")
+    p.add_argument("--weights-only", action="store_true",
+                   help="keep only weights, hyper-parameters and brainfm's metadata (no loop/callback/scheduler state)")
     args = parser.parse_args(argv)
     from brainfm.cli.common import exit_on_brainfm_error
 
     with exit_on_brainfm_error("brainfm.runs"):
-        print(f"wrote {consolidate(args.checkpoint_dir, args.output_file)}")
+        print(f"wrote {consolidate(args.checkpoint, args.output_file, weights_only=args.weights_only)}")
 
 
 if __name__ == "__main__":

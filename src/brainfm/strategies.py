@@ -10,6 +10,12 @@
   ``ModelParallelStrategy``; brainfm's tasks shard their transformer blocks and then the root in
   ``configure_model`` (:func:`apply_fully_shard`). Lightning's FSDP1 strategy needs an accelerator;
   FSDP2 runs on CPU with gloo, so the same code path is tested here and used on Perlmutter.
+  Checkpoints are sharded by default (``save_distributed_checkpoint=True``): every rank writes its own
+  shard of the weights and optimizer state through torch.distributed.checkpoint (DCP) into a
+  checkpoint *directory*, and nothing is gathered on rank 0 (at 3.2B parameters the gathered state
+  with AdamW moments is ~51 GB per save). Lightning resumes from such a directory on any number of
+  FSDP2 ranks (DCP reshards on load); ``python -m brainfm.runs consolidate <dir> <file>`` writes one
+  file for evaluation and export (:func:`brainfm.runs.consolidate`).
 """
 
 from __future__ import annotations
@@ -64,9 +70,16 @@ def apply_fully_shard(module: nn.Module, mesh, block_types: tuple[type, ...], re
 class FSDPStrategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` used for pure data parallelism with FSDP2: the device mesh
     is ``data_parallel = world size`` x ``tensor_parallel = 1`` (Lightning's "auto" would make the
-    intra-node dimension tensor-parallel)."""
+    intra-node dimension tensor-parallel).
 
-    def __init__(self, save_distributed_checkpoint: bool = False, process_group_backend: str | None = None, **kwargs) -> None:
+    Args:
+        save_distributed_checkpoint: ``True`` (default): checkpoints are DCP directories of per-rank
+            shards (``__<rank>_0.distcp``, DCP's ``.metadata``, Lightning's ``meta.pt`` with the
+            non-tensor state); ``False``: the full state is gathered on rank 0 into one file.
+        process_group_backend: ``nccl``/``gloo``; ``None`` picks the device's default.
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None, **kwargs) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, **kwargs)
 

@@ -195,8 +195,9 @@ def worker_rss(root: Path, clips: int = 100_000, batch: int = 32) -> dict:
 
 def multi_open_seconds(stores: Path, work: Path) -> float:
     """Seconds to set up ``data=multi`` over the three stores (60,000 runs): open, check, split, datasets."""
-    from brainfm.config import compose
     from hydra.utils import instantiate
+
+    from brainfm.config import compose
 
     cfg = compose("train", [*_multi_data(stores), f"paths.split_dir={work}/splits_multi", *SWIN])
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ def print_table(report: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"Subject re-identification ({report['data']['n_subjects']} subjects; "
-                  "gallery: first half of each run, queries: second half)")
+                  f"gallery: {report['protocol']['gallery']}, queries: {report['protocol']['queries']})")
     table.add_column("window")
     names = list(report["results"])
     for name in names:
@@ -26,8 +26,8 @@ def print_table(report: dict) -> None:
     table.add_column("chance\nRank-1", justify="right")
     first = report["results"][names[0]]
     for length in first:
-        seconds = int(length) * report["data"]["tr"]
-        row = [f"{length} TRs ({seconds:.0f} s)"]
+        tr = report["data"]["tr"]
+        row = [f"{length} TRs ({int(length) * tr:.0f} s)" if tr else f"{length} TRs"]
         row += [f"{report['results'][n][length]['rank1']:.3f} / {report['results'][n][length]['mAP']:.3f}" for n in names]
         row.append(f"{first[length]['rank1_chance']:.3f}")
         table.add_row(*row)
@@ -47,7 +47,7 @@ def print_table(report: dict) -> None:
         Console().print(probe)
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict | None:
     from brainfm.eval.protocol import (
         plot_reidentification,
         run_reidentification,
@@ -59,8 +59,11 @@ def run(cfg: DictConfig) -> dict:
     report = run_reidentification(
         ckpt, window_lengths=list(cfg.window_lengths), gallery_fraction=float(cfg.gallery_fraction),
         stride=cfg.stride, batch_size=int(cfg.batch_size), seed=int(cfg.seed), data_path=cfg.data_path,
-        baselines=list(cfg.baselines), probe=bool(cfg.get("probe", True)),
+        baselines=list(cfg.baselines), probe=bool(cfg.get("probe", True)), trainer=cfg.get("trainer"),
+        gallery_runs=cfg.get("gallery_runs"), query_runs=cfg.get("query_runs"),
     )
+    if report is None:  # not the global rank 0: its windows were embedded for rank 0's report
+        return None
     out = Path(cfg.out_dir) if cfg.out_dir else ckpt.parent.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report["config"] = OmegaConf.to_container(cfg, resolve=True)

@@ -21,7 +21,7 @@ def data_overrides(cfg: DictConfig) -> dict:
     return out
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig) -> Path | None:
     from brainfm.extract import export, run_dir_of
     from brainfm.runs import find_checkpoint
 
@@ -32,8 +32,11 @@ def run(cfg: DictConfig) -> Path:
         out = run_dir_of(find_checkpoint(cfg.ckpt)) / "export" / f"{cfg.kind}s.{fmt}"
     elif not fmt:
         fmt = "parquet" if Path(out).suffix.lower() in (".parquet", ".pq") else "h5"
-    path, rows, dim = export(cfg.ckpt, out, kind=str(cfg.kind), fmt=str(fmt), splits=list(cfg.splits),
-                             data_overrides=data_overrides(cfg), batch_size=cfg.get("batch_size"))
+    result = export(cfg.ckpt, out, kind=str(cfg.kind), fmt=str(fmt), splits=list(cfg.splits),
+                    data_overrides=data_overrides(cfg), batch_size=cfg.get("batch_size"), trainer=cfg.get("trainer"))
+    if result is None:  # not the global rank 0: its windows went to rank 0's file
+        return None
+    path, rows, dim = result
     print(f"brainfm-extract: wrote {rows} {cfg.kind}s of dimension {dim} ({', '.join(cfg.splits)}) to {path}")
     return path
 

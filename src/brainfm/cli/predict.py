@@ -15,14 +15,17 @@ from brainfm.cli.extract import data_overrides
 from brainfm.config import config_dir
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig) -> Path | None:
     from brainfm.extract import predict_to_csv, run_dir_of
     from brainfm.runs import find_checkpoint
 
     out = cfg.get("out") or run_dir_of(find_checkpoint(cfg.ckpt)) / "predict" / "predictions.csv"
     splits = list(cfg.splits) if cfg.get("splits") else None
-    path, frame = predict_to_csv(cfg.ckpt, out, splits=splits, data_overrides=data_overrides(cfg),
-                                 batch_size=cfg.get("batch_size"))
+    result = predict_to_csv(cfg.ckpt, out, splits=splits, data_overrides=data_overrides(cfg),
+                            batch_size=cfg.get("batch_size"), trainer=cfg.get("trainer"))
+    if result is None:  # not the global rank 0
+        return None
+    path, frame = result
     print(f"brainfm-predict: wrote predictions of {len(frame)} subjects to {path}")
     return path
 

@@ -29,7 +29,7 @@ from brainfm.errors import ConfigError
 #: for contrastive pairs, a seed that places the second view.
 WindowRequest = tuple[int, int] | tuple[int, int, int]
 #: keys of a batch that hold integer indices (collated to long tensors)
-INDEX_KEYS = frozenset({"subject", "run", "task_run", "dataset"})
+INDEX_KEYS = frozenset({"subject", "run", "task_run", "dataset", "window", "task_window", "pair"})
 
 
 class WindowIndex:
@@ -125,15 +125,39 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def partition(n_items: int) -> np.ndarray:
+    """This rank's share of ``n_items`` evaluation windows: positions ``rank::world`` (every window on
+    exactly one rank), or all of them when there are fewer windows than ranks (so no rank is idle)."""
+    rank, world = _dist_rank_world()
+    return np.arange(n_items)[rank::world] if n_items >= world else np.arange(n_items)
+
+
+class PartitionSampler(Sampler[int]):
+    """The indices of :func:`partition`, in order (for inference loaders with a plain ``batch_size``:
+    Lightning's predict loop wraps their batch sampler)."""
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items = int(n_items)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(partition(self.n_items).tolist())
+
+    def __len__(self) -> int:
+        return len(partition(self.n_items))
+
+
 class WindowBatchSampler(Sampler[list[WindowRequest]]):
     """Random, resumable, distributed-aware batches of window requests.
 
     Epoch ``e`` visits a permutation of the ``n_items`` grid windows drawn from ``(seed, e)``;
     every batch gets a crop length drawn uniformly in ``[min_length, length]`` from
     ``(seed, e, batch)`` (the same on every rank, so DDP ranks take equally long steps). With
-    ``pairs`` every request also carries a seed for its second (contrastive) view. Rank ``r`` of ``w`` takes positions ``r::w`` (padded by
-    wrapping, as ``DistributedSampler``). Lightning calls :meth:`set_epoch`; :meth:`fast_forward`
-    skips the batches a checkpoint had already consumed.
+    ``pairs`` every request also carries a seed for its second (contrastive) view. Rank ``r`` of ``w``
+    takes positions ``r::w``: in training padded by wrapping (as ``DistributedSampler``) so that every
+    rank takes the same number of steps; in evaluation (``drop_last=False``) without padding, so that
+    every window is evaluated exactly once over the ranks (the ranks may then hold one batch more or
+    less; with fewer windows than ranks every rank evaluates all of them). Lightning calls
+    :meth:`set_epoch`; :meth:`fast_forward` skips the batches a checkpoint had already consumed.
 
     Raises:
         ConfigError: fewer windows per rank than one batch.
@@ -170,13 +194,21 @@ class WindowBatchSampler(Sampler[list[WindowRequest]]):
         """Skip the first ``batches`` batches of epoch ``epoch`` (once)."""
         self._skip = (int(epoch), int(batches))
 
+    def _positions(self) -> np.ndarray:
+        """This rank's positions in the epoch's order."""
+        if not self.drop_last:  # evaluation: a partition of the windows over the ranks
+            return partition(self.n_items)
+        rank, world = _dist_rank_world()
+        return np.resize(np.arange(self.n_items), self._per_rank() * world)[rank::world]
+
     def _per_rank(self) -> int:
         _, world = _dist_rank_world()
         return -(-self.n_items // world)
 
     def __len__(self) -> int:
-        n = self._per_rank()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if not self.drop_last:
+            return -(-len(self._positions()) // self.batch_size)
+        return self._per_rank() // self.batch_size
 
     def __iter__(self) -> Iterator[list[WindowRequest]]:
         rank, world = _dist_rank_world()
@@ -188,8 +220,7 @@ class WindowBatchSampler(Sampler[list[WindowRequest]]):
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.n_items) if self.shuffle else np.arange(self.n_items)
         pair_seeds = rng.integers(0, 2**62, size=self.n_items) if self.pairs else None
-        total = self._per_rank() * world
-        positions = np.resize(np.arange(self.n_items), total)[rank::world]
+        positions = self._positions()
         skip = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
         self._skip = None
         for b in range(skip, len(self)):

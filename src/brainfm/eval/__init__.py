@@ -8,6 +8,7 @@ from brainfm.eval.probe import (
     sklearn_probe,
     torch_probe,
 )
-from brainfm.eval.reidentification import reidentification
+from brainfm.eval.reidentification import reidentification, split_by_session
 
-__all__ = ["fc_features", "few_subject_curve", "fit_predict_sklearn", "reidentification", "sklearn_probe", "torch_probe"]
+__all__ = ["fc_features", "few_subject_curve", "fit_predict_sklearn", "reidentification", "sklearn_probe", "split_by_session",
+           "torch_probe"]

@@ -65,6 +65,52 @@ def normalizer_for(ckpt: dict, store: ROIStore) -> ROINormalizer:
     return ROINormalizer.fit(store, mode=mode, eps=float(state.get("eps", 1e-6)))
 
 
+def _windows_and_store(ckpt_path, ckpt: dict, data_path):
+    """The store to evaluate on and how to cut it: ``(store, make(segments, length, step) -> dataset,
+    volume?)``. From the run's ``config.yaml`` when there is one (every family: ROI windows, volume
+    clips), else (a checkpoint file on its own) from the ROI store the checkpoint names."""
+    from brainfm.extract import load_run, run_dir_of
+    from brainfm.runs import find_checkpoint
+
+    meta = ckpt["hyper_parameters"]["data_meta"]
+    if (run_dir_of(find_checkpoint(ckpt_path)) / "config.yaml").is_file():
+        dm = load_run(ckpt_path, {"path": str(data_path)} if data_path else None).datamodule
+        store = dm.store
+        if store.kind in ("roi", "grayordinate"):
+            norm = dm.normalizer or ROINormalizer(mode="none", store=store)
+            return store, (lambda seg, length, step: ROIWindowDataset(store, norm, seg, length, step)), False
+        from brainfm.data.datasets.volume import VolumeClipDataset
+
+        load = (getattr(dm, "normalization", None) or {}).get("load", "stored")
+        frame_stride = int(dm.window.get("frame_stride") or 1)
+        return store, (lambda seg, length, step: VolumeClipDataset(store, seg, length, frame_stride, clip_stride=step,
+                                                                   normalisation=load, return_mask=False)), True
+    store = open_store("roi", data_path or meta["path"], atlas=meta.get("atlas"))
+    check_data_compatible(meta, store, where=f"checkpoint {ckpt['_path']}")
+    norm = normalizer_for(ckpt, store)
+    return store, (lambda seg, length, step: ROIWindowDataset(store, norm, seg, length, step)), False
+
+
+def _embed_groups(task, groups: list, trainer, shard_dir: Path) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """``(features (N, D), subject indices (N,))`` of each group, in window order, on the global rank 0."""
+    from brainfm.inference import run_inference
+
+    shards = run_inference(task, lambda t, b: t.embed(b), groups, shard_dir, trainer)
+    if shards is None:
+        return None
+    out = []
+    try:
+        for k, group in enumerate(shards.groups):
+            ds, feats, subjects = group.dataset, [], []
+            for indices, values in shards.chunks(k):
+                feats.append(values)
+                subjects.append([ds.subject_index[ds.store.subject_ids[ds.index.window(i)[0]]] for i in indices.tolist()])
+            out.append((np.concatenate(feats), np.concatenate(subjects)))
+    finally:
+        shards.close()
+    return out
+
+
 def run_reidentification(
     ckpt_path: str | Path,
     window_lengths: Sequence[int] = (30, 60, 120),
@@ -75,22 +121,47 @@ def run_reidentification(
     data_path: str | Path | None = None,
     baselines: Sequence[str] = BASELINES,
     probe: bool = True,
-) -> dict:
-    """Run the protocol; returns a JSON-ready dict of results per method and window length.
+    trainer=None,
+    gallery_runs: Sequence[str] | None = None,
+    query_runs: Sequence[str] | None = None,
+) -> dict | None:
+    """Run the protocol on the configured trainer (the windows partitioned over its ranks, embeddings
+    gathered on rank 0); returns a JSON-ready dict of results per method and window length on the global
+    rank 0, None on the other ranks.
+
+    Every checkpoint family: sequence models on ROI windows of each ``window_lengths``; volume models
+    (Swin4D, SimMIM, TFF) on clips of the checkpoint's clip length (``window_lengths`` is ignored: the
+    model's input has one length; FC fingerprinting needs ROI series and is skipped).
+
+    Gallery and queries are the first ``gallery_fraction`` and the rest of every run, or, with
+    ``gallery_runs`` and ``query_runs`` (run ids, e.g. HCP ``[REST1_LR]`` and ``[REST2_LR]``, UKB
+    instances), whole runs of one session against another (Finn et al.'s test-retest protocol;
+    :func:`~brainfm.eval.reidentification.split_by_session`).
 
     Raises:
-        CheckpointError: unloadable checkpoint, or data with another TR / ROI count / ROI order.
+        CheckpointError: unloadable checkpoint, or data with another TR / ROI count / ROI order / grid.
         ValueError: unknown baseline name.
     """
+    from brainfm.inference import Group
+
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; available: {list(BASELINES)}")
     ckpt = load_checkpoint(ckpt_path)
-    meta = ckpt["hyper_parameters"]["data_meta"]
-    store = open_store("roi", data_path or meta["path"], atlas=meta.get("atlas"))
-    check_data_compatible(meta, store, where=f"checkpoint {ckpt['_path']}")
-    norm = normalizer_for(ckpt, store)
-    segments = time_split(store.lengths, gallery_fraction)
+    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path)
+    if volume:
+        window_lengths = [int(ckpt["hyper_parameters"]["data_meta"].get("window_length")
+                              or ckpt["hyper_parameters"]["model"]["img_size"][3])]
+        baselines = [b for b in baselines if b != "fc_fingerprint"]
+    if gallery_runs or query_runs:
+        from brainfm.eval.reidentification import split_by_session
+
+        g, q = split_by_session(store.run_ids, store.subject_ids, gallery=list(gallery_runs or []),
+                                query=list(query_runs or []))
+        segments = {"train": [(int(r), 0, int(store.lengths[r])) for r in g],
+                    "val": [(int(r), 0, int(store.lengths[r])) for r in q]}
+    else:
+        segments = time_split(store.lengths, gallery_fraction)
     models = {"pretrained": build_task_from_checkpoint(ckpt)}
     if "random_init" in baselines:
         torch.manual_seed(seed)
@@ -104,26 +175,40 @@ def run_reidentification(
         if probe:
             probes[name][str(length)] = fit_predict_sklearn(fg, gid, fq, qid, "classification", seed)
 
+    sets = {}
     for length in window_lengths:
         step = int(stride or max(1, length // 2))
-        gallery = ROIWindowDataset(store, norm, segments["train"], length, step)
-        queries = ROIWindowDataset(store, norm, segments["val"], length, step)
-        for name, task in models.items():
-            fg, gid = embed_windows(task, gallery, batch_size)
-            fq, qid = embed_windows(task, queries, batch_size)
+        sets[int(length)] = (make(segments["train"], int(length), step), make(segments["val"], int(length), step))
+    groups = [Group(f"{part}:{length}", ds, int(batch_size)) for length, pair in sets.items()
+              for part, ds in zip(("gallery", "query"), pair)]
+    shard_dir = Path(ckpt["_path"]).parent / ".inference-evaluate"
+    rank0 = True
+    for name, task in models.items():
+        embedded = _embed_groups(task, groups, trainer, shard_dir)
+        if embedded is None:
+            rank0 = False
+            continue
+        for k, length in enumerate(sets):
+            (fg, gid), (fq, qid) = embedded[2 * k], embedded[2 * k + 1]
             score(name, length, fg, gid, fq, qid, "cosine")
-        if "fc_fingerprint" in baselines:
+    if not rank0:
+        return None
+    if "fc_fingerprint" in baselines:
+        for length, (gallery, queries) in sets.items():
             wg, gid = window_array(gallery)
             wq, qid = window_array(queries)
             score("fc_fingerprint", length, fc_features(wg), gid, fc_features(wq), qid, "pearson")
     return {
         "checkpoint": ckpt["_path"],
         "global_step": int(ckpt.get("global_step", -1)),
-        "data": {"path": str(store.location), "atlas": store.atlas, "tr": store.tr, "n_subjects": len(set(store.subject_ids))},
+        "data": {"path": str(store.location), "atlas": getattr(store, "atlas", None), "tr": store.tr,
+                 "kind": store.kind, "n_subjects": len(set(store.subject_ids))},
         "protocol": {
-            "gallery": f"windows of the first {gallery_fraction:g} of each run",
-            "queries": "windows of the rest of each run",
+            "gallery": (f"windows of runs {list(gallery_runs)}" if gallery_runs
+                        else f"windows of the first {gallery_fraction:g} of each run"),
+            "queries": f"windows of runs {list(query_runs)}" if query_runs else "windows of the rest of each run",
             "window_lengths": [int(w) for w in window_lengths],
+            "windows": {str(length): {"gallery": len(g), "queries": len(q)} for length, (g, q) in sets.items()},
             "stride": stride or "half the window length",
             "similarity": {"embeddings": "cosine", "fc_fingerprint": "pearson (Finn et al. 2015)"},
             "probe": "standardised features, logistic regression (C by 3-fold CV) fit on gallery windows, "
@@ -158,7 +243,7 @@ def plot_reidentification(report: dict, path: Path) -> None:
             chance = [per_length[str(n)][f"{key}_chance"] for n in lengths], lengths
         if chance:
             ax.plot(chance[1], chance[0], "k--", lw=1, label="chance")
-        ax.set_xlabel(f"window length (TRs; TR = {tr:g} s)")
+        ax.set_xlabel(f"window length (TRs; TR = {tr:g} s)" if tr else "window length (TRs)")
         ax.set_ylabel("Rank-1 accuracy" if key == "rank1" else "mean average precision")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)

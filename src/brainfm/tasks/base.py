@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from brainfm.models import build_model
+from brainfm.tasks.metrics import MeanOfBatches
 from brainfm.tasks.optim import build_optimizer, build_scheduler
 
 CHECKPOINT_KEY = "brainfm"
@@ -63,6 +64,7 @@ class BrainfmTask(L.LightningModule):
         self.data_meta = data_meta or {}
         # recorded now: FSDP2's fully_shard later swaps the instance's class for a generated one
         self._task_class = f"{type(self).__module__}.{type(self).__qualname__}"
+        self._val_means = MeanOfBatches()
 
     def objective_hparams(self) -> dict:
         """Objective-specific hyper-parameters to save (overridden by subclasses)."""
@@ -121,7 +123,14 @@ class BrainfmTask(L.LightningModule):
         losses = self(batch)
         bs = self.batch_size(batch)
         for name, value in losses.items():
-            self.log(f"val/{name}", value, prog_bar=name == "loss", batch_size=bs, sync_dist=True)
+            self._val_means.add(name, value, bs)
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/<loss>``: the mean over every validation window of every rank (the windows are
+        partitioned over the ranks), weighted by batch size; the same value on every rank."""
+        for name, value in self._val_means.compute(self.device).items():
+            self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=True)
+        self._val_means.clear()
 
     def configure_optimizers(self):
         opt_cfg = {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, **self.hparams.optimizer}

@@ -70,6 +70,7 @@ from brainfm.models.swin4d import SwinTransformer4D
 from brainfm.tasks.base import BrainfmTask
 from brainfm.tasks.distributed import gather
 from brainfm.tasks.losses import nt_xent
+from brainfm.tasks.metrics import SubjectOutputs, per_subject_means, subject_metrics
 from brainfm.tasks.supervised import load_backbone_weights
 
 MODES = ("fine_tune", "self_supervised")
@@ -180,7 +181,7 @@ class R2TTask(BrainfmTask):
             for part in (self.model, self.modality, self.projection):
                 if part is not None:
                     part.requires_grad_(False)
-        self._val: dict[int, list] = defaultdict(list)
+        self._val = SubjectOutputs()
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def objective_hparams(self) -> dict:
@@ -421,17 +422,20 @@ class R2TTask(BrainfmTask):
         if self.mode != "fine_tune" or self._last is None or not all(k in batch for k in self.targets):
             return
         z_rest, subjects = self._last
-        out = self._output(self.head(z_rest)).float().cpu()
-        y = self._labels(batch).float().cpu()
-        for s, o, v in zip(subjects.tolist(), out, y):
-            self._val[s].append((o, v))
+        self._val.add(subjects, self._output(self.head(z_rest)), self._labels(batch))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val:
+        """``val/<loss>`` and the rest-only subject metrics over the windows of every rank (gathered)."""
+        super().on_validation_epoch_end()
+        if self.mode != "fine_tune":
             return
-        for name, value in subject_metrics(self._val, self.kind, self._objective["num_classes"]).items():
-            self.log(f"val/{name}", value)
+        rows = self._val.gathered(self.device)
         self._val.clear()
+        if rows is None:
+            return
+        _, outputs, labels = per_subject_means(*rows)
+        for name, value in subject_metrics(outputs, labels, self.kind, self._objective["num_classes"]).items():
+            self.log(f"val/{name}", value, sync_dist=True)
 
     # -- inference ----------------------------------------------------------------------------------------------
     def _output(self, out: torch.Tensor) -> torch.Tensor:
@@ -484,47 +488,6 @@ def _as_list(value) -> list[float] | None:
     if isinstance(value, (int, float)):
         return [float(value)]
     return [float(v) for v in value]
-
-
-def subject_metrics(per_subject: dict, kind: str, num_classes: int = 2) -> dict[str, float]:
-    """Metrics of each subject's mean window output (R2T-Net's subject-averaged evaluation).
-
-    ``per_subject``: subject -> list of ``(output, label)``; outputs in label units (regression,
-    ``(k,)``) or probabilities. Regression: ``mse``, ``mae`` and ``pearson_r`` averaged over the
-    targets (r with more than two subjects); classification: ``acc``, ``balanced_acc``, ``auroc``
-    (when both classes occur).
-    """
-    from torchmetrics.functional import (
-        accuracy,
-        auroc,
-        mean_absolute_error,
-        mean_squared_error,
-        pearson_corrcoef,
-    )
-
-    outs = torch.stack([torch.stack([o for o, _ in v]).mean(0) for v in per_subject.values()])
-    ys = torch.stack([v[0][1] for v in per_subject.values()])
-    if kind == "regression":
-        outs, ys = outs.reshape(len(ys), -1), ys.reshape(len(ys), -1)
-        metrics = {"mse": mean_squared_error(outs, ys), "mae": mean_absolute_error(outs, ys)}
-        if len(ys) > 2:
-            r = [pearson_corrcoef(outs[:, j], ys[:, j]) for j in range(ys.shape[1])]
-            metrics["pearson_r"] = torch.stack(r).nanmean()
-        return {k: float(v) for k, v in metrics.items()}
-    y = ys.long().reshape(-1)
-    if kind == "binary":
-        prob, args = outs.reshape(-1), {"task": "binary"}
-    else:
-        prob, args = outs, {"task": "multiclass", "num_classes": int(num_classes)}
-    metrics = {"acc": accuracy(prob, y, **args)}
-    if kind == "binary":
-        pred = (prob > 0.5).long()
-        metrics["balanced_acc"] = torch.stack([(pred[y == c] == c).float().mean() for c in (0, 1) if (y == c).any()]).mean()
-    else:
-        metrics["balanced_acc"] = accuracy(prob, y, average="macro", **args)
-    if len(torch.unique(y)) > 1:
-        metrics["auroc"] = auroc(prob, y, **args)
-    return {k: float(v) for k, v in metrics.items()}
 
 
 @torch.no_grad()

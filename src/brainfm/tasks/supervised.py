@@ -7,7 +7,6 @@ logits of a subject before computing the metrics; this task does the same for an
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from brainfm.models.sequence import SequenceTransformer
 from brainfm.models.swin4d import SwinTransformer4D
 from brainfm.tasks.base import BrainfmTask
 from brainfm.tasks.distributed import GlobalBatchNorm1d
+from brainfm.tasks.metrics import SubjectOutputs, per_subject_means, subject_metrics
 
 KINDS = ("binary", "multiclass", "regression")
 
@@ -125,7 +125,7 @@ class SupervisedTask(BrainfmTask):
             self.model.use_special_tokens()  # plain windows: no MASK/CLS/SEP/segment
         if freeze_backbone:
             self.model.requires_grad_(False)
-        self._val: dict[str, list] = defaultdict(list)
+        self._val = SubjectOutputs()
 
     def objective_hparams(self) -> dict:
         return dict(self._objective)
@@ -160,59 +160,34 @@ class SupervisedTask(BrainfmTask):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
-        out = self._last_outputs.float().cpu()
-        for s, o, y in zip(batch["subject"].tolist(), out, self._labels(batch).cpu()):
-            self._val[s].append((o, float(y)))
+        self._val.add(batch["subject"], self._last_outputs, self._labels(batch))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val:
-            return
-        for name, value in self.subject_metrics(self._val).items():
-            self.log(f"val/{name}", value)
+        """``val/<loss>`` and the subject-level metrics, over the windows of every rank (gathered: the
+        same numbers with 1 or N ranks); ``val/n_windows``: how many windows they come from."""
+        super().on_validation_epoch_end()
+        rows = self._val.gathered(self.device)
         self._val.clear()
+        if rows is None:
+            return
+        subjects, outputs, labels = rows
+        self.log("val/n_windows", float(len(subjects)), sync_dist=True)
+        for name, value in self.subject_metrics(*per_subject_means(subjects, outputs, labels)[1:]).items():
+            self.log(f"val/{name}", value, sync_dist=True)
 
-    def subject_metrics(self, per_subject: dict) -> dict[str, float]:
-        """Metrics from each subject's mean clip output (SwiFT's clip -> subject averaging)."""
-        from torchmetrics.functional import (
-            accuracy,
-            auroc,
-            mean_absolute_error,
-            mean_squared_error,
-            pearson_corrcoef,
-            r2_score,
-        )
-
-        outs = torch.stack([torch.stack([o for o, _ in v]).mean(0) for v in per_subject.values()])
-        ys = torch.tensor([v[0][1] for v in per_subject.values()])
+    def subject_metrics(self, outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Metrics of each subject's mean clip output ``(S, k)`` (SwiFT's clip -> subject averaging)
+        against its label ``(S, 1)``: logits become probabilities, standardised regression outputs
+        return to label units, then :func:`brainfm.tasks.metrics.subject_metrics`."""
+        outputs = outputs.float().cpu()
         if self.kind == "regression":
-            pred = outs.squeeze(-1) * self.label_std + self.label_mean
-            metrics = {"mse": mean_squared_error(pred, ys), "mae": mean_absolute_error(pred, ys)}
-            if len(ys) > 2:
-                metrics["pearson_r"] = pearson_corrcoef(pred, ys)
-                metrics["r2"] = r2_score(pred, ys)
-            return {k: float(v) for k, v in metrics.items()}
-        if self.kind == "binary":
-            prob = torch.sigmoid(outs.squeeze(-1))
-            args = {"task": "binary"}
+            outputs = outputs * self.label_std + self.label_mean
+        elif self.kind == "binary":
+            outputs = torch.sigmoid(outputs)
         else:
-            prob = outs.softmax(-1)
-            args = {"task": "multiclass", "num_classes": self._objective["num_classes"]}
-        y = ys.long()
-        metrics = {"acc": accuracy(prob, y, **args)}
-        if self.kind == "binary":
-            metrics["balanced_acc"] = _balanced_accuracy_binary(prob, y)
-        else:  # macro-averaged recall
-            metrics["balanced_acc"] = accuracy(prob, y, average="macro", **args)
-        if len(torch.unique(y)) > 1:
-            metrics["auroc"] = auroc(prob, y, **args)
-        return {k: float(v) for k, v in metrics.items()}
+            outputs = outputs.softmax(-1)
+        return subject_metrics(outputs, labels, self.kind, self._objective.get("num_classes", 2))
 
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:
         return pooled_embedding(self.model, batch)
-
-
-def _balanced_accuracy_binary(prob: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    pred = (prob > 0.5).long()
-    recalls = [(pred[y == c] == c).float().mean() for c in (0, 1) if (y == c).any()]
-    return torch.stack(recalls).mean()

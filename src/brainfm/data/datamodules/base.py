@@ -242,6 +242,7 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         return sampler
 
     def eval_sampler(self, n_items: int, length: int, pairs: bool = False) -> WindowBatchSampler:
-        """Fixed evaluation batches (in order; pairs seeded, so validation losses compare across steps)."""
+        """Fixed evaluation batches (in order; pairs seeded, so validation losses compare across steps),
+        the windows partitioned over the ranks: each window is evaluated once."""
         return WindowBatchSampler(n_items, self.eval_batch_size, length, seed=self.seed, shuffle=False,
                                   drop_last=False, pairs=pairs)

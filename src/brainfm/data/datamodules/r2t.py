@@ -397,5 +397,6 @@ class R2TDataModule(StoreDataModule):
         """Rest-only windows of the test split (val when there is none): R2T-Net's ``predict``."""
         self.setup()
         split = "test" if self.segments["test"].get("rest") else "val"
-        return DataLoader(self.rest_dataset(split), batch_size=self.eval_batch_size, shuffle=False,
+        ds = self.rest_dataset(split)
+        return DataLoader(ds, batch_sampler=self.eval_sampler(len(ds), int(self.window["length"])),
                           num_workers=self.num_workers, collate_fn=collate_windows)

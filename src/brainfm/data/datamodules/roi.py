@@ -108,12 +108,14 @@ class ROIDataModule(StoreDataModule):
         sampler = self.train_sampler(len(ds), int(self.window["length"]), self.window.get("min_length"), self.pairs)
         return self._loader(ds, batch_sampler=sampler)
 
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Fixed batches of one split, partitioned over the ranks (pairs seeded, so validation losses
+        compare across steps)."""
+        ds = self.dataset(split)
+        return self._loader(ds, batch_sampler=self.eval_sampler(len(ds), ds.length, pairs=self.pairs))
+
     def val_dataloader(self) -> DataLoader:
-        ds = self.dataset("val")
-        if self.pairs:  # fixed pairs (seeded, not shuffled) so validation losses compare across steps
-            return self._loader(ds, batch_sampler=self.eval_sampler(len(ds), ds.length, pairs=True))
-        return self._loader(ds, batch_size=self.eval_batch_size, shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        split = "test" if self.segments.get("test") else "val"
-        return self._loader(self.dataset(split), batch_size=self.eval_batch_size, shuffle=False)
+        return self._eval_loader("test" if self.segments.get("test") else "val")

@@ -98,6 +98,6 @@ class R2TPairDataset(Dataset):
         other = self.task[t]
         if other["subject"] != sample["subject"]:  # the grid bookkeeping is broken: never train on it
             raise RuntimeError(f"pair {i}: rest subject {sample['subject']} != task subject {other['subject']}")
-        sample.update({f"task_{self.view}": other[self.view], "task_t": other["t"], "task_onset": other["onset"],
-                       "task_run": other["run"]})
+        sample.update({"pair": int(i), f"task_{self.view}": other[self.view], "task_t": other["t"], "task_onset": other["onset"],
+                       "task_run": other["run"], "task_window": other["window"]})
         return sample

@@ -31,7 +31,7 @@ class ROIWindowDataset(WindowDataset):
 
     Returns (per item) a dict: ``bold`` ``(L, n_rois)`` float32 (z-scored BOLD), ``t`` ``(L,)``
     float32 seconds from the window onset, ``onset`` float seconds from the run start,
-    ``subject`` int, ``run`` int (row in the store).
+    ``subject`` int, ``run`` int (row in the store), ``window`` int (grid window index).
 
     Raises:
         ConfigError: no segment is long enough for one window.
@@ -78,6 +78,7 @@ class ROIWindowDataset(WindowDataset):
             if pair:
                 other = self._sample(run, self.index.partner_start(int(i), start, length, pair[0]), length)
                 sample.update(bold2=other["bold"], t2=other["t"], onset2=other["onset"])
+            sample["window"] = int(i)
             return sample
         run, start = self.window(int(item))
-        return self._sample(run, start, self.length)
+        return {**self._sample(run, start, self.length), "window": int(item)}

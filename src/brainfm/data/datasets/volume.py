@@ -186,7 +186,8 @@ class VolumeClipDataset(WindowDataset):
     Returns (per item) a dict: ``volume`` ``(C, X, Y, Z, L)`` float16 (a permuted view of a
     ``(C, L, X, Y, Z)`` buffer), ``t`` ``(L,)`` float32 seconds from the clip onset (frame ``k`` at
     ``k * stride * TR``), ``onset`` seconds of the first frame from the run start, ``subject`` int,
-    ``run`` int (row in the store), ``brain_mask``, and for pairs ``volume2``, ``t2``, ``onset2``.
+    ``run`` int (row in the store), ``window`` int (grid clip index), ``brain_mask``, and for pairs
+    ``volume2``, ``t2``, ``onset2``.
 
     Raises:
         ConfigError: no segment long enough for one clip, bad strides or normalisation.
@@ -297,6 +298,7 @@ class VolumeClipDataset(WindowDataset):
         if pair is not None:
             other = self._sample(run, self._partner_start(i, start, length, pair), length, seed=pair)
             sample.update(volume2=other["volume"], t2=other["t"], onset2=other["onset"])
+        sample["window"] = i
         return sample
 
     def _sample(self, run: int, start: int, length: int, seed: int) -> dict:
@@ -379,6 +381,7 @@ class VolumeClipDataset(WindowDataset):
             "onset": torch.tensor(onset, dtype=torch.float32),
             "subject": torch.tensor([self.subject_index[self.store.subject_ids[p[1]]] for p in parsed], dtype=torch.long),
             "run": torch.tensor([p[1] for p in parsed], dtype=torch.long),
+            "window": torch.tensor([p[0] for p in parsed], dtype=torch.long),
         }
         if pairs:
             batch["t2"] = torch.stack(t2)
