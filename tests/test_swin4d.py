@@ -142,3 +142,61 @@ def test_rope_is_relative_in_time():
         a = m(x)
         b = m(torch.roll(x, 4, dims=-1))
     torch.testing.assert_close(torch.roll(a, 4, dims=-1), b, atol=1e-4, rtol=1e-4)
+
+
+FLEX_CASES = {  # small grids whose windows are both shifted and zero-padded (time axis)
+    "swin4d_v7": ["model.img_size=[48,48,48,10]"],  # 10 time tokens, windows of 4: padded to 12
+    "swin4d_v9": ["model.img_size=[48,48,48,20]"],  # temporal patch 2: 10 tokens, padded to 12
+    "swin4d_v11": ["model.img_size=[48,48,48,15]"],  # 15 time tokens, temporal windows of 10: padded to 20
+}
+
+
+def _backend_pair(version: str):
+    overrides = [f"model={version}", "model.embed_dim=12", "model.depths=[2,2,2,2]", "model.num_heads=[2,2,2,2]",
+                 *FLEX_CASES[version]]
+    torch.manual_seed(0)
+    sdpa = instantiate(compose("train", overrides)["model"], _convert_="all")
+    flex = instantiate(compose("train", [*overrides, "model.attention_backend=flex"])["model"], _convert_="all")
+    with torch.no_grad():  # zero-initialised embeddings and small LayerScales would hide differences
+        for p in sdpa.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    flex.load_state_dict(sdpa.state_dict())
+    return sdpa, flex
+
+
+@pytest.mark.parametrize("version", sorted(FLEX_CASES))
+def test_flex_attention_equals_sdpa(version):
+    """FlexAttention with block masks built from the window regions = SDPA with dense masks (fp32),
+    with shifted and zero-padded windows and a batch of 2 (the block mask spans the batch)."""
+    sdpa, flex = _backend_pair(version)
+    masked = [p.mask is not None for stage in sdpa.layers for blk in stage.blocks
+              for p in blk.plans(torch.zeros(2, *_grid_of(sdpa, stage), 12))]
+    assert any(masked), "the case must have masked windows"
+    x = torch.randn(2, 1, *sdpa.img_size)
+    with torch.no_grad():
+        a, b = sdpa(x), flex(x)
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+
+
+def _grid_of(model, stage):
+    i = list(model.layers).index(stage)
+    d, h, w, t = model.grid_size
+    return (d >> i, h >> i, w >> i, t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on the CPU (torch 2.13)")
+@pytest.mark.parametrize("version", sorted(FLEX_CASES))
+def test_flex_attention_gradients_equal_sdpa(version):
+    sdpa, flex = (m.cuda() for m in _backend_pair(version))
+    x = torch.randn(2, 1, *sdpa.img_size, device="cuda")
+    for m in (sdpa, flex):
+        (m(x) ** 2).mean().backward()
+    for (name, p), q in zip(sdpa.named_parameters(), flex.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_flex_attention_refuses_cpu_training():
+    _, flex = _backend_pair("swin4d_v7")
+    with pytest.raises(RuntimeError, match="no backward on the CPU"):
+        flex(torch.randn(1, 1, *flex.img_size))

@@ -43,6 +43,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,17 +76,57 @@ def window_merge(windows: torch.Tensor, window: Dims, dims: Sequence[int]) -> to
     return x.permute(0, 1, 5, 2, 6, 3, 7, 4, 8, 9).reshape(b, d, h, w, t, -1)
 
 
+class _TakeTokens(torch.autograd.Function):
+    """``x[:, index]`` of ``x`` ``(B, L, C)`` (with ``pad``, a zero token appended that ``index == L``
+    reads), whose gradient is the gather ``grad[:, back]`` (``back``: where each of the ``L`` tokens went;
+    ``pad_back``: the same zero token for positions that came from padding). Both directions are one
+    row gather; torch's ``index_select`` backward would be a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, back: torch.Tensor, pad: bool, pad_back: bool) -> torch.Tensor:
+        ctx.save_for_backward(back)
+        ctx.pad_back = pad_back
+        return (F.pad(x, (0, 0, 0, 1)) if pad else x).index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (back,) = ctx.saved_tensors
+        return (F.pad(grad, (0, 0, 0, 1)) if ctx.pad_back else grad).index_select(1, back), None, None, None, None
+
+
 @lru_cache(maxsize=64)
-def _attention_mask(padded: Dims, real: Dims, window: Dims, shift: Dims, device: torch.device) -> torch.Tensor | None:
-    """Boolean ``(n_windows, 1, N, N)``: True where a query may attend to a key. Keys from another
-    region of a shifted window (the classic Swin mask) and zero-padded keys are excluded; the
-    diagonal is always allowed, so no row is empty. ``None`` when nothing is masked."""
-    shifted = any(shift)
-    padded_any = padded != real
-    if not shifted and not padded_any:
-        return None
-    region = torch.zeros(padded, dtype=torch.long)
-    if shifted:
+def _window_plan(real: Dims, window: Dims, shift: Dims, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Dims]:
+    """The token permutation of a (shifted) window attention: ``(to_windows (P,), to_grid (L,), padded)``.
+
+    ``to_windows[p]`` is the grid token (index into the ``L = prod(real)`` tokens of ``(D, H, W, T)``,
+    or ``L`` for a zero pad token) at window-major position ``p`` of the padded grid rolled by
+    ``-shift``; ``to_grid[l]`` is the window-major position of grid token ``l``. One gather replaces
+    the pad, the cyclic shift (a copy per rolled axis), the window partition and their inverses.
+    """
+    cpu = torch.device("cpu")  # built on the CPU whatever the default device (the meta device included)
+    padded = tuple(n + (w - n % w) % w for n, w in zip(real, window))
+    coords = torch.meshgrid(*[(torch.arange(p, device=cpu) + s) % p for p, s in zip(padded, shift)], indexing="ij")
+    inside = torch.ones(padded, dtype=torch.bool, device=cpu)
+    for c, r in zip(coords, real):
+        inside &= c < r
+    flat = ((coords[0] * real[1] + coords[1]) * real[2] + coords[2]) * real[3] + coords[3]
+    n_real = math.prod(real)
+    flat = torch.where(inside, flat, torch.full_like(flat, n_real))
+    to_windows = window_partition(flat[None, ..., None], window).reshape(-1)
+    # every real token sits at exactly one position; the pad slots all write entry n_real, which is dropped
+    # (a scatter, not boolean indexing: no data-dependent shapes, so it also runs on fake tensors)
+    positions = torch.arange(len(to_windows), device=cpu)
+    to_grid = torch.zeros(n_real + 1, dtype=torch.long, device=cpu).scatter_(0, to_windows, positions)[:n_real]
+    return to_windows.to(device), to_grid.to(device), padded
+
+
+def _window_regions(padded: Dims, real: Dims, window: Dims, shift: Dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(region (n_windows, N) long, valid (n_windows, N) bool)`` of every window token: the region of the
+    rolled grid it comes from (tokens of different regions of a shifted window must not attend to each
+    other: the classic Swin mask) and whether it is a real token (not zero padding)."""
+    cpu = torch.device("cpu")  # built on the CPU whatever the default device
+    region = torch.zeros(padded, dtype=torch.long, device=cpu)
+    if any(shift):
         cnt = 0
         bounds = [
             ((0, p - w), (p - w, p - s), (p - s, p)) if s else ((0, p),)
@@ -94,19 +135,81 @@ def _attention_mask(padded: Dims, real: Dims, window: Dims, shift: Dims, device:
         for sl in itertools.product(*bounds):
             region[tuple(slice(a, b) for a, b in sl)] = cnt
             cnt += 1
-    valid = torch.ones(padded, dtype=torch.bool)
+    valid = torch.ones(padded, dtype=torch.bool, device=cpu)
     for axis, (p, r) in enumerate(zip(padded, real)):
         if p > r:
             idx = [slice(None)] * 4
             idx[axis] = slice(r, p)
             valid[tuple(idx)] = False
-    if shifted:  # the regions above are laid out in the rolled frame already; padding is not
+    if any(shift):  # the regions above are laid out in the rolled frame already; padding is not
         valid = torch.roll(valid, [-s for s in shift], dims=(0, 1, 2, 3))
     rw = window_partition(region[None, ..., None], window)[..., 0]  # (nW, N)
     vw = window_partition(valid[None, ..., None].long(), window)[..., 0].bool()
+    return rw, vw
+
+
+@lru_cache(maxsize=64)
+def _attention_mask(padded: Dims, real: Dims, window: Dims, shift: Dims, device: torch.device) -> torch.Tensor | None:
+    """Boolean ``(n_windows, 1, N, N)``: True where a query may attend to a key (same region, real key);
+    the diagonal is always allowed, so no row is empty. ``None`` when nothing is masked."""
+    if not any(shift) and padded == real:
+        return None
+    rw, vw = _window_regions(padded, real, window, shift)
     allowed = (rw[:, :, None] == rw[:, None, :]) & vw[:, None, :]
-    allowed |= torch.eye(allowed.shape[-1], dtype=torch.bool)
+    allowed |= torch.eye(allowed.shape[-1], dtype=torch.bool, device=rw.device)
     return allowed[:, None].to(device)
+
+
+@lru_cache(maxsize=64)
+def _additive_mask(padded: Dims, real: Dims, window: Dims, shift: Dims, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor | None:
+    """:func:`_attention_mask` as the additive ``(n_windows, 1, N, N)`` mask SDPA adds to the scores
+    (0 where allowed, -inf elsewhere) in the compute dtype: SDPA converts a boolean mask to this form
+    in every call (a quarter of the attention time of a masked block on the CPU)."""
+    allowed = _attention_mask(padded, real, window, shift, torch.device("cpu"))
+    if allowed is None:
+        return None
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf")).to(device)
+
+
+@lru_cache(maxsize=64)
+def _flex_block_mask(padded: Dims, real: Dims, window: Dims, shift: Dims, batch: int, device: torch.device):
+    """The :func:`_attention_mask` of ``batch`` images as a FlexAttention ``BlockMask`` over the
+    ``batch * n_windows`` windows (window ``i`` of image ``b`` is batch entry ``b * n_windows + i``), built
+    from the regions without an ``N x N`` mask per window; None when nothing is masked."""
+    if not any(shift) and padded == real:
+        return None
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rw, vw = (a.to(device) for a in _window_regions(padded, real, window, shift))
+    n_windows, n = rw.shape
+
+    def mask_mod(b, h, q, kv):
+        w = b % n_windows
+        return ((rw[w, q] == rw[w, kv]) & vw[w, kv]) | (q == kv)
+
+    return create_block_mask(mask_mod, B=batch * n_windows, H=None, Q_LEN=n, KV_LEN=n, device=device)
+
+
+def _flex_attention(q, k, v, block_mask, scale):
+    """FlexAttention, compiled on accelerators (its fused kernel); on the CPU (torch 2.13: forward only)
+    the reference implementation, whose "called without torch.compile" notice is expected there."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type == "cpu":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX(q, k, v, block_mask=block_mask, scale=scale)
+
+
+_COMPILED_FLEX = None
+ATTENTION_BACKENDS = ("sdpa", "flex")
 
 
 @lru_cache(maxsize=64)
@@ -145,6 +248,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.view(-1, *out.shape[2:])
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``q`` will have: autocast's on its device when enabled, else ``x``'s."""
+    kind = x.device.type
+    if kind in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+class WindowPlan(NamedTuple):
+    """What a window attention needs besides the tokens, fixed by the grid shape: built once per
+    shape (cached) in eager code and passed into the blocks, so that a compiled block sees only
+    tensors and constants (no cache lookups, no data-dependent indexing to trace).
+
+    ``window``: window ``(wd, wh, ww, wt)`` in tokens; ``pad``: the grid is zero-padded to whole
+    windows; ``to_windows (P,)`` / ``to_grid (L,)``: the token gathers of :func:`_window_plan`;
+    ``mask``: SDPA: the additive ``(n_windows, 1, N, N)`` mask (None: nothing masked); flex: the
+    ``BlockMask`` of the batch (None: nothing masked); ``rope``: cos/sin ``(n_windows, 1, N, head_dim/2)``
+    or None.
+    """
+
+    window: Dims
+    pad: bool
+    to_windows: torch.Tensor
+    to_grid: torch.Tensor
+    mask: Any
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+
+
 class WindowAttention4D(nn.Module):
     """Multi-head self-attention inside windows of a ``(B, D, H, W, T, C)`` token grid.
 
@@ -154,8 +285,14 @@ class WindowAttention4D(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 scale: str = "sqrt", rope_axes: tuple[int, ...] = (), rope_theta: float = 1e4) -> None:
+                 scale: str = "sqrt", rope_axes: tuple[int, ...] = (), rope_theta: float = 1e4,
+                 backend: str = "sdpa") -> None:
         super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend={backend!r} must be one of {ATTENTION_BACKENDS}")
+        if backend == "flex" and attn_drop > 0:
+            raise ValueError("attention_backend=flex has no attention dropout: set attn_drop_rate=0 or use sdpa")
+        self.backend = backend
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -172,33 +309,45 @@ class WindowAttention4D(nn.Module):
         if self.rope_axes and self.head_dim < 2:
             raise ValueError(f"head_dim {self.head_dim} is too small for RoPE")
 
-    def forward(self, x: torch.Tensor, window: Dims, shift: Dims) -> torch.Tensor:
-        b, d, h, w, t, c = x.shape
+    def plan(self, x: torch.Tensor, window: Dims, shift: Dims) -> WindowPlan:
+        """The :class:`WindowPlan` of ``x`` ``(B, D, H, W, T, C)`` for this attention (cached per shape,
+        device and compute dtype; built eagerly, outside any compiled region)."""
+        b, d, h, w, t, _ = x.shape
         real = (d, h, w, t)
-        pads = [(wi - n % wi) % wi for n, wi in zip(real, window)]
-        if any(pads):
-            x = F.pad(x, (0, 0, 0, pads[3], 0, pads[2], 0, pads[1], 0, pads[0]))
-        padded = tuple(n + p for n, p in zip(real, pads))
-        if any(shift):
-            x = torch.roll(x, [-s for s in shift], dims=(1, 2, 3, 4))
-        windows = window_partition(x, window)
+        to_windows, to_grid, padded = _window_plan(real, window, shift, x.device)
+        dtype = _compute_dtype(x)
+        rope = (_rope_tables(padded, window, shift, self.rope_axes, self.head_dim, self.rope_theta, x.device, dtype)
+                if self.rope_axes else None)
+        if self.backend == "flex":
+            mask = _flex_block_mask(padded, real, window, shift, b, x.device)
+        else:
+            mask = _additive_mask(padded, real, window, shift, x.device, dtype)
+        return WindowPlan(tuple(window), padded != real, to_windows, to_grid, mask, rope)
+
+    def forward(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+        """``(B, D, H, W, T, C)`` -> ``(B, D, H, W, T, C)`` with the windows of ``plan`` (:meth:`plan`)."""
+        b, d, h, w, t, c = x.shape
+        # pad, roll by -shift and partition in one gather (and back after the attention)
+        windows = _TakeTokens.apply(x.reshape(b, -1, c), plan.to_windows, plan.to_grid, plan.pad, False)
+        windows = windows.view(-1, math.prod(plan.window), c)
         bw, n, _ = windows.shape
         q, k, v = self.qkv(windows).view(bw, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.rope_axes:
-            cos, sin = _rope_tables(padded, window, shift, self.rope_axes, self.head_dim, self.rope_theta, x.device, q.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = _attention_mask(padded, real, window, shift, x.device)
-        if mask is not None:
-            mask = mask.expand(b, *mask.shape).reshape(-1, *mask.shape[1:]) if b > 1 else mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0,
-                                           scale=self.scale)
+        if plan.rope is not None:
+            q, k = apply_rope(q, *plan.rope), apply_rope(k, *plan.rope)
+        if self.backend == "flex":
+            if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+                raise RuntimeError("attention_backend=flex has no backward on the CPU (torch 2.13): train on a GPU, "
+                                   "or set model.attention_backend=sdpa")
+            y = _flex_attention(q, k, v, plan.mask, self.scale)
+        else:
+            mask = plan.mask
+            if mask is not None and b > 1:  # (nW, 1, N, N) -> (B * nW, 1, N, N)
+                mask = mask.expand(b, *mask.shape).reshape(-1, *mask.shape[1:])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0,
+                                               scale=self.scale)
         y = self.proj_drop(self.proj(y.transpose(1, 2).reshape(bw, n, c)))
-        x = window_merge(y, window, (b, *padded))
-        if any(shift):
-            x = torch.roll(x, list(shift), dims=(1, 2, 3, 4))
-        if any(pads):
-            x = x[:, :d, :h, :w, :t].contiguous()
-        return x
+        y = _TakeTokens.apply(y.view(b, -1, c), plan.to_grid, plan.to_windows, False, plan.pad)
+        return y.view(b, d, h, w, t, c)
 
 
 class Mlp(nn.Module):
@@ -237,11 +386,12 @@ class SwinBlock4D(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window: Dims, shift: Dims, mlp_ratio: float, qkv_bias: bool, drop: float,
                  attn_drop: float, drop_path: float, scale: str, rope: bool, rope_theta: float,
-                 layer_scale: Sequence[float] | None) -> None:
+                 layer_scale: Sequence[float] | None, backend: str = "sdpa") -> None:
         super().__init__()
         self.window, self.shift = tuple(window), tuple(shift)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention4D(dim, num_heads, qkv_bias, attn_drop, drop, scale, (0, 1, 2, 3) if rope else (), rope_theta)
+        self.attn = WindowAttention4D(dim, num_heads, qkv_bias, attn_drop, drop, scale, (0, 1, 2, 3) if rope else (),
+                                      rope_theta, backend)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
@@ -251,9 +401,14 @@ class SwinBlock4D(nn.Module):
     def _branch(self, y: torch.Tensor, gamma: nn.Parameter | None) -> torch.Tensor:
         return self.drop_path(y if gamma is None else gamma * y)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        win, sh = effective_window(x.shape[1:5], self.window, self.shift)
-        x = x + self._branch(self.attn(self.norm1(x), win, sh), self.gamma_attn)
+    def plans(self, x: torch.Tensor) -> tuple[WindowPlan]:
+        """The window plan of ``x`` ``(B, D, H, W, T, C)`` (:meth:`WindowAttention4D.plan`)."""
+        return (self.attn.plan(x, *effective_window(x.shape[1:5], self.window, self.shift)),)
+
+    def forward(self, x: torch.Tensor, plans: tuple[WindowPlan] | None = None) -> torch.Tensor:
+        """``(B, D, H, W, T, C)`` -> same; ``plans`` from :meth:`plans` (built here when None)."""
+        (plan,) = plans if plans is not None else self.plans(x)
+        x = x + self._branch(self.attn(self.norm1(x), plan), self.gamma_attn)
         return x + self._branch(self.mlp(self.norm2(x)), self.gamma_mlp)
 
 
@@ -264,13 +419,15 @@ class FactorizedSwinBlock4D(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window: Dims, shift: Dims, mlp_ratio: float, qkv_bias: bool, drop: float,
                  attn_drop: float, drop_path: float, scale: str, rope: bool, rope_theta: float,
-                 layer_scale: Sequence[float] | None) -> None:
+                 layer_scale: Sequence[float] | None, backend: str = "sdpa") -> None:
         super().__init__()
         self.window, self.shift = tuple(window), tuple(shift)
         self.norm_t = nn.LayerNorm(dim)
-        self.attn_t = WindowAttention4D(dim, num_heads, qkv_bias, attn_drop, drop, scale, (3,) if rope else (), rope_theta)
+        self.attn_t = WindowAttention4D(dim, num_heads, qkv_bias, attn_drop, drop, scale, (3,) if rope else (), rope_theta,
+                                        backend)
         self.norm_s = nn.LayerNorm(dim)
-        self.attn_s = WindowAttention4D(dim, num_heads, qkv_bias, attn_drop, drop, scale, (0, 1, 2) if rope else (), rope_theta)
+        self.attn_s = WindowAttention4D(dim, num_heads, qkv_bias, attn_drop, drop, scale, (0, 1, 2) if rope else (),
+                                        rope_theta, backend)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
@@ -282,14 +439,19 @@ class FactorizedSwinBlock4D(nn.Module):
     def _branch(self, y: torch.Tensor, gamma: nn.Parameter | None) -> torch.Tensor:
         return self.drop_path(y if gamma is None else gamma * y)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def plans(self, x: torch.Tensor) -> tuple[WindowPlan, WindowPlan]:
+        """The temporal and the spatial window plans of ``x`` ``(B, D, H, W, T, C)``."""
         grid = x.shape[1:5]
         wd, wh, ww, wt = self.window
         sd, sh, sw, st = self.shift
-        win_t, sh_t = effective_window(grid, (1, 1, 1, wt), (0, 0, 0, st))
-        win_s, sh_s = effective_window(grid, (wd, wh, ww, 1), (sd, sh, sw, 0))
-        x = x + self._branch(self.attn_t(self.norm_t(x), win_t, sh_t), self.gamma_t)
-        x = x + self._branch(self.attn_s(self.norm_s(x), win_s, sh_s), self.gamma_s)
+        return (self.attn_t.plan(x, *effective_window(grid, (1, 1, 1, wt), (0, 0, 0, st))),
+                self.attn_s.plan(x, *effective_window(grid, (wd, wh, ww, 1), (sd, sh, sw, 0))))
+
+    def forward(self, x: torch.Tensor, plans: tuple[WindowPlan, WindowPlan] | None = None) -> torch.Tensor:
+        """``(B, D, H, W, T, C)`` -> same; ``plans`` from :meth:`plans` (built here when None)."""
+        plan_t, plan_s = plans if plans is not None else self.plans(x)
+        x = x + self._branch(self.attn_t(self.norm_t(x), plan_t), self.gamma_t)
+        x = x + self._branch(self.attn_s(self.norm_s(x), plan_s), self.gamma_s)
         return x + self._branch(self.mlp(self.norm2(x)), self.gamma_mlp)
 
 
@@ -307,8 +469,11 @@ class PatchMerging(nn.Module):
         if d % 2 or h % 2 or w % 2:
             raise ValueError(f"patch merging needs an even spatial grid, got {(d, h, w)}; choose img_size so that "
                              "img_size / patch_size is divisible by 2**(stages - 1)")
-        x = torch.cat([x[:, i::2, j::2, k::2] for i, j, k in itertools.product(range(2), repeat=3)], dim=-1)
-        return self.reduction(self.norm(x))
+        b, _, _, _, t, c = x.shape
+        # the 8 neighbours in SwiFT's channel order (itertools.product over the d, h, w offsets), as one
+        # view + permute: one copy forward and backward, instead of 8 strided slices and a concatenation
+        x = x.view(b, d // 2, 2, h // 2, 2, w // 2, 2, t, c).permute(0, 1, 3, 5, 7, 2, 4, 6, 8)
+        return self.reduction(self.norm(x.reshape(b, d // 2, h // 2, w // 2, t, 8 * c)))
 
 
 class Stage(nn.Module):
@@ -321,9 +486,20 @@ class Stage(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.use_checkpoint and self.training else blk(x)
+        plans = _block_plans(self.blocks, x)
+        for blk, plan in zip(self.blocks, plans):
+            if self.use_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, plan, use_reentrant=False)
+            else:
+                x = blk(x, plan)
         return self.downsample(x) if self.downsample is not None else x
+
+
+@torch.compiler.disable
+def _block_plans(blocks: Sequence[nn.Module], x: torch.Tensor) -> list[tuple[WindowPlan, ...]]:
+    """Every block's window plans for ``x``, looked up eagerly: under ``torch.compile`` of a whole stage this
+    is its one graph break (compiled blocks, brainfm's compile regions, receive the plans as inputs)."""
+    return [blk.plans(x) for blk in blocks]
 
 
 def sincos_1d(n: int, dim: int) -> torch.Tensor:
@@ -416,6 +592,9 @@ class SwinTransformer4D(nn.Module):
         patch_norm: LayerNorm after the patch embedding.
         attn_scale: ``"sqrt"`` or ``"mup"``.
         use_checkpoint: gradient checkpointing of every block (training only).
+        attention_backend: ``sdpa`` (``F.scaled_dot_product_attention`` with boolean window masks) or ``flex``
+            (``torch.nn.attention.flex_attention`` with a block mask built from the window regions: the
+            fused kernel on GPUs, no dense masks; compiled on first use; no attention dropout).
 
     Raises:
         ValueError: sizes that do not divide, unknown option values.
@@ -446,6 +625,7 @@ class SwinTransformer4D(nn.Module):
         patch_norm: bool = False,
         attn_scale: str = "sqrt",
         use_checkpoint: bool = False,
+        attention_backend: str = "sdpa",
     ) -> None:
         super().__init__()
         if attention not in ("joint", "factorized"):
@@ -483,7 +663,8 @@ class SwinTransformer4D(nn.Module):
             shift = tuple(w // 2 for w in window)
             blocks = [
                 block_cls(dim, num_heads[i], window, (0, 0, 0, 0) if (j % 2 == 0 or full) else shift, mlp_ratio, qkv_bias,
-                          drop_rate, attn_drop_rate, dpr[sum(depths[:i]) + j], attn_scale, rope, rope_theta, layer_scale)
+                          drop_rate, attn_drop_rate, dpr[sum(depths[:i]) + j], attn_scale, rope, rope_theta, layer_scale,
+                          attention_backend)
                 for j in range(depth)
             ]
             last = i == self.num_layers - 1
