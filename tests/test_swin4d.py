@@ -56,13 +56,19 @@ def test_parity_with_public_swift_ver7(name):
 
 def test_swift_lightning_checkpoint_converter(tmp_path):
     info, load = _fixture("A_default")
-    from brainfm.models.convert import convert_swift_checkpoint
+    import argparse
+
+    from brainfm.models.convert import main as convert_main
 
     sd = load("state_dict.safetensors")
+    # as SwiFT's Lightning 1.x saves it: argparse values among the hyper-parameters
     lightning = {"state_dict": {**{f"model.{k}": v for k, v in sd.items()}, "output_head.head.weight": torch.zeros(1, 192)},
-                 "hyper_parameters": {"model": "swin4d_ver7"}}
+                 "hyper_parameters": {"model": "swin4d_ver7", "args": argparse.Namespace(img_size=[96, 96, 96, 20])}}
     torch.save(lightning, tmp_path / "swift.ckpt")
-    backbone, heads = convert_swift_checkpoint(tmp_path / "swift.ckpt", tmp_path / "backbone.safetensors")
+    convert_main(["swift", str(tmp_path / "swift.ckpt"), str(tmp_path / "backbone.safetensors")])
+    from brainfm.checkpoints import convert
+
+    backbone, heads = convert("swift", tmp_path / "swift.ckpt")
     assert set(backbone) == set(sd) and set(heads) == {"output_head.head.weight"}
     a = info["constructor_args"]
     model = SwinTransformer4D(**{k: a[k] for k in ("img_size", "embed_dim", "depths", "num_heads", "window_size",
@@ -200,3 +206,19 @@ def test_flex_attention_refuses_cpu_training():
     _, flex = _backend_pair("swin4d_v7")
     with pytest.raises(RuntimeError, match="no backward on the CPU"):
         flex(torch.randn(1, 1, *flex.img_size))
+
+
+def test_checkpoint_reader_refuses_pickled_code(tmp_path):
+    """weights_only=True everywhere: a file whose pickle would run code is refused with the file named."""
+    from brainfm.checkpoints import read_state_dict
+    from brainfm.errors import CheckpointError
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="evil.ckpt"):
+        read_state_dict(tmp_path / "evil.ckpt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
+    assert torch.equal(read_state_dict(tmp_path / "plain.pt")["w"], torch.ones(2))

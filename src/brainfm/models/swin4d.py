@@ -706,3 +706,20 @@ class SwinTransformer4D(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self(x))
+
+
+def swift_checkpoint_filter(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A SwiFT Lightning ``state_dict`` -> ``(backbone, left_out)``: its ``model.*`` entries are the
+    ver7 ``SwinTransformer4D`` whose key names this module keeps, so they load unchanged (prefix
+    removed); the heads (``output_head.*``, ``emb_mlp.*``) are left out.
+
+    Raises:
+        CheckpointError: no ``model.``-prefixed key.
+    """
+    from brainfm.errors import CheckpointError
+
+    backbone = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if not backbone:
+        raise CheckpointError(f"no 'model.'-prefixed keys: not a SwiFT Lightning checkpoint? keys: {sorted(state)[:5]}")
+    return backbone, {k: v for k, v in state.items() if not k.startswith("model.")}
+

@@ -1,0 +1,151 @@
+"""The one place where weights are read, converted and written.
+
+- :func:`read_state_dict`: a ``.safetensors`` file, a ``torch.save`` state dict, a Lightning
+  checkpoint (its ``state_dict``) or a Hugging Face ``pytorch_model.bin``, always with
+  ``torch.load(weights_only=True)``: no file runs code when it is read.
+- :func:`write_state_dict`: ``.safetensors`` (or ``torch.save`` for other suffixes), atomically (a
+  temporary file renamed into place: a killed job never leaves half a file).
+- Foreign checkpoints: a per-family *adapter* (a pure function on state dicts that lives with its
+  model, as timm's ``checkpoint_filter_fn`` and torchtitan's ``StateDictAdapter``) maps the
+  reference project's keys to brainfm's; :data:`ADAPTERS` names them for
+  ``python -m brainfm.models.convert <name> <src> <dst>`` (:func:`convert`).
+
+Raises :class:`brainfm.errors.CheckpointError` naming the file for anything that does not load.
+"""
+
+from __future__ import annotations
+
+import os
+import argparse
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from brainfm.errors import CheckpointError
+
+StateDict = dict[str, torch.Tensor]
+
+
+def read_state_dict(path: str | Path, *, prefix: str | None = None, safe_globals: Sequence = ()) -> StateDict:
+    """The tensors of ``path`` (``.safetensors``, a state dict, a Lightning/brainfm checkpoint's
+    ``state_dict``, a ``pytorch_model.bin``), loaded on the CPU without running code.
+
+    ``prefix``: keep only keys starting with it, prefix removed (e.g. ``"model."`` for a backbone in
+    a Lightning checkpoint); when no key has it, the state is returned unchanged. ``safe_globals``:
+    classes the file's pickled metadata may hold besides tensors (``torch.serialization.safe_globals``
+    entries, e.g. ``argparse.Namespace``); nothing else is ever unpickled.
+
+    Raises:
+        CheckpointError: no such file, a file that does not load with ``weights_only=True`` (e.g. a
+            pickle with code: convert it where it was written), or no tensors in it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    else:
+        try:
+            with torch.serialization.safe_globals(list(safe_globals)):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path} does not load with torch.load(weights_only=True) ({type(exc).__name__}: {exc}). "
+                "If it pickles more than tensors (e.g. argparse namespaces), re-save its state_dict as "
+                "safetensors in the environment that wrote it") from exc
+        if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+            state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"{path} holds no tensors")
+    if prefix and any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def write_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically: ``.safetensors`` (contiguous CPU copies) or, for any
+    other suffix, ``torch.save``. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+        else:
+            torch.save(dict(state), tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A foreign checkpoint format: ``adapt(state) -> (brainfm_state, left_out)`` maps the reference
+    keys to the brainfm model's and returns what it does not carry over (heads, optimizer)."""
+
+    name: str
+    description: str
+    adapt: Callable[[StateDict], tuple[StateDict, StateDict]]
+    prefix: str | None = None
+    safe_globals: tuple = ()
+
+
+class _HParams(dict):
+    """Stands in for Lightning's ``AttributeDict`` when a checkpoint's hyper-parameters are read."""
+
+
+#: what a (PyTorch) Lightning checkpoint of the reference projects pickles besides tensors
+LIGHTNING_SAFE_GLOBALS = (
+    argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath,
+    (_HParams, "pytorch_lightning.utilities.parsing.AttributeDict"),
+    (_HParams, "lightning.fabric.utilities.data.AttributeDict"),
+    (_HParams, "lightning_fabric.utilities.data.AttributeDict"),
+)
+
+
+def _swift(state: StateDict) -> tuple[StateDict, StateDict]:
+    from brainfm.models.swin4d import swift_checkpoint_filter
+
+    return swift_checkpoint_filter(state)
+
+
+#: name -> adapter, for ``python -m brainfm.models.convert <name>``
+ADAPTERS: dict[str, Adapter] = {
+    "swift": Adapter("swift", "SwiFT Lightning checkpoint -> Swin4D backbone (model=swin4d_v7 with its sizes)", _swift,
+                     safe_globals=LIGHTNING_SAFE_GLOBALS),
+}
+
+
+def convert(name: str, src: str | Path, dst: str | Path | None = None) -> tuple[StateDict, StateDict]:
+    """Read ``src``, adapt it with :data:`ADAPTERS` ``[name]`` and write the brainfm state to ``dst``.
+
+    Returns ``(brainfm_state, left_out)``.
+
+    Raises:
+        CheckpointError: unknown adapter, unreadable file, or keys the adapter does not recognise.
+    """
+    if name not in ADAPTERS:
+        raise CheckpointError(f"unknown checkpoint format {name!r}; known: {sorted(ADAPTERS)}")
+    adapter = ADAPTERS[name]
+    state = read_state_dict(src, prefix=adapter.prefix, safe_globals=adapter.safe_globals)
+    try:
+        out, left_out = adapter.adapt(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{src}: {exc}") from exc
+    if dst is not None:
+        write_state_dict(out, dst)
+    return out, left_out
