@@ -8,7 +8,7 @@ STAMP := $(VENV)/.brainfm-installed
 # keep pip quiet about the extra local indexes some machines configure
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install demo demo-volume test test-slow bench bench-search bench-scale-data bench-eval clean-venv
+.PHONY: install demo demo-volume test test-slow bench bench-search bench-scale-data bench-eval bench-gpu clean-venv
 
 install: $(STAMP)
 
@@ -61,6 +61,12 @@ bench-scale-data: install
 # peak memory (< 2 GB) vs dense where it fits (10,000 / 30,000; predicted beyond); ~10 min on 2 cores
 bench-eval: install
 	$(BIN)/python scripts/bench_eval.py
+
+# training-step speed on the GPU it finds: Swin4D v7/v9/v11 at 5m/51m/202m (96^3 x 20) and GPT 202m, SDPA vs
+# flex attention vs torch.compile, samples/s, peak memory, MFU; eager vs compiled for every family. Without a
+# GPU, the same cases at a small size (~5-10 min on 2 cores). SWIFT_REPO=<SwiFT checkout> adds SwiFT's ver7.
+bench-gpu: install
+	$(BIN)/python scripts/bench_gpu.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,13 @@
 """``brainfm-train`` / ``python -m brainfm.cli.train``: compose the config, build the data,
 task, loggers and callbacks, and fit. Any key is overridable (``trainer.max_steps=100``);
-``--cfg job`` prints the composed config; ``ckpt_path=last`` resumes the run."""
+``--cfg job`` prints the composed config; ``ckpt_path=last`` resumes the run.
+
+``trainer.compile=true`` (``trainer.compile_mode``) compiles the backbone with ``torch.compile``.
+The two keys are brainfm's, not Lightning's: the ``trainer`` group's ``_target_``,
+:class:`brainfm.tasks.base.Trainer`, takes them off before building Lightning's ``Trainer`` (so
+every place that instantiates the group, here, the scale test and the inference entry points,
+accepts them), and the task compiles in ``configure_model`` (:func:`brainfm.tasks.base.compile_backbone`).
+"""
 
 from __future__ import annotations
 
@@ -17,21 +24,22 @@ from brainfm.cli.common import exit_on_brainfm_error, tidy_logging
 from brainfm.config import config_dir
 
 
-def _instantiate_group(group: DictConfig | None) -> list[Any]:
+def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, _convert_="all", **kwargs)``; Hydra wraps errors, brainfm's own
+    (a clear message) surface as they are."""
     from brainfm.cli.common import brainfm_cause
 
-    out = []
-    for node in (group or {}).values():
-        if node is None:
-            continue
-        try:
-            out.append(instantiate(node, _convert_="all"))
-        except Exception as exc:  # Hydra wraps errors; brainfm's own (a clear message) surface as they are
-            cause = brainfm_cause(exc)
-            if cause is not None and cause is not exc:
-                raise cause from None
-            raise
-    return out
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except Exception as exc:
+        cause = brainfm_cause(exc)
+        if cause is not None and cause is not exc:
+            raise cause from None
+        raise
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    return [_instantiate(node) for node in (group or {}).values() if node is not None]
 
 
 def build(cfg: DictConfig):
@@ -64,7 +72,7 @@ def build(cfg: DictConfig):
 
     if SLURMEnvironment.detect():  # brainfm's ResumeCheckpoint owns the preemption signal, not Lightning
         overrides["plugins"] = [SLURMEnvironment(auto_requeue=False)]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all", **overrides)
+    trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
     return datamodule, task, trainer
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from brainfm.models.embedding import TREmbedding
+from brainfm.models.transformer import checkpointed
 
 
 class _TemporalBlock(nn.Module):
@@ -46,6 +47,8 @@ class TemporalMLPEncoder(nn.Module):
         kernel_size: odd temporal kernel in TRs.
         dropout: dropout in the MLP and the temporal blocks.
         t_max_s, t_resolution_s: range and bin width of the time embedding, seconds.
+        use_checkpoint: activation checkpointing (training only) of the per-frame MLP (its hidden
+            ``(B, T, mlp_ratio * d)`` activations) and of every temporal block.
 
     Shapes: ``bold`` ``(B, T, n_rois)``, ``t`` ``(B, T)`` seconds from the window onset ->
     :meth:`forward` ``(B, T, d_model)``; the objective pools over time.
@@ -64,8 +67,10 @@ class TemporalMLPEncoder(nn.Module):
         dropout: float = 0.1,
         t_max_s: float = 1000.0,
         t_resolution_s: float = 0.2,
+        use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
+        self.use_checkpoint = bool(use_checkpoint)
         if int(kernel_size) % 2 == 0 or int(kernel_size) < 1:
             raise ValueError(f"kernel_size={kernel_size} must be odd and positive (windows keep their length)")
         if int(d_model) < 1 or int(depth) < 0:
@@ -85,15 +90,27 @@ class TemporalMLPEncoder(nn.Module):
     def out_dim(self) -> int:
         return self.d_model
 
+    def compile_regions(self) -> list[nn.Module]:
+        """What ``trainer.compile=true`` compiles: the per-frame MLP and every temporal block (R2T calls
+        :meth:`embed_trs` / :meth:`encode`, not ``forward``; the TR embedding's range check reads
+        ``t.max()`` on the host, a graph break, so it stays eager)."""
+        return [self.mlp, *self.blocks]
+
     def embed_trs(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """TR tokens ``(B, T, d)`` from ``bold`` ``(B, T, n_rois)`` and ``t`` ``(B, T)`` seconds."""
         return self.embedding(bold, t)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens ``(B, T, d)`` -> token states ``(B, T, d)`` (MLP per frame, then over time)."""
-        x = tokens + self.drop(self.mlp(tokens))
+        ckpt = self.use_checkpoint and self.training
+        # R2T's temporal crop gives every batch its own length: compiled regions take the time axis as
+        # dynamic from the first call, instead of one recompile per length (per block dilation) until
+        # torch._dynamo's recompile limit (a no-op in eager mode)
+        torch._dynamo.maybe_mark_dynamic(tokens, 1)
+        x = tokens + self.drop(checkpointed(self.mlp, tokens, enabled=ckpt))
         for block in self.blocks:
-            x = block(x)
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+            x = checkpointed(block, x, enabled=ckpt)
         return self.norm(x)
 
     def forward(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainfm.errors import ConfigError
-from brainfm.models.transformer import TransformerEncoder
+from brainfm.models.transformer import TransformerEncoder, checkpointed
 
 
 def sincos_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -207,6 +207,13 @@ class NetworkTokenizer(nn.Module):
         return self.norm(y.mean(dim=-1))
 
 
+def _conv_gelu_mean(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, before: int, after: int,
+                    groups: int) -> torch.Tensor:
+    """The tokenizer's grouped convolution ``(B*P, N*V, L)`` -> ``(B*P, N*d, L)``, GELU, mean over the
+    ``L`` TRs of the patch -> ``(B*P, N*d)``."""
+    return F.gelu(F.conv1d(F.pad(x, (before, after)), weight, bias, groups=groups)).mean(dim=-1)
+
+
 class SemantoksEncoder(nn.Module):
     """Network tokenizer + transformer (Brain-Semantoks' ``CNN_TF``).
 
@@ -225,6 +232,9 @@ class SemantoksEncoder(nn.Module):
         depth, n_heads, mlp_ratio: transformer (reference 8, d/64 = 12, 4).
         layer_scale: LayerScale initial value (reference 0.1; ``None``: off).
         dropout, attn_dropout: residual and attention dropout (reference 0).
+        use_checkpoint: activation checkpointing (training only) of the tokenizer's convolution (its
+            ``(B * P, N * d, patch_size)`` output before the mean over the patch) and of every
+            transformer block.
 
     Shapes: :meth:`forward` ``bold`` ``(B, T, V)``, ``mask`` ``(B, N, P)`` bool (True: the token is
     replaced by the learned MASK token) -> ``(B, 1 + N * P, d)``, CLS first, then the tokens
@@ -255,9 +265,11 @@ class SemantoksEncoder(nn.Module):
         layer_scale: float | None = 0.1,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
+        use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         self.n_rois = int(n_rois)
+        self.use_checkpoint = bool(use_checkpoint)
         if network_assignment is None:
             if network_map is None:
                 raise ConfigError("the Semantoks model needs model.network_map (or an explicit network_assignment)")
@@ -299,7 +311,8 @@ class SemantoksEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(self.d_model))
         self.mask_token = nn.Parameter(torch.zeros(self.d_model))
         self.drop = nn.Dropout(dropout)
-        self.encoder = TransformerEncoder(self.d_model, depth, n_heads, mlp_ratio, dropout, attn_dropout, layer_scale)
+        self.encoder = TransformerEncoder(self.d_model, depth, n_heads, mlp_ratio, dropout, attn_dropout, layer_scale,
+                                          use_checkpoint)
         self.encoder.apply(self._init_linear)
         for p in (self.network_embedding.weight, self.cls_token, self.mask_token):
             nn.init.normal_(p, std=0.02)
@@ -314,6 +327,11 @@ class SemantoksEncoder(nn.Module):
     @property
     def out_dim(self) -> int:
         return self.d_model
+
+    def compile_regions(self) -> list[nn.Module]:
+        """What ``trainer.compile=true`` compiles: the whole encoder (SimDINO's student calls
+        ``forward``; tokenizer and transformer trace into one graph without breaks)."""
+        return [self]
 
     def n_patches(self, n_trs: int) -> int:
         """Temporal patches (tokens per network) of a window of ``n_trs`` TRs.
@@ -347,8 +365,8 @@ class SemantoksEncoder(nn.Module):
         bias = torch.cat([bb for _, bb in effective])
         x = F.pad(bold[:, : p * length], (0, 1)).index_select(2, self.padded_order)  # (B, P*L, N*vmax)
         x = x.reshape(b, p, length, n * vmax).permute(0, 1, 3, 2).reshape(b * p, n * vmax, length)
-        y = F.conv1d(F.pad(x, (before, after)), weight, bias, groups=n)  # (B*P, N*d, L)
-        y = F.gelu(y).mean(dim=-1).reshape(b, p, n, d)
+        y = checkpointed(_conv_gelu_mean, x, weight, bias, before, after, n,
+                         enabled=self.use_checkpoint and self.training).reshape(b, p, n, d)
         y = F.layer_norm(y, (d,), eps=self.tokenizers[0].norm.eps)
         scale = torch.stack([tok.norm.weight for tok in self.tokenizers])
         shift = torch.stack([tok.norm.bias for tok in self.tokenizers])

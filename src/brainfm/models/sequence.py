@@ -31,6 +31,8 @@ class SequenceTransformer(nn.Module):
         max_positions: longest token sequence (specials included).
         n_segments: number of segment (token type) embeddings; 0 disables them.
         t_max_s, t_resolution_s: time embedding range and bin width, seconds.
+        use_checkpoint: activation checkpointing of every transformer block (training only; see
+            :class:`~brainfm.models.transformer.TransformerEncoder`).
 
     Shapes: :meth:`forward` ``bold`` ``(B, T, n_rois)``, ``t`` ``(B, T)`` s -> ``(B, T, d_model)``.
     """
@@ -49,6 +51,7 @@ class SequenceTransformer(nn.Module):
         n_segments: int = 0,
         t_max_s: float = 300.0,
         t_resolution_s: float = 0.2,
+        use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         self.n_rois = int(n_rois)
@@ -62,7 +65,8 @@ class SequenceTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(d_model))
         self.sep_token = nn.Parameter(torch.zeros(d_model))
         self.drop = nn.Dropout(dropout)
-        self.encoder = TransformerEncoder(d_model, depth, n_heads, mlp_ratio, dropout, attn_dropout)
+        self.encoder = TransformerEncoder(d_model, depth, n_heads, mlp_ratio, dropout, attn_dropout,
+                                          use_checkpoint=use_checkpoint)
         self.apply(self._init_weights)
         for p in (self.mask_token, self.cls_token, self.sep_token):
             nn.init.normal_(p, std=0.02)
@@ -79,6 +83,13 @@ class SequenceTransformer(nn.Module):
     @property
     def out_dim(self) -> int:
         return self.d_model
+
+    def compile_regions(self) -> list[nn.Module]:
+        """What ``trainer.compile=true`` compiles: every transformer block (regional compilation: the
+        objectives enter through :meth:`embed_trs` / :meth:`encode`, not ``forward``, and identical
+        blocks share one compiled graph). The TR embedding stays eager: its range check reads
+        ``t.max()`` on the host, a graph break, and it is a small part of a step."""
+        return list(self.encoder.blocks)
 
     def use_special_tokens(self, *names: str) -> None:
         """Keep only the special embeddings an objective uses trainable (``"mask"``, ``"cls"``,

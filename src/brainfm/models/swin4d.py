@@ -31,8 +31,10 @@ brainfm's definitions, see the model configs):
 - ``use_checkpoint``: gradient checkpointing of every block.
 
 Differences from SwiFT's code, on purpose: attention runs on ``F.scaled_dot_product_attention``
-with boolean masks computed once per shape and cached (SwiFT: a manual softmax and a -100 additive
-mask rebuilt in every stage); zero-padded tokens (when a window does not divide the grid) are
+(or FlexAttention, ``attention_backend="flex"``) with masks computed once per shape and cached
+(SwiFT: a manual softmax and a -100 additive mask rebuilt in every stage); the pad, cyclic shift and
+window partition (and their inverses) are one token gather each way, planned once per shape
+(:class:`WindowPlan`), so that a block is one graph for ``torch.compile``; zero-padded tokens (when a window does not divide the grid) are
 masked out as keys (SwiFT lets them be attended to); dropout, attention dropout and drop-path have
 separate rates (SwiFT's ``load_model`` ties all three to ``attn_drop_rate``); no CUDA-only calls.
 """
@@ -592,9 +594,11 @@ class SwinTransformer4D(nn.Module):
         patch_norm: LayerNorm after the patch embedding.
         attn_scale: ``"sqrt"`` or ``"mup"``.
         use_checkpoint: gradient checkpointing of every block (training only).
-        attention_backend: ``sdpa`` (``F.scaled_dot_product_attention`` with boolean window masks) or ``flex``
+        attention_backend: ``sdpa`` (``F.scaled_dot_product_attention`` with an additive ``(n_windows, 1, N, N)``
+            mask per shifted or padded stage, expanded over the batch in each step) or ``flex``
             (``torch.nn.attention.flex_attention`` with a block mask built from the window regions: the
-            fused kernel on GPUs, no dense masks; compiled on first use; no attention dropout).
+            fused kernel on GPUs, no dense masks; compiled on first use; no attention dropout; forward
+            only on the CPU in torch 2.13).
 
     Raises:
         ValueError: sizes that do not divide, unknown option values.

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainfm.errors import ConfigError
+from brainfm.models.transformer import checkpointed
 
 POOLS = ("mean", "cls")
 
@@ -100,13 +101,15 @@ class TFFEncoder3D(nn.Module):
         base_channels: channels of the first level (TFF: 4; then 8, 16, 32).
         blocks: residual blocks per level (TFF: ``[1, 2, 2, 4]``: 3 downsamplings).
         input_dropout: Dropout3d after the stem (TFF: 0.2). dropout: residual-branch dropout (0.4).
+        use_checkpoint: activation checkpointing of every residual block and downsampling (training only).
 
     Shapes: ``(N, in_chans, X, Y, Z)`` -> ``(N, base * 2**(len(blocks) - 1), *grids[-1])``.
     """
 
     def __init__(self, in_chans: int = 2, base_channels: int = 4, blocks: Sequence[int] = (1, 2, 2, 4),
-                 input_dropout: float = 0.2, dropout: float = 0.4) -> None:
+                 input_dropout: float = 0.2, dropout: float = 0.4, use_checkpoint: bool = False) -> None:
         super().__init__()
+        self.use_checkpoint = bool(use_checkpoint)
         self.stem = nn.Conv3d(in_chans, base_channels, 3, padding=1)
         self.stem_drop = nn.Dropout3d(input_dropout)
         self.levels = nn.ModuleList()
@@ -122,7 +125,8 @@ class TFFEncoder3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem_drop(self.stem(x))
         for level in self.levels:
-            x = level(x)
+            for layer in level:
+                x = checkpointed(layer, x, enabled=self.use_checkpoint and self.training)
         return x
 
 
@@ -148,12 +152,15 @@ class TFFDecoder3D(nn.Module):
         out_chans: output channels (TFF: 1, the global z-norm channel).
         base_channels: channels of the finest level. grids: :func:`tff_grids` (finest first).
         dropout: residual-branch dropout (TFF: 0.2).
+        use_checkpoint: activation checkpointing of every level (training only).
 
     Shapes: ``(N, base * 2**(len(grids) - 1), *grids[-1])`` -> ``(N, out_chans, *grids[0])``.
     """
 
-    def __init__(self, out_chans: int, base_channels: int, grids: Sequence[Sequence[int]], dropout: float = 0.2) -> None:
+    def __init__(self, out_chans: int, base_channels: int, grids: Sequence[Sequence[int]], dropout: float = 0.2,
+                 use_checkpoint: bool = False) -> None:
         super().__init__()
+        self.use_checkpoint = bool(use_checkpoint)
         n_down = len(grids) - 1
         self.levels = nn.ModuleList(
             _UpLevel(base_channels * 2 ** (i + 1), base_channels * 2**i, grids[i], dropout)
@@ -164,7 +171,7 @@ class TFFDecoder3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for level in self.levels:
-            x = level(x)
+            x = checkpointed(level, x, enabled=self.use_checkpoint and self.training)
         return self.head(x)
 
 
@@ -187,8 +194,9 @@ class TemporalBERT(nn.Module):
 
     def __init__(self, hidden_size: int = 2640, num_layers: int = 2, num_heads: int = 16,
                  intermediate_size: int = 3072, max_positions: int = 30, dropout: float = 0.1,
-                 pooler: bool = True) -> None:
+                 pooler: bool = True, use_checkpoint: bool = False) -> None:
         super().__init__()
+        self.use_checkpoint = bool(use_checkpoint)
         if hidden_size % num_heads:
             raise ConfigError(f"model.hidden_size={hidden_size} is not divisible by model.num_heads={num_heads}")
         self.max_positions = int(max_positions)
@@ -222,7 +230,8 @@ class TemporalBERT(nn.Module):
                               f"{self.max_positions}: raise model.max_positions or lower data.clip.length")
         x = torch.cat([self.cls_token.to(tokens.dtype).expand(b, 1, h), tokens], dim=1)
         x = self.drop(self.norm(x + self.position.weight[: t + 1].to(x.dtype)))
-        x = self.encoder(x)
+        for layer in self.encoder.layers:  # what nn.TransformerEncoder does without masks, layer by layer
+            x = checkpointed(layer, x, enabled=self.use_checkpoint and self.training)
         return x[:, 1:], (torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None)
 
 
@@ -243,6 +252,9 @@ class TFF(nn.Module):
             (BERT's pooled CLS, what TFF fine-tunes). ``cls`` adds BERT's pooler, which reconstruction
             does not train (after pre-training alone it is a random projection; pre-train it under DDP
             with ``trainer.strategy.find_unused_parameters=true``).
+        use_checkpoint: activation checkpointing (training only) of every residual block of the CNN
+            encoder and decoder (where the memory is: every TR's full-resolution feature maps) and of
+            every transformer layer.
 
     Shapes: :meth:`forward` ``(B, in_chans, X, Y, Z, T)`` -> reconstruction ``(B, out_chans, X, Y, Z, T)``;
     :meth:`encode` -> ``(sequence (B, T, hidden), pooled CLS (B, hidden) or None)``; :meth:`embed` ->
@@ -271,6 +283,7 @@ class TFF(nn.Module):
         decoder_dropout: float = 0.2,
         hidden_dropout: float = 0.1,
         pool: str = "mean",
+        use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if len(img_size) != 3 or min(int(s) for s in img_size) < 1:
@@ -285,7 +298,8 @@ class TFF(nn.Module):
         self.in_chans, self.out_chans = int(in_chans), int(out_chans)
         self.hidden_size, self.pool = int(hidden_size), pool
         self.grids = tff_grids(self.img_size, len(encoder_blocks) - 1)
-        self.encoder = TFFEncoder3D(in_chans, base_channels, encoder_blocks, input_dropout, encoder_dropout)
+        self.encoder = TFFEncoder3D(in_chans, base_channels, encoder_blocks, input_dropout, encoder_dropout,
+                                    use_checkpoint)
         c_top, bc, cells = self.encoder.out_channels, int(bottleneck_channels), math.prod(self.grids[-1])
         self.bottleneck_shape = (bc, *self.grids[-1])
         self.to_hidden = nn.Sequential(nn.GroupNorm(_groups(c_top), c_top), nn.LeakyReLU(),
@@ -293,16 +307,22 @@ class TFF(nn.Module):
         # TFF drops this Linear when the flattened bottleneck already has hidden_size values (75x93x81)
         self.into_hidden = nn.Identity() if bc * cells == self.hidden_size else nn.Linear(bc * cells, self.hidden_size)
         self.transformer = (TemporalBERT(hidden_size, num_layers, num_heads, intermediate_size, max_positions,
-                                         hidden_dropout, pooler=pool == "cls") if int(num_layers) > 0 else None)
+                                         hidden_dropout, pooler=pool == "cls", use_checkpoint=use_checkpoint)
+                            if int(num_layers) > 0 else None)
         self.from_hidden = nn.Linear(self.hidden_size, bc * cells)
         self.from_bottleneck = nn.Sequential(nn.GroupNorm(bc, bc), nn.LeakyReLU(),  # TFF: GroupNorm(2 groups, 2)
                                              nn.Conv3d(bc, c_top, 3, padding=1))
-        self.decoder = TFFDecoder3D(out_chans, base_channels, self.grids, decoder_dropout)
+        self.decoder = TFFDecoder3D(out_chans, base_channels, self.grids, decoder_dropout, use_checkpoint)
 
     @property
     def out_dim(self) -> int:
         """Width of :meth:`embed` (``hidden_size``)."""
         return self.hidden_size
+
+    def compile_regions(self) -> list[nn.Module]:
+        """What ``trainer.compile=true`` compiles: the whole autoencoder (the objective calls
+        ``forward``; no graph break in it)."""
+        return [self]
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 6 or x.shape[1] != self.in_chans or tuple(x.shape[2:5]) != self.img_size:

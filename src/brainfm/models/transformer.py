@@ -1,11 +1,23 @@
 """Pre-LayerNorm transformer encoder on ``F.scaled_dot_product_attention`` (fused kernels on GPU,
-the efficient math path on CPU), with optional causal masking and LayerScale."""
+the efficient math path on CPU), with optional causal masking, LayerScale and activation
+checkpointing of every block (``use_checkpoint``)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def checkpointed(fn, *args, enabled: bool):
+    """``fn(*args)``; with ``enabled`` and gradients on, under activation checkpointing
+    (``torch.utils.checkpoint``, non-reentrant: only ``args`` are kept for backward, ``fn`` runs again
+    there with the RNG state of its first run, so dropout masks are the same). Backbones pass
+    ``enabled=self.use_checkpoint and self.training`` (``model.use_checkpoint``, training only)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class SelfAttention(nn.Module):
@@ -77,7 +89,14 @@ class TransformerBlock(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """A stack of :class:`TransformerBlock` and a final LayerNorm. ``(B, N, d)`` -> ``(B, N, d)``."""
+    """A stack of :class:`TransformerBlock` and a final LayerNorm. ``(B, N, d)`` -> ``(B, N, d)``.
+
+    ``use_checkpoint``: activation checkpointing of every block while training with gradients
+    (``torch.utils.checkpoint``, non-reentrant; Chen et al. 2016): a block keeps only its input for
+    backward and runs its forward again there, so activation memory is one ``(B, N, d)`` tensor per
+    block plus one block's intermediates, for about one more forward pass of compute. The same
+    numbers as without (dropout masks are replayed: the RNG state is restored for the recompute).
+    """
 
     def __init__(
         self,
@@ -88,8 +107,10 @@ class TransformerEncoder(nn.Module):
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         layer_scale: float | None = None,
+        use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
+        self.use_checkpoint = bool(use_checkpoint)
         self.blocks = nn.ModuleList(
             TransformerBlock(d_model, n_heads, mlp_ratio, dropout, attn_dropout, layer_scale) for _ in range(depth)
         )
@@ -97,5 +118,5 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, causal, key_padding_mask)
+            x = checkpointed(block, x, causal, key_padding_mask, enabled=self.use_checkpoint and self.training)
         return self.norm(x)

@@ -3,7 +3,9 @@
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matrix multiplications,
 convolutions and attention; element-wise operations are not counted, as in the usual MFU
-convention of Chowdhery et al. 2022, PaLM appendix B). On the meta device attention runs as its
+convention of Chowdhery et al. 2022, PaLM appendix B, which also leaves out rematerialisation: with
+``model.use_checkpoint=true`` the count runs with checkpointing off, and the recomputed forward is
+reported on its own, :attr:`FlopCount.recompute`). On the meta device attention runs as its
 two matrix products, which count the same FLOPs as a fused kernel; the attention masks of window
 attention do not reduce the count (the kernels compute masked entries too).
 """
@@ -78,11 +80,34 @@ def count_parameters(model: nn.Module, family: Family | None = None) -> Paramete
 
 @dataclass
 class FlopCount:
-    """FLOPs per sample: ``forward`` and ``train`` (forward + backward; the optimizer step's
-    O(parameters) element-wise work is not counted)."""
+    """FLOPs per sample: ``forward`` and ``train`` (forward + backward, the model FLOPs of MFU; the
+    optimizer step's O(parameters) element-wise work is not counted), and ``recompute``: what
+    activation checkpointing adds to a training step (the blocks' forward run again in backward;
+    0 without ``use_checkpoint``). Hardware FLOPs of a step: ``train + recompute``."""
 
     forward: int
     train: int
+    recompute: int = 0
+
+
+def checkpointing_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` with activation checkpointing switched on: brainfm's backbones keep
+    the switch in a ``use_checkpoint`` attribute (``model.use_checkpoint``)."""
+    return [m for m in model.modules() if getattr(m, "use_checkpoint", False) is True]
+
+
+def _train_flops(model: nn.Module, family: Family, inputs_cfg: dict, batch_size: int) -> tuple[int, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = family.make_inputs(model, batch_size, "meta", inputs_cfg)
+    with FlopCounterMode(display=False) as fwd:
+        out = family.forward(model, *inputs)
+        loss = family.loss(model, inputs, out)
+    forward = fwd.get_total_flops()
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return forward, bwd.get_total_flops()
 
 
 def count_flops(model: nn.Module, inputs_cfg: dict | None = None, family: Family | None = None,
@@ -91,24 +116,24 @@ def count_flops(model: nn.Module, inputs_cfg: dict | None = None, family: Family
 
     A batch of ``batch_size`` synthetic samples (:mod:`brainfm.scaling.families`) runs forward,
     then backward from the family's loss, under ``FlopCounterMode``; the totals are divided by
-    ``batch_size``.
+    ``batch_size``. With activation checkpointing on (:func:`checkpointing_modules`) the model
+    FLOPs are counted with it off, and once more with it on for :attr:`FlopCount.recompute`.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     family = family or family_of(model)
     was_training = model.training
     model.train()
+    ckpt = checkpointing_modules(model)
     try:
         with family.meta_safe():
-            inputs = family.make_inputs(model, batch_size, "meta", inputs_cfg or {})
-            with FlopCounterMode(display=False) as fwd:
-                out = family.forward(model, *inputs)
-                loss = family.loss(model, inputs, out)
-            forward = fwd.get_total_flops()
-            with FlopCounterMode(display=False) as bwd:
-                loss.backward()
-            backward = bwd.get_total_flops()
+            for m in ckpt:
+                m.use_checkpoint = False
+            forward, backward = _train_flops(model, family, inputs_cfg or {}, batch_size)
+            for m in ckpt:
+                m.use_checkpoint = True
+            recompute = sum(_train_flops(model, family, inputs_cfg or {}, batch_size)) - forward - backward if ckpt else 0
     finally:
+        for m in ckpt:
+            m.use_checkpoint = True
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return FlopCount(forward // batch_size, (forward + backward) // batch_size)
+    return FlopCount(forward // batch_size, (forward + backward) // batch_size, recompute // batch_size)

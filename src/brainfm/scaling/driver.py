@@ -116,7 +116,7 @@ def account(model_cfg: dict, cfg: DictConfig) -> tuple[dict[str, Any], StepMemor
     del model
     cl = cfg.cluster
     clip = cfg.trainer.get("gradient_clip_val")
-    step = simulate_step_memory(model_cfg, int(cfg.batch_size), str(cl.precision), inputs_cfg, foreach=True,
+    step = simulate_step_memory(model_cfg, int(cfg.batch_size), str(cl.precision), inputs_cfg,
                                 gradient_clip_val=clip)
     row: dict[str, Any] = {
         "family": family.name, "params_total": counts.total, "params_trainable": counts.trainable,
@@ -124,6 +124,9 @@ def account(model_cfg: dict, cfg: DictConfig) -> tuple[dict[str, Any], StepMemor
         "params_per_stage": "; ".join(f"{k}={v}" for k, v in counts.per_stage.items()),
         "build_meta_s": round(build_s, 3),
         "fwd_gflops": flops.forward / 1e9, "train_gflops": flops.train / 1e9,
+        # activation checkpointing: the step memory below is simulated with it; its recomputed forward
+        # is not in train_gflops (MFU's model FLOPs)
+        "use_checkpoint": bool(model_cfg.get("use_checkpoint", False)), "recompute_gflops": flops.recompute / 1e9,
         "batch_size": int(cfg.batch_size), "precision": str(cl.precision),
         "inputs_gib": _gib(step.inputs), "act_gib": _gib(step.forward), "step_gib": _gib(step.working),
         "one_gpu_gib": _gib(per_gpu_need("gpu", counts.total, counts.largest_layer, step, 1, 1)[0]),
@@ -190,7 +193,7 @@ def maybe_measure(model_cfg: dict, cfg: DictConfig, row: dict, trainer_name: str
     world = _world_size(trainer_cfg)
     inputs_cfg = OmegaConf.to_container(cfg.inputs, resolve=True)
     batch = int(m.batch_size)
-    sim = simulate_step_memory(model_cfg, batch, precision, inputs_cfg, foreach=True if on_gpu else None,
+    sim = simulate_step_memory(model_cfg, batch, precision, inputs_cfg,
                                gradient_clip_val=trainer_cfg.get("gradient_clip_val"))
     if world == 1:  # CPU: the measured start is counted from tensors, without the cached masks
         predicted_peak = sim.peak if on_gpu else sim.start + sim.working

@@ -13,6 +13,11 @@ Inputs (shapes per sample):
 - ``SequenceTransformer`` (Thomas et al. 2022 GPT / BERT): ``bold (T, n_rois)`` and the TR times
   ``t (T,)`` in seconds, ``T = inputs.seq_len`` TRs of ``inputs.tr`` seconds;
 - ``LSTMAutoencoder``: as the sequence transformer; decoded with teacher forcing (one call).
+- ``TemporalMLPEncoder`` (R2T-Net's light temporal encoder): as the sequence transformer.
+- ``SemantoksEncoder``: ``bold (T, n_rois)``, ``T = inputs.seq_len`` TRs (``T // patch_size``
+  tokens per network).
+- ``TFF``: a clip ``(in_chans, X, Y, Z, T)``, ``T = min(inputs.seq_len, max_positions - 1)``
+  TRs; the loss is the reconstruction error of the first channel.
 """
 
 from __future__ import annotations
@@ -132,14 +137,46 @@ def _lstm_stages(model: nn.Module) -> dict[str, list[nn.Module]]:
             "decoder": [model.decoder, model.decoder_norms, model.decoder_out, model.head]}
 
 
+def _semantoks_inputs(model: nn.Module, batch_size: int, device: torch.device | str, inputs_cfg: dict) -> tuple:
+    return (torch.randn(batch_size, int(inputs_cfg.get("seq_len", 50)), model.n_rois, device=device),)
+
+
+def _semantoks_stages(model: nn.Module) -> dict[str, list[nn.Module]]:
+    return {"tokenizer": [model.tokenizers], "encoder": [model.encoder]}
+
+
+def _tff_inputs(model: nn.Module, batch_size: int, device: torch.device | str, inputs_cfg: dict) -> tuple:
+    t = int(inputs_cfg.get("seq_len", 20))
+    if model.transformer is not None:
+        t = min(t, model.transformer.max_positions - 1)
+    return (torch.randn(batch_size, model.in_chans, *model.img_size, t, device=device),)
+
+
+def _tff_reconstruction(model: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return (output.float() - inputs[0][:, :1].float()).abs().mean()
+
+
+def _tff_stages(model: nn.Module) -> dict[str, list[nn.Module]]:
+    return {"encoder": [model.encoder, model.to_hidden, model.into_hidden],
+            "transformer": [model.transformer] if model.transformer is not None else [],
+            "decoder": [model.from_hidden, model.from_bottleneck, model.decoder]}
+
+
+def _temporal_mlp_stages(model: nn.Module) -> dict[str, list[nn.Module]]:
+    return {"embedding": [model.embedding], "mlp": [model.mlp], "temporal": [model.blocks, model.norm]}
+
+
 def _register_builtin() -> None:
     from brainfm.models.lstm import LSTMAutoencoder
+    from brainfm.models.r2t_encoders import TemporalMLPEncoder
+    from brainfm.models.semantoks import SemantoksEncoder
     from brainfm.models.sequence import SequenceTransformer
     from brainfm.models.swin4d import (
         FactorizedSwinBlock4D,
         SwinBlock4D,
         SwinTransformer4D,
     )
+    from brainfm.models.tff import TFF
     from brainfm.models.transformer import TransformerBlock
 
     register_family(SwinTransformer4D, Family("swin4d", _swin_inputs, _mean_square, _swin_stages,
@@ -148,6 +185,11 @@ def _register_builtin() -> None:
                                                 (TransformerBlock,), _tr_embedding_meta_safe))
     register_family(LSTMAutoencoder, Family("lstm", _seq_inputs, _reconstruction, _lstm_stages, (),
                                             _tr_embedding_meta_safe, _lstm_forward))
+    register_family(TemporalMLPEncoder, Family("temporal_mlp", _seq_inputs, _mean_square, _temporal_mlp_stages, (),
+                                               _tr_embedding_meta_safe))
+    register_family(SemantoksEncoder, Family("semantoks", _semantoks_inputs, _mean_square, _semantoks_stages,
+                                             (TransformerBlock,)))
+    register_family(TFF, Family("tff", _tff_inputs, _tff_reconstruction, _tff_stages))
 
 
 _register_builtin()

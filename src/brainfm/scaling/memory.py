@@ -24,7 +24,14 @@ The simulation is validated against the allocator's measured peak on this CPU
 (:mod:`brainfm.scaling.measure`, ``tests/test_scale.py``). For a GPU in ``bf16-mixed`` the same
 simulation runs under CPU bf16 autocast (the same lower-precision op list for the operations
 these backbones use: linear layers and attention in bf16, LayerNorm on the fp32 residual stream)
-with the multi-tensor (``foreach``) AdamW that PyTorch picks on CUDA.
+with the AdamW brainfm builds (:func:`brainfm.tasks.optim.build_optimizer`: the fused kernel, on
+CUDA as on the CPU, which allocates no parameter-sized temporaries).
+
+Activation checkpointing (``model.use_checkpoint=true``) is simulated by running it: the backbone
+built from the config checkpoints its blocks (``torch.utils.checkpoint``, non-reentrant) on the fake
+tensors as on real ones, so a block's intermediates are freed after its forward and recomputed,
+one block at a time, during backward; the prediction (``forward``: the activations kept,
+``backward``/``working``: the peak) follows without a model of its own.
 
 Why brainfm tracks live storages itself: PyTorch's ``torch.distributed._tools.MemTracker`` does
 the same with module-level attribution, but it fails on frozen parameters (it registers a
@@ -184,9 +191,13 @@ def training_step(model: nn.Module, family: Family, inputs: tuple, optimizer: to
 
 
 def make_optimizer(model: nn.Module, foreach: bool | None = None, weight_decay: float = 0.05) -> torch.optim.AdamW:
-    """AdamW with brainfm's two parameter groups (:func:`brainfm.tasks.optim.param_groups`)."""
-    from brainfm.tasks.optim import param_groups
+    """AdamW with brainfm's two parameter groups (:func:`brainfm.tasks.optim.param_groups`): the one
+    brainfm trains with (:func:`brainfm.tasks.optim.build_optimizer`, fused where supported), or with
+    ``foreach`` given, torch's multi-tensor (``True``) or per-parameter (``False``) implementation."""
+    from brainfm.tasks.optim import build_optimizer, param_groups
 
+    if foreach is None:
+        return build_optimizer(model, lr=1e-4, weight_decay=weight_decay)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=1e-4, foreach=foreach)
 
 
@@ -205,8 +216,8 @@ def simulate_step_memory(model_cfg: dict[str, Any], batch_size: int, precision: 
         batch_size: samples per step (per GPU).
         precision: ``32-true``, ``bf16-mixed``, ``16-mixed`` or ``bf16-true`` (Lightning's names).
         inputs_cfg: the family's input settings (sequence length, TR).
-        foreach: AdamW's multi-tensor path (``None``: PyTorch's choice for CPU tensors, i.e. off;
-            ``True`` for a CUDA prediction).
+        foreach: ``None``: the AdamW brainfm trains with (fused, on CUDA and CPU); ``True``/``False``:
+            torch's multi-tensor / per-parameter AdamW instead (:func:`make_optimizer`).
         gradient_clip_val: clip the gradient norm (as ``trainer.gradient_clip_val``).
         first_step: track the first step of a fresh process instead (no gradients, optimizer
             states or cached masks before it; they are part of its working memory).

@@ -1,20 +1,32 @@
 """What every brainfm LightningModule shares: building the model from its config, AdamW with
-warm-up + cosine, logging, deterministic per-step randomness, and the data facts a checkpoint
-must carry (TR, ROI order, normalisation).
+warm-up + cosine, logging, deterministic per-step randomness, the data facts a checkpoint
+must carry (TR, ROI order, normalisation), FSDP2 sharding and ``torch.compile`` of the backbone.
 
 Hyper-parameters are saved as plain containers, so checkpoints load with
 ``torch.load(path, weights_only=True)`` and the task is rebuilt from the checkpoint alone.
+
+Compilation (``trainer.compile=true``, ``trainer.compile_mode``): :class:`Trainer` (the
+``_target_`` of every ``conf/trainer/*.yaml``) takes the two keys off before Lightning's
+``Trainer`` sees them, and :meth:`BrainfmTask.configure_model` compiles the backbone's
+:func:`compile_regions` with ``nn.Module.compile`` (in place: parameter names and checkpoint keys
+do not change, so checkpoints load eagerly and runs resume compiled or not), after FSDP2's
+``fully_shard``. Regions rather than the whole backbone because most objectives enter the
+backbone through methods (``embed_trs``/``encode``, ``embed_patches``/``forward_tokens``), not
+``forward``, and identical blocks share one compiled graph (PyTorch's "regional compilation").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
+from brainfm.errors import ConfigError
 from brainfm.models import build_model
 from brainfm.tasks.metrics import MeanOfBatches
 from brainfm.tasks.optim import build_optimizer, build_scheduler
@@ -27,6 +39,90 @@ def plain(value: Any) -> Any:
     if isinstance(value, DictConfig) or OmegaConf.is_list(value):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+#: ``trainer.compile_mode`` values (``torch.compile``'s modes; null: its default)
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """``trainer.compile`` / ``trainer.compile_mode``.
+
+    Raises:
+        ConfigError: ``compile`` is not a boolean or ``mode`` not one of :data:`COMPILE_MODES`.
+    """
+
+    enabled: bool = False
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"trainer.compile={self.enabled!r} must be true or false")
+        if self.mode not in COMPILE_MODES:
+            raise ConfigError(f"trainer.compile_mode={self.mode!r} must be one of "
+                              f"{', '.join('null' if m is None else m for m in COMPILE_MODES)}")
+
+
+class Trainer(L.Trainer):
+    """Lightning's ``Trainer`` with brainfm's trainer-level keys taken off first: ``compile``
+    (compile the backbone, :func:`compile_backbone`) and ``compile_mode``. Every other argument is
+    Lightning's. It is the ``_target_`` of ``conf/trainer/cpu.yaml``, which every trainer config
+    inherits, so ``brainfm-train``, the scale test, search trials and the inference entry points
+    (which instantiate the same ``trainer`` group) all accept the keys.
+
+    Raises:
+        ConfigError: a bad ``compile`` / ``compile_mode`` (:class:`CompileOptions`).
+    """
+
+    def __init__(self, *args: Any, compile: bool = False, compile_mode: str | None = None, **kwargs: Any) -> None:
+        self.compile_options = CompileOptions(compile, compile_mode)
+        super().__init__(*args, **kwargs)
+
+
+def repeated_block_types() -> tuple[type, ...]:
+    """The transformer blocks of brainfm's backbones (FSDP2's sharding units, and the compile
+    regions of a backbone without :meth:`compile_regions`)."""
+    from brainfm.models.swin4d import FactorizedSwinBlock4D, SwinBlock4D
+    from brainfm.models.transformer import TransformerBlock
+
+    return (TransformerBlock, SwinBlock4D, FactorizedSwinBlock4D)
+
+
+def compile_regions(model: nn.Module) -> list[nn.Module]:
+    """The submodules of a backbone that ``trainer.compile=true`` compiles: the model's own
+    ``compile_regions()`` when it has one (where its objectives' hot path goes through
+    ``__call__``), else every repeated transformer block in it (:func:`repeated_block_types`:
+    Swin4D's blocks), else the whole model."""
+    own = getattr(model, "compile_regions", None)
+    if callable(own):
+        return list(own())
+    blocks = [m for m in model.modules() if isinstance(m, repeated_block_types())]
+    return blocks or [model]
+
+
+def compile_backbone(model: nn.Module, mode: str | None = None) -> list[nn.Module]:
+    """Compile :func:`compile_regions` of ``model`` in place (``nn.Module.compile``: the module's
+    ``__call__`` goes through ``torch.compile``; parameters, buffers and state-dict keys are
+    untouched). Graphs are built at the first call of each region (a compile of seconds to minutes,
+    per train/eval mode and per input shape). Returns the compiled modules.
+
+    Raises:
+        ConfigError: ``mode`` is not one of :data:`COMPILE_MODES`.
+    """
+    CompileOptions(True, mode)
+    regions = compile_regions(model)
+    # TorchDynamo keeps at most `recompile_limit` (8) graphs per function and runs any further variant
+    # eagerly (with a warning). Regions of one class share their forward's cache, and a backbone's blocks
+    # differ (Swin4D: grid and window shift per stage): one graph per distinct block, times train/eval
+    # and static/dynamic batch, so allow 4 per region (process-wide; torch's own cap on all graphs, 256,
+    # stays)
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(int(dynamo_config.recompile_limit), 4 * len(regions))
+    for region in regions:
+        region.compile(mode=mode)
+    return regions
 
 
 class BrainfmTask(L.LightningModule):
@@ -133,7 +229,16 @@ class BrainfmTask(L.LightningModule):
         self._val_means.clear()
 
     def configure_optimizers(self):
-        opt_cfg = {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, **self.hparams.optimizer}
+        """AdamW (:func:`~brainfm.tasks.optim.build_optimizer`; ``task.optimizer.fused``: ``auto`` takes
+        the fused kernel where the parameters' device has one, except under DeepSpeed, whose ZeRO
+        optimizer steps its own flat partitions) and the warm-up + cosine schedule."""
+        opt_cfg = {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8, "fused": "auto",
+                   **self.hparams.optimizer}
+        if opt_cfg["fused"] == "auto" and self._trainer is not None:
+            from lightning.pytorch.strategies import DeepSpeedStrategy
+
+            if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+                opt_cfg["fused"] = None
         optimizer = build_optimizer(self, **opt_cfg)
         sched_cfg = {"warmup_fraction": 0.01, "min_lr_ratio": 0.0, **self.hparams.scheduler}
         scheduler = build_scheduler(optimizer, self.trainer.estimated_stepping_batches, **sched_cfg)
@@ -141,16 +246,19 @@ class BrainfmTask(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy), shard the transformer blocks and
-        then the whole task with FSDP2; a no-op for every other strategy."""
+        then the whole task with FSDP2; then, with ``trainer.compile=true``, compile the backbone's
+        regions (:func:`compile_backbone`; after sharding, so FSDP2's hooks stay outside the graphs).
+        Lightning calls this before it wraps the module (DDP) and before a checkpoint is restored."""
         mesh = self.device_mesh
-        if mesh is None or getattr(self, "_fully_sharded", False):
-            return
-        from brainfm.models.swin4d import FactorizedSwinBlock4D, SwinBlock4D
-        from brainfm.models.transformer import TransformerBlock
-        from brainfm.strategies import apply_fully_shard
+        if mesh is not None and not getattr(self, "_fully_sharded", False):
+            from brainfm.strategies import apply_fully_shard
 
-        apply_fully_shard(self, mesh, (TransformerBlock, SwinBlock4D, FactorizedSwinBlock4D))
-        self._fully_sharded = True
+            apply_fully_shard(self, mesh, repeated_block_types())
+            self._fully_sharded = True
+        options = getattr(self._trainer, "compile_options", None)
+        if options is not None and options.enabled and not getattr(self, "_compiled", False):
+            compile_backbone(self.model, options.mode)
+            self._compiled = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         extra: dict[str, Any] = {

@@ -1,4 +1,20 @@
-"""AdamW with decoupled weight decay on weight matrices only, and linear warm-up + cosine decay."""
+"""AdamW with decoupled weight decay on weight matrices only, and linear warm-up + cosine decay.
+
+AdamW's implementation (``task.optimizer.fused``, default ``auto``): the fused kernel
+(``torch.optim.AdamW(fused=True)``: one kernel over all parameters) wherever the parameters'
+device has one, which in torch 2.13 is CUDA and also the CPU for fp32/bf16/fp16. On the CPU the
+alternatives are the per-parameter loop (torch's CPU default: its multi-tensor ``foreach`` kernels
+exist for accelerators only) and ``foreach``, which falls back to the same loop;
+on the AdamW step of a 4.7 M-parameter GPT (71 tensors, 2 cores) the fused kernel takes 4.4 ms
+against 23.5 ms for the loop, with updates equal to ~1 ulp (2e-8), so ``auto`` takes it on the CPU
+too. ``true`` insists (an error where unsupported), ``false``/``null`` keep torch's default.
+
+Fused AdamW can unscale fp16 gradients inside its step (``_step_supports_amp_scaling``), and
+Lightning's mixed-precision plugin then refuses gradient clipping ("does not allow for gradient
+clipping because it performs unscaling of gradients internally"), for ``bf16-mixed`` too, where
+nothing is scaled. brainfm switches that off: with ``16-mixed`` the ``GradScaler`` unscales the
+gradients before clipping, as for any optimizer, and the fused kernel only does the update.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +50,42 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+FUSED_CHOICES = ("auto", True, False, None)
+
+
+def fused_supported(params) -> bool:
+    """Whether ``torch.optim.AdamW(fused=True)`` takes these parameters: all floating point, on a
+    device type with fused optimizer kernels (CUDA, and the CPU in torch >= 2.4; a DTensor counts by
+    its device)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    params = list(params)
+    return bool(params) and all(p.device.type in devices and torch.is_floating_point(p) for p in params)
+
+
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                    fused: bool | str | None = "auto") -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` of ``module``.
+
+    Args:
+        lr, weight_decay, betas, eps: AdamW's (decay on weight matrices only).
+        fused: ``auto`` (the fused kernel where :func:`fused_supported`), ``True`` (fused),
+            ``False`` or ``None`` (torch's default: ``foreach`` on CUDA, a per-parameter loop on the CPU).
+
+    Raises:
+        ConfigError: ``fused`` is not one of ``auto``, true, false, null.
+    """
+    if fused not in FUSED_CHOICES:
+        from brainfm.errors import ConfigError
+
+        raise ConfigError(f"task.optimizer.fused={fused!r} must be auto, true, false or null")
+    groups = param_groups(module, weight_decay)
+    if fused == "auto":
+        fused = fused_supported(p for g in groups for p in g["params"]) or None
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+    optimizer._step_supports_amp_scaling = False  # see the module docstring: clipping stays allowed
+    return optimizer
 
 
 def build_scheduler(
