@@ -1,10 +1,15 @@
 """The one place where weights are read, converted and written.
 
+- :func:`read_checkpoint`: a whole ``torch.save`` file (a Lightning checkpoint with its
+  hyper-parameters, a DCP ``meta.pt``), ``weights_only=True``, optionally memory-mapped.
 - :func:`read_state_dict`: a ``.safetensors`` file, a ``torch.save`` state dict, a Lightning
   checkpoint (its ``state_dict``) or a Hugging Face ``pytorch_model.bin``, always with
   ``torch.load(weights_only=True)``: no file runs code when it is read.
 - :func:`write_state_dict`: ``.safetensors`` (or ``torch.save`` for other suffixes), atomically (a
   temporary file renamed into place: a killed job never leaves half a file).
+- :func:`load_backbone`: ``task.init_from`` of every task (a brainfm checkpoint's ``model.*``
+  weights, converted weights, a plain state dict) into a backbone, with the keys a task may leave
+  at their initialisation named by the caller.
 - Foreign checkpoints: a per-family *adapter* (a pure function on state dicts that lives with its
   model, as timm's ``checkpoint_filter_fn`` and torchtitan's ``StateDictAdapter``) maps the
   reference project's keys to brainfm's; :data:`ADAPTERS` names them for
@@ -15,8 +20,8 @@ Raises :class:`brainfm.errors.CheckpointError` naming the file for anything that
 
 from __future__ import annotations
 
-import os
 import argparse
+import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,9 +29,32 @@ from pathlib import Path
 
 import torch
 
-from brainfm.errors import CheckpointError
+from brainfm.errors import CheckpointError, ConfigError
 
 StateDict = dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: str | Path, *, mmap: bool = False, safe_globals: Sequence = ()) -> dict:
+    """The whole object ``torch.save`` wrote to ``path`` (a Lightning checkpoint with its
+    hyper-parameters, a DCP ``meta.pt``, a state dict), with ``torch.load(weights_only=True)`` on
+    the CPU; ``mmap`` memory-maps its tensors (a 3.2B-parameter checkpoint is not read into memory
+    to look at its metadata). ``safe_globals``: see :func:`read_state_dict`.
+
+    Raises:
+        CheckpointError: no such file, or a file that does not load with ``weights_only=True`` (a
+            truncated file, a pickle with code: re-save its state dict where it was written).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} does not load with torch.load(weights_only=True) ({type(exc).__name__}: {exc}). "
+            "If it is truncated, take an earlier checkpoint; if it pickles more than tensors (e.g. argparse "
+            "namespaces), re-save its state_dict as safetensors in the environment that wrote it") from exc
 
 
 def read_state_dict(path: str | Path, *, prefix: str | None = None, safe_globals: Sequence = ()) -> StateDict:
@@ -53,14 +81,7 @@ def read_state_dict(path: str | Path, *, prefix: str | None = None, safe_globals
         except Exception as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     else:
-        try:
-            with torch.serialization.safe_globals(list(safe_globals)):
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(
-                f"{path} does not load with torch.load(weights_only=True) ({type(exc).__name__}: {exc}). "
-                "If it pickles more than tensors (e.g. argparse namespaces), re-save its state_dict as "
-                "safetensors in the environment that wrote it") from exc
+        state = read_checkpoint(path, safe_globals=safe_globals)
         if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
             state = state["state_dict"]
         if not isinstance(state, Mapping):
@@ -90,6 +111,38 @@ def write_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> Pat
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def load_backbone(model: torch.nn.Module, path: str | Path, *, may_be_missing: Sequence[str] = (),
+                  key: str = "task.init_from") -> list[str]:
+    """Initialise a backbone ``model`` from ``path`` (:func:`read_state_dict` with prefix
+    ``model.``: a brainfm checkpoint's backbone, weights converted by ``brainfm.models.convert``, a
+    plain state dict). Keys of the model starting with one of ``may_be_missing`` may be absent from
+    the file (e.g. TFF's transformer after its phase 1, a final norm the pretraining did not have)
+    and keep their initialisation; every other key must be there with its shape. Returns the keys
+    left at their initialisation.
+
+    Raises:
+        CheckpointError: the file does not load (:func:`read_state_dict`).
+        ConfigError: (naming ``key`` and the file) its keys or shapes do not fit the model: the model
+            config must match the pretrained one.
+    """
+    state = read_state_dict(path, prefix="model.")
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    required = [k for k in missing if not k.startswith(tuple(may_be_missing))]
+    if wrong or unexpected or required:
+        raise ConfigError(
+            f"{key}={path} does not fit the model {type(model).__name__}: "
+            + "; ".join(f"{what} {items[:5]}" for what, items in
+                        (("shapes differ:", wrong), ("missing", required), ("unexpected", unexpected)) if items)
+            + ". The model config (sizes, version, n_rois) must match the pretrained one; foreign weights are "
+            "converted first (python -m brainfm.models.convert --help)")
+    model.load_state_dict(state, strict=False)
+    return missing
 
 
 @dataclass(frozen=True)

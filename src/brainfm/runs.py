@@ -37,8 +37,11 @@ from pathlib import Path
 
 import torch
 
+from brainfm.checkpoints import read_checkpoint
 from brainfm.errors import CheckpointError
 from brainfm.tasks.base import CHECKPOINT_KEY, BrainfmTask
+
+log = logging.getLogger(__name__)
 
 _log = logging.getLogger("brainfm")
 #: Lightning's metadata file in a DCP checkpoint directory (lightning.fabric.utilities.load._METADATA_FILENAME)
@@ -166,17 +169,15 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """``torch.load(weights_only=True)`` with a clear error for files that are not brainfm's.
+    """A brainfm checkpoint, read with :func:`brainfm.checkpoints.read_checkpoint`
+    (``weights_only=True``), with a clear error for files that are not brainfm's.
 
     Raises:
         CheckpointError: see :func:`find_checkpoint`; a file that does not load or has no brainfm entry.
     """
     path = find_checkpoint(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, pickle with code, not a checkpoint
-        raise CheckpointError(f"{path} cannot be loaded as a checkpoint ({type(exc).__name__}: {exc})") from exc
-    if CHECKPOINT_KEY not in ckpt or "hyper_parameters" not in ckpt:
+    ckpt = read_checkpoint(path)  # truncated file, pickle with code: a CheckpointError naming it
+    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "hyper_parameters" not in ckpt:
         raise CheckpointError(f"{path} is not a brainfm checkpoint (no '{CHECKPOINT_KEY}' entry)")
     ckpt["_path"] = str(path)
     return ckpt
@@ -198,18 +199,34 @@ def build_task_from_checkpoint(ckpt: dict, weights: bool = True) -> BrainfmTask:
     return task.eval()
 
 
-def check_data_compatible(meta: dict, store, where: str = "the checkpoint") -> None:
+def check_data_compatible(meta: dict, store, where: str = "the checkpoint", any_tr: bool = False) -> None:
     """Raise CheckpointError unless ``store`` has the TR, ROI count and ROI order the model was
-    trained with (``meta`` = the checkpoint's ``data_meta``)."""
+    trained with (``meta`` = the checkpoint's ``data_meta``).
+
+    ``any_tr``: the model embeds time in seconds (:attr:`brainfm.models.backbone.Backbone.time_in_seconds`),
+    so data at another TR are accepted; the TR of the data and of the training are logged. Otherwise
+    a TR mismatch is refused with the fix (``data.resample_tr``).
+    """
     from brainfm.data.datamodules.base import check_tr
     from brainfm.errors import ConfigError
 
+    trained = meta.get("tr") if isinstance(meta.get("tr"), (int, float)) else None
+    if any_tr and store.tr is not None and trained is not None and abs(float(store.tr) - float(trained)) > 1e-3:
+        log.info("data %s at TR %g s, %s trained at TR %g s: the model embeds time in seconds, so it takes "
+                 "the data's TR", store.location, float(store.tr), where, float(trained))
+        return _check_rois(meta, store, where)
     try:
         tr = check_tr(store.tr, meta.get("tr"), str(store.location), key=f"the TR of {where}")
     except ConfigError as exc:
-        raise CheckpointError(str(exc)) from exc
+        raise CheckpointError(f"{exc} For a model that needs its training TR, resample the data: "
+                              f"data.resample_tr={trained if trained is not None else '<s>'}") from exc
     if store.kind == "roi":  # a file that records no TR takes the checkpoint's
         store.tr = tr
+    _check_rois(meta, store, where)
+
+
+def _check_rois(meta: dict, store, where: str) -> None:
+    """Raise CheckpointError unless ``store`` has the checkpoint's ROI count and order."""
     n = meta.get("n_rois")
     if n is not None and int(n) != store.n_rois:
         raise CheckpointError(
@@ -315,10 +332,7 @@ def consolidate(checkpoint: str | Path, output_file: str | Path, weights_only: b
     output_file.parent.mkdir(parents=True, exist_ok=True)
 
     if form == "dcp":
-        try:
-            state = torch.load(checkpoint / DCP_META, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{checkpoint / DCP_META} cannot be loaded ({type(exc).__name__}: {exc})") from exc
+        state = read_checkpoint(checkpoint / DCP_META)
         state["state_dict"] = read_sharded_state_dict(checkpoint)
         _save_atomic(_strip(state, weights_only), output_file)
     elif form == "deepspeed":
@@ -335,10 +349,7 @@ def consolidate(checkpoint: str | Path, output_file: str | Path, weights_only: b
         finally:
             tmp.unlink(missing_ok=True)
     else:
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            raise CheckpointError(f"{checkpoint} cannot be loaded as a checkpoint ({type(exc).__name__}: {exc})") from exc
+        state = read_checkpoint(checkpoint, mmap=True)
         if weights_only or "optimizer_states" in state:
             _save_atomic(_strip(state, weights_only), output_file)
         else:

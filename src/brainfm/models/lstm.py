@@ -22,11 +22,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from brainfm.models.backbone import Backbone
 from brainfm.models.embedding import TREmbedding
 from brainfm.models.transformer import checkpointed
 
 
-class LSTMAutoencoder(nn.Module):
+class LSTMAutoencoder(nn.Module, Backbone):
     """Args:
         n_rois: ROIs per TR.
         d_model: LSTM width (paper 768).
@@ -69,6 +70,19 @@ class LSTMAutoencoder(nn.Module):
     @property
     def out_dim(self) -> int:
         return self.d_model
+
+    #: ``forward`` returns the reconstruction of its input (``task=autoencoder``'s contract)
+    reconstructs = True
+    time_in_seconds = True  # TREmbedding: any TR
+
+    def features(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Windows ``(B, T, n_rois)``, ``t`` ``(B, T)`` s -> the pooled code as one token ``(B, 1, d)``
+        (the code is what the decoder sees; no token hook: :attr:`token_dim` is ``None``)."""
+        return self.pooled(bold, t)[:, None]
+
+    def pooled(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Windows -> the pooled code ``(B, d)`` (:meth:`encode`)."""
+        return self.encode(bold, t)[0]
 
     def compile_regions(self) -> list[nn.Module]:
         """What ``trainer.compile=true`` compiles: the whole autoencoder (the autoencoding objective

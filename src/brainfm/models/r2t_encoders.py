@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from brainfm.models.backbone import Backbone
 from brainfm.models.embedding import TREmbedding
 from brainfm.models.transformer import checkpointed
 
@@ -35,7 +36,7 @@ class _TemporalBlock(nn.Module):
         return x + self.drop(self.act(y))
 
 
-class TemporalMLPEncoder(nn.Module):
+class TemporalMLPEncoder(nn.Module, Backbone):
     """Per-frame MLP + dilated temporal convolutions over ROI or grayordinate frames.
 
     Args:
@@ -115,3 +116,20 @@ class TemporalMLPEncoder(nn.Module):
 
     def forward(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.encode(self.embed_trs(bold, t))
+
+    # -- the backbone contract (brainfm.models.backbone) --------------------------------------------------
+    time_in_seconds = True  # TREmbedding: any TR
+
+    @property
+    def token_dim(self) -> int:
+        return self.d_model
+
+    def features(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Windows ``(B, T, n_rois)``, ``t`` ``(B, T)`` s -> states per TR ``(B, T, d)``."""
+        return self(bold, t)
+
+    def embed_inputs(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.embed_trs(bold, t)
+
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode(tokens).mean(dim=1)

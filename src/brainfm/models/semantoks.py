@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainfm.errors import ConfigError
+from brainfm.models.backbone import Backbone
 from brainfm.models.transformer import TransformerEncoder, checkpointed
 
 
@@ -214,7 +215,7 @@ def _conv_gelu_mean(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, b
     return F.gelu(F.conv1d(F.pad(x, (before, after)), weight, bias, groups=groups)).mean(dim=-1)
 
 
-class SemantoksEncoder(nn.Module):
+class SemantoksEncoder(nn.Module, Backbone):
     """Network tokenizer + transformer (Brain-Semantoks' ``CNN_TF``).
 
     Args:
@@ -327,6 +328,18 @@ class SemantoksEncoder(nn.Module):
     @property
     def out_dim(self) -> int:
         return self.d_model
+
+    # -- the backbone contract (brainfm.models.backbone) --------------------------------------------------
+    input_keys = ("bold",)
+
+    def features(self, bold: torch.Tensor) -> torch.Tensor:
+        """Windows ``(B, T, n_rois)`` -> the network tokens' states ``(B, n_networks * n_patches, d)``
+        (the CLS token left out)."""
+        return self(bold)[:, 1:]
+
+    def pooled(self, bold: torch.Tensor) -> torch.Tensor:
+        """Windows -> the CLS token's state ``(B, d)``."""
+        return self(bold)[:, 0]
 
     def compile_regions(self) -> list[nn.Module]:
         """What ``trainer.compile=true`` compiles: the whole encoder (SimDINO's student calls

@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from brainfm.models.backbone import Backbone
 from brainfm.models.embedding import TREmbedding
 from brainfm.models.transformer import TransformerEncoder
 
 
-class SequenceTransformer(nn.Module):
+class SequenceTransformer(nn.Module, Backbone):
     """Embed TRs, add learned positions (and segments), run a transformer encoder.
 
     Args:
@@ -83,6 +84,25 @@ class SequenceTransformer(nn.Module):
     @property
     def out_dim(self) -> int:
         return self.d_model
+
+    # -- the backbone contract (brainfm.models.backbone) --------------------------------------------------
+    time_in_seconds = True  # TREmbedding: any TR
+
+    @property
+    def token_dim(self) -> int:
+        return self.d_model
+
+    def features(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Windows ``(B, T, n_rois)``, ``t`` ``(B, T)`` s -> hidden states per TR ``(B, T, d_model)``
+        (no special tokens)."""
+        return self(bold, t)
+
+    def embed_inputs(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.embed_trs(bold, t)
+
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """TR tokens ``(B, T, d_model)`` -> the mean of the encoded states ``(B, d_model)``."""
+        return self.encode(tokens).mean(dim=1)
 
     def compile_regions(self) -> list[nn.Module]:
         """What ``trainer.compile=true`` compiles: every transformer block (regional compilation: the

@@ -52,6 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from brainfm.models.backbone import Backbone
+
 Dims = tuple[int, int, int, int]
 
 
@@ -574,7 +576,7 @@ class PatchEmbed(nn.Module):
         return self.norm(self.fc(x))
 
 
-class SwinTransformer4D(nn.Module):
+class SwinTransformer4D(nn.Module, Backbone):
     """One Swin4D for every SwiFT version (see the module docstring).
 
     Args:
@@ -710,6 +712,28 @@ class SwinTransformer4D(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self(x))
+
+    # -- the backbone contract (brainfm.models.backbone) --------------------------------------------------
+    input_keys = ("volume",)
+
+    @property
+    def token_dim(self) -> int:
+        return self.embed_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Clips ``(B, C, X, Y, Z, T)`` -> last-stage tokens ``(B, d' h' w' t', C_last)``."""
+        return self(x).flatten(2).transpose(1, 2)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Clips -> ``(B, C_last)``: the mean over all last-stage tokens (SwiFT's heads)."""
+        return self.embed(x)
+
+    def embed_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Clips -> patch tokens ``(B, d, h, w, t, embed_dim)`` (:meth:`embed_patches`)."""
+        return self.embed_patches(x)
+
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_tokens(tokens))
 
 
 def swift_checkpoint_filter(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

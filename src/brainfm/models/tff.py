@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainfm.errors import ConfigError
+from brainfm.models.backbone import Backbone
 from brainfm.models.transformer import checkpointed
 
 POOLS = ("mean", "cls")
@@ -235,7 +236,7 @@ class TemporalBERT(nn.Module):
         return x[:, 1:], (torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None)
 
 
-class TFF(nn.Module):
+class TFF(nn.Module, Backbone):
     """TFF autoencoder: 3-D CNN encoder per TR -> bottleneck vector -> transformer over the TRs ->
     bottleneck -> mirrored 3-D CNN decoder per TR.
 
@@ -363,3 +364,14 @@ class TFF(nn.Module):
         (``pool=mean``) or BERT's pooled CLS (``pool=cls``)."""
         sequence, cls = self.encode(x)
         return cls if self.pool == "cls" else sequence.mean(dim=1)
+
+    # -- the backbone contract (brainfm.models.backbone) --------------------------------------------------
+    input_keys = ("volume",)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Clips ``(B, C, X, Y, Z, T)`` -> the transformer's states per TR ``(B, T, hidden)``."""
+        return self.encode(x)[0]
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Clips -> ``(B, hidden)`` (:meth:`embed`)."""
+        return self.embed(x)

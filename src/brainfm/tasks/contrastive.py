@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from brainfm.errors import ConfigError
-from brainfm.models.lstm import LSTMAutoencoder
-from brainfm.models.sequence import SequenceTransformer
+from brainfm.models.backbone import require
 from brainfm.tasks.base import BrainfmTask
 from brainfm.tasks.distributed import GlobalBatchNorm1d
 from brainfm.tasks.losses import nt_xent
@@ -43,27 +42,24 @@ class ContrastiveSequenceModeling(BrainfmTask):
     backbone states ``(B, d)`` (before the projection head).
 
     Raises:
-        ConfigError: a backbone other than a SequenceTransformer / LSTMAutoencoder, or batches
+        ConfigError: a backbone that does not read ROI windows with their times, or batches
             without pairs.
     """
 
     def __init__(self, model: dict, temperature: float = 0.1, proj_dim: int = 128, noise_std: float = 0.0, **kwargs) -> None:
         self._objective = {"temperature": float(temperature), "proj_dim": int(proj_dim), "noise_std": float(noise_std)}
         super().__init__(model, **kwargs)
-        if not isinstance(self.model, (SequenceTransformer, LSTMAutoencoder)):
-            raise ConfigError(f"task=contrastive needs a sequence backbone; got {type(self.model).__name__}")
+        require(self.model, "task=contrastive", "a sequence backbone of ROI windows and their times",
+                "model=gpt, bert or lstm_ae", input_keys=("bold", "t"))
         self.temperature, self.noise_std = float(temperature), float(noise_std)
         self.projection = ProjectionHead(self.model.d_model, int(proj_dim))
-        if isinstance(self.model, SequenceTransformer):
-            self.model.use_special_tokens()  # plain windows: no MASK/CLS/SEP/segment
+        self.model.use_special_tokens()  # plain windows: no MASK/CLS/SEP/segment
 
     def objective_hparams(self) -> dict:
         return dict(self._objective)
 
     def _pooled(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.model, LSTMAutoencoder):
-            return self.model.encode(bold, t)[0]
-        return self.model(bold, t).mean(dim=1)
+        return self.model.pooled(bold, t)
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         if "bold2" not in batch:

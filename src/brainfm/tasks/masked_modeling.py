@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainfm.errors import ConfigError
+from brainfm.models.backbone import require
 from brainfm.models.heads import BinaryHead, ReconstructionHead
-from brainfm.models.sequence import SequenceTransformer
 from brainfm.tasks.base import BrainfmTask
 
 
@@ -71,8 +71,9 @@ class MaskedSequenceModeling(BrainfmTask):
             raise ConfigError(f"task.mask_ratio={mask_ratio} must lie in (0, 1)")
         if pooling not in ("mean", "cls"):
             raise ConfigError(f"task.pooling={pooling!r} must be 'mean' or 'cls'")
-        if not isinstance(self.model, SequenceTransformer) or self.model.causal:
-            raise ConfigError("masked modelling needs a bidirectional SequenceTransformer (model=bert)")
+        require(self.model, "masked modelling (task=seq_bert / net_bert)", "a bidirectional sequence transformer",
+                "model=bert", "embed_trs", "encode", "special",
+                causal=False)
         if self.model.segment is None:
             raise ConfigError("masked modelling needs segment embeddings: set model.n_segments=2")
         g0, g1 = self._objective["gap_range"]

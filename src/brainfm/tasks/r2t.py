@@ -62,11 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brainfm.checkpoints import read_state_dict
 from brainfm.errors import ConfigError
-from brainfm.models.lstm import LSTMAutoencoder
-from brainfm.models.r2t_encoders import TemporalMLPEncoder
-from brainfm.models.sequence import SequenceTransformer
-from brainfm.models.swin4d import SwinTransformer4D
 from brainfm.tasks.base import BrainfmTask
 from brainfm.tasks.distributed import gather
 from brainfm.tasks.losses import nt_xent
@@ -151,15 +148,14 @@ class R2TTask(BrainfmTask):
         }
         super().__init__(model, **kwargs)
         m = self.model
-        if isinstance(m, SwinTransformer4D):
-            token_dim = m.embed_dim
-        elif isinstance(m, (SequenceTransformer, TemporalMLPEncoder, LSTMAutoencoder)):
-            token_dim = m.d_model
-        else:
-            raise ConfigError(f"task=r2t has no encoder path for {type(m).__name__}; use a Swin4D (volumes), a "
-                              "SequenceTransformer, TemporalMLPEncoder or LSTMAutoencoder (ROIs, grayordinates)")
-        if isinstance(m, SequenceTransformer):
-            m.use_special_tokens()  # plain windows: no MASK/CLS/SEP/segment
+        if m.input_keys not in (("volume",), ("bold", "t")):
+            raise ConfigError(f"task=r2t has no encoder path for {type(m).__name__} (it reads {list(m.input_keys)}); use "
+                              "a Swin4D (volumes), a SequenceTransformer, TemporalMLPEncoder or LSTMAutoencoder (ROIs, "
+                              "grayordinates)")
+        # the modality embedding is added to the input tokens where the backbone has a token hook, else to
+        # its pooled embedding (the LSTM)
+        token_dim = m.token_dim if m.token_dim is not None else m.out_dim
+        m.use_special_tokens()  # plain windows: no MASK/CLS/SEP/segment
         self.targets, self.mode, self.kind = targets, mode, kind
         self.embed_dim = int(embed_dim)
         self.modality = nn.Embedding(2, token_dim) if modality_embedding else None
@@ -205,8 +201,7 @@ class R2TTask(BrainfmTask):
     def _init_from(self, path: str) -> None:
         path_ = Path(path)
         if path_.suffix == ".ckpt" and path_.is_file():
-            state = torch.load(path_, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state)
+            state = read_state_dict(path_)
             if any(k.startswith("projection.") for k in state):  # an R2T checkpoint: all but the head
                 keep = {k: v for k, v in state.items() if not k.startswith("head.")}
                 missing, unexpected = self.load_state_dict(keep, strict=False)
@@ -266,7 +261,7 @@ class R2TTask(BrainfmTask):
 
     def _check_input(self, x: torch.Tensor) -> None:
         m = self.model
-        if isinstance(m, SwinTransformer4D):
+        if m.input_keys == ("volume",):
             if x.ndim != 6:
                 raise ConfigError(f"model {type(m).__name__} takes volume clips (B, C, X, Y, Z, T); got {tuple(x.shape)}. "
                                   "Use data=r2t_volume, or a sequence model for ROI/grayordinate data")
@@ -288,20 +283,19 @@ class R2TTask(BrainfmTask):
         self._check_input(x)
         m = self.model
         mod = self.modality(modality) if self.modality is not None else None
-        if isinstance(m, SwinTransformer4D):
-            tokens = m.embed_patches(x)  # (B, d, h, w, t, E)
-            if mod is not None:
-                tokens = tokens + mod[:, None, None, None, None, :].to(tokens.dtype)
-            return m.pool(m.forward_tokens(tokens))
-        if t is None:
+        if m.input_keys == ("volume",):
+            inputs = (x,)
+        elif t is None:
             raise ConfigError("ROI/grayordinate windows need their times 't' (seconds) in the batch")
-        if isinstance(m, LSTMAutoencoder):  # no token hook in the LSTM: the modality shifts its pooled code
-            h = m.encode(x, t)[0]
-            return h + mod if mod is not None else h
-        tokens = m.embed_trs(x, t)
+        else:
+            inputs = (x, t)
+        if m.token_dim is None:  # no token hook (the LSTM): the modality shifts the pooled embedding
+            h = m.pooled(*inputs)
+            return h + mod.to(h.dtype) if mod is not None else h
+        tokens = m.embed_inputs(*inputs)  # (B, ..., token_dim): Swin4D (B, d, h, w, t, E), sequences (B, T, d)
         if mod is not None:
-            tokens = tokens + mod[:, None, :].to(tokens.dtype)
-        return m.encode(tokens).mean(dim=1)
+            tokens = tokens + mod.view(mod.shape[0], *([1] * (tokens.ndim - 2)), -1).to(tokens.dtype)
+        return m.pool_tokens(tokens)
 
     def embedding(self, x: torch.Tensor, t: torch.Tensor | None, modality: int | torch.Tensor) -> torch.Tensor:
         """L2-normalised embedding ``(B, embed_dim)`` of one view."""

@@ -332,10 +332,10 @@ class SimDINO(BrainfmTask):
         }
         model = resolve_network_map(plain(model), plain(kwargs.get("data_meta")))
         super().__init__(model, **kwargs)
-        from brainfm.models.semantoks import SemantoksEncoder
+        from brainfm.models.backbone import require
 
-        if not isinstance(self.model, SemantoksEncoder):
-            raise ConfigError(f"task=simdino needs model=semantoks; got {type(self.model).__name__}")
+        require(self.model, "task=simdino", "a network-token encoder (Brain-Semantoks)", "model=semantoks", "tokenize",
+                "encode", input_keys=("bold",))
         self.head = ProjectionHead(self.model.d_model, int(head["hidden_dim"]), int(head["bottleneck_dim"]), int(head["n_layers"]))
         self.teacher = copy.deepcopy(self.model)
         self.teacher_head = copy.deepcopy(self.head)

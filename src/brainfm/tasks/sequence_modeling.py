@@ -11,10 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from brainfm.errors import ConfigError
+from brainfm.models.backbone import require
 from brainfm.models.heads import ReconstructionHead
-from brainfm.models.lstm import LSTMAutoencoder
-from brainfm.models.sequence import SequenceTransformer
 from brainfm.tasks.base import BrainfmTask
 
 
@@ -25,16 +23,12 @@ class CausalSequenceModeling(BrainfmTask):
     ``embed`` returns the mean of the hidden states over the window's TRs, ``(B, d)``.
 
     Raises:
-        ConfigError: the model is not a causal :class:`SequenceTransformer`.
+        ConfigError: the model is not a causal sequence transformer (``model=gpt``).
     """
 
     def __init__(self, model: dict, **kwargs) -> None:
         super().__init__(model, **kwargs)
-        if not isinstance(self.model, SequenceTransformer) or not self.model.causal:
-            raise ConfigError(
-                "task=csm needs a causal SequenceTransformer (model=gpt); got "
-                f"{type(self.model).__name__}{'' if not isinstance(self.model, SequenceTransformer) else ' with causal=false'}"
-            )
+        require(self.model, "task=csm", "a causal sequence transformer", "model=gpt", "embed_trs", "encode", causal=True)
         self.head = ReconstructionHead(self.model.d_model, self.model.n_rois)
         self.model.use_special_tokens("mask")
 
@@ -52,7 +46,7 @@ class CausalSequenceModeling(BrainfmTask):
 
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:
-        return self.model(batch["bold"], batch["t"]).mean(dim=1)
+        return self.model.pooled_batch(batch)
 
 
 class SequenceAutoencoding(BrainfmTask):
@@ -60,13 +54,12 @@ class SequenceAutoencoding(BrainfmTask):
     pooled code ``(B, d)``.
 
     Raises:
-        ConfigError: the model is not an :class:`LSTMAutoencoder`.
+        ConfigError: the model is not an autoencoder (``model=lstm_ae``).
     """
 
     def __init__(self, model: dict, **kwargs) -> None:
         super().__init__(model, **kwargs)
-        if not isinstance(self.model, LSTMAutoencoder):
-            raise ConfigError(f"task=autoencoder needs model=lstm_ae; got {type(self.model).__name__}")
+        require(self.model, "task=autoencoder", "an autoencoder of ROI windows", "model=lstm_ae", "encode", reconstructs=True)
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         recon, _ = self.model(batch["bold"], batch["t"])
@@ -75,4 +68,4 @@ class SequenceAutoencoding(BrainfmTask):
 
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:
-        return self.model.encode(batch["bold"], batch["t"])[0]
+        return self.model.pooled_batch(batch)

@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brainfm.checkpoints import load_backbone
 from brainfm.errors import ConfigError
-from brainfm.models.lstm import LSTMAutoencoder
-from brainfm.models.sequence import SequenceTransformer
-from brainfm.models.swin4d import SwinTransformer4D
 from brainfm.tasks.base import BrainfmTask
 from brainfm.tasks.distributed import GlobalBatchNorm1d
 from brainfm.tasks.metrics import SubjectOutputs, per_subject_means, subject_metrics
@@ -25,56 +23,23 @@ KINDS = ("binary", "multiclass", "regression")
 
 
 def pooled_embedding(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Backbone embedding ``(B, D)`` of a batch: mean over Swin4D tokens / TR tokens, or the LSTM code."""
-    if isinstance(model, SwinTransformer4D):
-        return model.embed(batch["volume"])
-    if isinstance(model, SequenceTransformer):
-        return model(batch["bold"], batch["t"]).mean(dim=1)
-    if isinstance(model, LSTMAutoencoder):
-        return model.encode(batch["bold"], batch["t"])[0]
-    from brainfm.models.tff import TFF
-
-    if isinstance(model, TFF):
-        return model.embed(batch["volume"])
-    raise ConfigError(f"no pooled embedding defined for {type(model).__name__}")
-
-
-def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The backbone weights in a brainfm checkpoint (its ``model.*`` entries, prefix removed), a
-    ``.safetensors`` file (e.g. SwiFT weights converted by ``brainfm.models.convert``) or a plain
-    state-dict file.
+    """Backbone embedding ``(B, D)`` of a batch (:meth:`brainfm.models.backbone.Backbone.pooled`:
+    mean over Swin4D tokens / TR states, the LSTM code, TFF's pooled state, Semantoks' CLS).
 
     Raises:
-        ConfigError: no such file.
+        ConfigError: the batch lacks the model's inputs.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"task.init_from={path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    if any(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    return state
+    return model.pooled_batch(batch)
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
-    """Initialise ``model`` from a brainfm checkpoint (its ``model.*`` weights), a SwiFT-converted
-    ``.safetensors`` or a plain state dict file.
+    """Initialise ``model`` from ``task.init_from`` (:func:`brainfm.checkpoints.load_backbone`; a
+    final norm or BERT pooler the pretraining did not train may be missing).
 
     Raises:
-        ConfigError: missing file or keys that do not fit the model.
+        CheckpointError: the file does not load. ConfigError: keys that do not fit the model.
     """
-    state = read_backbone_state(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.startswith(("norm.", "transformer.pooler."))]:
-        raise ConfigError(
-            f"task.init_from={path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
-            "the model config (sizes, version) must match the pretrained one"
-        )
+    load_backbone(model, path, may_be_missing=("norm.", "transformer.pooler."))
 
 
 class SupervisedTask(BrainfmTask):
@@ -121,8 +86,7 @@ class SupervisedTask(BrainfmTask):
             self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, n_out))
         else:
             raise ConfigError(f"task.head={head!r} must be 'linear', 'bn_linear' or 'mlp'")
-        if isinstance(self.model, SequenceTransformer):
-            self.model.use_special_tokens()  # plain windows: no MASK/CLS/SEP/segment
+        self.model.use_special_tokens()  # plain windows: no MASK/CLS/SEP/segment
         if freeze_backbone:
             self.model.requires_grad_(False)
         self._val = SubjectOutputs()

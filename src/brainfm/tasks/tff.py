@@ -85,19 +85,13 @@ class VGG16Features(nn.Module):
         if not path.is_file():
             raise ConfigError(f"task.perceptual_weights={path}: no such file. Fix: point it at a VGG16 state dict "
                               "(torchvision layout, e.g. vgg16-397923af.pth), or set task.perceptual=false")
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
+        from brainfm.checkpoints import read_state_dict
+        from brainfm.errors import CheckpointError
 
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ConfigError(f"task.perceptual_weights={path} cannot be read as a state dict "
-                              f"({type(exc).__name__}: {exc})") from exc
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        if not isinstance(state, dict):
-            raise ConfigError(f"task.perceptual_weights={path} holds a {type(state).__name__}, not a state dict")
+        try:
+            state = read_state_dict(path)
+        except CheckpointError as exc:
+            raise ConfigError(f"task.perceptual_weights: {exc}") from exc
         state = {k[len("features."):] if k.startswith("features.") else k: v for k, v in state.items()}
         self.layers = []
         for i, (c_in, c_out) in VGG16_CONVS.items():
@@ -148,18 +142,9 @@ def load_pretrained_tff(model: TFF, path: str | Path) -> list[str]:
     Raises:
         ConfigError: missing file, or keys that do not fit the model.
     """
-    from brainfm.tasks.supervised import read_backbone_state
+    from brainfm.checkpoints import load_backbone
 
-    state = read_backbone_state(path)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes differ
-        raise ConfigError(f"task.init_from={path} does not fit the model ({str(exc).splitlines()[1].strip()}); "
-                          "model.img_size, base_channels, encoder_blocks and hidden_size must match") from exc
-    if unexpected or [k for k in missing if not k.startswith("transformer.")]:
-        raise ConfigError(f"task.init_from={path} does not fit the model: missing {missing[:5]}, unexpected "
-                          f"{unexpected[:5]}; model.img_size, base_channels, encoder_blocks and hidden_size must match")
-    return list(missing)
+    return load_backbone(model, path, may_be_missing=("transformer.",))
 
 
 class TFFAutoencoder(BrainfmTask):

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from brainfm.errors import ConfigError
+from brainfm.models.backbone import require
 from brainfm.models.simmim import SimMIMDecoder, patch_mask
-from brainfm.models.swin4d import SwinTransformer4D
 from brainfm.tasks.base import BrainfmTask
 
 
@@ -35,8 +35,9 @@ class SimMIM(BrainfmTask):
         self._objective = {"mask_ratio": float(mask_ratio), "mask_kind": mask_kind, "decoder": decoder,
                            "decoder_hidden": int(decoder_hidden)}
         super().__init__(model, **kwargs)
-        if not isinstance(self.model, SwinTransformer4D):
-            raise ConfigError(f"task=simmim needs a Swin4D model (model=swin4d_v*); got {type(self.model).__name__}")
+        require(self.model, "task=simmim", "a Swin4D backbone (patch embeddings of volume clips)",
+                "model=swin4d_v7 ... swin4d_v11", "embed_patches", "forward_tokens",
+                input_keys=("volume",))
         if not 0.05 <= mask_ratio <= 0.95:
             raise ConfigError(f"task.mask_ratio={mask_ratio} must lie in [0.05, 0.95] (SwiFT v2 uses 0.6-0.8)")
         if mask_kind not in ("random", "tube"):
