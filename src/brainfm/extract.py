@@ -118,10 +118,16 @@ def load_run(ckpt: str | os.PathLike, data_overrides: Mapping[str, Any] | Sequen
             "config.yaml next to the checkpoints/ folder"
         )
     checkpoint = load_checkpoint(path)
+    task = build_task_from_checkpoint(checkpoint)
+    any_tr = bool(task.model.time_in_seconds)
     cfg = OmegaConf.load(config_file)
     if "data" not in cfg:
         raise CheckpointError(f"{config_file} has no 'data' section; it is not a brainfm-train run config")
     dots = _dotlist(data_overrides)
+    keys = {d.split("=", 1)[0] for d in dots}
+    if any_tr and "path" in keys and "tr" not in keys and "tr" in cfg.data:
+        # other data for a model that embeds time in seconds: the data's own TR, not the training recipe's
+        dots.append("tr=null")
     if dots:
         OmegaConf.set_struct(cfg, False)
         try:
@@ -140,9 +146,8 @@ def load_run(ckpt: str | os.PathLike, data_overrides: Mapping[str, Any] | Sequen
         raise
     meta = checkpoint["hyper_parameters"].get("data_meta") or {}
     for _, dm in _children(datamodule):
-        check_compatible(meta, dm, where=f"checkpoint {path}")
+        check_compatible(meta, dm, where=f"checkpoint {path}", any_tr=any_tr)
         use_checkpoint_normalization(checkpoint, dm)
-    task = build_task_from_checkpoint(checkpoint)
     return LoadedRun(checkpoint, task, cfg, datamodule, run_dir)
 
 
@@ -161,21 +166,22 @@ def _stores(dm) -> list:
     return [dm.store]
 
 
-def check_compatible(meta: Mapping[str, Any], dm, where: str = "the checkpoint") -> None:
+def check_compatible(meta: Mapping[str, Any], dm, where: str = "the checkpoint", any_tr: bool = False) -> None:
     """Raise CheckpointError unless ``dm``'s stores have the checkpoint's TR, ROI count and order
     (ROI/grayordinate data) or grid (volumes).
 
-    ``meta``: the checkpoint's ``data_meta``. A ``tr`` of ``"mixed"`` accepts any TR.
+    ``meta``: the checkpoint's ``data_meta``. A ``tr`` of ``"mixed"`` accepts any TR, and so does
+    ``any_tr`` (a model that embeds time in seconds: the data's TR is logged, not refused).
     """
     from brainfm.runs import check_data_compatible
 
     for store in _stores(dm):
         if store.kind in ("roi", "grayordinate"):
             if isinstance(meta.get("tr"), (int, float)) or meta.get("tr") is None:
-                check_data_compatible(meta, store, where=where)
+                check_data_compatible(meta, store, where=where, any_tr=any_tr)
             continue
         tr = meta.get("tr")
-        if isinstance(tr, (int, float)):
+        if isinstance(tr, (int, float)) and not any_tr:
             trs = np.asarray(store.trs, dtype=float)
             bad = np.flatnonzero(~np.isclose(trs, float(tr), atol=1e-3))
             if len(bad):

@@ -8,6 +8,7 @@
     brainfm-data synth volumes --runs N --trs T --grid X Y Z --out DIR [--runs-per-subject K] [--tr S]
         [--data random|zeros] [--workers W]
     brainfm-data synth rois --runs N --trs T --rois R --out FILE.h5 [--runs-per-subject K] [--tr S]
+    brainfm-data resample <in.h5> <out.h5> --tr S [--atlas NAME]   every run resampled to TR S (polyphase)
 
 A store is an ROI HDF5 file, a volume or grayordinate store folder, or SwiFT frame folders
 (``img/<subject>/frame_<t>.pt``; frames carry no TR: pass --tr). Opening a folder store reads its
@@ -113,6 +114,13 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"wrote {_open(out)}")
 
 
+def _resample(args: argparse.Namespace) -> None:
+    from brainfm.data.stores.resample import write_resampled_roi_h5
+
+    out = write_resampled_roi_h5(args.path, args.out, args.tr, atlas=args.atlas)
+    print(f"wrote {_open(out)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="brainfm-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=_synth)
+    p = sub.add_parser("resample", help="an ROI HDF5 store with every run resampled to another TR (polyphase)")
+    p.add_argument("path", type=Path, help="the ROI .h5 store")
+    p.add_argument("out", type=Path, help="the .h5 file to write")
+    p.add_argument("--tr", type=float, required=True, help="the new TR in seconds")
+    p.add_argument("--atlas", default=None, help="the atlas (default: the only one)")
+    p.set_defaults(func=_resample)
     args = parser.parse_args(argv)
     with exit_on_brainfm_error("brainfm-data"):
         args.func(args)

@@ -17,7 +17,9 @@ def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Subject re-identification ({report['data']['n_subjects']} subjects; "
+    tr = report["data"].get("tr")
+    at = f" at TR {tr:g} s" if isinstance(tr, (int, float)) else ""
+    table = Table(title=f"Subject re-identification ({report['data']['n_subjects']} subjects{at}; "
                   f"gallery: {report['protocol']['gallery']}, queries: {report['protocol']['queries']})")
     table.add_column("window")
     names = list(report["results"])

@@ -65,7 +65,7 @@ def normalizer_for(ckpt: dict, store: ROIStore) -> ROINormalizer:
     return ROINormalizer.fit(store, mode=mode, eps=float(state.get("eps", 1e-6)))
 
 
-def _windows_and_store(ckpt_path, ckpt: dict, data_path):
+def _windows_and_store(ckpt_path, ckpt: dict, data_path, any_tr: bool = False):
     """The store to evaluate on and how to cut it: ``(store, make(segments, length, step) -> dataset,
     volume?)``. From the run's ``config.yaml`` when there is one (every family: ROI windows, volume
     clips), else (a checkpoint file on its own) from the ROI store the checkpoint names."""
@@ -86,7 +86,7 @@ def _windows_and_store(ckpt_path, ckpt: dict, data_path):
         return store, (lambda seg, length, step: VolumeClipDataset(store, seg, length, frame_stride, clip_stride=step,
                                                                    normalisation=load, return_mask=False)), True
     store = open_store("roi", data_path or meta["path"], atlas=meta.get("atlas"))
-    check_data_compatible(meta, store, where=f"checkpoint {ckpt['_path']}")
+    check_data_compatible(meta, store, where=f"checkpoint {ckpt['_path']}", any_tr=any_tr)
     norm = normalizer_for(ckpt, store)
     return store, (lambda seg, length, step: ROIWindowDataset(store, norm, seg, length, step)), False
 
@@ -148,7 +148,8 @@ def run_reidentification(
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; available: {list(BASELINES)}")
     ckpt = load_checkpoint(ckpt_path)
-    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path)
+    pretrained = build_task_from_checkpoint(ckpt)
+    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path, any_tr=pretrained.model.time_in_seconds)
     if volume:
         window_lengths = [int(ckpt["hyper_parameters"]["data_meta"].get("window_length")
                               or ckpt["hyper_parameters"]["model"]["img_size"][3])]
@@ -162,7 +163,7 @@ def run_reidentification(
                     "val": [(int(r), 0, int(store.lengths[r])) for r in q]}
     else:
         segments = time_split(store.lengths, gallery_fraction)
-    models = {"pretrained": build_task_from_checkpoint(ckpt)}
+    models = {"pretrained": pretrained}
     if "random_init" in baselines:
         torch.manual_seed(seed)
         models["random_init"] = build_task_from_checkpoint(ckpt, weights=False)

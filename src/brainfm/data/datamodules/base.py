@@ -115,6 +115,10 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         num_workers: DataLoader worker processes. seed: sampler (and augmentation) seed.
         labels: phenotype labels joined to batches by subject (:mod:`brainfm.data.phenotypes`).
         cache: per-process store cache sizes (:data:`brainfm.data.stores.base.DEFAULT_CACHE`).
+        resample_tr: seconds: the runs are resampled to this TR when read
+            (:class:`~brainfm.data.stores.resample.ResampledStore`, polyphase, ROI and grayordinate
+            stores) after the file's TR was checked against ``tr``; the datamodule's TR is then this
+            one. None: the data's TR.
 
     Raises:
         ConfigError: unknown window keys or cache sizes; from :meth:`setup` as the subclasses say.
@@ -126,10 +130,11 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
     def __init__(self, name: str, path: str, tr: float | str | None = None, split: dict | None = None,
                  split_dir: str = "data_splits", window: dict | None = None, batch_size: int = 16,
                  eval_batch_size: int = 64, num_workers: int = 0, seed: int = 0, labels: dict | None = None,
-                 cache: dict | None = None) -> None:
+                 cache: dict | None = None, resample_tr: float | None = None) -> None:
         super().__init__()
         self.name, self.path = name, Path(path)
         self.expected_tr = tr
+        self.resample_tr = None if resample_tr is None else float(resample_tr)
         self.split = {**SPLIT_DEFAULTS, **(split or {})}
         self.split_dir = Path(split_dir)
         unknown = set(window or {}) - set(WINDOW_KEYS)
@@ -170,7 +175,12 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         if self.store is not None:
             return
         store = self.open_store()
-        self.tr = resolve_tr(store, self.expected_tr)
+        self.tr = resolve_tr(store, self.expected_tr)  # the file against the recipe: a mismatch is refused
+        if self.resample_tr is not None:
+            from brainfm.data.stores.resample import ResampledStore
+
+            store = ResampledStore(store, self.resample_tr, cache_runs=self.cache["resampled_runs"])
+            self.tr = self.resample_tr
         self.check_store(store)
         self.segments = self.split_segments(store.subject_ids, store.lengths)
         self.store = store
@@ -223,6 +233,7 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
             "dataset": self.name,
             "path": str(self.path),
             "tr": self.tr,
+            "resample_tr": self.resample_tr,
             "split": plain(self.split),
             "split_file": None if self.split_file is None else str(self.split_file),
             "n_subjects": len(self.store.subjects()),

@@ -18,7 +18,8 @@ class ROIDataModule(StoreDataModule):
     """Windows of z-scored ROI time series from an HDF5 ROI store.
 
     Args:
-        name, path, tr, split, split_dir, batch_size, eval_batch_size, num_workers, seed, labels, cache:
+        name, path, tr, split, split_dir, batch_size, eval_batch_size, num_workers, seed, labels, cache,
+        resample_tr:
             as :class:`~brainfm.data.datamodules.base.StoreDataModule` (``path``: the ``.h5`` store,
             layout in :mod:`brainfm.data.stores.roi`).
         atlas: atlas under ``/timeseries`` (optional if the file holds one).
@@ -43,10 +44,11 @@ class ROIDataModule(StoreDataModule):
                  n_rois: int | None = None, normalization: dict | None = None, window: dict | None = None,
                  split: dict | None = None, split_dir: str = "data_splits", batch_size: int = 16,
                  eval_batch_size: int = 64, num_workers: int = 0, seed: int = 0, preload: bool | str = "auto",
-                 pairs: bool = False, labels: dict | None = None, cache: dict | None = None) -> None:
+                 pairs: bool = False, labels: dict | None = None, cache: dict | None = None,
+                 resample_tr: float | None = None) -> None:
         super().__init__(name, path, tr=tr, split=split, split_dir=split_dir, window=window, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed, labels=labels,
-                         cache=cache)
+                         cache=cache, resample_tr=resample_tr)
         self.atlas = atlas
         self.expected_n_rois = n_rois
         self.normalization = {"mode": "run", "eps": 1e-6, **(normalization or {})}

@@ -31,8 +31,9 @@ import numpy as np
 
 from brainfm.errors import DataError
 
-#: Default sizes of the per-process caches (``data.cache`` in the configs).
-DEFAULT_CACHE = {"open_runs": 32, "masks": 32, "run_stats": 4096}
+#: Default sizes of the per-process caches (``data.cache`` in the configs): open files or memory maps,
+#: brain masks, per-run statistics, runs resampled to ``data.resample_tr``.
+DEFAULT_CACHE = {"open_runs": 32, "masks": 32, "run_stats": 4096, "resampled_runs": 64}
 
 
 @runtime_checkable
