@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -54,3 +55,9 @@ def tidy_logging() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    if "SLURM_JOB_ID" not in os.environ:
+        # Lightning warns whenever `srun` is on PATH (a login node, a workstation with SLURM's client) and
+        # the process was not started by it. Outside a SLURM job brainfm runs in this one process on
+        # purpose; inside one (SLURM_JOB_ID set), brainfm's sbatch templates launch every rank with srun,
+        # and a job that does not still gets Lightning's hint.
+        warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
