@@ -16,7 +16,11 @@ from brainfm.cli import train
 from brainfm.config import compose
 from brainfm.data.datamodules.roi import ROIDataModule
 from brainfm.data.stores import open_store
-from brainfm.data.stores.resample import resample_factors, resample_run, write_resampled_roi_h5
+from brainfm.data.stores.resample import (
+    resample_factors,
+    resample_run,
+    write_resampled_roi_h5,
+)
 from brainfm.errors import CheckpointError, ConfigError
 
 

@@ -176,10 +176,18 @@ def _swift(state: StateDict) -> tuple[StateDict, StateDict]:
     return swift_checkpoint_filter(state)
 
 
+def _lfb(state: StateDict) -> tuple[StateDict, StateDict]:
+    from brainfm.models.sequence import lfb_checkpoint_filter
+
+    return lfb_checkpoint_filter(state)
+
+
 #: name -> adapter, for ``python -m brainfm.models.convert <name>``
 ADAPTERS: dict[str, Adapter] = {
     "swift": Adapter("swift", "SwiFT Lightning checkpoint -> Swin4D backbone (model=swin4d_v7 with its sizes)", _swift,
                      safe_globals=LIGHTNING_SAFE_GLOBALS),
+    "lfb": Adapter("lfb", "Thomas et al. (learning-from-brains) GPT/CSM or Sequence-BERT pytorch_model.bin -> "
+                   "SequenceTransformer + task heads (experiment=lfb_gpt / lfb_seq_bert; writes <dst>.yaml)", _lfb),
 }
 
 

@@ -44,13 +44,23 @@ class TREmbedding(nn.Module):
             )
         return self.norm(self.proj(bold))
 
-    def time_index(self, t: torch.Tensor) -> torch.Tensor:
-        """Seconds ``(B, T)`` -> time-bin indices; negative times map to the special index."""
+    @torch.compiler.disable
+    def check_range(self, t: torch.Tensor) -> None:
+        """Raise ValueError for times at or beyond ``t_max_s``. It reads ``t.max()`` on the host: under
+        ``torch.compile`` a deliberate graph break (eager, not traced: no Dynamo warning)."""
         if t.numel() and float(t.max()) >= self.t_max_s:
             raise ValueError(
                 f"a window spans {float(t.max()):.1f} s, beyond the time embedding's t_max_s="
                 f"{self.t_max_s:g} s; use shorter windows or a model with a larger model.t_max_s"
             )
+
+    def time_index(self, t: torch.Tensor) -> torch.Tensor:
+        """Seconds ``(B, T)`` -> time-bin indices; negative times map to the special index.
+
+        Raises:
+            ValueError: a time at or beyond ``t_max_s`` (:meth:`check_range`).
+        """
+        self.check_range(t)
         idx = torch.round(t / self.t_resolution_s).long()
         return torch.where(t < 0, torch.full_like(idx, self.n_time_bins), idx)
 

@@ -1,6 +1,13 @@
 """Pre-LayerNorm transformer encoder on ``F.scaled_dot_product_attention`` (fused kernels on GPU,
 the efficient math path on CPU), with optional causal masking, LayerScale and activation
-checkpointing of every block (``use_checkpoint``)."""
+checkpointing of every block (``use_checkpoint``).
+
+Options for loading foreign weights (defaults keep brainfm's own layout and checkpoints):
+``activation`` (:data:`ACTIVATIONS`: ``"gelu"``, exact erf GELU; ``"gelu_tanh"``, the tanh
+approximation that Hugging Face calls ``gelu_new``, used by GPT-2 and by Thomas et al.'s released
+GPT/BERT), ``norm_layout`` (:data:`NORM_LAYOUTS`: ``"pre"``, GPT-2's ``x + f(LN(x))`` blocks and a
+final LayerNorm; ``"post"``, BERT's ``LN(x + f(x))`` blocks and no final LayerNorm) and ``norm_eps``
+(the LayerNorms' epsilon: 1e-5 in PyTorch and GPT-2, 1e-12 in BERT)."""
 
 from __future__ import annotations
 
@@ -51,15 +58,37 @@ class SelfAttention(nn.Module):
         return self.drop(self.proj(y.transpose(1, 2).reshape(b, n, d)))
 
 
+#: ``model.activation`` -> the MLP's non-linearity (``"gelu_tanh"`` = Hugging Face ``gelu_new``:
+#: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, GPT-2 / Thomas et al.)
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+#: ``model.norm_layout``: ``"pre"`` (pre-LN blocks + final LayerNorm) or ``"post"`` (post-LN, no final norm)
+NORM_LAYOUTS = ("pre", "post")
+
+
+def check_transformer_options(activation: str, norm_layout: str) -> None:
+    """Raises ValueError for an ``activation`` not in :data:`ACTIVATIONS` or a ``norm_layout`` not in
+    :data:`NORM_LAYOUTS`, naming the config key and the valid values."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"model.activation={activation!r} must be one of {sorted(ACTIVATIONS)}")
+    if norm_layout not in NORM_LAYOUTS:
+        raise ValueError(f"model.norm_layout={norm_layout!r} must be one of {list(NORM_LAYOUTS)}")
+
+
 class MLP(nn.Sequential):
-    def __init__(self, d_model: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    """``Linear(d -> mlp_ratio d)``, GELU (``activation``: :data:`ACTIVATIONS`), ``Linear(-> d)``, dropout."""
+
+    def __init__(self, d_model: int, mlp_ratio: float = 4.0, dropout: float = 0.0, activation: str = "gelu") -> None:
+        check_transformer_options(activation, "pre")
         hidden = int(d_model * mlp_ratio)
-        super().__init__(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model), nn.Dropout(dropout))
+        super().__init__(nn.Linear(d_model, hidden), nn.GELU(approximate=ACTIVATIONS[activation]),
+                         nn.Linear(hidden, d_model), nn.Dropout(dropout))
 
 
 class TransformerBlock(nn.Module):
     """``x + LS(attn(LN(x)))`` then ``x + LS(mlp(LN(x)))``; LayerScale (Touvron et al. 2021) when
-    ``layer_scale`` is a number (its initial value)."""
+    ``layer_scale`` is a number (its initial value). ``norm_layout="post"``: ``LN(x + LS(attn(x)))``
+    then ``LN(x + LS(mlp(x)))`` (BERT, Devlin et al. 2019; ``norm1``/``norm2`` are then BERT's
+    ``attention.output.LayerNorm``/``output.LayerNorm``). ``activation``, ``norm_eps``: see the module."""
 
     def __init__(
         self,
@@ -69,12 +98,17 @@ class TransformerBlock(nn.Module):
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         layer_scale: float | None = None,
+        activation: str = "gelu",
+        norm_layout: str = "pre",
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
+        check_transformer_options(activation, norm_layout)
+        self.norm_first = norm_layout == "pre"
+        self.norm1 = nn.LayerNorm(d_model, eps=norm_eps)
         self.attn = SelfAttention(d_model, n_heads, attn_dropout, dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.mlp = MLP(d_model, mlp_ratio, dropout)
+        self.norm2 = nn.LayerNorm(d_model, eps=norm_eps)
+        self.mlp = MLP(d_model, mlp_ratio, dropout, activation)
         if layer_scale is not None:
             self.gamma1 = nn.Parameter(torch.full((d_model,), float(layer_scale)))
             self.gamma2 = nn.Parameter(torch.full((d_model,), float(layer_scale)))
@@ -82,6 +116,11 @@ class TransformerBlock(nn.Module):
             self.gamma1 = self.gamma2 = None
 
     def forward(self, x: torch.Tensor, causal: bool = False, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.norm_first:
+            a = self.attn(x, causal, key_padding_mask)
+            x = self.norm1(x + (a if self.gamma1 is None else self.gamma1 * a))
+            m = self.mlp(x)
+            return self.norm2(x + (m if self.gamma2 is None else self.gamma2 * m))
         a = self.attn(self.norm1(x), causal, key_padding_mask)
         x = x + (a if self.gamma1 is None else self.gamma1 * a)
         m = self.mlp(self.norm2(x))
@@ -96,6 +135,9 @@ class TransformerEncoder(nn.Module):
     backward and runs its forward again there, so activation memory is one ``(B, N, d)`` tensor per
     block plus one block's intermediates, for about one more forward pass of compute. The same
     numbers as without (dropout masks are replayed: the RNG state is restored for the recompute).
+
+    ``activation``, ``norm_layout``, ``norm_eps``: see the module; with ``norm_layout="post"`` there
+    is no final LayerNorm (``norm`` is an ``nn.Identity``, no state-dict keys), as in BERT.
     """
 
     def __init__(
@@ -108,13 +150,19 @@ class TransformerEncoder(nn.Module):
         attn_dropout: float = 0.0,
         layer_scale: float | None = None,
         use_checkpoint: bool = False,
+        activation: str = "gelu",
+        norm_layout: str = "pre",
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
+        check_transformer_options(activation, norm_layout)
         self.use_checkpoint = bool(use_checkpoint)
         self.blocks = nn.ModuleList(
-            TransformerBlock(d_model, n_heads, mlp_ratio, dropout, attn_dropout, layer_scale) for _ in range(depth)
+            TransformerBlock(d_model, n_heads, mlp_ratio, dropout, attn_dropout, layer_scale, activation, norm_layout,
+                             norm_eps)
+            for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = nn.LayerNorm(d_model, eps=norm_eps) if norm_layout == "pre" else nn.Identity()
 
     def forward(self, x: torch.Tensor, causal: bool = False, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.blocks:

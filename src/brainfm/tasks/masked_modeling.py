@@ -44,9 +44,12 @@ class MaskedSequenceModeling(BrainfmTask):
         gap_range: ``[min, max)`` TRs between the halves (paper 1-5).
         nsp_weight: weight of the next-sequence loss.
         pooling: ``"mean"`` (of the window's TR states) or ``"cls"`` for :meth:`embed`.
+        init_from: weights to start from (backbone, ``head``, ``nsp_head``; e.g. Thomas et al.'s
+            Sequence-BERT converted by ``python -m brainfm.models.convert lfb``; not saved).
 
     Raises:
-        ConfigError: a causal model or one without segment embeddings when needed, bad ratios.
+        ConfigError: a causal model or one without segment embeddings when needed, bad ratios,
+            ``init_from`` weights that do not fit.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class MaskedSequenceModeling(BrainfmTask):
         gap_range: tuple[int, int] = (1, 5),
         nsp_weight: float = 1.0,
         pooling: str = "mean",
+        init_from: str | None = None,
         **kwargs,
     ) -> None:
         self._objective = {
@@ -86,6 +90,10 @@ class MaskedSequenceModeling(BrainfmTask):
         self.nsp_head = BinaryHead(d) if next_sequence else None
         self.roi_mask_value = nn.Parameter(torch.zeros(r)) if masking == "roi" else None
         self.model.use_special_tokens("cls", "sep", "segment", *(("mask",) if masking == "tr" else ()))
+        if init_from:
+            from brainfm.tasks.sequence_modeling import load_task_weights
+
+            load_task_weights(self, init_from, ("head.", "nsp_head."))
 
     def objective_hparams(self) -> dict:
         return dict(self._objective)

@@ -16,21 +16,52 @@ from brainfm.models.heads import ReconstructionHead
 from brainfm.tasks.base import BrainfmTask
 
 
+def load_task_weights(task: torch.nn.Module, path: str, heads: tuple[str, ...], key: str = "task.init_from") -> None:
+    """``task.init_from`` of the sequence objectives: the backbone's ``model.*`` weights (every key,
+    :func:`brainfm.checkpoints.load_backbone`) and, where the file has them, the task's own heads
+    whose keys start with ``heads`` (``head.``, ``nsp_head.``): a brainfm checkpoint of the same
+    objective, or Thomas et al.'s released weights converted by
+    ``python -m brainfm.models.convert lfb`` (which writes both). Not saved with the task's
+    hyper-parameters: a checkpoint of the run already holds the weights.
+
+    Raises:
+        CheckpointError: the file does not load.
+        ConfigError: (naming ``key`` and the file) the backbone or a head does not fit the config.
+    """
+    from brainfm.checkpoints import load_backbone, read_state_dict
+    from brainfm.errors import ConfigError
+
+    load_backbone(task.model, path, key=key)
+    own = task.state_dict()
+    # heads this task does not have (next_sequence=false: no nsp_head) are not used
+    found = {k: v for k, v in read_state_dict(path).items() if k.startswith(heads) and k in own}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in found.items()
+             if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ConfigError(f"{key}={path}: its heads do not fit this task: {wrong[:5]}. The model and task config "
+                          "(n_rois, d_model, next_sequence) must match the weights'")
+    task.load_state_dict(found, strict=False)
+
+
 class CausalSequenceModeling(BrainfmTask):
     """CSM: for each window ``(B, T, R)`` draw one position ``p`` in ``[1, T)``, mask it, and
     predict its BOLD ``(B, R)`` from the causal hidden state at ``p``.
 
     ``embed`` returns the mean of the hidden states over the window's TRs, ``(B, d)``.
+    ``init_from``: weights to start from (backbone and ``head``; :func:`load_task_weights`).
 
     Raises:
-        ConfigError: the model is not a causal sequence transformer (``model=gpt``).
+        ConfigError: the model is not a causal sequence transformer (``model=gpt``); ``init_from``
+            does not fit it.
     """
 
-    def __init__(self, model: dict, **kwargs) -> None:
+    def __init__(self, model: dict, init_from: str | None = None, **kwargs) -> None:
         super().__init__(model, **kwargs)
         require(self.model, "task=csm", "a causal sequence transformer", "model=gpt", "embed_trs", "encode", causal=True)
         self.head = ReconstructionHead(self.model.d_model, self.model.n_rois)
         self.model.use_special_tokens("mask")
+        if init_from:
+            load_task_weights(self, init_from, ("head.",))
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         bold, t = batch["bold"], batch["t"]
