@@ -55,6 +55,9 @@ def tidy_logging() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    # brainfm's datamodules save the training sampler's position in the checkpoint themselves
+    # (StoreDataModule.state_dict) and fast-forward it on resume, which Lightning cannot see
+    warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
     if "SLURM_JOB_ID" not in os.environ:
         # Lightning warns whenever `srun` is on PATH (a login node, a workstation with SLURM's client) and
         # the process was not started by it. Outside a SLURM job brainfm runs in this one process on
