@@ -84,6 +84,8 @@ def read_state_dict(path: str | Path, *, prefix: str | None = None, safe_globals
         state = read_checkpoint(path, safe_globals=safe_globals)
         if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
             state = state["state_dict"]
+        elif isinstance(state, Mapping) and isinstance(state.get("model_state_dict"), Mapping):
+            state = state["model_state_dict"]  # the reference projects' own checkpoints (Brain-Semantoks)
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -182,12 +184,21 @@ def _lfb(state: StateDict) -> tuple[StateDict, StateDict]:
     return lfb_checkpoint_filter(state)
 
 
+def _semantoks(state: StateDict) -> tuple[StateDict, StateDict]:
+    from brainfm.models.semantoks import semantoks_checkpoint_filter
+
+    return semantoks_checkpoint_filter(state)
+
+
 #: name -> adapter, for ``python -m brainfm.models.convert <name>``
 ADAPTERS: dict[str, Adapter] = {
     "swift": Adapter("swift", "SwiFT Lightning checkpoint -> Swin4D backbone (model=swin4d_v7 with its sizes)", _swift,
                      safe_globals=LIGHTNING_SAFE_GLOBALS),
     "lfb": Adapter("lfb", "Thomas et al. (learning-from-brains) GPT/CSM or Sequence-BERT pytorch_model.bin -> "
                    "SequenceTransformer + task heads (experiment=lfb_gpt / lfb_seq_bert; writes <dst>.yaml)", _lfb),
+    "semantoks": Adapter("semantoks", "Brain-Semantoks checkpoint (model_state_dict: SimDINOModel, teacher encoder) or "
+                         "CNN_TF state -> SemantoksEncoder (model=semantoks model.qkv_bias=false, the reference's sizes)",
+                         _semantoks),
 }
 
 

@@ -218,8 +218,10 @@ def check_data_compatible(meta: dict, store, where: str = "the checkpoint", any_
     try:
         tr = check_tr(store.tr, meta.get("tr"), str(store.location), key=f"the TR of {where}")
     except ConfigError as exc:
-        raise CheckpointError(f"{exc} For a model that needs its training TR, resample the data: "
-                              f"data.resample_tr={trained if trained is not None else '<s>'}") from exc
+        want = f"{trained:g}" if trained is not None else "<s>"
+        raise CheckpointError(f"{exc} This model needs its training TR: resample the data when they are read, "
+                              f"data.resample_tr={want} (brainfm-evaluate/extract/predict: +data.resample_tr={want}), "
+                              f"or once: brainfm-data resample <in.h5> <out.h5> --tr {want}") from exc
     if store.kind == "roi":  # a file that records no TR takes the checkpoint's
         store.tr = tr
     _check_rois(meta, store, where)
@@ -234,8 +236,10 @@ def _check_rois(meta: dict, store, where: str) -> None:
             f"{store.n_rois}; parcellate the data with the same atlas"
         )
     names, found = meta.get("roi_names"), store.roi_names
-    if names and found and list(names) != list(found):
-        i = next(i for i, (a, b) in enumerate(zip(names, found)) if a != b)
+    read = getattr(store, "roi_mask", None)  # ROIs of an atlas the file lacks (stores.roi) have no name to check
+    wrong = [i for i, (a, b) in enumerate(zip(names or [], found or [])) if a != b and (read is None or read[i])]
+    if names and found and wrong:
+        i = wrong[0]
         raise CheckpointError(
             f"ROI order of {store.location} differs from {where} at index {i}: data {found[i]!r}, "
             f"model {names[i]!r}. Fix: reorder the data's ROIs to the model's order "

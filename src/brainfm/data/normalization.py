@@ -122,6 +122,9 @@ class ROINormalizer:
             g_sum, g_sq, g_n = _all_reduce([g_sum, g_sq, g_n])
         mean = g_sum / g_n[0]
         std = np.sqrt(np.maximum(g_sq / g_n[0] - mean**2, 0.0))
+        read = getattr(store, "roi_mask", None)  # ROIs of an atlas the file lacks (zeros): left as they are
+        if read is not None:
+            mean, std = np.where(read, mean, 0.0), np.where(read, std, 1.0)
         norm.mean, norm.std = mean.astype(np.float32), std.astype(np.float32)
         bad = np.flatnonzero(std < eps)
         if len(bad):

@@ -157,7 +157,10 @@ def few_subject_curve(features: np.ndarray, labels: np.ndarray, groups: np.ndarr
     (up to 20 times) and skipped if that fails.
 
     Returns:
-        one dict per ``n``: ``{"n_subjects", "mean", "std", "values", "metric"}``.
+        one dict per ``n``: ``{"n_subjects", "mean", "std", "values", "metric"}`` (of ``metric``), plus
+        ``"metrics"``: ``{name: {"mean", "std", "values"}}`` of every probe metric (:func:`metrics`), and
+        ``"n_test_subjects"``. The held-out subjects depend on ``groups`` and ``seed`` only, so two feature
+        sets of the same windows (a pretrained model and its random initialisation) share them.
 
     Raises:
         ValueError: ``n`` larger than the available training subjects.
@@ -174,7 +177,7 @@ def few_subject_curve(features: np.ndarray, labels: np.ndarray, groups: np.ndarr
     for n in n_train_subjects:
         if n > len(pool):
             raise ValueError(f"n_train_subjects={n} but only {len(pool)} subjects are left after holding out {n_test}")
-        values = []
+        scores = []
         for _ in range(int(repeats)):
             for _attempt in range(20):
                 chosen = rng.choice(pool, size=int(n), replace=False)
@@ -183,8 +186,13 @@ def few_subject_curve(features: np.ndarray, labels: np.ndarray, groups: np.ndarr
                     break
             else:
                 continue
-            values.append(fit_predict_sklearn(features[train], labels[train], features[test], labels[test], kind, seed)[metric])
+            scores.append(fit_predict_sklearn(features[train], labels[train], features[test], labels[test], kind, seed))
+        summary = {name: {"values": [s[name] for s in scores if name in s]} for name in (scores[0] if scores else {})}
+        for v in summary.values():
+            v["mean"], v["std"] = float(np.mean(v["values"])), float(np.std(v["values"]))
+        values = summary.get(metric, {}).get("values", [])
         out.append({"n_subjects": int(n), "metric": metric, "values": values,
                     "mean": float(np.mean(values)) if values else float("nan"),
-                    "std": float(np.std(values)) if values else float("nan")})
+                    "std": float(np.std(values)) if values else float("nan"),
+                    "metrics": summary, "n_test_subjects": int(n_test)})
     return out

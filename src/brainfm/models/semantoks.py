@@ -22,10 +22,25 @@ Reference defaults (``config/example_config.yaml``): patch 20 TRs, Conv1d 384 ch
 and long convolution 384 channels (kernel 4, 3 scales, decay 2), so ``d = 768``; depth 8,
 ``d / 64 = 12`` heads, MLP ``4 d``, LayerScale 0.1, no dropout, CLS pooling: 58.7 M parameters
 here on the Schaefer+Tian+Buckner map (the paper's ~63 M also counts tokenizer copies the reference
-builds for its second and third atlas but never uses). Differences, on purpose: attention projections carry biases and run on
-``F.scaled_dot_product_attention`` (brainfm's :class:`~brainfm.models.transformer.TransformerEncoder`);
-the long-convolution kernel norm is fixed at initialisation instead of at the first forward pass;
-the sine-cosine table is computed for any number of patches (windows of any length), not for one.
+builds for its second and third atlas but never uses). Differences, on purpose: attention projections carry biases
+(``qkv_bias=false`` drops the query/key/value bias, as the reference, for its released weights) and run
+on ``F.scaled_dot_product_attention`` (brainfm's :class:`~brainfm.models.transformer.TransformerEncoder`);
+the long-convolution kernel norm is fixed at initialisation instead of at the first forward pass (a
+converted checkpoint brings the reference's buffer); the sine-cosine table is computed for any
+number of patches (windows of any length), not for one.
+
+Missing atlases: data read with ``data.atlas=[schaefer400, tian3, buckner7]`` from a file that lacks
+an atlas carry ``roi_mask`` ``(B, V)`` (True: the ROI was read; :mod:`brainfm.data.stores.roi`).
+A network whose ROIs are all missing is a *missing token* at every patch (:meth:`SemantoksEncoder.missing_networks`):
+its tokenizer output is replaced by the learned MASK token (so the output does not depend on the
+zeros read for it) and, with ``missing_tokens="pad"`` (default), no other token attends to it
+(attention key padding); ``"mask"`` keeps it attended, as the reference README suggests ("masking
+their tokens post-tokenizer"). Losses and the mean-token features leave missing tokens out.
+
+Released weights: :func:`semantoks_checkpoint_filter` maps the reference's ``CNN_TF`` (or a whole
+``SimDINOModel`` state, teacher by default) onto this module (``python -m brainfm.models.convert
+semantoks <ckpt> <out>``; ``tests/test_semantoks_parity.py`` reproduces the reference's tokens, CLS
+and gradients from the fixture in ``shared/fixtures/semantoks_parity``).
 
 Computation: :meth:`SemantoksEncoder.tokenize` runs all networks as one grouped Conv1d, each
 network's two branches folded into one equivalent kernel (:meth:`NetworkTokenizer.effective_conv`;
@@ -236,15 +251,20 @@ class SemantoksEncoder(nn.Module, Backbone):
         use_checkpoint: activation checkpointing (training only) of the tokenizer's convolution (its
             ``(B * P, N * d, patch_size)`` output before the mean over the patch) and of every
             transformer block.
+        qkv_bias: the attention's query/key/value projection has a bias (brainfm's default; the
+            reference has none: ``false`` for its converted weights).
+        missing_tokens: ``"pad"`` (missing networks' tokens become the MASK token and are key-padded
+            out of attention) or ``"mask"`` (MASK token, still attended); see the module docstring.
 
     Shapes: :meth:`forward` ``bold`` ``(B, T, V)``, ``mask`` ``(B, N, P)`` bool (True: the token is
-    replaced by the learned MASK token) -> ``(B, 1 + N * P, d)``, CLS first, then the tokens
-    network-major (token ``1 + n * P + p`` is network ``n``, patch ``p``), after a final LayerNorm.
+    replaced by the learned MASK token), ``roi_mask`` ``(B, V)`` or ``(V,)`` bool (True: the ROI was
+    read; None: all were) -> ``(B, 1 + N * P, d)``, CLS first, then the tokens network-major (token
+    ``1 + n * P + p`` is network ``n``, patch ``p``), after a final LayerNorm.
 
     Raises:
         ConfigError: no network assignment, or one that does not fit ``n_rois``; d_model odd.
-        ValueError: (forward) wrong ROI count, a window shorter than one patch, a mask of the
-            wrong shape.
+        ValueError: (forward) wrong ROI count, a window shorter than one patch, a mask or
+            ``roi_mask`` of the wrong shape.
     """
 
     def __init__(
@@ -267,10 +287,15 @@ class SemantoksEncoder(nn.Module, Backbone):
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         use_checkpoint: bool = False,
+        qkv_bias: bool = True,
+        missing_tokens: str = "pad",
     ) -> None:
         super().__init__()
         self.n_rois = int(n_rois)
         self.use_checkpoint = bool(use_checkpoint)
+        if missing_tokens not in ("pad", "mask"):
+            raise ConfigError(f"model.missing_tokens={missing_tokens!r} must be 'pad' or 'mask'")
+        self.missing_tokens = missing_tokens
         if network_assignment is None:
             if network_map is None:
                 raise ConfigError("the Semantoks model needs model.network_map (or an explicit network_assignment)")
@@ -304,6 +329,7 @@ class SemantoksEncoder(nn.Module, Backbone):
             rois = [i for i in range(self.n_rois) if assignment[i] == k]
             padded += rois + [self.n_rois] * (vmax - len(rois))
         self.register_buffer("padded_order", torch.tensor(padded, dtype=torch.long), persistent=False)
+        self.register_buffer("assignment_index", torch.tensor(assignment, dtype=torch.long), persistent=False)
         self.tokenizers = nn.ModuleList(
             NetworkTokenizer(v, conv_channels, conv_kernel, long_conv_channels, long_conv_kernel, long_conv_scales, long_conv_decay)
             for v in self.network_sizes
@@ -314,6 +340,9 @@ class SemantoksEncoder(nn.Module, Backbone):
         self.drop = nn.Dropout(dropout)
         self.encoder = TransformerEncoder(self.d_model, depth, n_heads, mlp_ratio, dropout, attn_dropout, layer_scale,
                                           use_checkpoint)
+        if not qkv_bias:  # the reference's Attention: Linear(d, 3 d, bias=False)
+            for block in self.encoder.blocks:
+                block.attn.qkv = nn.Linear(self.d_model, 3 * self.d_model, bias=False)
         self.encoder.apply(self._init_linear)
         for p in (self.network_embedding.weight, self.cls_token, self.mask_token):
             nn.init.normal_(p, std=0.02)
@@ -332,14 +361,45 @@ class SemantoksEncoder(nn.Module, Backbone):
     # -- the backbone contract (brainfm.models.backbone) --------------------------------------------------
     input_keys = ("bold",)
 
-    def features(self, bold: torch.Tensor) -> torch.Tensor:
+    def features(self, bold: torch.Tensor, roi_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Windows ``(B, T, n_rois)`` -> the network tokens' states ``(B, n_networks * n_patches, d)``
-        (the CLS token left out)."""
-        return self(bold)[:, 1:]
+        (the CLS token left out; ``roi_mask``: see :meth:`forward`)."""
+        return self(bold, roi_mask=roi_mask)[:, 1:]
 
-    def pooled(self, bold: torch.Tensor) -> torch.Tensor:
+    def pooled(self, bold: torch.Tensor, roi_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Windows -> the CLS token's state ``(B, d)``."""
-        return self(bold)[:, 0]
+        return self(bold, roi_mask=roi_mask)[:, 0]
+
+    def pooled_batch(self, batch) -> torch.Tensor:
+        """:meth:`pooled` of a batch's ``bold``, with its ``roi_mask`` when it has one (multi-atlas data)."""
+        return self.pooled(*self.inputs(batch), roi_mask=batch.get("roi_mask"))
+
+    def missing_networks(self, roi_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """Networks none of whose ROIs were read: ``roi_mask`` ``(B, V)`` or ``(V,)`` bool (True: read)
+        -> ``(B, N)`` bool (True: missing), or None when nothing is missing (or ``roi_mask`` is None).
+
+        Raises:
+            ValueError: ``roi_mask`` not ``(V,)`` / ``(batch, V)``.
+        """
+        if roi_mask is None:
+            return None
+        if roi_mask.ndim == 1:
+            roi_mask = roi_mask.expand(batch, -1)
+        if roi_mask.shape != (batch, self.n_rois):
+            raise ValueError(f"roi_mask {tuple(roi_mask.shape)} must be ({self.n_rois},) or (batch, ROIs) = "
+                             f"{(batch, self.n_rois)}")
+        read = torch.zeros(batch, self.n_networks, device=roi_mask.device).index_add_(
+            1, self.assignment_index.to(roi_mask.device), roi_mask.float())
+        missing = read == 0
+        return missing if bool(missing.any()) else None
+
+    def token_padding(self, roi_mask: torch.Tensor | None, batch: int, n_patches: int) -> torch.Tensor | None:
+        """``(B, N * P)`` bool, True for the network tokens of missing networks (:meth:`missing_networks`),
+        in :meth:`forward`'s token order (without the CLS); None when nothing is missing."""
+        missing = self.missing_networks(roi_mask, batch)
+        if missing is None:
+            return None
+        return missing[:, :, None].expand(batch, self.n_networks, n_patches).reshape(batch, -1)
 
     def compile_regions(self) -> list[nn.Module]:
         """What ``trainer.compile=true`` compiles: the whole encoder (SimDINO's student calls
@@ -402,18 +462,225 @@ class SemantoksEncoder(nn.Module, Backbone):
             tokens.append(tok(xs).reshape(b, p, self.d_model))
         return torch.stack(tokens, dim=1)
 
-    def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+               missing: torch.Tensor | None = None) -> torch.Tensor:
         """Mask, add network and time embeddings, prepend CLS, run the transformer:
-        ``(B, N, P, d)`` -> ``(B, 1 + N * P, d)``."""
+        ``(B, N, P, d)`` -> ``(B, 1 + N * P, d)``. ``missing`` ``(B, N)`` bool: networks whose tokens are
+        MASK tokens and, with ``missing_tokens="pad"``, key-padded (:meth:`missing_networks`)."""
         b, n, p, d = tokens.shape
         if mask is not None:
             if mask.shape != (b, n, p):
                 raise ValueError(f"mask {tuple(mask.shape)} must be (batch, networks, patches) = {(b, n, p)}")
             tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+        padding = None
+        if missing is not None:
+            tokens = torch.where(missing[:, :, None, None], self.mask_token.to(tokens.dtype), tokens)
+            if self.missing_tokens == "pad":
+                cls = torch.zeros(b, 1, dtype=torch.bool, device=tokens.device)
+                padding = torch.cat([cls, missing[:, :, None].expand(b, n, p).reshape(b, n * p)], dim=1)
         time = sincos_embedding(torch.arange(p, device=tokens.device), d).to(tokens.dtype)
         x = tokens + self.network_embedding.weight[None, :, None, :] + time[None, None, :, :]
         x = torch.cat([self.cls_token.expand(b, 1, d).to(x.dtype), x.reshape(b, n * p, d)], dim=1)
-        return self.encoder(self.drop(x))
+        if padding is None:
+            return self.encoder(self.drop(x))
+        return self.encoder(self.drop(x), key_padding_mask=padding)
 
-    def forward(self, bold: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.encode(self.tokenize(bold), mask)
+    def forward(self, bold: torch.Tensor, mask: torch.Tensor | None = None,
+                roi_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode(self.tokenize(bold), mask, self.missing_networks(roi_mask, bold.shape[0]))
+
+
+# -- the reference's weights ----------------------------------------------------------------------
+#: prefixes of the two encoders in a whole ``SimDINOModel`` state (``model_state_dict`` of the
+#: reference's ``checkpoint_epoch_<n>.pth``; keys as the fixture's ``keys_full_simdino.txt``)
+SIMDINO_ENCODERS = ("teacher_encoder.", "student_encoder.")
+
+
+def _chosen_atlas(groups: dict[str, dict[str, torch.Tensor]]) -> str:
+    """The reference builds one tokenizer set per atlas name but runs only ``atlas_names[0]``'s; the
+    one whose long-convolution kernel norm was initialised (a first forward ran) is that one."""
+    used = [a for a, g in groups.items() if any(k.endswith("kernel_norm_initialized") and bool(v) for k, v in g.items())]
+    if len(used) == 1:
+        return used[0]
+    if "schaefer400" in groups:
+        return "schaefer400"
+    if len(groups) == 1:
+        return next(iter(groups))
+    from brainfm.errors import CheckpointError
+
+    raise CheckpointError(f"cannot tell which of the tokenizer sets {sorted(groups)} the reference ran (its "
+                          "atlas_names[0]); none has kernel_norm_initialized set")
+
+
+def _long_conv_norm(kernels: list[torch.Tensor], multiplier: torch.Tensor) -> torch.Tensor:
+    """The reference's ``SLConv`` kernel norm ``(H, V, 1)`` from its sub-kernels ``(H, V, k)`` and decay
+    ``multiplier`` ``(1, V, 1)`` (what its first forward pass stores)."""
+    s = len(kernels)
+    parts = [k.repeat_interleave(2 ** max(0, i - 1), dim=-1) * multiplier ** (s - 1 - i) for i, k in enumerate(kernels)]
+    return torch.cat(parts, dim=-1).norm(dim=-1, keepdim=True)
+
+
+def semantoks_checkpoint_filter(state: dict[str, torch.Tensor], encoder: str = "teacher",
+                                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Brain-Semantoks weights (SamGijsen/Brain-Semantoks: ``model/semantoks.py`` ``CNN_TF``,
+    ``model/tokenizer.py``) -> a :class:`SemantoksEncoder` state dict, ``(encoder_state, left_out)``.
+
+    ``state`` is either a ``CNN_TF`` state dict (``network_tokenizers.*``, ``inter_network_transformer.*``,
+    ``norm.*``) or a whole ``SimDINOModel`` state (``student_encoder.*``, ``teacher_encoder.*`` and the
+    heads, e.g. the released checkpoint's ``model_state_dict``; a ``module.`` prefix from DDP is
+    dropped); ``encoder`` picks ``teacher`` (the reference's probe features) or ``student``. The
+    model that loads the result needs ``qkv_bias=false`` and the reference's sizes
+    (:func:`semantoks_model_config` reads them off the state), and its network map must be the
+    reference's (``schaefer400_7n_tian3_buckner7``: the tokenizers are matched by network index).
+
+    Mapping: tokenizer ``network_tokenizers.<atlas>.<k>`` -> ``tokenizers.<k>``: ``branches.0`` (the
+    dense Conv1d) -> ``conv``; the ``sgconv`` branch's ``slconv.kernel_list.<i>`` ``(H, V, k)`` ->
+    ``long_conv.sub_kernels.<i>`` ``(V * H, k)`` (channel-major, as the reference's
+    ``(h c)`` rearrangement), ``slconv.D`` ``(H, V)`` -> ``long_conv.skip`` ``(V * H,)``,
+    ``slconv.kernel_norm`` -> ``long_conv.kernel_norm`` (the norm frozen at the reference's first forward;
+    computed from the kernels when that never ran), ``projection`` -> ``long_proj``; transformer
+    ``transformer_blocks.<i>`` -> ``encoder.blocks.<i>`` (``mlp.3`` -> ``mlp.2``, ``ls1/ls2.gamma`` ->
+    ``gamma1/gamma2``); ``mask_embedding``, ``cls_token``, ``network_learnable_pos_embedding`` ->
+    ``mask_token``, ``cls_token``, ``network_embedding``; the final ``norm`` -> ``encoder.norm``. Left
+    out: the other encoder and the heads, the tokenizer copies of the other atlases (never run),
+    ``inter_network_transformer.norm`` (never run), the sine-cosine buffer (recomputed; checked equal),
+    the decay ``multiplier`` buffers (checked constant: ``model.long_conv_decay``) and
+    ``kernel_norm_initialized``.
+
+    Raises:
+        CheckpointError: neither layout; an unknown key; a tokenizer this model cannot express
+            (depthwise-separable or dilated dense branch, branches in another order, per-ROI decay);
+            a time-embedding buffer that is not the sine-cosine table.
+    """
+    from brainfm.errors import CheckpointError
+
+    if encoder not in ("teacher", "student"):
+        raise CheckpointError(f"encoder={encoder!r} must be 'teacher' or 'student'")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    left_out: dict[str, torch.Tensor] = {}
+    if any(k.startswith(SIMDINO_ENCODERS) for k in state):
+        prefix = f"{encoder}_encoder."
+        if not any(k.startswith(prefix) for k in state):
+            raise CheckpointError(f"no {prefix!r} keys in a SimDINO state (keys: {sorted(state)[:4]} ...)")
+        left_out.update({k: v for k, v in state.items() if not k.startswith(prefix)})
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not any(k.startswith("network_tokenizers.") for k in state):
+        raise CheckpointError("not a Brain-Semantoks CNN_TF/SimDINOModel state: no 'network_tokenizers.' keys "
+                              f"(keys: {sorted(state)[:4]} ...)")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        if k.startswith("network_tokenizers."):
+            atlas, rest = k[len("network_tokenizers."):].split(".", 1)
+            groups.setdefault(atlas, {})[rest] = v
+    atlas = _chosen_atlas(groups)
+    for other, g in groups.items():
+        if other != atlas:
+            left_out.update({f"network_tokenizers.{other}.{r}": v for r, v in g.items()})
+    out: dict[str, torch.Tensor] = {}
+    tok = groups[atlas]
+    networks = sorted({int(r.split(".", 1)[0]) for r in tok})
+    decays = set()
+    for n in networks:
+        g = {r.split(".", 1)[1]: v for r, v in tok.items() if r.split(".", 1)[0] == str(n)}
+        where = f"network_tokenizers.{atlas}.{n}"
+        kinds = []
+        for b in sorted({int(r.split(".")[1]) for r in g if r.startswith("branches.")}):
+            kinds.append("long" if any(r.startswith(f"branches.{b}.slconv.") for r in g) else "dense")
+        if kinds not in (["dense", "long"], ["dense"], ["long"]) or any(".depthwise." in r for r in g):
+            raise CheckpointError(f"{where}: tokenizer branches {kinds} (or a depthwise-separable dense branch) cannot "
+                                  "be expressed by SemantoksEncoder (one dense Conv1d, then one sgconv branch)")
+        dst = f"tokenizers.{n}"
+        for b, kind in enumerate(kinds):
+            src = f"branches.{b}"
+            if kind == "dense":
+                out[f"{dst}.conv.weight"], out[f"{dst}.conv.bias"] = g.pop(f"{src}.weight"), g.pop(f"{src}.bias")
+                continue
+            kernels = [g.pop(f"{src}.slconv.kernel_list.{i}") for i in range(sum(
+                r.startswith(f"{src}.slconv.kernel_list.") for r in g))]
+            heads, rois = kernels[0].shape[:2]
+            mult = g.pop(f"{src}.slconv.multiplier")
+            if not torch.allclose(mult, mult.flatten()[0]):
+                raise CheckpointError(f"{where}: per-ROI decay multipliers (decay_min != decay_max) are not supported")
+            decays.add(round(float(mult.flatten()[0]), 6))
+            initialised = g.pop(f"{src}.slconv.kernel_norm_initialized", torch.tensor(True))
+            norm = g.pop(f"{src}.slconv.kernel_norm")
+            if not bool(initialised):
+                norm = _long_conv_norm(kernels, mult)
+            for i, k in enumerate(kernels):
+                out[f"{dst}.long_conv.sub_kernels.{i}"] = k.permute(1, 0, 2).reshape(rois * heads, -1)
+            out[f"{dst}.long_conv.skip"] = g.pop(f"{src}.slconv.D").T.reshape(-1)
+            out[f"{dst}.long_conv.kernel_norm"] = norm.permute(1, 0, 2).reshape(rois * heads, 1)
+            out[f"{dst}.long_proj.weight"] = g.pop(f"{src}.projection.weight")
+            out[f"{dst}.long_proj.bias"] = g.pop(f"{src}.projection.bias")
+        for r in ("norm.weight", "norm.bias"):
+            if r in g:
+                out[f"{dst}.{r}"] = g.pop(r)
+        if g:
+            raise CheckpointError(f"{where}: unexpected keys {sorted(g)}")
+    if len(decays) > 1:
+        raise CheckpointError(f"networks use different long-convolution decays {sorted(decays)}; not supported")
+    t = "inter_network_transformer."
+    fixed = {f"{t}mask_embedding": "mask_token", f"{t}cls_token": "cls_token",
+             f"{t}network_learnable_pos_embedding.weight": "network_embedding.weight",
+             "norm.weight": "encoder.norm.weight", "norm.bias": "encoder.norm.bias"}
+    block = {"norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias", "norm2.weight": "norm2.weight",
+             "norm2.bias": "norm2.bias", "attn.qkv.weight": "attn.qkv.weight", "attn.qkv.bias": "attn.qkv.bias",
+             "attn.proj.weight": "attn.proj.weight", "attn.proj.bias": "attn.proj.bias",
+             "mlp.0.weight": "mlp.0.weight", "mlp.0.bias": "mlp.0.bias", "mlp.3.weight": "mlp.2.weight",
+             "mlp.3.bias": "mlp.2.bias", "ls1.gamma": "gamma1", "ls2.gamma": "gamma2"}
+    unknown = []
+    for k, v in state.items():
+        if k.startswith("network_tokenizers."):
+            continue
+        if k in fixed:
+            out[fixed[k]] = v.reshape(-1) if fixed[k] in ("mask_token", "cls_token") else v
+        elif k.startswith(f"{t}transformer_blocks."):
+            i, rest = k[len(f"{t}transformer_blocks."):].split(".", 1)
+            if rest not in block:
+                unknown.append(k)
+                continue
+            out[f"encoder.blocks.{i}.{block[rest]}"] = v
+        elif k == f"{t}temporal_pos_embedding":
+            p, d = v.shape
+            if not torch.allclose(v.float(), sincos_embedding(torch.arange(p), d), atol=1e-5):
+                raise CheckpointError(f"{k} is not the sine-cosine table SemantoksEncoder computes")
+            left_out[k] = v
+        elif k.startswith((f"{t}norm.", "head.")):
+            left_out[k] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise CheckpointError(f"unexpected Brain-Semantoks keys {unknown[:6]}{' ...' if len(unknown) > 6 else ''}")
+    if decays:  # the decay is a model option, not a tensor: recorded with what is left out
+        left_out["long_conv_decay"] = torch.tensor(min(decays))
+    return out, left_out
+
+
+def semantoks_model_config(state: dict[str, torch.Tensor]) -> dict:
+    """The ``model`` options a :func:`semantoks_checkpoint_filter` output needs (``conv_channels``,
+    ``long_conv_channels``, ``conv_kernel``, ``long_conv_kernel``, ``long_conv_scales``, ``depth``,
+    ``mlp_ratio``, ``layer_scale`` (True when present: its value is in the weights), ``qkv_bias``,
+    ``n_rois``, network sizes), read off the converted state. Not in the weights: ``patch_size``
+    (reference 20 TRs), ``n_heads`` (reference ``d / 64``) and ``long_conv_decay`` (the filter's
+    ``left_out["long_conv_decay"]``)."""
+    tok = sorted({int(k.split(".")[1]) for k in state if k.startswith("tokenizers.")})
+    sizes = []
+    cfg: dict = {"conv_channels": 0, "long_conv_channels": 0}
+    for n in tok:
+        p = f"tokenizers.{n}."
+        if f"{p}conv.weight" in state:
+            w = state[f"{p}conv.weight"]
+            cfg["conv_channels"], cfg["conv_kernel"] = int(w.shape[0]), int(w.shape[2])
+            sizes.append(int(w.shape[1]))
+        if f"{p}long_proj.weight" in state:
+            cfg["long_conv_channels"] = int(state[f"{p}long_proj.weight"].shape[0])
+            cfg["long_conv_kernel"] = int(state[f"{p}long_conv.sub_kernels.0"].shape[1])
+            cfg["long_conv_scales"] = sum(k.startswith(f"{p}long_conv.sub_kernels.") for k in state)
+            if len(sizes) < len(tok[: tok.index(n) + 1]):  # no dense branch: V from V * ceil(C / V) = V * H
+                vh, c = int(state[f"{p}long_conv.skip"].numel()), cfg["long_conv_channels"]
+                sizes.append(next(v for v in range(1, vh + 1) if v * -(-c // v) == vh))
+    depth = len({k.split(".")[2] for k in state if k.startswith("encoder.blocks.")})
+    d = cfg["conv_channels"] + cfg["long_conv_channels"]
+    return {**cfg, "depth": depth, "n_heads": max(1, d // 64), "n_rois": sum(sizes), "network_sizes": sizes,
+            "mlp_ratio": float(state["encoder.blocks.0.mlp.0.weight"].shape[0]) / d if depth else 4.0,
+            "layer_scale": "encoder.blocks.0.gamma1" in state, "qkv_bias": "encoder.blocks.0.attn.qkv.bias" in state}

@@ -91,7 +91,7 @@ def coding_rate(z: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
 
 def simdino_loss(
     student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], eps: float = 0.05, coeff: float = 1.0,
-    rate_rows: torch.Tensor | None = None, global_batch: bool = False,
+    rate_rows: torch.Tensor | None = None, global_batch: bool = False, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SimDINO's loss between ``V`` student and ``V`` teacher views (Brain-Semantoks' ``MCRLoss``
     with ``no_diag=True, expa_type=1``).
@@ -111,6 +111,9 @@ def simdino_loss(
         global_batch: the coding rate is taken over the rows of every rank (gathered with gradients,
             :func:`brainfm.tasks.distributed.gather`), as one process with the whole batch; the
             alignment is this rank's mean (DDP averages it).
+        keep: ``(n,)`` bool, this rank's rows that take part (None: all): rows left out (the tokens
+            of networks whose atlas the data lacks) count neither in the alignment nor in the coding
+            rate.
 
     Returns:
         ``(loss, {"alignment", "coding_rate"})``, scalars (the parts detached).
@@ -124,12 +127,21 @@ def simdino_loss(
     if s.shape != t.shape:
         raise ValueError(f"student views {tuple(s.shape)} and teacher views {tuple(t.shape)} differ")
     v, n, d = s.shape
-    sim = torch.einsum("ibd,jbd->ij", t.float(), s.float()) / n  # teacher view i x student view j
+    if keep is None:
+        sim = torch.einsum("ibd,jbd->ij", t.float(), s.float()) / n  # teacher view i x student view j
+    else:
+        sim = torch.einsum("ibd,jbd->ij", t[:, keep].float(), s[:, keep].float()) / keep.sum().clamp_min(1)
     off_diagonal = ~torch.eye(v, dtype=torch.bool, device=sim.device)
     alignment = sim[off_diagonal].mean()
     z = (s + t) / 2
     if global_batch:
         z = gather(z.transpose(0, 1)).transpose(0, 1)  # (v, N, d): every rank's rows
+    if keep is not None:
+        kept = (gather(keep.to(torch.uint8)[:, None], grad=False)[:, 0] if global_batch else keep).bool()
+        if rate_rows is not None:
+            rate_rows = rate_rows[kept[rate_rows]]
+        else:
+            rate_rows = kept.nonzero()[:, 0]
     if rate_rows is not None:
         z = z[:, rate_rows]
     m = z.shape[1]
@@ -281,8 +293,12 @@ class SimDINO(BrainfmTask):
         embed_features: ``cls_avg`` (mean token ∥ CLS, ``2 d``), ``cls`` or ``avg`` (``d``).
         embed_encoder: ``teacher`` (the reference's probe features) or ``student``.
 
-    Batches need ``bold`` and ``bold2`` ``(B, T, V)`` (``data.pairs=true``). :meth:`embed`
-    returns ``(B, 2 d)`` (``cls_avg``) or ``(B, d)``.
+    Batches need ``bold`` and ``bold2`` ``(B, T, V)`` (``data.pairs=true``); an optional ``roi_mask``
+    ``(B, V)`` bool (multi-atlas data, :mod:`brainfm.data.stores.roi`) marks ROIs of atlases the
+    file lacks: their networks' tokens are masked in both encoders
+    (:meth:`~brainfm.models.semantoks.SemantoksEncoder.missing_networks`) and left out of the
+    network and masked-token losses and of the mean token. :meth:`embed` returns ``(B, 2 d)``
+    (``cls_avg``: mean token ∥ CLS, the reference's order) or ``(B, d)``.
 
     Raises:
         ConfigError: a backbone other than SemantoksEncoder; batches without pairs; bad options.
@@ -440,9 +456,13 @@ class SimDINO(BrainfmTask):
         x = torch.cat(views)  # (2B, T, V): both views in one pass
         n_net, n_patch = self.model.n_networks, self.model.n_patches(x.shape[1])
         mask = self._masks(2 * b, n_patch, x.device)
+        roi_mask = batch.get("roi_mask")  # multi-atlas data: False for the ROIs of an atlas the file lacks
+        if roi_mask is not None and roi_mask.ndim == 2:
+            roi_mask = torch.cat([roi_mask, roi_mask])  # the two views are windows of one run
+        missing = self.model.missing_networks(roi_mask, 2 * b)  # (2B, N) or None: tokens left out of every loss
         with torch.no_grad():
-            t_tokens = self.teacher(x)
-        s_tokens = self.model(x, mask)  # the MASK token is in the graph even when nothing is masked
+            t_tokens = self.teacher(x, roi_mask=roi_mask)
+        s_tokens = self.model(x, mask, roi_mask=roi_mask)  # the MASK token is in the graph even when nothing is masked
         proj_t, proj_s = self.teacher_head, self.head
         eps, coeff = self.hparams.coding_rate_eps, self.hparams.alignment_coeff
         glob = self.training  # every rank takes part in training; validation batches may differ per rank
@@ -457,13 +477,17 @@ class SimDINO(BrainfmTask):
             t_net = proj_t(t_tokens[:, 1:].reshape(2 * b, n_net, n_patch, -1).mean(2)).reshape(2, b * n_net, -1)
             s_net = proj_s(s_tokens[:, 1:].reshape(2 * b, n_net, n_patch, -1).mean(2)).reshape(2, b * n_net, -1)
             net_rows = None if rows is None else (rows[:, None] * n_net + torch.arange(n_net, device=x.device)).flatten()
-            network_loss, _ = simdino_loss(list(s_net), list(t_net), eps, coeff, net_rows, glob)
+            keep = None if missing is None else ~missing[:b].reshape(-1)
+            network_loss, _ = simdino_loss(list(s_net), list(t_net), eps, coeff, net_rows, glob, keep)
             loss = loss + w_net * network_loss
             out["network_loss"] = network_loss.detach()
         out["network_loss_weight"] = torch.tensor(w_net)
 
-        if self.hparams.mask_loss_weight > 0 and bool(mask.any()):
+        if self.hparams.mask_loss_weight > 0 and bool(mask.any()) and bool(
+                (mask if missing is None else mask & ~missing[:, :, None]).any()):
             flat = mask.reshape(2 * b, n_net * n_patch)
+            if missing is not None:  # a missing network's tokens have no target
+                flat = flat & ~missing[:, :, None].expand(2 * b, n_net, n_patch).reshape(2 * b, -1)
             cos = (proj_s(s_tokens[:, 1:][flat]) * proj_t(t_tokens[:, 1:][flat])).sum(-1)
             per_sample = torch.zeros(2 * b, dtype=cos.dtype, device=cos.device).index_add(0, flat.nonzero()[:, 0], cos)
             counts = flat.sum(1)
@@ -476,10 +500,17 @@ class SimDINO(BrainfmTask):
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:
         encoder = self.teacher if self.hparams.embed_encoder == "teacher" else self.model
-        tokens = encoder(batch["bold"])
+        bold, roi_mask = batch["bold"], batch.get("roi_mask")
+        tokens = encoder(bold, roi_mask=roi_mask)
         kind = self.hparams.embed_features
         if kind == "cls":
             return tokens[:, 0]
+        pad = encoder.token_padding(roi_mask, bold.shape[0], encoder.n_patches(bold.shape[1]))
+        if pad is None:
+            avg = tokens[:, 1:].mean(1)
+        else:  # the mean over the tokens of the networks that were read
+            w = (~pad).to(tokens.dtype)[..., None]
+            avg = (tokens[:, 1:] * w).sum(1) / w.sum(1).clamp_min(1)
         if kind == "avg":
-            return tokens[:, 1:].mean(1)
-        return torch.cat([tokens[:, 1:].mean(1), tokens[:, 0]], dim=1)
+            return avg
+        return torch.cat([avg, tokens[:, 0]], dim=1)

@@ -42,7 +42,63 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     load_backbone(model, path, may_be_missing=("norm.", "transformer.pooler."))
 
 
-class SupervisedTask(BrainfmTask):
+def build_head(head: str, d: int, n_out: int, dropout: float = 0.0) -> nn.Module:
+    """The head on a pooled embedding ``(B, d) -> (B, n_out)``: ``linear`` (dropout + Linear, SwiFT),
+    ``bn_linear`` (BatchNorm without affine, gathered over ranks, + Linear: Brain-JEPA's probe) or ``mlp``
+    (Linear -> GELU -> dropout -> Linear).
+
+    Raises:
+        ConfigError: another ``head``.
+    """
+    if head == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(d, n_out))
+    if head == "bn_linear":  # BatchNorm (no affine) + linear, the probe of Brain-JEPA
+        return nn.Sequential(GlobalBatchNorm1d(d, affine=False), nn.Dropout(dropout), nn.Linear(d, n_out))
+    if head == "mlp":
+        return nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, n_out))
+    raise ConfigError(f"task.head={head!r} must be 'linear', 'bn_linear' or 'mlp'")
+
+
+class PooledHeadTask(BrainfmTask):
+    """A head on the pooled backbone embedding (:func:`pooled_embedding`): the shared part of
+    fine-tuning tasks (:class:`SupervisedTask`, :class:`~brainfm.tasks.decoding.DecodingTask`).
+    Subclasses call :meth:`attach_head` after ``super().__init__``; :meth:`logits` is
+    ``head(pooled(batch))``, and a frozen backbone stays in eval mode (no dropout, no batch-norm
+    updates)."""
+
+    def attach_head(self, head: str, n_out: int, dropout: float, freeze_backbone: bool,
+                    init_from: str | None) -> None:
+        """Load ``init_from`` into the backbone, build the head (:func:`build_head`), keep no special
+        tokens trainable (plain windows), and freeze the backbone if asked.
+
+        Raises:
+            CheckpointError / ConfigError: from :func:`load_backbone_weights` and :func:`build_head`.
+        """
+        if init_from:
+            load_backbone_weights(self.model, init_from)
+        self.head = build_head(head, self.model.out_dim, int(n_out), dropout)
+        self.model.use_special_tokens()  # plain windows: no MASK/CLS/SEP/segment
+        self._frozen_backbone = bool(freeze_backbone)
+        if freeze_backbone:
+            self.model.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_frozen_backbone", False):
+            self.model.eval()  # frozen: no dropout / batch-norm updates in the backbone
+        return self
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """``(B, n_out)``: the head on :func:`pooled_embedding`."""
+        return self.head(pooled_embedding(self.model, batch))
+
+    @torch.no_grad()
+    def embed(self, batch: dict) -> torch.Tensor:
+        """``(B, D)``: :func:`pooled_embedding` (extraction, probes, re-identification)."""
+        return pooled_embedding(self.model, batch)
+
+
+class SupervisedTask(PooledHeadTask):
     """Predict ``batch[target]`` from the pooled backbone embedding.
 
     Args:
@@ -72,36 +128,13 @@ class SupervisedTask(BrainfmTask):
             raise ConfigError(f"task.kind={kind!r} must be one of {KINDS}")
         if loss not in ("mse", "l1"):
             raise ConfigError(f"task.loss={loss!r} must be 'mse' or 'l1'")
-        if init_from:
-            load_backbone_weights(self.model, init_from)
         self.target, self.kind, self.loss_name = target, kind, loss
         self.label_mean, self.label_std = float(label_mean), float(label_std)
-        n_out = int(num_classes) if kind == "multiclass" else 1
-        d = self.model.out_dim
-        if head == "linear":
-            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(d, n_out))
-        elif head == "bn_linear":  # BatchNorm (no affine) + linear, the probe of Brain-JEPA
-            self.head = nn.Sequential(GlobalBatchNorm1d(d, affine=False), nn.Dropout(dropout), nn.Linear(d, n_out))
-        elif head == "mlp":
-            self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, n_out))
-        else:
-            raise ConfigError(f"task.head={head!r} must be 'linear', 'bn_linear' or 'mlp'")
-        self.model.use_special_tokens()  # plain windows: no MASK/CLS/SEP/segment
-        if freeze_backbone:
-            self.model.requires_grad_(False)
+        self.attach_head(head, int(num_classes) if kind == "multiclass" else 1, dropout, freeze_backbone, init_from)
         self._val = SubjectOutputs()
 
     def objective_hparams(self) -> dict:
         return dict(self._objective)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self._objective["freeze_backbone"]:
-            self.model.eval()  # frozen: no dropout / batch-norm updates in the backbone
-        return self
-
-    def logits(self, batch: dict) -> torch.Tensor:
-        return self.head(pooled_embedding(self.model, batch))
 
     def _labels(self, batch: dict) -> torch.Tensor:
         if self.target not in batch:
@@ -152,6 +185,3 @@ class SupervisedTask(BrainfmTask):
             outputs = outputs.softmax(-1)
         return subject_metrics(outputs, labels, self.kind, self._objective.get("num_classes", 2))
 
-    @torch.no_grad()
-    def embed(self, batch: dict) -> torch.Tensor:
-        return pooled_embedding(self.model, batch)

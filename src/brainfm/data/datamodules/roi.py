@@ -31,6 +31,10 @@ class ROIDataModule(StoreDataModule):
         preload: read the whole store into memory (``"auto"``: when under 512 MB).
         pairs: training batches carry a second, non-overlapping window of the same run
             (``bold2``, ``t2``) for contrastive objectives.
+        trial_labels: ``{"name": "task", "shift_s": seconds or None}``: per-TR labels
+            ``/trial_labels/<name>`` for decoding (:mod:`brainfm.data.trial_labels`): windows are cut
+            inside blocks of one label only, and batches carry ``trial_label`` ``(B,)`` int64;
+            ``shift_s`` is the haemodynamic shift (HCP 2.88 s, MDTB 3 s; null: as stored).
 
     Raises:
         DataError / ConfigError: from :meth:`setup`, for a missing file, a TR or ROI-count mismatch,
@@ -45,7 +49,7 @@ class ROIDataModule(StoreDataModule):
                  split: dict | None = None, split_dir: str = "data_splits", batch_size: int = 16,
                  eval_batch_size: int = 64, num_workers: int = 0, seed: int = 0, preload: bool | str = "auto",
                  pairs: bool = False, labels: dict | None = None, cache: dict | None = None,
-                 resample_tr: float | None = None) -> None:
+                 resample_tr: float | None = None, trial_labels: dict | None = None) -> None:
         super().__init__(name, path, tr=tr, split=split, split_dir=split_dir, window=window, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed, labels=labels,
                          cache=cache, resample_tr=resample_tr)
@@ -55,6 +59,10 @@ class ROIDataModule(StoreDataModule):
         self.preload = preload
         self.pairs = bool(pairs)
         self.normalizer: ROINormalizer | None = None
+        from brainfm.data.trial_labels import trial_labels_config
+
+        self.trial_labels = trial_labels_config(trial_labels)
+        self.segment_labels: dict[str, list[int]] = {}
 
     # -- setup ----------------------------------------------------------------------------------
     def open_store(self):
@@ -73,6 +81,23 @@ class ROIDataModule(StoreDataModule):
         self.normalizer = ROINormalizer.fit(
             self.store, self.normalization["mode"], float(self.normalization["eps"]), self.segments["train"]
         )
+        if self.trial_labels is not None:
+            self._label_blocks()
+
+    def _label_blocks(self) -> None:
+        """Decoding: the split segments become their labelled blocks (:func:`~brainfm.data.trial_labels.labelled_blocks`)."""
+        from brainfm.data.trial_labels import labelled_blocks, shift_trs
+
+        if self.resample_tr is not None or not hasattr(self.store, "trial_label_info"):
+            raise ConfigError(f"data.trial_labels needs the ROI store's own TR grid ({self.path}); unset data.resample_tr")
+        cfg = self.trial_labels
+        info = self.store.trial_label_info(cfg["name"])
+        shift = shift_trs(cfg["shift_s"], info["shift_s"], float(self.tr))
+        self.trial_labels = {**cfg, "classes": info["classes"], "shift_trs": shift,
+                             "shift_s_applied": info["shift_s"] + shift * float(self.tr)}
+        for split, segments in list(self.segments.items()):
+            self.segments[split], self.segment_labels[split] = labelled_blocks(
+                self.store, cfg["name"], segments, int(self.window.get("min_length") or self.window["length"]), shift)
 
     def dataset(self, split: str, length: int | None = None, stride: int | None = None) -> ROIWindowDataset:
         """Grid windows of one split (``train``, ``val`` or ``test``)."""
@@ -81,6 +106,7 @@ class ROIDataModule(StoreDataModule):
         return ROIWindowDataset(
             self.store, self.normalizer, self.segments[split], length,
             stride or self.window.get("eval_stride") or length,
+            segment_labels=self.segment_labels.get(split) if self.trial_labels is not None else None,
         )
 
     @property
@@ -93,6 +119,7 @@ class ROIDataModule(StoreDataModule):
             "n_rois": self.store.n_rois,
             "roi_names": list(self.store.roi_names) if self.store.roi_names else None,
             "normalization": {"mode": self.normalization["mode"], "eps": float(self.normalization["eps"])},
+            **({"trial_labels": dict(self.trial_labels)} if self.trial_labels is not None else {}),
         }
 
     # -- loaders --------------------------------------------------------------------------------

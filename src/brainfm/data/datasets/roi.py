@@ -28,10 +28,15 @@ class ROIWindowDataset(WindowDataset):
         length: window length in TRs.
         stride: grid stride in TRs (default: ``length``, non-overlapping).
         subject_index: subject id -> integer label (default: sorted unique ids of the store).
+        segment_labels: optional class index of each segment (decoding: the segments are labelled
+            blocks, :func:`brainfm.data.trial_labels.labelled_blocks`); items then carry ``trial_label``,
+            a 0-d int64 tensor (batches: ``(B,)`` int64).
 
     Returns (per item) a dict: ``bold`` ``(L, n_rois)`` float32 (z-scored BOLD), ``t`` ``(L,)``
     float32 seconds from the window onset, ``onset`` float seconds from the run start,
-    ``subject`` int, ``run`` int (row in the store), ``window`` int (grid window index).
+    ``subject`` int, ``run`` int (row in the store), ``window`` int (grid window index); from a
+    store of several atlases (``data.atlas=[...]``) also ``roi_mask`` ``(n_rois,)`` bool (False: the
+    ROI's atlas is not in the file and was read as zeros; batches ``(B, n_rois)``).
 
     Raises:
         ConfigError: no segment is long enough for one window.
@@ -45,6 +50,7 @@ class ROIWindowDataset(WindowDataset):
         length: int,
         stride: int | None = None,
         subject_index: dict[str, int] | None = None,
+        segment_labels: Sequence[int] | None = None,
     ) -> None:
         self.store = store
         self.normalizer = normalizer
@@ -55,19 +61,31 @@ class ROIWindowDataset(WindowDataset):
         self.tr = float(store.tr)
         self._index_windows(store, segments, self.length, self.stride, subject_index,
                             f"a window of {self.length} TRs", "data.window.length")
+        self.segment_labels = None if segment_labels is None else np.asarray(segment_labels, dtype=np.int64)
+        if self.segment_labels is not None and len(self.segment_labels) != len(self.segments):
+            raise ConfigError(f"{len(self.segment_labels)} segment labels for {len(self.segments)} segments")
+
+    def _label(self, sample: dict, i: int) -> dict:
+        if self.segment_labels is not None:
+            sample["trial_label"] = torch.tensor(int(self.segment_labels[self.index.segment_of(i)]))
+        return sample
 
     def _sample(self, run: int, start: int, length: int) -> dict:
         x = self.store.read(run, start, start + length)
         if not np.isfinite(x).all():  # stores written by brainfm refuse NaN; foreign files are checked here
             self.store.check_finite(run)
         x = self.normalizer.apply(run, x)
-        return {
+        sample = {
             "bold": torch.from_numpy(np.ascontiguousarray(x)),
             "t": torch.arange(length, dtype=torch.float32) * self.tr,
             "onset": start * self.tr,
             "subject": self.subject_index[self.store.subject_ids[run]],
             "run": run,
         }
+        roi_mask = getattr(self.store, "roi_mask", None)  # several atlases read as one (stores.roi): which were read
+        if roi_mask is not None:
+            sample["roi_mask"] = torch.from_numpy(roi_mask)
+        return sample
 
     def __getitem__(self, item: int | WindowRequest) -> dict:
         if isinstance(item, tuple):
@@ -79,6 +97,6 @@ class ROIWindowDataset(WindowDataset):
                 other = self._sample(run, self.index.partner_start(int(i), start, length, pair[0]), length)
                 sample.update(bold2=other["bold"], t2=other["t"], onset2=other["onset"])
             sample["window"] = int(i)
-            return sample
+            return self._label(sample, int(i))
         run, start = self.window(int(item))
-        return {**self._sample(run, start, self.length), "window": int(item)}
+        return self._label({**self._sample(run, start, self.length), "window": int(item)}, int(item))

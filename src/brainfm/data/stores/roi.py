@@ -8,6 +8,10 @@ Layout (one row per subject run)::
     /run_id               bytes (n_runs,)     run/session label of each row (brainfm; optional)
     /ts_len               int32 (n_runs,)     valid TRs of each row (optional: else found from NaNs)
     /labels/<name>        (n_runs,)           optional phenotype labels
+    /trial_labels/<name>  int64 (n_runs, T_max) optional per-TR labels (mental state / trial type) of each
+                          TR, -1 = no label (and after the run's end); attrs: classes (class names, in
+                          class-index order), shift_s (haemodynamic shift in seconds already applied;
+                          brainfm.data.trial_labels writes them from BIDS events.tsv tables)
     /run_stats/<atlas>/mean, /std
                           float64 (n_runs, n_rois) per-run mean and standard deviation of every ROI
                           over the run's TRs (brainfm; optional: ``brainfm-data index`` adds them)
@@ -20,6 +24,12 @@ common silent error in the reference projects, and the per-run statistics, so th
 z-scoring and pooled (global) statistics need no pass over the data: the file is its own run index.
 Opening reads the ids and lengths only; a run's statistics are read (or, in a file without them,
 computed from the run) the first time a process needs them, in a bounded cache.
+
+Several atlases of one file (Brain-Semantoks: ``timeseries/schaefer400``, ``tian3``, ``buckner7``)
+are read as one ROI axis with ``atlas=[...]`` (``data.atlas=[schaefer400,tian3,buckner7]``: 457 ROIs
+in the network map's order), each window one chunked read per atlas, each atlas with its own
+statistics; an atlas the file lacks is read as zeros and flagged by :attr:`ROIStore.roi_mask` (the
+datasets put it in the batch as ``roi_mask``; SemantoksEncoder masks those networks' tokens).
 """
 
 from __future__ import annotations
@@ -41,6 +51,13 @@ log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 1
 STATS_GROUP = "run_stats"
+#: ROI counts of the atlases a multi-atlas read (``data.atlas=[...]``) may find missing from a file
+#: (read as zeros, masked): Schaefer 2018 (100-1000 parcels), Tian 2020 subcortex S1-S4 (16, 32, 50, 54),
+#: Buckner 2011 cerebellum (7, 17 networks). Others: ``<name>:<n_rois>`` in the list.
+KNOWN_ATLAS_ROIS = {**{f"schaefer{n}": n for n in range(100, 1001, 100)},
+                    "tian1": 16, "tian2": 32, "tian3": 50, "tian4": 54, "buckner7": 7, "buckner17": 17}
+#: the group of per-TR labels, ``/trial_labels/<name>`` (n_runs, T_max) int64, -1 = no label
+TRIAL_LABELS_GROUP = "trial_labels"
 
 
 def _decode(values) -> list[str]:
@@ -51,6 +68,12 @@ def _run_moments(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-ROI mean and standard deviation (float64) of one run ``(n_rois, T)``."""
     x = np.asarray(data, dtype=np.float64)
     return x.mean(axis=1), x.std(axis=1)
+
+
+def _label_array(values) -> np.ndarray:
+    """Per-run labels as an array h5py can write: strings as variable-length UTF-8."""
+    arr = np.asarray(values)
+    return arr.astype(h5py.string_dtype()) if arr.dtype.kind in "UO" else arr
 
 
 class ROIStoreWriter:
@@ -169,7 +192,7 @@ class ROIStoreWriter:
             for name, values in self.labels.items():
                 if any(v is None for v in values):
                     raise DataError(f"{self.path}: label {name!r} is missing for some runs")
-                f.create_dataset(f"labels/{name}", data=np.asarray(values))
+                f.create_dataset(f"labels/{name}", data=_label_array(values))
             f.close()
             os.replace(self.tmp, self.path)
         finally:
@@ -276,6 +299,57 @@ def add_run_stats(path: str | os.PathLike, atlas: str | None = None, chunk_runs:
     return added
 
 
+def write_trial_labels(path: str | os.PathLike, name: str, labels: Sequence[np.ndarray] | np.ndarray,
+                       classes: Sequence[str], shift_s: float = 0.0) -> Path:
+    """Add (or replace) per-TR labels ``/trial_labels/<name>`` to an ROI store.
+
+    Args:
+        path: the ``.h5`` store. name: label name (``task``: the tar converter's and ``task=decoding``'s).
+        labels: one int array per run (store row order; any sequence with ``len`` and indexing, read one
+            run at a time), ``(T_run,)`` class indices, -1 = no label; a run's array may be shorter than the
+            file's time axis (the rest is -1), or a ``(n_runs, T)`` array.
+        classes: class names, in class-index order. shift_s: the haemodynamic shift (seconds) the labels
+            already include (recorded, so that ``data.trial_labels.shift_s`` adds only the rest).
+
+    The data set is written under a temporary name in the file and moved into place when complete.
+
+    Raises:
+        DataError: not one label array per run, a run with labels beyond its last TR, class indices
+            outside ``[-1, len(classes))``.
+    """
+    path = Path(path)
+    with h5py.File(path, "a") as f:
+        ds = f[f"timeseries/{min(f['timeseries'].keys())}"]
+        n_runs, n_t = int(ds.shape[0]), int(ds.shape[2])
+        lengths = _lengths(f, ds, path)
+        if len(labels) != n_runs:
+            raise DataError(f"{path}: {len(labels)} runs of trial labels {name!r} for {n_runs} runs in the file; "
+                            "give one label array per row, in row order")
+        tmp = f"{TRIAL_LABELS_GROUP}/.{name}.tmp"
+        if tmp in f:
+            del f[tmp]
+        # row by row into a chunked data set: memory of one run, whatever the number of runs
+        d = f.create_dataset(tmp, shape=(n_runs, n_t), dtype=np.int64, chunks=(1, max(1, n_t)), fillvalue=-1)
+        for run in range(n_runs):
+            values = np.asarray(labels[run], dtype=np.int64).reshape(-1)
+            if len(values) > n_t or (values[int(lengths[run]):] >= 0).any():
+                del f[tmp]
+                raise DataError(f"{path}: trial labels {name!r} of row {run} label TRs after its last TR "
+                                f"({int(lengths[run])}); cut them to the run's length")
+            if len(values) and (values.min() < -1 or values.max() >= len(classes)):
+                del f[tmp]
+                raise DataError(f"{path}: trial labels {name!r} of row {run} hold class indices outside "
+                                f"[-1, {len(classes)}) (classes {list(classes)})")
+            if len(values):
+                d[run, : len(values)] = values
+        d.attrs["classes"] = np.array([str(c) for c in classes], dtype=h5py.string_dtype())
+        d.attrs["shift_s"] = float(shift_s)
+        if f"{TRIAL_LABELS_GROUP}/{name}" in f:
+            del f[f"{TRIAL_LABELS_GROUP}/{name}"]
+        f.move(tmp, f"{TRIAL_LABELS_GROUP}/{name}")
+    return path
+
+
 def _lengths(f: h5py.File, ds: h5py.Dataset, path) -> np.ndarray:
     n_t = int(ds.shape[2])
     if "ts_len" in f:
@@ -297,10 +371,23 @@ class ROIStore(StoreBase):
 
     Args:
         path: the ``.h5`` file.
-        atlas: name under ``/timeseries``; may be omitted when the file holds exactly one.
+        atlas: name under ``/timeseries``; may be omitted when the file holds exactly one. A list of
+            names (``data.atlas=[schaefer400, tian3, buckner7]``, Brain-Semantoks' files) reads these
+            data sets of the file side by side as one ROI axis, in the list's order (the network
+            map's): ROI ``offset_a + i`` is ROI ``i`` of atlas ``a``; ``"a+b+c"`` (:attr:`atlas` of
+            such a store, saved with checkpoints) is the same list. Each atlas keeps its own
+            statistics (``/run_stats/<atlas>``, or its own run's moments), so z-scoring is per ROI as
+            for one atlas. An atlas the file lacks is read as zeros, with ``roi_mask`` False for its
+            ROIs (and mean 0 / std 1 statistics, so z-scoring keeps the zeros); its ROI count comes
+            from :data:`KNOWN_ATLAS_ROIS` or is given as ``name:n_rois`` (``tian3:50``). At least one
+            atlas must be in the file.
         preload: ``True``, ``False`` or ``"auto"``.
         preload_limit_mb: size limit for ``preload="auto"``.
         cache: ``data.cache`` sizes (``run_stats``: runs whose statistics a process keeps).
+
+    Attributes (multi-atlas): ``atlases`` (the names, in ROI order), ``atlas`` (``"a+b+c"``),
+    ``roi_mask`` ``(n_rois,)`` bool, True where the ROI's atlas is in the file (None for one atlas:
+    every ROI is read), ``atlas_offsets`` (first ROI of each atlas).
 
     ``read(run, start, stop, stride)`` returns ``(n, n_rois)`` float32 (time-first). ``run_stats(run)``
     returns ``n`` (TRs), ``mean`` and ``std`` ``(n_rois,)`` float64 over the run's TRs: from
@@ -308,7 +395,9 @@ class ROIStore(StoreBase):
     finite).
 
     Raises:
-        DataError: missing or unreadable file (e.g. truncated), missing atlas, inconsistent ids.
+        DataError: missing or unreadable file (e.g. truncated), missing atlas (for a list: an atlas of
+            unknown ROI count, or none of them in the file), inconsistent ids; atlases of a list with
+            different run counts, time axes or TRs.
     """
 
     kind = "roi"
@@ -316,7 +405,7 @@ class ROIStore(StoreBase):
     def __init__(
         self,
         path: str | os.PathLike,
-        atlas: str | None = None,
+        atlas: str | Sequence[str] | None = None,
         preload: bool | str = "auto",
         preload_limit_mb: float = 512.0,
         cache: Mapping[str, int] | None = None,
@@ -342,55 +431,144 @@ class ROIStore(StoreBase):
                     "data' in the README for the layout"
                 )
             atlases = sorted(f["timeseries"].keys())
-            if atlas is None:
-                if len(atlases) != 1:
-                    raise DataError(f"{self.path} holds atlases {atlases}; choose one with data.atlas=<name>")
-                atlas = atlases[0]
-            if atlas not in atlases:
-                raise DataError(
-                    f"{self.path} has no atlas {atlas!r} under /timeseries (available: {atlases}); "
-                    "fix data.atlas"
-                )
-            self.atlas = atlas
-            ds = f[f"timeseries/{atlas}"]
-            if ds.ndim != 3:
-                raise DataError(
-                    f"{self.path}:/timeseries/{atlas} has shape {ds.shape}; expected "
-                    "(n_runs, n_rois, n_timepoints)"
-                )
-            self.n_runs, self.n_rois, self.n_timepoints = (int(s) for s in ds.shape)
-            tr = ds.attrs.get("tr", f.attrs.get("tr"))
-            self._tr: float | None = float(tr) if tr is not None else None
-            names = ds.attrs.get("roi_names")
-            self.roi_names: list[str] | None = _decode(names) if names is not None else None
-            if self.roi_names is not None and len(self.roi_names) != self.n_rois:
-                raise DataError(
-                    f"{self.path}: roi_names lists {len(self.roi_names)} names but the data has "
-                    f"{self.n_rois} ROIs"
-                )
+            if isinstance(atlas, str) and "+" in atlas and atlas not in atlases:  # ``store.atlas`` of a multi-atlas read
+                atlas = atlas.split("+")
+            if atlas is not None and not isinstance(atlas, str):
+                ds = self._select_atlases(f, [str(a) for a in atlas], atlases)
+            else:
+                ds = self._select_atlas(f, atlas, atlases)
             if "long_subject_id" not in f:
                 raise DataError(f"{self.path} has no /long_subject_id data set (one subject id per row)")
             self.subject_ids = _decode(f["long_subject_id"][:])
             if len(self.subject_ids) != self.n_runs:
                 raise DataError(
                     f"{self.path}: {len(self.subject_ids)} subject ids for {self.n_runs} rows of "
-                    f"/timeseries/{atlas}"
+                    f"/timeseries/{self.atlases[0]}"
                 )
             self.run_ids = _decode(f["run_id"][:]) if "run_id" in f else [f"run{i}" for i in range(self.n_runs)]
             self.lengths = _lengths(f, ds, self.path)
-            self.has_run_stats = f"{STATS_GROUP}/{atlas}/mean" in f and f"{STATS_GROUP}/{atlas}/std" in f
+            self.has_run_stats = all(f"{STATS_GROUP}/{name}/mean" in f and f"{STATS_GROUP}/{name}/std" in f
+                                     for name, _, _, here in self._parts if here)
+            self._part_stats = {name: f"{STATS_GROUP}/{name}/mean" in f and f"{STATS_GROUP}/{name}/std" in f
+                                for name, _, _, here in self._parts if here}
+            self.trial_label_names = sorted(f[TRIAL_LABELS_GROUP].keys()) if TRIAL_LABELS_GROUP in f else []
+            self.run_label_names = sorted(f["labels"].keys()) if "labels" in f else []
             self.attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in f.attrs.items()}
             size_mb = self.n_runs * self.n_rois * self.n_timepoints * 4 / 2**20
         self.frame_shape = (self.n_rois,)
         if preload == "auto":
             preload = size_mb <= preload_limit_mb
-        self._memory: np.ndarray | None = None
+        self._memory: dict[str, np.ndarray] | None = None
         self._file: h5py.File | None = None
         self._pid: int | None = None
         self._stats = LRUCache(cache_sizes(cache)["run_stats"])
         if preload:
             with h5py.File(self.path, "r") as f:
-                self._memory = np.asarray(f[f"timeseries/{self.atlas}"][:], dtype=np.float32)
+                self._memory = {name: np.asarray(f[f"timeseries/{name}"][:], dtype=np.float32)
+                                for name, _, _, here in self._parts if here}
+
+    def _select_atlas(self, f: h5py.File, atlas: str | None, available: list[str]) -> h5py.Dataset:
+        """One atlas (``data.atlas=<name>``, or the file's only one); returns its data set."""
+        if atlas is None:
+            if len(available) != 1:
+                raise DataError(f"{self.path} holds atlases {available}; choose one with data.atlas=<name> "
+                                "(or several, read as one ROI axis: data.atlas=[a,b,c])")
+            atlas = available[0]
+        if atlas not in available:
+            raise DataError(
+                f"{self.path} has no atlas {atlas!r} under /timeseries (available: {available}); "
+                "fix data.atlas"
+            )
+        self.atlas = atlas
+        ds = f[f"timeseries/{atlas}"]
+        if ds.ndim != 3:
+            raise DataError(
+                f"{self.path}:/timeseries/{atlas} has shape {ds.shape}; expected "
+                "(n_runs, n_rois, n_timepoints)"
+            )
+        self.n_runs, self.n_rois, self.n_timepoints = (int(s) for s in ds.shape)
+        tr = ds.attrs.get("tr", f.attrs.get("tr"))
+        self._tr: float | None = float(tr) if tr is not None else None
+        names = ds.attrs.get("roi_names")
+        self.roi_names: list[str] | None = _decode(names) if names is not None else None
+        if self.roi_names is not None and len(self.roi_names) != self.n_rois:
+            raise DataError(
+                f"{self.path}: roi_names lists {len(self.roi_names)} names but the data has "
+                f"{self.n_rois} ROIs"
+            )
+        self.atlases, self.atlas_offsets, self.roi_mask = (atlas,), (0,), None
+        self._parts: list[tuple[str, int, int, bool]] = [(atlas, self.n_rois, 0, True)]
+        return ds
+
+    def _select_atlases(self, f: h5py.File, requested: list[str], available: list[str]) -> h5py.Dataset:
+        """Several atlases as one ROI axis (class docstring); returns the first present atlas' data set."""
+        if not requested:
+            raise DataError(f"{self.path}: data.atlas is an empty list; name the atlases (e.g. [schaefer400, tian3, buckner7])")
+        parts, offset, first = [], 0, None
+        shapes, trs, names, named = {}, {}, [], True
+        for entry in requested:
+            name, _, count = entry.partition(":")
+            if name in [p[0] for p in parts]:
+                raise DataError(f"{self.path}: atlas {name!r} is listed twice in data.atlas={requested}")
+            if count and not count.isdigit():
+                raise DataError(f"data.atlas entry {entry!r}: write a missing atlas as <name>:<n_rois> (e.g. tian3:50)")
+            if name in available:
+                ds = f[f"timeseries/{name}"]
+                if ds.ndim != 3:
+                    raise DataError(f"{self.path}:/timeseries/{name} has shape {ds.shape}; expected "
+                                    "(n_runs, n_rois, n_timepoints)")
+                n = int(ds.shape[1])
+                if count and int(count) != n:
+                    raise DataError(f"{self.path}:/timeseries/{name} has {n} ROIs, data.atlas says {entry!r}")
+                shapes[name] = (int(ds.shape[0]), int(ds.shape[2]))
+                tr = ds.attrs.get("tr", f.attrs.get("tr"))
+                if tr is not None:
+                    trs[name] = float(tr)
+                roi = ds.attrs.get("roi_names")
+                if roi is None:
+                    named = False
+                else:
+                    roi = _decode(roi)
+                    if len(roi) != n:
+                        raise DataError(f"{self.path}:/timeseries/{name}: roi_names lists {len(roi)} names for {n} ROIs")
+                    names += roi
+                first = ds if first is None else first
+                parts.append((name, n, offset, True))
+            else:
+                n = int(count) if count else KNOWN_ATLAS_ROIS.get(name)
+                if n is None:
+                    raise DataError(
+                        f"{self.path} has no atlas {name!r} under /timeseries (available: {available}) and its ROI count "
+                        f"is unknown. Fix: correct the name, or give its ROI count to read it as missing (zeros, "
+                        f"tokens masked): data.atlas=[..., {name}:<n_rois>]")
+                names += [f"{name}:{i}" for i in range(n)]
+                parts.append((name, n, offset, False))
+            offset += n
+        present = [p[0] for p in parts if p[3]]
+        if not present:
+            raise DataError(f"{self.path} holds none of the atlases {requested} (available: {available}); fix data.atlas")
+        if len(set(shapes.values())) > 1:
+            raise DataError(f"{self.path}: atlases {present} differ in (runs, time points) {shapes}; a file holds one "
+                            "row per run and one NaN-padded time axis for every atlas")
+        if len(set(trs.values())) > 1:
+            raise DataError(f"{self.path}: atlases {present} record different TRs {trs}")
+        missing = [p[0] for p in parts if not p[3]]
+        if missing:
+            log.warning("%s has no %s: read as zeros with roi_mask False (their network tokens are masked)",
+                        self.path, ", ".join(missing))
+        self.n_runs, self.n_timepoints = shapes[present[0]]
+        self.n_rois = offset
+        self._tr = next(iter(trs.values()), None)
+        self.roi_names = names if named else None
+        self.atlas = "+".join(p[0] if p[3] or p[0] in KNOWN_ATLAS_ROIS else f"{p[0]}:{p[1]}" for p in parts)
+        self.atlases = tuple(p[0] for p in parts)
+        self.atlas_offsets = tuple(p[2] for p in parts)
+        mask = np.zeros(offset, dtype=bool)
+        for _, n, off, here in parts:
+            mask[off:off + n] = here
+        self.roi_mask = mask
+        self._parts = parts
+        return first
 
     # -- the run table -----------------------------------------------------------------------------------
     @property
@@ -414,8 +592,14 @@ class ROIStore(StoreBase):
             self._pid = os.getpid()
         return self._file
 
-    def _dataset(self) -> h5py.Dataset:
-        return self._open()[f"timeseries/{self.atlas}"]
+    def _dataset(self, atlas: str | None = None) -> h5py.Dataset:
+        return self._open()[f"timeseries/{atlas or self.atlases[0]}"]
+
+    def _read_part(self, name: str, run: int, sl: slice) -> np.ndarray:
+        """``(n_rois_of_atlas, n)`` float32 of one present atlas (memory or one chunked HDF5 read)."""
+        if self._memory is not None:
+            return self._memory[name][run, :, sl]
+        return np.asarray(self._dataset(name)[run, :, sl], dtype=np.float32)
 
     def read(self, run: int, start: int = 0, stop: int | None = None, stride: int = 1,
              out: np.ndarray | None = None) -> np.ndarray:
@@ -426,13 +610,19 @@ class ROIStore(StoreBase):
         """
         frames = self._frames(run, start, stop, stride)
         sl = slice(frames.start, frames.stop, frames.step)
-        if self._memory is not None:
-            x = self._memory[run, :, sl]
-        else:
-            x = np.asarray(self._dataset()[run, :, sl], dtype=np.float32)
-        if out is None:
-            return x.T
-        ensure_out(out, (len(frames), self.n_rois), np.float32, self.describe_run(run))[...] = x.T
+        if len(self._parts) == 1:
+            x = self._read_part(self.atlases[0], run, sl)
+            if out is None:
+                return x.T
+            ensure_out(out, (len(frames), self.n_rois), np.float32, self.describe_run(run))[...] = x.T
+            return out
+        # several atlases side by side: each read on its own (chunked as one), a missing one stays zero
+        out = ensure_out(out, (len(frames), self.n_rois), np.float32, self.describe_run(run))
+        for name, n, offset, here in self._parts:
+            if here:
+                out[:, offset:offset + n] = self._read_part(name, run, sl).T
+            else:
+                out[:, offset:offset + n] = 0.0
         return out
 
     def run_stats(self, run: int) -> dict[str, Any]:
@@ -443,20 +633,67 @@ class ROIStore(StoreBase):
         """
         def load() -> dict[str, Any]:
             n = int(self.lengths[run])
-            if self.has_run_stats:
-                f = self._open()
-                mean = np.asarray(f[f"{STATS_GROUP}/{self.atlas}/mean"][run], dtype=np.float64)
-                std = np.asarray(f[f"{STATS_GROUP}/{self.atlas}/std"][run], dtype=np.float64)
-            else:
+            if len(self._parts) == 1 and not self.has_run_stats:
                 data = self.read(run).T
                 self.check_finite(run, data)
                 mean, std = _run_moments(data)
+                return {"n": n, "mean": mean, "std": std}
+            mean, std = np.zeros(self.n_rois), np.ones(self.n_rois)  # a missing atlas: mean 0, std 1
+            for name, k, offset, here in self._parts:
+                if not here:
+                    continue
+                if self._part_stats[name]:
+                    f = self._open()
+                    mean[offset:offset + k] = f[f"{STATS_GROUP}/{name}/mean"][run]
+                    std[offset:offset + k] = f[f"{STATS_GROUP}/{name}/std"][run]
+                else:
+                    data = self._read_part(name, run, slice(0, n))
+                    if not np.isfinite(data).all():
+                        self.check_finite(run)
+                    mean[offset:offset + k], std[offset:offset + k] = _run_moments(data)
             return {"n": n, "mean": mean, "std": std}
 
         return self._stats.get(run, load)
 
     def describe_run(self, run: int) -> str:
         return f"subject {self.subject_ids[run]} ({self.run_ids[run]}, row {run})"
+
+    # -- labels (per TR: /trial_labels, per run: /labels) ----------------------------------------------
+    def _trial_dataset(self, name: str) -> h5py.Dataset:
+        if name not in self.trial_label_names:
+            raise DataError(f"{self.path} has no /{TRIAL_LABELS_GROUP}/{name} (per-TR labels: "
+                            f"{self.trial_label_names or 'none'}). Fix: set data.trial_labels.name, or add them "
+                            "from BIDS events.tsv tables (brainfm.data.trial_labels.add_trial_labels_from_events)")
+        return self._open()[f"{TRIAL_LABELS_GROUP}/{name}"]
+
+    def trial_label_info(self, name: str) -> dict[str, Any]:
+        """``{"classes": [names], "shift_s": seconds already applied}`` of ``/trial_labels/<name>``.
+
+        Raises:
+            DataError: the file has no such labels (the fix named).
+        """
+        ds = self._trial_dataset(name)
+        return {"classes": _decode(ds.attrs.get("classes", [])), "shift_s": float(ds.attrs.get("shift_s", 0.0))}
+
+    def trial_labels(self, run: int, name: str) -> np.ndarray:
+        """Per-TR labels of one run, ``(T_run,)`` int64 class indices, -1 = no label.
+
+        Raises:
+            DataError: the file has no such labels.
+        """
+        return np.asarray(self._trial_dataset(name)[run, : int(self.lengths[run])], dtype=np.int64)
+
+    def run_labels(self, name: str) -> np.ndarray:
+        """``/labels/<name>``: one value per run ``(n_runs,)`` (strings decoded).
+
+        Raises:
+            DataError: the file has no such labels.
+        """
+        if name not in self.run_label_names:
+            raise DataError(f"{self.path} has no /labels/{name} (per-run labels: {self.run_label_names or 'none'}); "
+                            "fix the label name")
+        values = self._open()[f"labels/{name}"][:]
+        return np.array(_decode(values)) if values.dtype.kind in "SO" else np.asarray(values)
 
     def check_finite(self, run: int, data: np.ndarray | None = None) -> None:
         """Raise a DataError naming the subject, ROI and TRs if a run has NaN/inf inside it.
@@ -490,15 +727,16 @@ class ROIStore(StoreBase):
                 problems.append(str(exc))
                 continue
             mean, std = _run_moments(data)
-            if (std < eps).any():
-                roi = int(np.flatnonzero(std < eps)[0])
+            read = np.ones(self.n_rois, dtype=bool) if self.roi_mask is None else self.roi_mask  # missing atlases: zeros
+            if (read & (std < eps)).any():
+                roi = int(np.flatnonzero(read & (std < eps))[0])
                 name = self.roi_names[roi] if self.roi_names else f"#{roi}"
                 problems.append(f"{self.path}: ROI {name!r} is constant in {self.describe_run(run)} "
                                 "(z-scoring per run will refuse it)")
             if self.has_run_stats:
                 stored = self.run_stats(run)
-                if not (np.allclose(stored["mean"], mean, rtol=1e-5, atol=1e-6)
-                        and np.allclose(stored["std"], std, rtol=1e-4, atol=1e-6)):
+                if not (np.allclose(stored["mean"][read], mean[read], rtol=1e-5, atol=1e-6)
+                        and np.allclose(stored["std"][read], std[read], rtol=1e-4, atol=1e-6)):
                     problems.append(f"{self.path}: /{STATS_GROUP}/{self.atlas} of {self.describe_run(run)} no longer "
                                     "matches its data (the file was changed after it was written); rewrite the store")
         return problems
@@ -516,6 +754,7 @@ class ROIStore(StoreBase):
 
     def __repr__(self) -> str:
         return (
-            f"ROIStore({self.path}, atlas={self.atlas!r}, runs={self.n_runs}, rois={self.n_rois}, "
+            f"ROIStore({self.path}, atlas={self.atlas!r}, runs={self.n_runs}, rois={self.n_rois}"
+            f"{'' if self.roi_mask is None or self.roi_mask.all() else f' ({int(self.roi_mask.sum())} read)'}, "
             f"tr={self.tr}s, subjects={len(set(self.subject_ids))})"
         )
