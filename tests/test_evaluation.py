@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,18 +132,38 @@ def test_evaluate_cli_writes_metrics_and_plot(cfg_for, tmp_path):
     assert "subject linear probe" in proc.stdout
 
 
-def test_evaluate_refuses_data_with_other_tr(cfg_for, tmp_path, hcp_h5):
-    cfg = cfg_for("experiment=gpt", "model.d_model=32", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                  "data.window.length=30", "data.window.min_length=null")
+SEMANTOKS_SMALL = ("experiment=semantoks", "model.conv_channels=16", "model.long_conv_channels=16", "model.depth=1",
+                   "model.n_heads=2", "task.head.hidden_dim=64", "task.head.bottleneck_dim=16", "data.window.length=60",
+                   "data.window.min_length=null")
+
+
+@pytest.mark.parametrize("family", ["gpt", "semantoks"])
+def test_evaluate_at_another_tr(family, cfg_for, tmp_path, hcp_h5):
+    """GPT embeds time in seconds: it evaluates TR-2 s data (the table says so). Brain-Semantoks cuts
+    fixed 20-TR patches: it refuses them, naming data.resample_tr, and writes nothing."""
+    small = (("experiment=gpt", "model.d_model=32", "data.window.length=30", "data.window.min_length=null")
+             if family == "gpt" else SEMANTOKS_SMALL)
+    cfg = cfg_for(*small, "trainer.max_steps=2", "trainer.val_check_interval=2")
     train.run(cfg)
     store = ROIStore(hcp_h5)
     other = write_roi_h5(tmp_path / "tr2.h5", {"aal2": [store.read(r).T for r in range(7)]}, store.subject_ids, 2.0,
                          {"aal2": store.roi_names})
     proc = subprocess.run([sys.executable, "-m", "brainfm.cli.evaluate", f"ckpt={cfg.paths.run_dir}",
-                           f"data_path={other}", f"out_dir={tmp_path}/e"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "TR mismatch" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "e" / "metrics.json").exists()
+                           f"data_path={other}", f"out_dir={tmp_path}/e", "window_lengths=[60]", "probe=false"],
+                          capture_output=True, text=True, timeout=300)
+    if family == "gpt":
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "at TR 2 s" in proc.stdout and (tmp_path / "e" / "metrics.json").exists()
+    else:
+        assert proc.returncode == 2
+        assert "TR mismatch" in proc.stderr and "+data.resample_tr=0.72" in proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "e" / "metrics.json").exists()
+        # the fix it names works: resampled to the training TR when read
+        proc = subprocess.run([sys.executable, "-m", "brainfm.cli.evaluate", f"ckpt={cfg.paths.run_dir}",
+                               f"data_path={other}", "+data.resample_tr=0.72", f"out_dir={tmp_path}/e",
+                               "window_lengths=[60]", "probe=false"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "at TR 0.72 s" in proc.stdout
 
 
 def _blobs(n_subjects=12, per_subject=10, dim=8, signal=3.0, seed=0):

@@ -101,10 +101,11 @@ def test_data_overrides_and_errors_name_the_fix(gpt_run, tmp_path, hcp_h5):
                               "+data.split_dir=" + str(tmp_path / "sp"))
     assert set(rows["subject_id"]) == {"subA", "subB"} and np.diff(rows["window_start_tr"][:3]).tolist() == [20, 20]
     assert feats.shape[0] == 2 * ((600 - 40) // 20 + 1)
-    wrong_tr = write_roi_h5(tmp_path / "tr2.h5", series={store.atlas: [store.read(0).T]}, subject_ids=["s"], tr=2.0,
-                            roi_names={store.atlas: store.roi_names})
-    with pytest.raises(CheckpointError, match="TR"):
-        _extract(gpt_run, tmp_path / "x.h5", f"data_path={wrong_tr}", "+data.tr=null")
+    tr2 = write_roi_h5(tmp_path / "tr2.h5", series={store.atlas: [store.read(0).T]}, subject_ids=["s"], tr=2.0,
+                       roi_names={store.atlas: store.roi_names})
+    # another TR: the GPT embeds time in seconds, so the data's own TR is taken, not refused
+    feats2, rows2, _ = _extract(gpt_run, tmp_path / "tr2_feats.h5", f"data_path={tr2}")
+    assert set(rows2["subject_id"]) == {"s"} and feats2.shape[1] == feats.shape[1]
     with pytest.raises(ConfigError, match="kind=signature"):
         _extract(gpt_run, tmp_path / "x.h5", "kind=signature")
     with pytest.raises(ConfigError, match="splits=\\[train,val\\]"):

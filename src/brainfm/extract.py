@@ -125,8 +125,9 @@ def load_run(ckpt: str | os.PathLike, data_overrides: Mapping[str, Any] | Sequen
         raise CheckpointError(f"{config_file} has no 'data' section; it is not a brainfm-train run config")
     dots = _dotlist(data_overrides)
     keys = {d.split("=", 1)[0] for d in dots}
-    if any_tr and "path" in keys and "tr" not in keys and "tr" in cfg.data:
-        # other data for a model that embeds time in seconds: the data's own TR, not the training recipe's
+    if "path" in keys and "tr" not in keys and isinstance(cfg.data.get("tr"), (int, float)):
+        # other data: their own TR, not the training recipe's; check_compatible then accepts it (a model
+        # that embeds time in seconds) or refuses it with the fix (data.resample_tr)
         dots.append("tr=null")
     if dots:
         OmegaConf.set_struct(cfg, False)

@@ -1,6 +1,8 @@
 """``brainfm-evaluate ckpt=<checkpoint or run dir>``: subject re-identification (Rank-1, mAP) of
 the pretrained model, the same architecture randomly initialised, and FC fingerprinting, at
-several window lengths. Writes ``metrics.json`` and ``reid.png`` and prints a table."""
+several window lengths. Writes ``metrics.json`` and ``reid.png`` and prints a table.
+``protocol=few_subject``: decoding accuracy against the number of training subjects
+(:mod:`brainfm.eval.few_subject`; ``few_subject.json|csv|png``)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,15 @@ def print_table(report: dict) -> None:
 
 
 def run(cfg: DictConfig) -> dict | None:
+    protocol = cfg.get("protocol") or "reidentification"
+    if protocol == "few_subject":  # decoding accuracy vs training subjects (brainfm.eval.few_subject)
+        from brainfm.eval.few_subject import run_from_config
+
+        return run_from_config(cfg)
+    if protocol != "reidentification":
+        from brainfm.errors import ConfigError
+
+        raise ConfigError(f"protocol={protocol!r} must be 'reidentification' or 'few_subject'")
     from brainfm.eval.protocol import (
         plot_reidentification,
         run_reidentification,
@@ -63,6 +74,7 @@ def run(cfg: DictConfig) -> dict | None:
         stride=cfg.stride, batch_size=int(cfg.batch_size), seed=int(cfg.seed), data_path=cfg.data_path,
         baselines=list(cfg.baselines), probe=bool(cfg.get("probe", True)), trainer=cfg.get("trainer"),
         gallery_runs=cfg.get("gallery_runs"), query_runs=cfg.get("query_runs"),
+        data_overrides=OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None,
     )
     if report is None:  # not the global rank 0: its windows were embedded for rank 0's report
         return None

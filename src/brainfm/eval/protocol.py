@@ -65,7 +65,7 @@ def normalizer_for(ckpt: dict, store: ROIStore) -> ROINormalizer:
     return ROINormalizer.fit(store, mode=mode, eps=float(state.get("eps", 1e-6)))
 
 
-def _windows_and_store(ckpt_path, ckpt: dict, data_path, any_tr: bool = False):
+def _windows_and_store(ckpt_path, ckpt: dict, data_path, any_tr: bool = False, data_overrides: dict | None = None):
     """The store to evaluate on and how to cut it: ``(store, make(segments, length, step) -> dataset,
     volume?)``. From the run's ``config.yaml`` when there is one (every family: ROI windows, volume
     clips), else (a checkpoint file on its own) from the ROI store the checkpoint names."""
@@ -74,7 +74,8 @@ def _windows_and_store(ckpt_path, ckpt: dict, data_path, any_tr: bool = False):
 
     meta = ckpt["hyper_parameters"]["data_meta"]
     if (run_dir_of(find_checkpoint(ckpt_path)) / "config.yaml").is_file():
-        dm = load_run(ckpt_path, {"path": str(data_path)} if data_path else None).datamodule
+        overrides = {**({"path": str(data_path)} if data_path else {}), **(data_overrides or {})}
+        dm = load_run(ckpt_path, overrides or None).datamodule
         store = dm.store
         if store.kind in ("roi", "grayordinate"):
             norm = dm.normalizer or ROINormalizer(mode="none", store=store)
@@ -119,6 +120,7 @@ def run_reidentification(
     batch_size: int = 64,
     seed: int = 0,
     data_path: str | Path | None = None,
+    data_overrides: dict | None = None,
     baselines: Sequence[str] = BASELINES,
     probe: bool = True,
     trainer=None,
@@ -128,6 +130,10 @@ def run_reidentification(
     """Run the protocol on the configured trainer (the windows partitioned over its ranks, embeddings
     gathered on rank 0); returns a JSON-ready dict of results per method and window length on the global
     rank 0, None on the other ranks.
+
+    ``data_path`` / ``data_overrides``: other data than the checkpoint's (``path``) and changes to the
+    run's data config (e.g. ``{"resample_tr": 0.72}``); another TR is taken as the data's where the model
+    embeds time in seconds, else refused unless resampled.
 
     Every checkpoint family: sequence models on ROI windows of each ``window_lengths``; volume models
     (Swin4D, SimMIM, TFF) on clips of the checkpoint's clip length (``window_lengths`` is ignored: the
@@ -149,7 +155,8 @@ def run_reidentification(
         raise ValueError(f"unknown baseline(s) {unknown}; available: {list(BASELINES)}")
     ckpt = load_checkpoint(ckpt_path)
     pretrained = build_task_from_checkpoint(ckpt)
-    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path, any_tr=pretrained.model.time_in_seconds)
+    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path, any_tr=pretrained.model.time_in_seconds,
+                                             data_overrides=data_overrides)
     if volume:
         window_lengths = [int(ckpt["hyper_parameters"]["data_meta"].get("window_length")
                               or ckpt["hyper_parameters"]["model"]["img_size"][3])]
