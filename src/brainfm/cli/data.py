@@ -9,6 +9,8 @@
         [--data random|zeros] [--workers W]
     brainfm-data synth rois --runs N --trs T --rois R --out FILE.h5 [--runs-per-subject K] [--tr S]
     brainfm-data resample <in.h5> <out.h5> --tr S [--atlas NAME]   every run resampled to TR S (polyphase)
+    brainfm-data tar-to-h5 <pattern> <out.h5> [--atlas NAME] [--tr S] [--shift-s S]   Thomas et al.'s .tar -> ROI HDF5
+    brainfm-data h5-to-tar <in.h5> <out_dir> [--shard-size N] [--atlas NAME]   ROI HDF5 -> .tar shards
 
 A store is an ROI HDF5 file, a volume or grayordinate store folder, or SwiFT frame folders
 (``img/<subject>/frame_<t>.pt``; frames carry no TR: pass --tr). Opening a folder store reads its
@@ -121,6 +123,20 @@ def _resample(args: argparse.Namespace) -> None:
     print(f"wrote {_open(out)}")
 
 
+def _tar_to_h5(args: argparse.Namespace) -> None:
+    from brainfm.data.stores.lfb_tar import tar_to_h5
+
+    out = tar_to_h5(args.pattern, args.out, atlas=args.atlas, tr=args.tr, shift_s=args.shift_s)
+    print(f"wrote {_open(out)}")
+
+
+def _h5_to_tar(args: argparse.Namespace) -> None:
+    from brainfm.data.stores.lfb_tar import h5_to_tar
+
+    shards = h5_to_tar(args.path, args.out_dir, shard_size=args.shard_size, atlas=args.atlas)
+    print(f"wrote {len(shards)} shard(s) to {args.out_dir}: {shards[0].name} .. {shards[-1].name}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="brainfm-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +176,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tr", type=float, required=True, help="the new TR in seconds")
     p.add_argument("--atlas", default=None, help="the atlas (default: the only one)")
     p.set_defaults(func=_resample)
+    p = sub.add_parser("tar-to-h5", help="Thomas et al.'s WebDataset .tar shards -> one ROI HDF5 store")
+    p.add_argument("pattern", help="brace pattern ('dir/train-{000000..000009}.tar') or glob ('dir/*.tar'); quote it")
+    p.add_argument("out", type=Path, help="the .h5 file to write")
+    p.add_argument("--atlas", default="difumo", help="atlas name under /timeseries (default difumo)")
+    p.add_argument("--tr", type=float, default=None, help="seconds, for samples without t_r.pyd")
+    p.add_argument("--shift-s", type=float, default=0.0,
+                   help="haemodynamic shift (s) the task labels already include (Thomas et al.: HCP 2.88, MDTB 3)")
+    p.set_defaults(func=_tar_to_h5)
+    p = sub.add_parser("h5-to-tar", help="an ROI HDF5 store -> WebDataset .tar shards in Thomas et al.'s layout")
+    p.add_argument("path", type=Path, help="the ROI .h5 store")
+    p.add_argument("out_dir", type=Path, help="the folder to create (absent or empty)")
+    p.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
+    p.add_argument("--atlas", default=None, help="the atlas (default: the only one)")
+    p.set_defaults(func=_h5_to_tar)
     args = parser.parse_args(argv)
     with exit_on_brainfm_error("brainfm-data"):
         args.func(args)

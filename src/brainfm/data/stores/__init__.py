@@ -7,6 +7,7 @@
 | ``frames`` | :class:`~.frames.FrameStore` | SwiFT/TFF ``img/<subject>/frame_<t>.pt``, optional ``index.parquet`` |
 | ``grayordinate`` | :class:`~.grayordinate.GrayordinateStore` | ``<subject>/<run>/bold.npy`` fp16 (T, 91282), ``index.parquet`` |
 | ``view`` | :class:`~.view.StoreView` | some runs of another store, renamed and cropped/padded |
+| ``tar`` | :class:`~.lfb_tar.TarShardIndex` | Thomas et al.'s WebDataset ``.tar`` shards (``bold.pyd``, ``t_r.pyd``), streamed |
 """
 
 from __future__ import annotations
