@@ -260,3 +260,34 @@ def test_compiled_training_under_ddp_and_fsdp2_matches_eager_and_resumes(strateg
         "+callbacks.crash.step=13", crash=True)
     compiled = run("compiled", "trainer.compile=true", "ckpt_path=last")
     _assert_same_curve(eager, compiled)
+
+
+# -- graph breaks ----------------------------------------------------------------------------------------------
+#: graph breaks per compile region in training (docs/speed.md): none, except the LSTM autoencoder's
+#: deliberate ones: each nn.LSTM layer call (TorchDynamo cannot trace nn.LSTM; 2 encoder + 2 decoder layers
+#: with teacher forcing) and the TR embedding's range check (encoder input and decoder targets)
+GRAPH_BREAKS = {"gpt": 0, "bert": 0, "tff": 0, "semantoks": 0, "temporal_mlp": 0, "swin4d": 0, "lstm_ae": 6}
+
+
+@pytest.mark.parametrize("family", sorted(GRAPH_BREAKS))
+def test_graph_breaks_of_every_family(family):
+    """``torch._dynamo.explain`` of each compile region's forward on the inputs the model gives it."""
+    import torch._dynamo as dynamo
+
+    from brainfm.tasks.base import compile_regions
+
+    make, inputs = _tiny(family)
+    model = make(False).train()
+    calls: dict[str, tuple] = {}
+    def record(module, args, kwargs) -> None:
+        calls.setdefault(type(module).__name__, (module, args, kwargs))
+
+    hooks = [region.register_forward_pre_hook(record, with_kwargs=True) for region in compile_regions(model)]
+    model(*inputs)
+    for hook in hooks:
+        hook.remove()
+    if family == "lstm_ae":  # the teacher-forcing decision is a host draw per batch: fix it
+        calls = {name: (module, args, {**kwargs, "teacher_forcing": True}) for name, (module, args, kwargs) in calls.items()}
+    found = {name: dynamo.explain(module.forward)(*args, **kwargs).graph_break_count
+             for name, (module, args, kwargs) in calls.items()}
+    assert found and all(n == GRAPH_BREAKS[family] for n in found.values()), found

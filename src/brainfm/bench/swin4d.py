@@ -71,8 +71,13 @@ def step_time(model, x, reps: int = 3, autocast: bool = False) -> float:
     return statistics.median(times)
 
 
-def compare_with_swift(repo: Path, reps: int = 5) -> list[dict]:
+def compare_with_swift(repo: Path, reps: int = 5, compiled: bool = False) -> list[dict]:
+    """SwiFT ver7 and brainfm's v7 on the same weights and input, forward+backward, at SwiFT's default
+    and released configurations: the median of ``reps`` interleaved steps each (``brainfm_s``,
+    ``swift_s``; with ``compiled``, also ``compiled_s``: brainfm with ``trainer.compile``'s regional
+    compile, warmed up (compiled) before the timed steps)."""
     from brainfm.models.swin4d import SwinTransformer4D
+    from brainfm.tasks.base import compile_backbone
 
     Ref = load_swift_class(repo)
     x = torch.randn(*SHAPE)
@@ -81,11 +86,23 @@ def compare_with_swift(repo: Path, reps: int = 5) -> list[dict]:
                      ("SwiFT released (embed 36, first window 4, full MSA)", SWIFT_V7_RELEASED)):
         ours, ref = SwinTransformer4D(**kw), Ref(**kw, to_float=True)
         ref.load_state_dict(ours.state_dict())
-        a, b = [], []
-        for _ in range(reps):  # interleaved, so that machine noise hits both alike
-            a.append(step_time(ours, x, reps=1))
-            b.append(step_time(ref, x, reps=1))
-        rows.append({"config": name, "brainfm_s": statistics.median(a), "swift_s": statistics.median(b)})
+        models = {"brainfm_s": ours, "swift_s": ref}
+        if compiled:
+            comp = SwinTransformer4D(**kw)
+            comp.load_state_dict(ours.state_dict())
+            compile_backbone(comp)
+            start = time.perf_counter()
+            step_time(comp, x, reps=1)  # compiles every block (forward and backward): two steps
+            first = time.perf_counter() - start
+            models["compiled_s"] = comp
+        times = {k: [] for k in models}
+        for _ in range(reps):  # interleaved, so that machine noise hits all alike
+            for k, m in models.items():
+                times[k].append(step_time(m, x, reps=1))
+        row = {"config": name, **{k: statistics.median(v) for k, v in times.items()}}
+        if compiled:
+            row["compile_s"] = first - 2 * row["compiled_s"]
+        rows.append(row)
     return rows
 
 
@@ -98,16 +115,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--versions", nargs="*", default=["swin4d_v7", "swin4d_v8", "swin4d_v9", "swin4d_v10", "swin4d_v11"])
     p.add_argument("--sizes", nargs="*", default=["5m", "51m"])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--swift-reps", type=int, default=5, help="interleaved steps of the SwiFT comparison (median)")
+    p.add_argument("--compiled", action="store_true", help="add brainfm compiled (trainer.compile) to the SwiFT comparison")
+    p.add_argument("--only-swift", action="store_true", help="only the SwiFT comparison")
     args = p.parse_args(argv)
     console = Console()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.swift_repo:
-        table = Table(title="Swin4D v7 forward+backward, 96^3 x 20, batch 1, CPU: brainfm vs public SwiFT ver7 (median of 5, interleaved)")
-        for col in ("configuration", "brainfm (s)", "SwiFT (s)", "speed-up"):
+        table = Table(title=f"Swin4D v7 forward+backward, 96^3 x 20, batch 1, CPU fp32, {torch.get_num_threads()} threads: "
+                            f"brainfm vs public SwiFT ver7 (same weights and input; median of {args.swift_reps}, interleaved)")
+        cols = ["configuration", "SwiFT (s)", "brainfm (s)", "speed-up"] + (
+            ["brainfm compiled (s)", "speed-up"] if args.compiled else [])
+        for col in cols:
             table.add_column(col, justify="right")
-        for r in compare_with_swift(args.swift_repo):
-            table.add_row(r["config"], f"{r['brainfm_s']:.3f}", f"{r['swift_s']:.3f}", f"{r['swift_s'] / r['brainfm_s']:.2f}x")
+        for r in compare_with_swift(args.swift_repo, reps=args.swift_reps, compiled=args.compiled):
+            cells = [r["config"], f"{r['swift_s']:.3f}", f"{r['brainfm_s']:.3f}", f"{r['swift_s'] / r['brainfm_s']:.2f}x"]
+            if args.compiled:
+                cells += [f"{r['compiled_s']:.3f}", f"{r['swift_s'] / r['compiled_s']:.2f}x"]
+            table.add_row(*cells)
         console.print(table)
+        if args.only_swift:
+            return
     table = Table(title=f"Swin4D forward+backward, 96^3 x 20, batch 1, {device} ({torch.get_num_threads()} threads)")
     cols = ["version", "size", "parameters", "fp32 (s)"] + (["bf16 (s)", "bf16+compile (s)", "MFU bf16+compile"] if device == "cuda" else [])
     for col in cols:
