@@ -102,8 +102,12 @@ def test_preempted_job_is_requeued_and_resumes_without_lost_or_repeated_steps(sl
         if state == "PENDING" and not hurried:
             # slurmctld holds a requeued batch job for 120 s (BeginTime); an admin's nudge skips the wait
             hurried = subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0
+        # a terminal state with Restarts >= 1 can be seen for a moment while the first run ends and before the
+        # requeue makes the job PENDING: it counts only once the second run has started (its banner is in the log)
+        logs = list(tmp_path.glob(f"*-{job}.out"))
+        rerun = bool(logs) and f"job {job} restart 1" in logs[0].read_text()
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") and restarts \
-                and int(restarts.group(1)) >= 1:
+                and int(restarts.group(1)) >= 1 and rerun:
             break
         time.sleep(0.5)
     else:
