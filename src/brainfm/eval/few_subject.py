@@ -82,6 +82,7 @@ def run_few_subject(
     data_path: str | Path | None = None,
     baselines: Sequence[str] = BASELINES,
     trainer=None,
+    data_overrides: dict | None = None,
 ) -> dict | None:
     """Run the protocol (module docstring); a JSON-ready report on the global rank 0, None elsewhere.
 
@@ -92,7 +93,9 @@ def run_few_subject(
         n_train_subjects: training-set sizes (subjects). repeats: seeded draws per size.
         test_fraction: of the subjects, held out for scoring. window_length: TRs (null: the checkpoint's).
         stride: TRs between window starts inside a block (null: half the window). seed: of the draws
-            and of the random-init baseline. baselines: ``random_init`` or none.
+            and of the random-init baseline. baselines: ``random_init`` or none. data_path,
+            data_overrides: other data and changes to the run's data config, as for
+            :func:`~brainfm.eval.protocol.run_reidentification` (e.g. ``{"resample_tr": 0.72}``).
 
     Raises:
         ConfigError: an unknown source or baseline, a size larger than the subjects left after the
@@ -112,7 +115,8 @@ def run_few_subject(
     ckpt = load_checkpoint(ckpt_path)
     pretrained = build_task_from_checkpoint(ckpt)
     meta = ckpt["hyper_parameters"].get("data_meta") or {}
-    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path, any_tr=pretrained.model.time_in_seconds)
+    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path, any_tr=pretrained.model.time_in_seconds,
+                                             data_overrides=data_overrides)
     if volume:
         raise ConfigError("protocol=few_subject runs on ROI time series; this checkpoint's data are volumes")
     if shift_s is None and source == "trial":
@@ -261,6 +265,7 @@ def run_from_config(cfg) -> dict | None:
         test_fraction=float(fs.get("test_fraction", 0.3)), window_length=fs.get("window_length"),
         stride=fs.get("stride"), batch_size=int(cfg.batch_size), seed=int(cfg.seed), data_path=cfg.data_path,
         baselines=list(fs.get("baselines", BASELINES)), trainer=cfg.get("trainer"),
+        data_overrides=OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None,
     )
     if report is None:
         return None
