@@ -8,7 +8,7 @@ STAMP := $(VENV)/.brainfm-installed
 # keep pip quiet about the extra local indexes some machines configure
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install demo demo-volume test test-slow bench bench-search bench-scale-data bench-eval bench-gpu clean-venv
+.PHONY: install demo demo-volume test test-slow bench bench-search bench-scale-data bench-eval bench-gpu bench-fingerprint clean-venv
 
 install: $(STAMP)
 
@@ -21,12 +21,21 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '$(TORCH_VERSION)' else 'torch %s installed, expected $(TORCH_VERSION)' % torch.__version__)"
 	@touch $@
 
-# Fetch the embedded real HCP data, pretrain on the first half of each run, evaluate subject
-# re-identification on the second half against random init and FC fingerprinting.
+# Does a model trained by brainfm beat FC fingerprinting? Fetch the embedded real data (7 HCP subjects; 5 subjects
+# of another site), pretrain the demo's model and three simple baselines on the first half of each HCP run, and
+# re-identify subjects on the held-out second halves and, zero-shot, on the other site: the model against its
+# initialisation (FC itself), FC fingerprinting, meanMLP, BrainNetCNN and an MLP on FC.
+DEMO_COMPARE := compare='{meanMLP: outputs/baseline_mean_mlp/demo, BrainNetCNN: outputs/baseline_brainnetcnn/demo, FC-MLP: outputs/baseline_fc_mlp/demo}'
 demo: install
 	$(BIN)/brainfm-data fetch hcp_rest_roi
+	$(BIN)/brainfm-data fetch gw_rest_roi
 	$(BIN)/brainfm-train experiment=demo run_name=demo
-	$(BIN)/brainfm-evaluate ckpt=outputs/demo/demo/checkpoints/last.ckpt
+	$(BIN)/brainfm-train experiment=baseline_mean_mlp run_name=demo
+	$(BIN)/brainfm-train experiment=baseline_brainnetcnn run_name=demo
+	$(BIN)/brainfm-train experiment=baseline_fc_mlp run_name=demo
+	$(BIN)/brainfm-evaluate ckpt=outputs/demo/demo probe=false $(DEMO_COMPARE)
+	$(BIN)/brainfm-evaluate ckpt=outputs/demo/demo probe=false $(DEMO_COMPARE) data_path=data/gw_rest_roi.h5 \
+		window_lengths=[30,60] out_dir=outputs/demo/demo/eval_gw
 
 # SimMIM on real 4-D fMRI (nitime + nipy NIfTI runs, preprocessed to a 48^3 volume store) on the CPU.
 demo-volume: install
@@ -61,6 +70,12 @@ bench-scale-data: install
 # peak memory (< 2 GB) vs dense where it fits (10,000 / 30,000; predicted beyond); ~10 min on 2 cores
 bench-eval: install
 	$(BIN)/python scripts/bench_eval.py
+
+# does a model trained by brainfm beat FC fingerprinting? every model/readout/objective combination, 3 seeds, on
+# held-out HCP halves and zero-shot on another site (gw); PROTOCOL=selection: what the demo's recipe was chosen on
+# (first halves only). ~60-90 min on 2 cores
+bench-fingerprint: install
+	$(BIN)/python scripts/bench_fingerprint.py --protocol $(or $(PROTOCOL),final)
 
 # training-step speed on the GPU it finds: Swin4D v7/v9/v11 at 5m/51m/202m (96^3 x 20) and GPT 202m, SDPA vs
 # flex attention vs torch.compile, samples/s, peak memory, MFU; eager vs compiled for every family. Without a

@@ -6,7 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
+
+from brainfm.errors import ConfigError
+from brainfm.models.backbone import Backbone
 
 #: 7-way subject classification on the embedded data, dropout 0: strategies must agree up to float order
 MODEL = ["experiment=gpt", "task=supervised", "task.target=subject", "task.kind=multiclass", "task.num_classes=7",
@@ -40,3 +45,27 @@ class CrashAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             raise SimulatedCrash(f"simulated crash at step {trainer.global_step}")
+
+
+def check_backbone_contract(model, batch: dict, any_tr: bool) -> None:
+    """The backbone contract (brainfm.models.backbone): shapes of ``features`` and ``pooled``, ``pooled_batch``,
+    the token hook composing to ``pooled`` (or refused), inputs read by ``input_keys``."""
+    model.eval()
+    assert isinstance(model, Backbone) and model.any_tr is any_tr
+    inputs = model.inputs({**batch, "subject": torch.zeros(2)})
+    assert len(inputs) == len(model.input_keys)
+    with torch.no_grad():
+        pooled = model.pooled(*inputs)
+        features = model.features(*inputs)
+        assert pooled.shape == (2, model.out_dim)
+        assert features.ndim == 3 and features.shape[0] == 2
+        torch.testing.assert_close(model.pooled_batch(batch), pooled)
+        if model.token_dim is not None:
+            tokens = model.embed_inputs(*inputs)
+            assert tokens.shape[-1] == model.token_dim
+            torch.testing.assert_close(model.pool_tokens(tokens), pooled)
+        else:
+            with pytest.raises(ConfigError, match="no token-level hook"):
+                model.embed_inputs(*inputs)
+    with pytest.raises(ConfigError, match=str(list(model.input_keys)).replace("[", r"\[").replace("]", r"\]")):
+        model.inputs({"other": torch.zeros(1)})

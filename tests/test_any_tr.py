@@ -92,10 +92,11 @@ def test_training_refuses_a_file_at_another_tr_than_the_recipe(cfg_for, hcp_h5, 
 
 @pytest.fixture(scope="module")
 def demo_ckpt(tmp_path_factory, hcp_h5) -> Path:
-    """The demo's recipe (contrastive BERT on the embedded HCP data, TR 0.72 s), a few steps."""
+    """A contrastive transformer (experiment=contrastive, the earlier demo; time in seconds) on the embedded HCP data,
+    TR 0.72 s, a few steps."""
     tmp = tmp_path_factory.mktemp("demo")
     cfg = compose("train", [f"paths.output_dir={tmp}/outputs", f"paths.split_dir={tmp}/splits", f"data.path={hcp_h5}",
-                            "experiment=demo", "run_name=demo", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                            "experiment=contrastive", "run_name=demo", "trainer.max_steps=4", "trainer.val_check_interval=4",
                             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv",
                             "model.d_model=32", "model.depth=1"])
     train.run(cfg)

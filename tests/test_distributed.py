@@ -126,7 +126,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_loss(reference, hcp_h5, tmp
 
 # -- what is global: negatives, batch statistics, coding rate -------------------------------------------------------------
 GLOBAL = {  # objective: overrides (no dropout, no random augmentation or masking: the streams differ per rank)
-    "contrastive": ["experiment=demo", "model.d_model=32", "model.depth=1", "model.dropout=0", "model.attn_dropout=0",
+    "contrastive": ["experiment=contrastive", "model.d_model=32", "model.depth=1", "model.dropout=0", "model.attn_dropout=0",
                     "data.window.length=60", "data.window.min_length=30"],
     "r2t_roi": ["data=r2t_roi", "task=r2t", "model=temporal_mlp", "model.dropout=0", "model.d_model=32",
                 "task.modality_dropout=0", "task.noise_std=0",

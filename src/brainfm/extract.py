@@ -119,7 +119,7 @@ def load_run(ckpt: str | os.PathLike, data_overrides: Mapping[str, Any] | Sequen
         )
     checkpoint = load_checkpoint(path)
     task = build_task_from_checkpoint(checkpoint)
-    any_tr = bool(task.model.time_in_seconds)
+    any_tr = bool(task.model.any_tr)
     cfg = OmegaConf.load(config_file)
     if "data" not in cfg:
         raise CheckpointError(f"{config_file} has no 'data' section; it is not a brainfm-train run config")

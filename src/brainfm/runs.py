@@ -203,8 +203,8 @@ def check_data_compatible(meta: dict, store, where: str = "the checkpoint", any_
     """Raise CheckpointError unless ``store`` has the TR, ROI count and ROI order the model was
     trained with (``meta`` = the checkpoint's ``data_meta``).
 
-    ``any_tr``: the model embeds time in seconds (:attr:`brainfm.models.backbone.Backbone.time_in_seconds`),
-    so data at another TR are accepted; the TR of the data and of the training are logged. Otherwise
+    ``any_tr``: the model takes any TR (:attr:`brainfm.models.backbone.Backbone.any_tr`: it embeds time
+    in seconds, or has no time order), so data at another TR are accepted; the TR of the data and of the training are logged. Otherwise
     a TR mismatch is refused with the fix (``data.resample_tr``).
     """
     from brainfm.data.datamodules.base import check_tr
@@ -212,8 +212,8 @@ def check_data_compatible(meta: dict, store, where: str = "the checkpoint", any_
 
     trained = meta.get("tr") if isinstance(meta.get("tr"), (int, float)) else None
     if any_tr and store.tr is not None and trained is not None and abs(float(store.tr) - float(trained)) > 1e-3:
-        log.info("data %s at TR %g s, %s trained at TR %g s: the model embeds time in seconds, so it takes "
-                 "the data's TR", store.location, float(store.tr), where, float(trained))
+        log.info("data %s at TR %g s, %s trained at TR %g s: the model takes any TR (time in seconds or no "
+                 "time order), so it takes the data's TR", store.location, float(store.tr), where, float(trained))
         return _check_rois(meta, store, where)
     try:
         tr = check_tr(store.tr, meta.get("tr"), str(store.location), key=f"the TR of {where}")

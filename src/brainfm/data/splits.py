@@ -36,20 +36,30 @@ SPLITS = ("train", "val", "test")
 Segment = tuple[int, int, int]  # (run row in the store, first TR, stop TR (exclusive))
 
 
-def time_split(lengths: Sequence[int], train_fraction: float = 0.5) -> dict[str, list[Segment]]:
-    """Split every run in time: the first ``train_fraction`` of its TRs for training, the rest
-    for validation. Used by the demo (pretrain on the first half, evaluate on the second).
+def time_split(lengths: Sequence[int], train_fraction: float = 0.5,
+               val_fraction: float | None = None) -> dict[str, list[Segment]]:
+    """Split every run in time: the first ``train_fraction`` of its TRs for training, the next
+    ``val_fraction`` for validation (None: all the rest) and what follows for testing. Used by the demo
+    (pretrain on the first half, evaluate on the second); ``train_fraction=0.4 val_fraction=0.1`` keeps
+    the validation (early stopping, best checkpoints) inside a first half whose second is the test.
 
     Raises:
-        ConfigError: ``train_fraction`` outside (0, 1).
+        ConfigError: ``train_fraction`` outside (0, 1), or a ``val_fraction`` that is not positive or runs
+            past the end of the run.
     """
     if not 0.0 < train_fraction < 1.0:
         raise ConfigError(f"data.split.train_fraction={train_fraction} must lie strictly between 0 and 1")
+    if val_fraction is not None and not (0.0 < val_fraction and train_fraction + val_fraction <= 1.0 + 1e-9):
+        raise ConfigError(f"data.split.val_fraction={val_fraction} must be positive and at most 1 - "
+                          f"data.split.train_fraction ({1 - train_fraction:g}); null: the rest of each run")
     out: dict[str, list[Segment]] = {"train": [], "val": [], "test": []}
     for run, n in enumerate(lengths):
         cut = int(round(n * train_fraction))
+        stop = int(n) if val_fraction is None else min(int(n), int(round(n * (train_fraction + val_fraction))))
         out["train"].append((run, 0, cut))
-        out["val"].append((run, cut, int(n)))
+        out["val"].append((run, cut, stop))
+        if stop < n:
+            out["test"].append((run, stop, int(n)))
     return out
 
 

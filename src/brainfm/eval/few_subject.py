@@ -115,7 +115,7 @@ def run_few_subject(
     ckpt = load_checkpoint(ckpt_path)
     pretrained = build_task_from_checkpoint(ckpt)
     meta = ckpt["hyper_parameters"].get("data_meta") or {}
-    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path, any_tr=pretrained.model.time_in_seconds,
+    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path, any_tr=pretrained.model.any_tr,
                                              data_overrides=data_overrides)
     if volume:
         raise ConfigError("protocol=few_subject runs on ROI time series; this checkpoint's data are volumes")

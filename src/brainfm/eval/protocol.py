@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +29,11 @@ from brainfm.data.windows import collate_windows
 from brainfm.eval.fingerprinting import fc_features
 from brainfm.eval.probe import fit_predict_sklearn
 from brainfm.eval.reidentification import reidentification
+from brainfm.errors import ConfigError
 from brainfm.runs import (
     build_task_from_checkpoint,
     check_data_compatible,
+    find_checkpoint,
     load_checkpoint,
 )
 from brainfm.tasks.base import CHECKPOINT_KEY
@@ -70,7 +72,6 @@ def _windows_and_store(ckpt_path, ckpt: dict, data_path, any_tr: bool = False, d
     volume?)``. From the run's ``config.yaml`` when there is one (every family: ROI windows, volume
     clips), else (a checkpoint file on its own) from the ROI store the checkpoint names."""
     from brainfm.extract import load_run, run_dir_of
-    from brainfm.runs import find_checkpoint
 
     meta = ckpt["hyper_parameters"]["data_meta"]
     if (run_dir_of(find_checkpoint(ckpt_path)) / "config.yaml").is_file():
@@ -126,6 +127,8 @@ def run_reidentification(
     trainer=None,
     gallery_runs: Sequence[str] | None = None,
     query_runs: Sequence[str] | None = None,
+    run_fraction: float = 1.0,
+    compare: Mapping[str, str | Path] | None = None,
 ) -> dict | None:
     """Run the protocol on the configured trainer (the windows partitioned over its ranks, embeddings
     gathered on rank 0); returns a JSON-ready dict of results per method and window length on the global
@@ -142,10 +145,20 @@ def run_reidentification(
     Gallery and queries are the first ``gallery_fraction`` and the rest of every run, or, with
     ``gallery_runs`` and ``query_runs`` (run ids, e.g. HCP ``[REST1_LR]`` and ``[REST2_LR]``, UKB
     instances), whole runs of one session against another (Finn et al.'s test-retest protocol;
-    :func:`~brainfm.eval.reidentification.split_by_session`).
+    :func:`~brainfm.eval.reidentification.split_by_session`). ``run_fraction`` < 1 uses only the first
+    part of every run (TRs after it are never read): ``gallery_fraction=0.333 run_fraction=0.5``
+    matches TRs [0, 1/3) against [1/3, 1/2) of each run, a validation protocol inside a model's
+    training half that leaves the second half untouched for the final evaluation.
+
+    ``compare``: other trained runs (name -> checkpoint or run directory), e.g. the baselines
+    (``model=mean_mlp``, ``brainnetcnn``, ``fc``) trained on the same data, embedded on the same
+    windows and reported beside the pretrained model; each is checked against the data (ROI count and
+    order; TR unless it takes any TR) and must normalise as the pretrained model does.
 
     Raises:
         CheckpointError: unloadable checkpoint, or data with another TR / ROI count / ROI order / grid.
+        ConfigError: a ``compare`` name that is taken, a compared run that normalises otherwise, a
+            ``run_fraction`` outside (0, 1], or ``gallery_fraction`` not below it.
         ValueError: unknown baseline name.
     """
     from brainfm.inference import Group
@@ -155,25 +168,30 @@ def run_reidentification(
         raise ValueError(f"unknown baseline(s) {unknown}; available: {list(BASELINES)}")
     ckpt = load_checkpoint(ckpt_path)
     pretrained = build_task_from_checkpoint(ckpt)
-    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path, any_tr=pretrained.model.time_in_seconds,
+    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path, any_tr=pretrained.model.any_tr,
                                              data_overrides=data_overrides)
     if volume:
         window_lengths = [int(ckpt["hyper_parameters"]["data_meta"].get("window_length")
                               or ckpt["hyper_parameters"]["model"]["img_size"][3])]
         baselines = [b for b in baselines if b != "fc_fingerprint"]
+    if not 0.0 < float(run_fraction) <= 1.0 or not 0.0 < float(gallery_fraction) < float(run_fraction):
+        raise ConfigError(f"run_fraction={run_fraction} must lie in (0, 1] and gallery_fraction={gallery_fraction} "
+                          "strictly between 0 and it")
+    lengths = [int(round(float(n) * float(run_fraction))) for n in store.lengths]
     if gallery_runs or query_runs:
         from brainfm.eval.reidentification import split_by_session
 
         g, q = split_by_session(store.run_ids, store.subject_ids, gallery=list(gallery_runs or []),
                                 query=list(query_runs or []))
-        segments = {"train": [(int(r), 0, int(store.lengths[r])) for r in g],
-                    "val": [(int(r), 0, int(store.lengths[r])) for r in q]}
+        segments = {"train": [(int(r), 0, lengths[r]) for r in g], "val": [(int(r), 0, lengths[r]) for r in q]}
     else:
-        segments = time_split(store.lengths, gallery_fraction)
+        segments = time_split(lengths, float(gallery_fraction) / float(run_fraction))
     models = {"pretrained": pretrained}
     if "random_init" in baselines:
         torch.manual_seed(seed)
         models["random_init"] = build_task_from_checkpoint(ckpt, weights=False)
+    for name, path in (compare or {}).items():
+        models[_compare_name(name, models)] = _compared_task(path, ckpt, store)
     names = [*models, *(b for b in baselines if b == "fc_fingerprint")]
     results: dict[str, dict[str, dict]] = {name: {} for name in names}
     probes: dict[str, dict[str, dict]] = {name: {} for name in names}
@@ -211,10 +229,14 @@ def run_reidentification(
         "global_step": int(ckpt.get("global_step", -1)),
         "data": {"path": str(store.location), "atlas": getattr(store, "atlas", None), "tr": store.tr,
                  "kind": store.kind, "n_subjects": len(set(store.subject_ids))},
+        "compare": {name: str(find_checkpoint(path)) for name, path in (compare or {}).items()},
         "protocol": {
             "gallery": (f"windows of runs {list(gallery_runs)}" if gallery_runs
                         else f"windows of the first {gallery_fraction:g} of each run"),
-            "queries": f"windows of runs {list(query_runs)}" if query_runs else "windows of the rest of each run",
+            "queries": (f"windows of runs {list(query_runs)}" if query_runs else
+                        "windows of the rest of each run" if run_fraction == 1 else
+                        f"windows of each run from {gallery_fraction:g} to {run_fraction:g}"),
+            "run_fraction": float(run_fraction),
             "window_lengths": [int(w) for w in window_lengths],
             "windows": {str(length): {"gallery": len(g), "queries": len(q)} for length, (g, q) in sets.items()},
             "stride": stride or "half the window length",
@@ -225,6 +247,32 @@ def run_reidentification(
         "results": results,
         **({"probe": probes} if probe else {}),
     }
+
+
+def _compare_name(name: str, models: dict) -> str:
+    if name in models or name in BASELINES:
+        raise ConfigError(f"compare name {name!r} is taken (by the pretrained model or a baseline); rename it")
+    return name
+
+
+def _compared_task(path: str | Path, ckpt: dict, store):
+    """Another trained run's task, checked against ``store`` and the pretrained model's normalisation.
+
+    Raises:
+        CheckpointError: its data contract does not fit ``store``.
+        ConfigError: it normalises its inputs otherwise than the pretrained model.
+    """
+    other = load_checkpoint(find_checkpoint(path))
+    task = build_task_from_checkpoint(other)
+    meta = other["hyper_parameters"]["data_meta"]
+    check_data_compatible(meta, store, where=f"checkpoint {other['_path']}", any_tr=task.model.any_tr)
+    mode = (meta.get("normalization") or {}).get("mode", "run")
+    ours = (ckpt["hyper_parameters"]["data_meta"].get("normalization") or {}).get("mode", "run")
+    if mode != ours or mode == "global":
+        raise ConfigError(f"compare: {other['_path']} normalises with mode={mode}, the evaluated checkpoint with "
+                          f"mode={ours}; compared runs are embedded on the same windows, so both must use "
+                          "data.normalization.mode=run (or none)")
+    return task
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -6,9 +6,11 @@ it reads (:attr:`Backbone.input_keys`) and gives
 
 - :meth:`Backbone.features`: its last-layer token features ``(B, N, D)``;
 - :meth:`Backbone.pooled`: one embedding per sample ``(B, out_dim)``, the one every head, probe
-  and extraction uses;
+  and extraction uses, by the backbone's ``model.pooling`` (:mod:`brainfm.models.pooling`: ``mean``,
+  ``cls``, ``code``, or a second-order ``correlation`` / ``covariance`` readout of
+  :meth:`Backbone.frame_features`, the per-TR features, optionally beside the input BOLD);
 - :attr:`Backbone.out_dim`: ``D`` of :meth:`pooled`;
-- :attr:`Backbone.time_in_seconds`: whether it takes data at any TR (evaluate, extract, predict and
+- :attr:`Backbone.any_tr`: whether it takes data at any TR (evaluate, extract, predict and
   fine-tuning accept another TR than the pretraining's for these models);
 - optionally a token hook, :meth:`Backbone.embed_inputs` and :meth:`Backbone.pool_tokens`
   (``pooled(*x) == pool_tokens(embed_inputs(*x))``), for objectives that add something to the
@@ -27,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from brainfm.errors import ConfigError
+from brainfm.models.pooling import build_readout
 
 
 class Backbone:
@@ -40,9 +43,50 @@ class Backbone:
     #: ``(B, C, X, Y, Z, T)``; ``("bold", "t")`` for windows ``(B, T, V)`` with their times
     #: ``(B, T)`` in seconds from the window onset; ``("bold",)`` for models without a time input
     input_keys: ClassVar[tuple[str, ...]] = ("bold", "t")
-    #: the model embeds each TR's time in seconds (brainfm.models.embedding.TREmbedding), so it takes
-    #: data at any TR; False: it assumes the TR it was trained at (patches of TRs, frames)
-    time_in_seconds: ClassVar[bool] = False
+    #: the model takes data at any TR: it embeds each TR's time in seconds
+    #: (brainfm.models.embedding.TREmbedding), or its embedding has no notion of time order (FC,
+    #: meanMLP); False: it assumes the TR it was trained at (patches of TRs, frames)
+    any_tr: ClassVar[bool] = False
+    #: the ``model.pooling`` values the backbone supports (:mod:`brainfm.models.pooling`); the first
+    #: is its default
+    poolings: ClassVar[tuple[str, ...]] = ("mean",)
+    #: the pooling in use (:meth:`init_pooling` sets it per instance)
+    pooling: str = "mean"
+
+    def init_pooling(self, pooling: str | None, readout: Mapping[str, Any] | None, feature_dim: int,
+                     n_rois: int) -> None:
+        """Set ``model.pooling`` (None: the backbone's default) and build its readout module
+        (registered as ``readout`` only for second-order poolings, so first-order backbones keep
+        their state-dict keys). Call from ``__init__`` after ``nn.Module.__init__``.
+
+        Raises:
+            ConfigError: a pooling this backbone does not support (its choices named), or a bad
+                ``model.readout`` (:func:`brainfm.models.pooling.build_readout`).
+        """
+        pooling = pooling or self.poolings[0]
+        if pooling not in self.poolings:
+            raise ConfigError(f"model.pooling={pooling!r} is not available for {type(self).__name__}; choose one of "
+                              f"{list(self.poolings)}")
+        self.pooling = pooling
+        self._frame_dim = int(feature_dim)
+        module = build_readout(pooling, dict(readout or {}), feature_dim, n_rois)
+        if module is not None:
+            self.readout = module
+
+    @property
+    def frame_dim(self) -> int | None:
+        """Width ``D`` of :meth:`frame_features` (per-TR features), None for a backbone without them."""
+        return getattr(self, "_frame_dim", 0) or None
+
+    @property
+    def pooling_readout(self):
+        """The second-order readout (:class:`~brainfm.models.pooling.SecondOrderReadout`) or None."""
+        return self.__dict__.get("_modules", {}).get("readout")
+
+    def pooled_dim(self, native: int) -> int:
+        """:attr:`out_dim` given the width ``native`` of the first-order poolings."""
+        readout = self.pooling_readout
+        return readout.out_dim if readout is not None else int(native)
 
     def inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
         """The tensors of ``batch`` the backbone takes, in :attr:`input_keys` order.
@@ -71,8 +115,22 @@ class Backbone:
         """Last-layer token features ``(B, N, D)`` of the inputs (:attr:`input_keys`)."""
         raise NotImplementedError
 
+    def frame_features(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Features on the input's time axis ``(B, T, D)`` (one row per TR), what a second-order readout
+        correlates over time; by default :meth:`features` (backbones with one token per TR)."""
+        return self.features(*inputs)
+
     def pooled(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """One embedding per sample ``(B, out_dim)``: by default the mean of :meth:`features`."""
+        """One embedding per sample ``(B, out_dim)`` by ``model.pooling``: a second-order readout of
+        :meth:`frame_features` and the input BOLD (``inputs[0]``), else :meth:`pool_first_order`."""
+        readout = self.pooling_readout
+        if readout is not None:
+            return readout(self.frame_features(*inputs) if readout.feature_dim else None, inputs[0])
+        return self.pool_first_order(*inputs)
+
+    def pool_first_order(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """``mean`` (the mean of :meth:`features` over its tokens) and the backbone's other first-order
+        poolings (``cls``, ``code``), ``(B, out_dim)``."""
         return self.features(*inputs).mean(dim=1)
 
     def pooled_batch(self, batch: Mapping[str, Any]) -> torch.Tensor:

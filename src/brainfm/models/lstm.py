@@ -36,6 +36,9 @@ class LSTMAutoencoder(nn.Module, Backbone):
         teacher_forcing: probability that a training batch is decoded with teacher forcing.
         t_max_s, t_resolution_s: time embedding range and bin width, seconds.
         use_checkpoint: activation checkpointing of every LSTM layer (training only).
+        pooling: ``code`` (the autoencoder's code, what its decoder sees; the default), ``mean`` (of the
+            last encoder layer's states per TR, directions averaged), or a second-order ``correlation`` /
+            ``covariance`` readout of those states (:mod:`brainfm.models.pooling`, options in ``readout``).
 
     Shapes: ``bold`` ``(B, T, n_rois)``, ``t`` ``(B, T)`` s; :meth:`encode` -> pooled ``(B, d)``;
     :meth:`forward` -> reconstruction ``(B, T, n_rois)`` and pooled ``(B, d)``.
@@ -51,6 +54,8 @@ class LSTMAutoencoder(nn.Module, Backbone):
         t_max_s: float = 300.0,
         t_resolution_s: float = 0.2,
         use_checkpoint: bool = False,
+        pooling: str = "code",
+        readout: dict | None = None,
     ) -> None:
         super().__init__()
         self.n_rois = int(n_rois)
@@ -66,23 +71,36 @@ class LSTMAutoencoder(nn.Module, Backbone):
         self.decoder_out = nn.Linear(d_model, d_model)
         self.head = nn.Linear(d_model, self.n_rois)
         self.drop = nn.Dropout(dropout)
+        self.init_pooling(pooling, readout, self.d_model, self.n_rois)
 
     @property
     def out_dim(self) -> int:
-        return self.d_model
+        return self.pooled_dim(self.d_model)
+
+    poolings = ("code", "mean", "correlation", "covariance")
 
     #: ``forward`` returns the reconstruction of its input (``task=autoencoder``'s contract)
     reconstructs = True
-    time_in_seconds = True  # TREmbedding: any TR
+    any_tr = True  # TREmbedding: any TR
 
     def features(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Windows ``(B, T, n_rois)``, ``t`` ``(B, T)`` s -> the pooled code as one token ``(B, 1, d)``
-        (the code is what the decoder sees; no token hook: :attr:`token_dim` is ``None``)."""
-        return self.pooled(bold, t)[:, None]
+        with ``pooling=code`` (the code is what the decoder sees), else the last encoder layer's states
+        ``(B, T, d)`` (:meth:`frame_features`). No token hook: :attr:`token_dim` is ``None``."""
+        if self.pooling == "code":
+            return self.encode(bold, t)[0][:, None]
+        return self.frame_features(bold, t)
 
-    def pooled(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Windows -> the pooled code ``(B, d)`` (:meth:`encode`)."""
-        return self.encode(bold, t)[0]
+    def frame_features(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The last encoder layer's states per TR ``(B, T, d)`` (the two directions averaged)."""
+        return self.encode(bold, t, states=True)[2]
+
+    def pool_first_order(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``code``: the autoencoder's code ``(B, d)`` (:meth:`encode`); ``mean``: the mean over TRs of
+        :meth:`frame_features`."""
+        if self.pooling == "code":
+            return self.encode(bold, t)[0]
+        return self.frame_features(bold, t).mean(dim=1)
 
     def compile_regions(self) -> list[nn.Module]:
         """What ``trainer.compile=true`` compiles: the whole autoencoder (the autoencoding objective
@@ -105,8 +123,9 @@ class LSTMAutoencoder(nn.Module, Backbone):
         out, (h, _) = self.encoder[i](x)
         return 0.5 * (out[..., : self.d_model] + out[..., self.d_model :]), h.mean(dim=0, keepdim=True), x
 
-    def encode(self, bold: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Pooled code ``(B, d)`` and each layer's final hidden state ``(1, B, d)``."""
+    def encode(self, bold: torch.Tensor, t: torch.Tensor, states: bool = False):
+        """Pooled code ``(B, d)`` and each layer's final hidden state ``(1, B, d)``; with ``states``, also the
+        last encoder layer's states per TR ``(B, T, d)`` (directions averaged)."""
         x = self.drop(self.embedding(bold, t))
         finals = []
         prev = None
@@ -114,7 +133,8 @@ class LSTMAutoencoder(nn.Module, Backbone):
             out, h, x = self._layer(self._encoder_layer, i, x, prev)
             prev, x = x, out
             finals.append(h)
-        return self.pooler(self.drop(finals[-1][0])), finals
+        code = self.pooler(self.drop(finals[-1][0]))
+        return (code, finals, x) if states else (code, finals)
 
     def _decoder_layer(self, i: int, x: torch.Tensor, prev: torch.Tensor | None, h: torch.Tensor, c: torch.Tensor):
         """Layer ``i`` of the decoder from state ``(h, c)`` (each ``(1, B, d)``): ``(out, (h, c), its input)``."""

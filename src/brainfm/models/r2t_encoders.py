@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from brainfm.errors import ConfigError
 from brainfm.models.backbone import Backbone
 from brainfm.models.embedding import TREmbedding
 from brainfm.models.transformer import checkpointed
@@ -50,6 +51,8 @@ class TemporalMLPEncoder(nn.Module, Backbone):
         t_max_s, t_resolution_s: range and bin width of the time embedding, seconds.
         use_checkpoint: activation checkpointing (training only) of the per-frame MLP (its hidden
             ``(B, T, mlp_ratio * d)`` activations) and of every temporal block.
+        pooling, readout: ``mean`` of the TR states, or a second-order ``correlation`` / ``covariance``
+            readout of them (:mod:`brainfm.models.pooling`, options in ``readout``).
 
     Shapes: ``bold`` ``(B, T, n_rois)``, ``t`` ``(B, T)`` seconds from the window onset ->
     :meth:`forward` ``(B, T, d_model)``; the objective pools over time.
@@ -69,6 +72,8 @@ class TemporalMLPEncoder(nn.Module, Backbone):
         t_max_s: float = 1000.0,
         t_resolution_s: float = 0.2,
         use_checkpoint: bool = False,
+        pooling: str = "mean",
+        readout: dict | None = None,
     ) -> None:
         super().__init__()
         self.use_checkpoint = bool(use_checkpoint)
@@ -86,10 +91,11 @@ class TemporalMLPEncoder(nn.Module, Backbone):
                                     for i in range(int(depth)))
         self.norm = nn.LayerNorm(self.d_model)
         self.drop = nn.Dropout(dropout)
+        self.init_pooling(pooling, readout, self.d_model, self.n_rois)
 
     @property
     def out_dim(self) -> int:
-        return self.d_model
+        return self.pooled_dim(self.d_model)
 
     def compile_regions(self) -> list[nn.Module]:
         """What ``trainer.compile=true`` compiles: the per-frame MLP and every temporal block (R2T calls
@@ -118,18 +124,32 @@ class TemporalMLPEncoder(nn.Module, Backbone):
         return self.encode(self.embed_trs(bold, t))
 
     # -- the backbone contract (brainfm.models.backbone) --------------------------------------------------
-    time_in_seconds = True  # TREmbedding: any TR
+    any_tr = True  # TREmbedding: any TR
+    poolings = ("mean", "correlation", "covariance")
 
     @property
-    def token_dim(self) -> int:
-        return self.d_model
+    def token_dim(self) -> int | None:
+        """``d_model``; None when the readout reads the input BOLD (not carried by a token hook)."""
+        readout = self.pooling_readout
+        return None if readout is not None and readout.include_input else self.d_model
 
     def features(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Windows ``(B, T, n_rois)``, ``t`` ``(B, T)`` s -> states per TR ``(B, T, d)``."""
         return self(bold, t)
 
     def embed_inputs(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """TR tokens ``(B, T, d_model)``.
+
+        Raises:
+            ConfigError: no token-level hook (:attr:`token_dim` is None: the readout reads the input BOLD).
+        """
+        if self.token_dim is None:
+            raise ConfigError(f"model {type(self).__name__} has no token-level hook with model.pooling={self.pooling} "
+                              "and model.readout.include_input=true (the readout reads the input BOLD)")
         return self.embed_trs(bold, t)
 
     def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.encode(tokens).mean(dim=1)
+        """Tokens ``(B, T, d)`` -> the pooled states ``(B, out_dim)`` (``model.pooling``)."""
+        states = self.encode(tokens)
+        readout = self.pooling_readout
+        return readout(states, None) if readout is not None else states.mean(dim=1)

@@ -255,6 +255,10 @@ class SemantoksEncoder(nn.Module, Backbone):
             reference has none: ``false`` for its converted weights).
         missing_tokens: ``"pad"`` (missing networks' tokens become the MASK token and are key-padded
             out of attention) or ``"mask"`` (MASK token, still attended); see the module docstring.
+        pooling: ``cls`` (the CLS token's state; the reference's), ``mean`` (of the network tokens), or a
+            second-order ``correlation`` / ``covariance`` readout (:mod:`brainfm.models.pooling`, options
+            in ``readout``) of :meth:`frame_features`: each patch's network tokens averaged and held for
+            the patch's TRs.
 
     Shapes: :meth:`forward` ``bold`` ``(B, T, V)``, ``mask`` ``(B, N, P)`` bool (True: the token is
     replaced by the learned MASK token), ``roi_mask`` ``(B, V)`` or ``(V,)`` bool (True: the ROI was
@@ -289,6 +293,8 @@ class SemantoksEncoder(nn.Module, Backbone):
         use_checkpoint: bool = False,
         qkv_bias: bool = True,
         missing_tokens: str = "pad",
+        pooling: str = "cls",
+        readout: dict | None = None,
     ) -> None:
         super().__init__()
         self.n_rois = int(n_rois)
@@ -346,6 +352,7 @@ class SemantoksEncoder(nn.Module, Backbone):
         self.encoder.apply(self._init_linear)
         for p in (self.network_embedding.weight, self.cls_token, self.mask_token):
             nn.init.normal_(p, std=0.02)
+        self.init_pooling(pooling, readout, self.d_model, self.n_rois)
 
     @staticmethod
     def _init_linear(m: nn.Module) -> None:
@@ -356,19 +363,35 @@ class SemantoksEncoder(nn.Module, Backbone):
 
     @property
     def out_dim(self) -> int:
-        return self.d_model
+        return self.pooled_dim(self.d_model)
 
     # -- the backbone contract (brainfm.models.backbone) --------------------------------------------------
     input_keys = ("bold",)
+    poolings = ("cls", "mean", "correlation", "covariance")
 
     def features(self, bold: torch.Tensor, roi_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Windows ``(B, T, n_rois)`` -> the network tokens' states ``(B, n_networks * n_patches, d)``
         (the CLS token left out; ``roi_mask``: see :meth:`forward`)."""
         return self(bold, roi_mask=roi_mask)[:, 1:]
 
+    def frame_features(self, bold: torch.Tensor, roi_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Features per TR ``(B, T, d)``: the mean over networks of each patch's tokens, held for the
+        patch's ``patch_size`` TRs (the TRs after the last whole patch take the last patch's)."""
+        b, n_trs = bold.shape[:2]
+        tokens = self.features(bold, roi_mask)
+        p = tokens.shape[1] // self.n_networks
+        per_patch = tokens.reshape(b, self.n_networks, p, -1).mean(dim=1)  # (B, P, d)
+        index = (torch.arange(n_trs, device=bold.device) // self.patch_size).clamp_max(p - 1)
+        return per_patch[:, index]
+
     def pooled(self, bold: torch.Tensor, roi_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Windows -> the CLS token's state ``(B, d)``."""
-        return self(bold, roi_mask=roi_mask)[:, 0]
+        """Windows -> ``(B, out_dim)`` by ``model.pooling``: the CLS token's state (``cls``), the mean of
+        the network tokens (``mean``) or the second-order readout of :meth:`frame_features` and ``bold``."""
+        readout = self.pooling_readout
+        if readout is not None:
+            return readout(self.frame_features(bold, roi_mask) if readout.feature_dim else None, bold)
+        states = self(bold, roi_mask=roi_mask)
+        return states[:, 0] if self.pooling == "cls" else states[:, 1:].mean(dim=1)
 
     def pooled_batch(self, batch) -> torch.Tensor:
         """:meth:`pooled` of a batch's ``bold``, with its ``roi_mask`` when it has one (multi-atlas data)."""

@@ -26,6 +26,7 @@ import re
 import torch
 from torch import nn
 
+from brainfm.errors import ConfigError
 from brainfm.models.backbone import Backbone
 from brainfm.models.embedding import TREmbedding
 from brainfm.models.transformer import TransformerEncoder
@@ -49,6 +50,11 @@ class SequenceTransformer(nn.Module, Backbone):
         norm_layout: ``"pre"`` (pre-LN blocks + final LayerNorm: brainfm, GPT-2) or ``"post"``
             (BERT: LayerNorm of the summed embeddings (``embed_norm``), post-LN blocks, no final norm).
         norm_eps: epsilon of the transformer's LayerNorms (1e-5; HF BERT: 1e-12).
+        pooling: ``mean`` (of the TR states), ``cls`` (a CLS token before the TRs; Sequence-BERT's
+            pooled state), ``correlation`` or ``covariance`` (a second-order readout of the TR states,
+            :mod:`brainfm.models.pooling`).
+        readout: the second-order readout's options (``model.readout``; e.g. ``include_input``,
+            ``rank``, ``init``).
 
     Shapes: :meth:`forward` ``bold`` ``(B, T, n_rois)``, ``t`` ``(B, T)`` s -> ``(B, T, d_model)``.
 
@@ -74,6 +80,8 @@ class SequenceTransformer(nn.Module, Backbone):
         activation: str = "gelu",
         norm_layout: str = "pre",
         norm_eps: float = 1e-5,
+        pooling: str = "mean",
+        readout: dict | None = None,
     ) -> None:
         super().__init__()
         self.n_rois = int(n_rois)
@@ -95,6 +103,7 @@ class SequenceTransformer(nn.Module, Backbone):
         self.apply(self._init_weights)
         for p in (self.mask_token, self.cls_token, self.sep_token):
             nn.init.normal_(p, std=0.02)
+        self.init_pooling(pooling, readout, self.d_model, self.n_rois)  # after _init_weights: the readout keeps its init
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -107,14 +116,18 @@ class SequenceTransformer(nn.Module, Backbone):
 
     @property
     def out_dim(self) -> int:
-        return self.d_model
+        return self.pooled_dim(self.d_model)
 
     # -- the backbone contract (brainfm.models.backbone) --------------------------------------------------
-    time_in_seconds = True  # TREmbedding: any TR
+    any_tr = True  # TREmbedding: any TR
+    poolings = ("mean", "cls", "correlation", "covariance")
 
     @property
-    def token_dim(self) -> int:
-        return self.d_model
+    def token_dim(self) -> int | None:
+        """``d_model``; None when the pooling reads the input BOLD (``model.readout.include_input``),
+        which a token hook does not carry."""
+        readout = self.pooling_readout
+        return None if readout is not None and readout.include_input else self.d_model
 
     def features(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Windows ``(B, T, n_rois)``, ``t`` ``(B, T)`` s -> hidden states per TR ``(B, T, d_model)``
@@ -122,11 +135,31 @@ class SequenceTransformer(nn.Module, Backbone):
         return self(bold, t)
 
     def embed_inputs(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """TR tokens ``(B, T, d_model)``.
+
+        Raises:
+            ConfigError: no token-level hook (:attr:`token_dim` is None: the readout reads the input BOLD).
+        """
+        if self.token_dim is None:
+            raise ConfigError(f"model {type(self).__name__} has no token-level hook with model.pooling={self.pooling} "
+                              "and model.readout.include_input=true (the readout reads the input BOLD)")
         return self.embed_trs(bold, t)
 
     def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """TR tokens ``(B, T, d_model)`` -> the mean of the encoded states ``(B, d_model)``."""
-        return self.encode(tokens).mean(dim=1)
+        """TR tokens ``(B, T, d_model)`` -> the pooled encoded states ``(B, out_dim)`` (``model.pooling``).
+
+        Raises:
+            ConfigError: a readout that reads the input BOLD (:attr:`token_dim` is None then).
+        """
+        if self.pooling == "cls":
+            return self.encode(torch.cat([self.special("cls", tokens.shape[0]).to(tokens.dtype), tokens], dim=1))[:, 0]
+        states = self.encode(tokens)
+        readout = self.pooling_readout
+        return readout(states, None) if readout is not None else states.mean(dim=1)
+
+    def pool_first_order(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``mean`` of the TR states, or the state of a CLS token put before the TRs (``cls``)."""
+        return self.pool_tokens(self.embed_trs(bold, t))
 
     def compile_regions(self) -> list[nn.Module]:
         """What ``trainer.compile=true`` compiles: every transformer block (regional compilation: the
@@ -142,6 +175,8 @@ class SequenceTransformer(nn.Module, Backbone):
         unknown = set(names) - {"mask", "cls", "sep", "segment"}
         if unknown:
             raise ValueError(f"unknown special tokens {sorted(unknown)}")
+        if self.pooling == "cls":  # the pooled embedding is the CLS token's state
+            names = (*names, "cls")
         params = {"mask": [self.mask_token], "cls": [self.cls_token], "sep": [self.sep_token],
                   "segment": list(self.segment.parameters()) if self.segment is not None else []}
         for name, ps in params.items():

@@ -27,19 +27,28 @@ from torch import nn
 _NO_DECAY = (nn.LayerNorm, nn.Embedding, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: weight matrices of linear/conv/recurrent layers decay; biases, norms,
-    embeddings and learned tokens do not."""
+def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_scale: dict[int, float] | None = None) -> list[dict]:
+    """AdamW groups: weight matrices of linear/conv/recurrent layers decay; biases, norms, embeddings
+    and learned tokens do not. ``lr_scale`` (parameter ``id`` -> factor) puts those parameters in
+    groups of their own at ``lr * factor`` (e.g. a pretrained backbone below its new head)."""
     no_decay_ids = set()
     for m in module.modules():
         if isinstance(m, _NO_DECAY):
             no_decay_ids.update(id(p) for p in m.parameters(recurse=False))
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list] = {}
     for p in module.parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and id(p) not in no_decay_ids else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = p.ndim >= 2 and id(p) not in no_decay_ids
+        groups.setdefault((decays, float((lr_scale or {}).get(id(p), 1.0))), []).append(p)
+    out = []
+    for decays, scale in [(True, 1.0), (False, 1.0), *sorted(k for k in groups if k[1] != 1.0)]:
+        group = {"params": groups.get((decays, scale), []), "weight_decay": weight_decay if decays else 0.0}
+        if scale != 1.0:
+            group["lr"] = float(lr) * scale
+        out.append(group)
+    return out
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -65,11 +74,12 @@ def fused_supported(params) -> bool:
 
 
 def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                    fused: bool | str | None = "auto") -> torch.optim.Optimizer:
+                    fused: bool | str | None = "auto", lr_scale: dict[int, float] | None = None) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups` of ``module``.
 
     Args:
         lr, weight_decay, betas, eps: AdamW's (decay on weight matrices only).
+        lr_scale: parameter ``id`` -> learning-rate factor (:func:`param_groups`).
         fused: ``auto`` (the fused kernel where :func:`fused_supported`), ``True`` (fused),
             ``False`` or ``None`` (torch's default: ``foreach`` on CUDA, a per-parameter loop on the CPU).
 
@@ -80,7 +90,7 @@ def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas=(0.
         from brainfm.errors import ConfigError
 
         raise ConfigError(f"task.optimizer.fused={fused!r} must be auto, true, false or null")
-    groups = param_groups(module, weight_decay)
+    groups = param_groups(module, weight_decay, lr, lr_scale)
     if fused == "auto":
         fused = fused_supported(p for g in groups for p in g["params"]) or None
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)

@@ -33,7 +33,8 @@ from brainfm.data.stores.base import cache_sizes
 from brainfm.data.windows import ResumableTrainPosition, WindowBatchSampler
 from brainfm.errors import ConfigError
 
-SPLIT_DEFAULTS = {"kind": "time", "train_fraction": 0.5, "fractions": [0.8, 0.1, 0.1], "seed": 0, "file": None}
+SPLIT_DEFAULTS = {"kind": "time", "train_fraction": 0.5, "val_fraction": None, "fractions": [0.8, 0.1, 0.1], "seed": 0,
+                  "file": None}
 WINDOW_KEYS = ("length", "min_length", "frame_stride", "train_stride", "eval_stride")
 
 
@@ -104,8 +105,8 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         path: the store (file or folder).
         tr: expected TR in seconds (checked against every run), ``"mixed"`` where a datamodule allows
             runs of different TRs, or None (the store's own).
-        split: ``{"kind": "time", "train_fraction": 0.5}`` (the first part of each run trains, the rest
-            validates) or ``{"kind": "subject", "fractions": [0.8, 0.1, 0.1], "seed": 0, "file": None}``
+        split: ``{"kind": "time", "train_fraction": 0.5, "val_fraction": None}`` (the first part of each
+            run trains, the next ``val_fraction`` (None: the rest) validates) or ``{"kind": "subject", "fractions": [0.8, 0.1, 0.1], "seed": 0, "file": None}``
             (a seeded subject split written once to ``split_dir``, then read back).
         split_dir: folder of this data set's split files (``data_splits/<dataset>``).
         window: ``length``, ``min_length`` (shortest random crop in training, None: always ``length``),
@@ -202,7 +203,8 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         """
         kind = self.split["kind"]
         if kind == "time":
-            return time_split(lengths, float(self.split["train_fraction"]))
+            val = self.split.get("val_fraction")
+            return time_split(lengths, float(self.split["train_fraction"]), None if val is None else float(val))
         if kind == "subject":
             if subject_split is None:
                 self.subject_split, self.split_file = self._subject_split(subject_ids)
