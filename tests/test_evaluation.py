@@ -228,3 +228,121 @@ def test_few_subject_curve_improves_with_more_subjects():
     assert curve[1]["mean"] > curve[0]["mean"]
     with pytest.raises(ValueError, match="only"):
         few_subject_curve(x, y, g, [100])
+
+
+# -- run_fraction and compare= (brainfm.eval.protocol.run_reidentification) -----------------------------------
+def _tiny_run(root, hcp_h5, name: str, *extra: str):
+    """A run trained for a few steps on the embedded HCP data, under ``root``; its run directory."""
+    from brainfm.config import compose
+
+    cfg = compose("train", [f"paths.output_dir={root}/outputs", f"paths.split_dir={root}/splits", f"data.path={hcp_h5}",
+                            f"run_name={name}", "trainer.enable_progress_bar=false",
+                            "trainer.enable_model_summary=false", "logger=csv", *extra])
+    train.run(cfg)
+    return cfg.paths.run_dir
+
+
+@pytest.fixture(scope="module")
+def fingerprint_runs(tmp_path_factory, hcp_h5):
+    """The demo's learned FC readout (4 steps), a meanMLP baseline (2 steps), and the demo's model z-scored with
+    global statistics (2 steps)."""
+    root = tmp_path_factory.mktemp("fingerprint")
+    return {
+        "demo": _tiny_run(root, hcp_h5, "demo", "experiment=demo", "trainer.max_steps=4",
+                          "trainer.val_check_interval=4"),
+        "mean_mlp": _tiny_run(root, hcp_h5, "mean_mlp", "experiment=baseline_mean_mlp", "trainer.max_steps=2",
+                              "trainer.val_check_interval=2"),
+        "global": _tiny_run(root, hcp_h5, "global", "experiment=demo", "data.normalization.mode=global",
+                            "trainer.max_steps=2", "trainer.val_check_interval=2"),
+    }
+
+
+def _grid_windows(start: int, stop: int, length: int) -> int:
+    """Windows of ``length`` TRs, stride ``length // 2``, inside TRs [start, stop)."""
+    return (stop - start - length) // (length // 2) + 1
+
+
+def test_run_fraction_reads_only_the_first_half_of_each_run(fingerprint_runs, monkeypatch):
+    """``run_fraction=0.5 gallery_fraction=1/3`` on 1200-TR runs: gallery windows in TRs [0, 400), queries in
+    [400, 600); no window reaches into the second half."""
+    from brainfm.data.datasets.roi import ROIWindowDataset
+    from brainfm.eval.protocol import run_reidentification
+
+    reads: list[tuple[int, int, int]] = []
+    sample = ROIWindowDataset._sample
+
+    def recording(self, run, start, length):
+        reads.append((int(run), int(start), int(length)))
+        return sample(self, run, start, length)
+
+    monkeypatch.setattr(ROIWindowDataset, "_sample", recording)
+    report = run_reidentification(fingerprint_runs["demo"], window_lengths=[30, 60, 120], run_fraction=0.5,
+                                  gallery_fraction=1 / 3, probe=False)
+    windows = report["protocol"]["windows"]
+    for length in (30, 60, 120):
+        assert windows[str(length)] == {"gallery": 7 * _grid_windows(0, 400, length),
+                                        "queries": 7 * _grid_windows(400, 600, length)}
+        for name in ("pretrained", "random_init", "fc_fingerprint"):
+            assert report["results"][name][str(length)]["n_queries"] == 7 * _grid_windows(400, 600, length)
+    assert windows["30"] == {"gallery": 7 * 25, "queries": 7 * 12}  # by hand: (370 // 15 + 1), (170 // 15 + 1)
+    assert report["protocol"]["run_fraction"] == 0.5
+    # the last query window of each length ends at or before TR 600: 400 + 11 x 15 + 30 = 595 at 30 TRs
+    last_end = max(400 + (_grid_windows(400, 600, n) - 1) * (n // 2) + n for n in (30, 60, 120))
+    assert last_end == 595 and max(start + length for _, start, length in reads) == last_end
+    assert {run for run, _, _ in reads} == set(range(7))
+    # the whole run (the default) reads the second half
+    reads.clear()
+    full = run_reidentification(fingerprint_runs["demo"], window_lengths=[60], baselines=[], probe=False)
+    assert full["protocol"]["windows"]["60"] == {"gallery": 7 * _grid_windows(0, 600, 60),
+                                                 "queries": 7 * _grid_windows(600, 1200, 60)}
+    assert max(start + length for _, start, length in reads) == 1200
+
+
+@pytest.mark.parametrize("run_fraction,gallery_fraction", [(0.0, 0.2), (1.5, 0.5), (0.5, 0.5), (0.5, 0.7),
+                                                          (0.5, 0.0)])
+def test_bad_run_or_gallery_fraction_is_refused(fingerprint_runs, run_fraction, gallery_fraction):
+    from brainfm.errors import ConfigError
+    from brainfm.eval.protocol import run_reidentification
+
+    with pytest.raises(ConfigError, match=rf"run_fraction={run_fraction} must lie in \(0, 1\] and "
+                                          rf"gallery_fraction={gallery_fraction} strictly between 0 and it"):
+        run_reidentification(fingerprint_runs["demo"], window_lengths=[30], run_fraction=run_fraction,
+                             gallery_fraction=gallery_fraction, probe=False)
+
+
+def test_compare_adds_a_trained_run_on_the_same_windows(fingerprint_runs):
+    from brainfm.eval.protocol import run_reidentification
+    from brainfm.runs import find_checkpoint
+
+    report = run_reidentification(fingerprint_runs["demo"], window_lengths=[30, 60], run_fraction=0.5,
+                                  gallery_fraction=1 / 3, probe=False, compare={"other": fingerprint_runs["mean_mlp"]})
+    results = report["results"]
+    assert list(results) == ["pretrained", "random_init", "other", "fc_fingerprint"]
+    assert report["compare"] == {"other": str(find_checkpoint(fingerprint_runs["mean_mlp"]))}
+    for length in ("30", "60"):
+        ours, other = results["pretrained"][length], results["other"][length]
+        assert (other["n_gallery"], other["n_queries"]) == (ours["n_gallery"], ours["n_queries"])
+        assert 0.0 <= other["rank1"] <= 1.0 and 0.0 < other["mAP"] <= 1.0
+    assert set(results["other"]) == set(results["pretrained"]) == {"30", "60"}
+    # a different model: its numbers are its own, not a copy of the pretrained model's
+    assert results["other"]["30"]["mAP"] != results["pretrained"]["30"]["mAP"]
+
+
+@pytest.mark.parametrize("name", ["fc_fingerprint", "random_init", "pretrained"])
+def test_compare_name_taken_by_a_baseline_is_refused(fingerprint_runs, name):
+    from brainfm.errors import ConfigError
+    from brainfm.eval.protocol import run_reidentification
+
+    with pytest.raises(ConfigError, match=f"compare name '{name}' is taken"):
+        run_reidentification(fingerprint_runs["demo"], window_lengths=[30], probe=False,
+                             compare={name: fingerprint_runs["mean_mlp"]})
+
+
+def test_compared_run_with_global_normalisation_is_refused(fingerprint_runs):
+    from brainfm.errors import ConfigError
+    from brainfm.eval.protocol import run_reidentification
+
+    with pytest.raises(ConfigError, match=r"normalises with mode=global, the evaluated checkpoint with mode=run.*"
+                                          r"data.normalization.mode=run"):
+        run_reidentification(fingerprint_runs["demo"], window_lengths=[30], probe=False,
+                             compare={"global_z": fingerprint_runs["global"]})

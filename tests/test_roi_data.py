@@ -184,6 +184,61 @@ def test_time_split_halves():
     assert split["val"] == [(0, 600, 1200), (1, 500, 1000)]
 
 
+def test_time_split_without_val_fraction_validates_on_the_rest_and_has_no_test():
+    split = time_split([1200, 1000, 7], 0.5, None)
+    assert split["train"] == [(0, 0, 600), (1, 0, 500), (2, 0, 4)]  # round(3.5) = 4
+    assert split["val"] == [(0, 600, 1200), (1, 500, 1000), (2, 4, 7)]
+    assert split["test"] == []
+    assert time_split([1200, 1000], 0.5, None) == time_split([1200, 1000], 0.5)
+
+
+def test_time_split_with_val_fraction_leaves_the_rest_for_testing():
+    split = time_split([1200, 1000], 0.4, 0.1)
+    assert split["train"] == [(0, 0, 480), (1, 0, 400)]
+    assert split["val"] == [(0, 480, 600), (1, 400, 500)]
+    assert split["test"] == [(0, 600, 1200), (1, 500, 1000)]
+    # the bench's later-time protocol: TRs [0, 350) train and [350, 400) validate on 600-TR first halves
+    assert time_split([600], 350 / 600, 50 / 600) == {"train": [(0, 0, 350)], "val": [(0, 350, 400)],
+                                                      "test": [(0, 400, 600)]}
+    # train + val = 1 (up to rounding): no empty test segment
+    assert time_split([1200], 0.7, 0.3) == {"train": [(0, 0, 840)], "val": [(0, 840, 1200)], "test": []}
+
+
+@pytest.mark.parametrize("train_fraction,val_fraction", [(0.4, 0.0), (0.4, -0.1), (0.5, 0.6), (0.9, 0.2)])
+def test_time_split_refuses_a_bad_val_fraction(train_fraction, val_fraction):
+    with pytest.raises(ConfigError, match=rf"data.split.val_fraction={val_fraction} must be positive and at most "
+                                          rf"1 - data.split.train_fraction \({1 - train_fraction:g}\)"):
+        time_split([1200], train_fraction, val_fraction)
+
+
+def test_datamodule_time_split_keeps_validation_inside_the_first_half(cfg_for):
+    """``data.split.train_fraction=0.4 data.split.val_fraction=0.1``: training windows in TRs [0, 480), every
+    validation window (and its pair) in [480, 600) of each 1200-TR run; the second half is the test."""
+    from hydra.utils import instantiate
+
+    cfg = cfg_for("data=hcp_rest_roi", "data.split.train_fraction=0.4", "data.split.val_fraction=0.1",
+                  "data.pairs=true", "data.window.length=50", "data.window.min_length=null")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    n_runs = len(dm.store.lengths)
+    assert n_runs == 7 and set(dm.store.lengths) == {1200}
+    assert dm.segments["train"] == [(r, 0, 480) for r in range(n_runs)]
+    assert dm.segments["val"] == [(r, 480, 600) for r in range(n_runs)]
+    assert dm.segments["test"] == [(r, 600, 1200) for r in range(n_runs)]
+    val = dm.dataset("val")
+    starts = [val.window(i)[1] for i in range(len(val))]
+    assert len(starts) == n_runs * 2 and all(480 <= s and s + 50 <= 600 for s in starts)  # [480, 530), [530, 580)
+    train = dm.dataset("train", stride=1)
+    assert max(train.window(i)[1] for i in range(len(train))) + 50 == 480
+    tr, seen = 0.72, 0
+    for batch in dm.val_dataloader():
+        for key, length in (("onset", batch["bold"].shape[1]), ("onset2", batch["bold2"].shape[1])):
+            onset_trs = (batch[key] / tr).round()
+            assert torch.all(onset_trs >= 480) and torch.all(onset_trs + length <= 600), key
+        seen += batch["bold"].shape[0]
+    assert seen == len(val)
+
+
 def test_subject_split_is_seeded_disjoint_and_complete():
     subjects = [f"s{i}" for i in range(20)]
     a = draw_subject_split(subjects, [0.7, 0.15, 0.15], seed=1)

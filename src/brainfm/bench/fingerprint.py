@@ -12,8 +12,8 @@ Two protocols, never mixed:
 - ``selection``: what the recipe was chosen on; reads only the first half of every HCP run, so the
   second halves and ``gw`` stay untouched until ``final``. Two validation splits, written as their own
   stores under ``<out>/selection``:
-  (a) later time, same subjects: training on TRs [0, 350) of the 7 subjects (validation loss on
-  [350, 400)), gallery [0, 400) and queries [400, 600);
+  (a) later time, same subjects: training on TRs [0, 280) of the 7 subjects (validation loss on
+  [280, 400)), gallery [0, 400) and queries [400, 600);
   (b) new subjects: three folds (:data:`FOLDS`), each training on 4 subjects' first halves (TRs
   [0, 450); the validation loss on [450, 600)) and re-identifying the 3 others (gallery [0, 300),
   queries [300, 600) of their first halves).
@@ -187,9 +187,10 @@ def run_selection(configs: Sequence[str], seed: int, out: Path, hcp: Path, steps
     results = {}
     for name in configs:
         _, overrides = CONFIGS[name]
-        # training TRs [0, 350), validation [350, 400): the queries [400, 600) are never read in training
-        later = reid(train(name, overrides, seed, first_half, "sel_later_time", sel, steps, train_fraction=350 / 600,
-                           val_fraction=50 / 600), None, FINAL_WINDOWS, gallery_fraction=2 / 3)
+        # training TRs [0, 280), validation [280, 400) (one 120-TR window): the queries [400, 600) are never read in
+        # training
+        later = reid(train(name, overrides, seed, first_half, "sel_later_time", sel, steps, train_fraction=280 / 600,
+                           val_fraction=120 / 600), None, FINAL_WINDOWS, gallery_fraction=2 / 3)
         new = [reid(train(name, overrides, seed, tr, f"sel_fold{k}", sel, steps, train_fraction=0.75), ev, FINAL_WINDOWS)
                for k, (tr, ev) in enumerate(folds)]
         new_mean = {key: {n: {m: float(np.mean([f[key][n][m] for f in new])) for m in ("rank1", "mAP")}
@@ -238,7 +239,7 @@ def selection_table(results: dict) -> str:
     for name, r in sorted(results.items(), key=lambda kv: -kv[1]["score"]):
         lines.append(line(name, r["later_time"]["model"], r["new_subjects"]["model"]))
     return ("Selection (first halves of the HCP runs only): mAP; later time = TRs [0, 400) vs [400, 600) of the "
-            "training subjects (trained on [0, 350)), new subjects = 3 held-out subjects per fold (mean of 3 "
+            "training subjects (trained on [0, 280)), new subjects = 3 held-out subjects per fold (mean of 3 "
             "folds), gallery [0, 300) vs queries [300, 600)\n\n" + head + "\n".join(lines) + "\n")
 
 

@@ -146,7 +146,8 @@ def run_reidentification(
     ``gallery_runs`` and ``query_runs`` (run ids, e.g. HCP ``[REST1_LR]`` and ``[REST2_LR]``, UKB
     instances), whole runs of one session against another (Finn et al.'s test-retest protocol;
     :func:`~brainfm.eval.reidentification.split_by_session`). ``run_fraction`` < 1 uses only the first
-    part of every run (TRs after it are never read): ``gallery_fraction=0.333 run_fraction=0.5``
+    part of every run (no window reaches past it; with ``normalization.mode=run`` the z-scoring statistics
+    are still the whole run's, which FC and correlation readouts do not depend on): ``gallery_fraction=0.333 run_fraction=0.5``
     matches TRs [0, 1/3) against [1/3, 1/2) of each run, a validation protocol inside a model's
     training half that leaves the second half untouched for the final evaluation.
 

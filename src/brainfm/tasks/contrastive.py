@@ -93,10 +93,12 @@ class ContrastiveSequenceModeling(BrainfmTask):
                               "assumes one TR: set task.tr_jitter=0")
         readout = m.pooling_readout
         if float(fc_target_weight) > 0 and (readout is None or readout.statistic != "correlation"
-                                            or not readout.include_input or readout.rank != readout.n_rois):
+                                            or not readout.include_input or readout.rank != readout.n_rois
+                                            or getattr(m, "hidden_dims", None)):  # model=fc: an MLP on the edges
             raise ConfigError("task.fc_target_weight > 0 compares the embedding with the window's FC: it needs "
                               "model.pooling=correlation with model.readout.include_input=true and rank=null "
-                              "(one channel per ROI)")
+                              "(one channel per ROI), and the readout's edges as the embedding (model=fc: "
+                              "model.hidden_dims=[])")
         self.temperature, self.noise_std = float(temperature), float(noise_std)
         self.roi_dropout, self.tr_jitter = float(roi_dropout), float(tr_jitter)
         self.fc_target_weight = float(fc_target_weight)
