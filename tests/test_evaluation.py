@@ -125,7 +125,7 @@ def test_evaluate_cli_writes_metrics_and_plot(cfg_for, tmp_path):
     # 600 TRs per half, stride 15: (600 - 30) // 15 + 1 windows per run, 7 runs
     assert report["results"]["fc_fingerprint"]["30"]["n_queries"] == 7 * ((600 - 30) // 15 + 1)
     assert (out / "reid.png").stat().st_size > 10_000
-    assert "pretrained" in proc.stdout and "fc_fingerprint" in proc.stdout
+    assert "pretrained" in proc.stdout and "FC fingerprinting" in proc.stdout
     # the 7-way subject linear probe: FC features of real HCP subjects are far above chance
     assert set(report["probe"]) == set(report["results"])
     assert report["probe"]["fc_fingerprint"]["40"]["acc"] > 0.6
@@ -317,7 +317,7 @@ def test_compare_adds_a_trained_run_on_the_same_windows(fingerprint_runs):
     report = run_reidentification(fingerprint_runs["demo"], window_lengths=[30, 60], run_fraction=0.5,
                                   gallery_fraction=1 / 3, probe=False, compare={"other": fingerprint_runs["mean_mlp"]})
     results = report["results"]
-    assert list(results) == ["pretrained", "random_init", "other", "fc_fingerprint"]
+    assert list(results) == ["pretrained", "random_init", "fc_fingerprint", "other"]  # the table's row order
     assert report["compare"] == {"other": str(find_checkpoint(fingerprint_runs["mean_mlp"]))}
     for length in ("30", "60"):
         ours, other = results["pretrained"][length], results["other"][length]

@@ -40,8 +40,8 @@ import numpy as np
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "fc_learned": ("correlation of a learned projection of the ROIs (identity init), no deep network "
                    "(experiment=fingerprint)", ["experiment=fingerprint"]),
-    "fc_learned_fisher-z": ("... with Fisher-z edges (arctanh r)",
-                            ["experiment=fingerprint", "model.readout.fisher_z=true"]),
+    "fc_learned_fisher-z": ("... with Fisher-z edges (arctanh r): the demo's recipe (experiment=demo)",
+                            ["experiment=demo"]),
     "fc_learned_augment": ("... + ROI dropout 0.1 and TR jitter 0.2",
                            ["experiment=fingerprint", "task.roi_dropout=0.1", "task.tr_jitter=0.2"]),
     "bert_mean_mlp-head": ("the earlier demo: bidirectional transformer, mean pooling, SimCLR head",

@@ -15,39 +15,48 @@ from brainfm.cli.common import exit_on_brainfm_error, tidy_logging
 from brainfm.config import config_dir
 
 
+#: row labels of the built-in methods (other rows: the ``compare`` names)
+LABELS = {"pretrained": "pretrained", "random_init": "random init (same model)", "fc_fingerprint": "FC fingerprinting"}
+
+
 def print_table(report: dict) -> None:
+    """One row per method (the checkpoint, its initialisation, FC fingerprinting, compared runs), one column
+    per window length: Rank-1 / mAP; then the subject probe, if it ran."""
     from rich.console import Console
     from rich.table import Table
 
     tr = report["data"].get("tr")
     at = f" at TR {tr:g} s" if isinstance(tr, (int, float)) else ""
-    table = Table(title=f"Subject re-identification ({report['data']['n_subjects']} subjects{at}; "
-                  f"gallery: {report['protocol']['gallery']}, queries: {report['protocol']['queries']})")
-    table.add_column("window")
     names = list(report["results"])
-    for name in names:
-        table.add_column(f"{name}\nRank-1 / mAP", justify="right")
-    table.add_column("chance\nRank-1", justify="right")
+    lengths = list(report["results"][names[0]])
     first = report["results"][names[0]]
-    for length in first:
-        tr = report["data"]["tr"]
-        row = [f"{length} TRs ({int(length) * tr:.0f} s)" if tr else f"{length} TRs"]
-        row += [f"{report['results'][n][length]['rank1']:.3f} / {report['results'][n][length]['mAP']:.3f}" for n in names]
-        row.append(f"{first[length]['rank1_chance']:.3f}")
-        table.add_row(*row)
+
+    def window(length: str) -> str:
+        return f"{length} TRs ({int(length) * tr:.0f} s)" if isinstance(tr, (int, float)) and tr else f"{length} TRs"
+
+    # titles as plain lines: rich wraps a title at the table's width
+    print(f"Subject re-identification ({report['data']['n_subjects']} subjects{at}; gallery: "
+          f"{report['protocol']['gallery']}, queries: {report['protocol']['queries']}): Rank-1 / mAP")
+    table = Table()
+    table.add_column("method")
+    for length in lengths:
+        table.add_column(window(length), justify="right")
+    for n in names:
+        table.add_row(LABELS.get(n, n), *(f"{report['results'][n][k]['rank1']:.3f} / {report['results'][n][k]['mAP']:.3f}"
+                                          for k in lengths))
+    table.add_row("chance", *(f"{first[k]['rank1_chance']:.3f} / {first[k]['mAP_chance']:.3f}" for k in lengths))
     Console().print(table)
     if "probe" in report:
-        probe = Table(title=f"{report['data']['n_subjects']}-way subject linear probe (fit on gallery windows, "
-                      "scored on query windows): accuracy / balanced accuracy")
-        probe.add_column("window")
-        for name in names:
-            probe.add_column(name, justify="right")
-        probe.add_column("chance", justify="right")
-        for length in first:
-            row = [f"{length} TRs"]
-            row += [f"{report['probe'][n][length]['acc']:.3f} / {report['probe'][n][length]['balanced_acc']:.3f}" for n in names]
-            row.append(f"{1 / report['data']['n_subjects']:.3f}")
-            probe.add_row(*row)
+        print(f"{report['data']['n_subjects']}-way subject linear probe (fit on gallery windows, scored on query "
+              "windows): accuracy / balanced accuracy")
+        probe = Table()
+        probe.add_column("method")
+        for length in lengths:
+            probe.add_column(window(length), justify="right")
+        for n in names:
+            probe.add_row(LABELS.get(n, n), *(f"{report['probe'][n][k]['acc']:.3f} / {report['probe'][n][k]['balanced_acc']:.3f}"
+                                              for k in lengths))
+        probe.add_row("chance", *(f"{1 / report['data']['n_subjects']:.3f}" for _ in lengths))
         Console().print(probe)
 
 

@@ -193,7 +193,9 @@ def run_reidentification(
         models["random_init"] = build_task_from_checkpoint(ckpt, weights=False)
     for name, path in (compare or {}).items():
         models[_compare_name(name, models)] = _compared_task(path, ckpt, store)
-    names = [*models, *(b for b in baselines if b == "fc_fingerprint")]
+    # rows in the order of the table: the checkpoint, its initialisation, FC fingerprinting, compared runs
+    names = [*(n for n in models if n in BASELINES or n == "pretrained"),
+             *(b for b in baselines if b == "fc_fingerprint"), *(n for n in models if n in (compare or {}))]
     results: dict[str, dict[str, dict]] = {name: {} for name in names}
     probes: dict[str, dict[str, dict]] = {name: {} for name in names}
 
