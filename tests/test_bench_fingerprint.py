@@ -235,3 +235,48 @@ def test_every_bench_split_holds_its_windows_and_later_time_keeps_the_queries_ou
             assert set(dm.store.lengths) == {600}
             assert all(stop <= 400 for _, _, stop in dm.segments["train"] + dm.segments["val"])
             assert dm.segments["test"] == [(r, 400, 600) for r in range(7)]
+
+
+# -- resuming an interrupted bench ----------------------------------------------------------------------------
+def test_train_skips_a_finished_run_and_resumes_an_interrupted_one(monkeypatch, tmp_path):
+    """A run with ``summary.json`` is not trained again; one with only checkpoints is trained with
+    ``ckpt_path=auto`` (resumed, not restarted over its own checkpoints)."""
+    import brainfm.bench.fingerprint as bench
+    from brainfm.cli import train as train_cli
+
+    calls = []
+    monkeypatch.setattr(train_cli, "run", lambda cfg: calls.append(cfg.ckpt_path))
+    run_dir = tmp_path / "hcp" / "fc_learned_seed0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert bench.train("fc_learned", ["experiment=fingerprint"], 0, tmp_path / "d.h5", "hcp", tmp_path, 10) == run_dir
+    assert calls == ["auto"]
+    (run_dir / "summary.json").write_text("{}")
+    bench.train("fc_learned", ["experiment=fingerprint"], 0, tmp_path / "d.h5", "hcp", tmp_path, 10)
+    assert calls == ["auto"]
+
+
+def test_reid_is_kept_per_protocol_and_recomputed_after_the_checkpoint_changes(monkeypatch, tmp_path):
+    import os
+
+    import brainfm.bench.fingerprint as bench
+    import brainfm.eval.protocol as protocol
+
+    calls = []
+
+    def fake(ckpt, window_lengths, gallery_fraction, data_path, probe):
+        calls.append((data_path, tuple(window_lengths)))
+        return {"results": {"pretrained": {n: {"rank1": 0.5, "mAP": 0.25 * len(calls)} for n in window_lengths}}}
+
+    monkeypatch.setattr(protocol, "run_reidentification", fake)
+    (tmp_path / "checkpoints").mkdir()
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"x")
+    os.utime(ckpt, (1_000, 1_000))
+    first = bench.reid(tmp_path, None, [30, 60])
+    assert first == {"model": {30: {"rank1": 0.5, "mAP": 0.25}, 60: {"rank1": 0.5, "mAP": 0.25}}}
+    assert bench.reid(tmp_path, None, [30, 60]) == first and len(calls) == 1
+    bench.reid(tmp_path, tmp_path / "gw.h5", [30])  # another protocol: computed
+    assert len(calls) == 2
+    os.utime(ckpt)  # retrained: newer than what was kept
+    assert bench.reid(tmp_path, None, [30, 60])["model"][30]["mAP"] == 0.75

@@ -112,15 +112,16 @@ def write_subset(store_path: Path, out: Path, subjects: Sequence[int] | None, st
 
 def train(name: str, overrides: Sequence[str], seed: int, data_path: Path, data_name: str, out: Path,
           steps: int | None, train_fraction: float = 0.5, val_fraction: float | None = None) -> Path:
-    """Train one configuration (skipped when its ``last.ckpt`` exists) on the time split ``train_fraction`` /
-    ``val_fraction`` of every run of ``data_path``; return the run directory."""
+    """Train one configuration on the time split ``train_fraction`` / ``val_fraction`` of every run of
+    ``data_path``; return the run directory. A finished run (its ``summary.json`` exists) is skipped; an
+    interrupted one resumes from its ``last.ckpt`` (``ckpt_path=auto``)."""
     from brainfm.cli import train as train_cli
     from brainfm.config import compose
 
     run_dir = out / data_name / f"{name}_seed{seed}"
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if (run_dir / "summary.json").is_file():
         return run_dir
-    args = [*overrides, f"seed={seed}", f"data.path={data_path}", f"data.name={data_name}",
+    args = ["ckpt_path=auto", *overrides, f"seed={seed}", f"data.path={data_path}", f"data.name={data_name}",
             f"data.split.train_fraction={train_fraction}",
             f"data.split.val_fraction={'null' if val_fraction is None else val_fraction}", "logger=csv", f"paths.output_dir={out}",
             f"experiment_name={data_name}", f"run_name={name}_seed{seed}", "trainer.enable_progress_bar=false",
@@ -132,13 +133,25 @@ def train(name: str, overrides: Sequence[str], seed: int, data_path: Path, data_
 
 
 def reid(run_dir: Path, data_path: Path | None, windows: Sequence[int], gallery_fraction: float = 0.5) -> dict:
-    """``{"model": {length: {rank1, mAP}}, "random_init": ..., "fc_fingerprint": ...}``."""
+    """``{"model": {length: {rank1, mAP}}, "random_init": ..., "fc_fingerprint": ...}``.
+
+    The result is kept in ``run_dir/bench_reid/<data>_<windows>_<gallery_fraction>.json`` (one file per
+    protocol a run is evaluated with) and reused while it is newer than the run's ``last.ckpt``."""
     from brainfm.eval.protocol import run_reidentification
 
-    report = run_reidentification(run_dir / "checkpoints" / "last.ckpt", window_lengths=list(windows),
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    key = f"{Path(data_path).stem if data_path else 'own'}_{'-'.join(map(str, windows))}_{gallery_fraction:.4f}"
+    kept = run_dir / "bench_reid" / f"{key}.json"
+    if kept.is_file() and kept.stat().st_mtime >= ckpt.stat().st_mtime:
+        return {k: {int(n): r for n, r in v.items()} for k, v in json.loads(kept.read_text()).items()}
+    report = run_reidentification(ckpt, window_lengths=list(windows),
                                   gallery_fraction=gallery_fraction, data_path=data_path, probe=False)
-    return {{"pretrained": "model"}.get(k, k): {int(n): {m: float(r[m]) for m in ("rank1", "mAP")} for n, r in v.items()}
-            for k, v in report["results"].items()}
+    result = {{"pretrained": "model"}.get(k, k): {int(n): {m: float(r[m]) for m in ("rank1", "mAP")}
+                                                  for n, r in v.items()}
+              for k, v in report["results"].items()}
+    kept.parent.mkdir(exist_ok=True)
+    _write(kept, json.dumps(result))
+    return result
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
