@@ -5,10 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.brainfm-installed
+# Brainmarks (MedARC's evaluation suite) for the plugin's tests: see install-brainmarks
+BRAINMARKS_VERSION := 0.1.1
+BRAINMARKS_STAMP := $(VENV)/.brainmarks-installed
 # keep pip quiet about the extra local indexes some machines configure
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install demo demo-volume test test-slow bench bench-search bench-scale-data bench-eval bench-gpu bench-fingerprint clean-venv
+.PHONY: install install-brainmarks demo demo-volume test test-slow bench bench-search bench-scale-data bench-eval bench-gpu bench-fingerprint clean-venv
 
 install: $(STAMP)
 
@@ -19,6 +22,23 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) install -q -e ".[dev]"
 	@$(BIN)/python -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '$(TORCH_VERSION)' else 'torch %s installed, expected $(TORCH_VERSION)' % torch.__version__)"
+	@touch $@
+
+# Brainmarks beside brainfm, in the same environment, for the plugin (src/brainmarks/models/brainfm.py) and its
+# tests. brainmarks 0.1.1 declares setuptools<67 while torch 2.13 needs setuptools>=77, so pip's resolver cannot
+# install it (left alone it replaces torch). Its runtime dependencies come from the extra brainfm[brainmarks]
+# (resolved with torch pinned), then brainmarks itself without its declared dependencies; torch is checked again,
+# and the modules the tests use must import offline. Re-runs when pyproject.toml changes (through $(STAMP)).
+install-brainmarks: $(BRAINMARKS_STAMP)
+
+$(BRAINMARKS_STAMP): $(STAMP)
+	$(PIP) install -q "torch==$(TORCH_VERSION)" -e ".[dev,brainmarks]"
+	$(PIP) install -q --no-deps "brainmarks==$(BRAINMARKS_VERSION)"
+	@$(BIN)/python -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '$(TORCH_VERSION)' else 'torch %s installed, expected $(TORCH_VERSION)' % torch.__version__)"
+	@# importing Brainmarks logs one line per model of its own whose optional package is absent (BrainLM, SwiFT, ...)
+	@# and pycortex prints that Inkscape is missing (only its SVG figures need it): shown only if the check fails
+	@HF_HUB_OFFLINE=1 $(BIN)/python -c "import brainmarks.models.registry as r, brainmarks.datasets.base, brainmarks.main_logistic; assert 'brainfm' in r.list_models(), r.list_models()" \
+		> $(VENV)/.brainmarks-check.log 2>&1 || { cat $(VENV)/.brainmarks-check.log; exit 1; }
 	@touch $@
 
 # Does a model trained by brainfm beat FC fingerprinting? Fetch the embedded real data (7 HCP subjects; 5 subjects
@@ -42,11 +62,12 @@ demo-volume: install
 	$(BIN)/brainfm-data fetch nifti_toy
 	$(BIN)/brainfm-train experiment=simmim_toy run_name=demo trainer.max_steps=200 trainer.val_check_interval=50
 
-test: install
-	$(BIN)/python -m pytest -q
+# BRAINFM_REQUIRE_BRAINMARKS: the Brainmarks plugin's tests fail, not skip, when brainmarks does not import
+test: install install-brainmarks
+	BRAINFM_REQUIRE_BRAINMARKS=1 $(BIN)/python -m pytest -q
 
-test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+test-slow: install install-brainmarks
+	BRAINFM_REQUIRE_BRAINMARKS=1 $(BIN)/python -m pytest -q -m slow
 
 # SWIFT_REPO=<checkout of Transconnectome/SwiFT> adds the side-by-side Swin4D v7 comparison.
 bench: install

@@ -10,10 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from brainfm.config import compose, repo_root
 
 torch_threads = int(os.environ.get("BRAINFM_TEST_THREADS", "2"))
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread during the test, the thread count restored after; a module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """Test-only callbacks, referenced from Hydra overrides (``+callbacks.x._target_=helpers.X``), and the
-tiny deterministic training setup the multi-process tests share."""
+tiny deterministic training setup the multi-process tests share; the synthetic labelled store, quiet CPU training
+runs and the brainmarks requirement the Brainmarks tests share."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -22,6 +24,9 @@ MODEL = ["experiment=gpt", "task=supervised", "task.target=subject", "task.kind=
 #: 2 gloo ranks on the CPU for the sharded strategies
 CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2", "trainer.num_nodes=1",
        "+trainer.strategy.process_group_backend=gloo"]
+#: a quiet 2-step CPU run
+QUIET = ["trainer=cpu", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false", "logger=csv"]
 
 
 def subprocess_env() -> dict:
@@ -69,3 +74,54 @@ def check_backbone_contract(model, batch: dict, any_tr: bool) -> None:
                 model.embed_inputs(*inputs)
     with pytest.raises(ConfigError, match=str(list(model.input_keys)).replace("[", r"\[").replace("]", r"\]")):
         model.inputs({"other": torch.zeros(1)})
+
+
+def labelled_roi_store(root: Path, n_subjects: int = 60, n_rois: int = 12, n_trs: int = 48, atlas: str = "toy",
+                       strength: float = 1.2, seed: int = 0) -> Path:
+    """A synthetic ROI store ``root/syn.h5`` (TR 0.72 s, one run per subject) with a learnable label ``gender``
+    (class M: a latent signal shared by 4 ROIs), stored as ``/labels/gender`` (protocol=logistic/probe read it) and as
+    the phenotype table ``root/gender.csv`` (:data:`LABELS_CSV` trains ``task=supervised task.target=gender`` on it)."""
+    import numpy as np
+
+    from brainfm.data.stores.roi import write_roi_h5
+
+    rng = np.random.default_rng(seed)
+    subjects = [f"s{i:03d}" for i in range(n_subjects)]
+    labels, series = [], []
+    for i in range(n_subjects):
+        x = rng.normal(size=(n_rois, n_trs))
+        x[:4] += (strength if i % 2 else 0.0) * rng.normal(size=n_trs)
+        series.append(100.0 + 5.0 * x)
+        labels.append("M" if i % 2 else "F")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "gender.csv").write_text("subject,gender\n" + "".join(f"{s},{g}\n" for s, g in zip(subjects, labels)))
+    return write_roi_h5(root / "syn.h5", {atlas: series}, subjects, 0.72,
+                        {atlas: [f"r{k}" for k in range(n_rois)]}, labels={"gender": labels})
+
+
+def supervised_on(store: Path, *model: str, n_rois: int = 12, atlas: str = "toy", window: int = 24) -> list[str]:
+    """Overrides that train ``task=supervised`` on the ``gender`` label of :func:`labelled_roi_store` (2 steps)."""
+    return [*model, "task=supervised", "task.target=gender", "task.kind=binary",
+            f"data.labels={{file: {store.parent / 'gender.csv'}, id_column: subject, columns: {{gender: gender}}, "
+            "categories: {gender: [F, M]}}", f"data.path={store}", f"data.atlas={atlas}", f"data.n_rois={n_rois}",
+            f"data.window.length={window}", "data.window.min_length=null", *QUIET]
+
+
+def train_in(tmp: Path, *overrides: str) -> tuple[Path, dict]:
+    """``brainfm-train`` with ``overrides``, its outputs and splits under ``tmp``: ``(run directory, metrics)``."""
+    from brainfm.cli import train
+    from brainfm.config import compose
+
+    cfg = compose("train", [f"paths.output_dir={tmp}/outputs", f"paths.split_dir={tmp}/splits", *overrides])
+    metrics = train.run(cfg)
+    return Path(cfg.paths.run_dir), metrics
+
+
+def require_brainmarks(module: str = "brainmarks.models.connectome") -> None:
+    """Skip the test when brainmarks (``module`` of it) is not installed; an error instead under
+    ``BRAINFM_REQUIRE_BRAINMARKS`` (``make test`` sets it)."""
+    if importlib.util.find_spec(module) is None:
+        if os.environ.get("BRAINFM_REQUIRE_BRAINMARKS"):
+            raise ImportError("BRAINFM_REQUIRE_BRAINMARKS is set but brainmarks is not installed. Fix: make "
+                              "install-brainmarks")
+        pytest.skip("brainmarks is not installed; `make install-brainmarks` installs it (make test does)")

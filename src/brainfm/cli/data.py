@@ -12,6 +12,9 @@
     brainfm-data resample <in.h5> <out.h5> --tr S [--atlas NAME]   every run resampled to TR S (polyphase)
     brainfm-data tar-to-h5 <pattern> <out.h5> [--atlas NAME] [--tr S] [--shift-s S]   Thomas et al.'s .tar -> ROI HDF5
     brainfm-data h5-to-tar <in.h5> <out_dir> [--shard-size N] [--atlas NAME]   ROI HDF5 -> .tar shards
+    brainfm-data to-brainmarks <store> <out> [--space NAME] [--name NAME] [--seed S] [--fractions F F F]
+        [--split-file FILE] [--dtype float16|float32] [--atlas NAME] [--tr S]
+        an ROI store with its /labels -> a Brainmarks data set <out> = <name>.<space>.arrow (or a folder to put it in)
 
 A store is an ROI HDF5 file, a volume or grayordinate store folder, or SwiFT frame folders
 (``img/<subject>/frame_<t>.pt``; frames carry no TR: pass --tr). Opening a folder store reads its
@@ -138,6 +141,14 @@ def _h5_to_tar(args: argparse.Namespace) -> None:
     print(f"wrote {len(shards)} shard(s) to {args.out_dir}: {shards[0].name} .. {shards[-1].name}")
 
 
+def _to_brainmarks(args: argparse.Namespace) -> None:
+    from brainfm.data.stores.brainmarks import BrainmarksStore, write_brainmarks
+
+    out = write_brainmarks(args.path, args.out, atlas=args.atlas, space=args.space, name=args.name, seed=args.seed,
+                           fractions=args.fractions, split_file=args.split_file, dtype=args.dtype, tr=args.tr)
+    print(f"wrote {BrainmarksStore(out)}")
+
+
 # brainfm.data.embedded.EMBEDDED + nifti_toy, spelled out so that `--help` does not import h5py/scipy
 # (tests/test_embedded_data.py checks that the two agree)
 FETCH_CHOICES = ("hcp_rest_roi", "gw_rest_roi", "nifti_toy")
@@ -197,6 +208,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
     p.add_argument("--atlas", default=None, help="the atlas (default: the only one)")
     p.set_defaults(func=_h5_to_tar)
+    p = sub.add_parser("to-brainmarks", help="an ROI store with its labels -> a Brainmarks data set (Hugging Face Arrow)",
+                       description="Write an ROI store (HDF5, with its /labels) as a Brainmarks data set "
+                                   "<name>.<space>.arrow/{train,validation,test}: one row per run, bold z-scored over the "
+                                   "run with its mean/std, tr, sub, one column per label; runs split by subject. "
+                                   "docs/brainmarks_data.md")
+    p.add_argument("path", type=Path, help="the ROI store (.h5)")
+    p.add_argument("out", type=Path, help="<name>.<space>.arrow to create, or a folder to create <name>.<space>.arrow in")
+    p.add_argument("--space", default=None,
+                   help="Brainmarks space (default: from <out>, else the atlas': schaefer400, schaefer400_tians3, "
+                        "schaefer400_tians3_buckner7, a424; another atlas keeps its name, with a warning)")
+    p.add_argument("--name", default=None, help="data set name when <out> is a folder (default: the store's file name)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject split (as data.split.seed; default 0)")
+    p.add_argument("--fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"),
+                   help="subject fractions of train, validation, test (default 0.8 0.1 0.1)")
+    p.add_argument("--split-file", type=Path, default=None,
+                   help="use this SwiFT-format subject split (e.g. data_splits/<dataset>/seed0.txt) instead of drawing one")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="bold's dtype (default float16, as Brainmarks' data sets)")
+    p.add_argument("--atlas", default=None, help="the atlas (default: the only one)")
+    p.add_argument("--tr", type=float, default=None, help="seconds, for a store that records no TR")
+    p.set_defaults(func=_to_brainmarks)
     args = parser.parse_args(argv)
     with exit_on_brainfm_error("brainfm-data"):
         args.func(args)

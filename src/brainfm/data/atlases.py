@@ -41,3 +41,50 @@ AAL2_CEREBRUM_94: tuple[str, ...] = (
 AAL2_SUBCORTICAL_94: tuple[int, ...] = (40, 41, 42, 43, 44, 45, 74, 75, 76, 77, 78, 79, 80, 81)
 
 assert len(AAL2_CEREBRUM_94) == 94
+
+#: Brainmarks' data spaces and their dimension (``brainmarks.readers.DATA_DIMS`` of brainmarks 0.1.1,
+#: MedARC, arXiv 2510.13768; tests/test_brainmarks_data.py checks the two agree when brainmarks is
+#: installed). A Brainmarks data set ``<name>.<space>.arrow`` holds ``bold`` ``(T, dim)`` in one of them;
+#: a Brainmarks model's ``__space__`` is one of them.
+BRAINMARKS_SPACES: dict[str, int] = {
+    "fslr64k": 64984,
+    "fslr91k": 91282,
+    "schaefer400": 400,
+    "schaefer400_tians3": 450,
+    "schaefer400_tians3_buckner7": 457,
+    "a424": 424,
+    "flat": 77763,
+    "mni": 228483,
+    "mni_cortex": 132032,
+}
+
+#: brainfm ROI atlases (``ROIStore.atlas``: one name, or several read as one ROI axis joined by ``+``)
+#: that are a Brainmarks space: Schaefer 2018 400 parcels (7 networks), + Tian 2020 subcortex S3 (50),
+#: + Buckner 2011 cerebellum (7 networks), in that order (Brain-Semantoks' network map), and A424
+#: (BrainLM's 424 regions).
+_ATLAS_SPACES: dict[tuple[str, ...], str] = {
+    ("schaefer400",): "schaefer400",
+    ("schaefer400", "tian3"): "schaefer400_tians3",
+    ("schaefer400", "tian3", "buckner7"): "schaefer400_tians3_buckner7",
+    ("a424",): "a424",
+}
+
+
+def brainmarks_space(atlas: str | None, n_rois: int) -> str | None:
+    """The Brainmarks space (a key of :data:`BRAINMARKS_SPACES`) of ROI data of ``atlas`` with ``n_rois``
+    ROIs, or None when it is none of them (e.g. the embedded AAL2 94-ROI data).
+
+    ``atlas``: a brainfm atlas name (``schaefer400``, ``a424``), several joined by ``+`` as a multi-atlas
+    ROI store names them (``schaefer400+tian3+buckner7``; ``name:n`` parts allowed), or a Brainmarks space
+    name itself (a store read from Brainmarks data). The ROI count must be the space's dimension.
+    """
+    if not atlas:
+        return None
+    name = str(atlas).lower()
+    if name in BRAINMARKS_SPACES:
+        space = name
+    else:
+        space = _ATLAS_SPACES.get(tuple(part.partition(":")[0] for part in name.split("+")))
+    if space is None or BRAINMARKS_SPACES[space] != int(n_rois):
+        return None
+    return space

@@ -176,6 +176,14 @@ class BrainfmTask(L.LightningModule):
         """One embedding per window, ``(B, D)``."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def tokens(self, batch: dict) -> torch.Tensor | None:
+        """The last-layer tokens of each window that :meth:`embed` pools, ``(B, L, D)`` (per-TR states of a
+        sequence model, network x patch tokens of Semantoks; Brainmarks' ``patch`` embeddings), or None for a
+        task whose embedding has no such tokens. By default the backbone's
+        :meth:`~brainfm.models.backbone.Backbone.features` of the batch's inputs."""
+        return self.model.features(*self.model.inputs(batch))
+
     # -- Lightning hooks ----------------------------------------------------------------------------
     def _seed(self, *keys: int) -> int:
         return int(np.random.SeedSequence([int(self.hparams.seed), *keys]).generate_state(1)[0])

@@ -163,9 +163,19 @@ class MaskedSequenceModeling(BrainfmTask):
         losses["loss"] = total
         return losses
 
-    @torch.no_grad()
-    def embed(self, batch: dict) -> torch.Tensor:
+    def _encode_window(self, batch: dict) -> tuple[torch.Tensor, slice]:
+        """Hidden states of ``[CLS] window [SEP]`` ``(B, T + 2, d)`` and the slice of the window's TRs."""
         t = batch["t"] - batch["t"][:, :1]
         tokens, seg_ids, slices = self._tokens([(batch["bold"], t, None)])
-        hidden = self.model.encode(tokens, seg_ids)
-        return hidden[:, 0] if self.pooling == "cls" else hidden[:, slices[0]].mean(dim=1)
+        return self.model.encode(tokens, seg_ids), slices[0]
+
+    @torch.no_grad()
+    def embed(self, batch: dict) -> torch.Tensor:
+        hidden, trs = self._encode_window(batch)
+        return hidden[:, 0] if self.pooling == "cls" else hidden[:, trs].mean(dim=1)
+
+    @torch.no_grad()
+    def tokens(self, batch: dict) -> torch.Tensor:
+        """The window's TR states ``(B, T, d)`` in the ``[CLS] window [SEP]`` context :meth:`embed` reads."""
+        hidden, trs = self._encode_window(batch)
+        return hidden[:, trs]

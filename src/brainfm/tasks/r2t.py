@@ -448,6 +448,12 @@ class R2TTask(BrainfmTask):
         return self.embedding(x.float() if x.ndim == 6 else x, t, REST)
 
     @torch.no_grad()
+    def tokens(self, batch: dict) -> None:
+        """None: R2T-Net's embedding is the projection of pooled tokens that carry a modality embedding; the
+        backbone's own features would not be what :meth:`embed` reads."""
+        return None
+
+    @torch.no_grad()
     def signature(self, batch: dict) -> torch.Tensor:
         """Signature ``(B, 2 * embed_dim)``: rest and task embeddings of a paired batch, concatenated.
 

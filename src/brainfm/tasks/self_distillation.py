@@ -498,6 +498,13 @@ class SimDINO(BrainfmTask):
         return {"loss": loss, **out}
 
     @torch.no_grad()
+    def tokens(self, batch: dict) -> torch.Tensor:
+        """The network x patch tokens ``(B, N * P, d)`` (CLS left out) of the encoder :meth:`embed` reads
+        (``embed_encoder``: teacher or student)."""
+        encoder = self.teacher if self.hparams.embed_encoder == "teacher" else self.model
+        return encoder.features(batch["bold"], roi_mask=batch.get("roi_mask"))
+
+    @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:
         encoder = self.teacher if self.hparams.embed_encoder == "teacher" else self.model
         bold, roi_mask = batch["bold"], batch.get("roi_mask")

@@ -8,6 +8,7 @@
 | ``grayordinate`` | :class:`~.grayordinate.GrayordinateStore` | ``<subject>/<run>/bold.npy`` fp16 (T, 91282), ``index.parquet`` |
 | ``view`` | :class:`~.view.StoreView` | some runs of another store, renamed and cropped/padded |
 | ``tar`` | :class:`~.lfb_tar.TarShardIndex` | Thomas et al.'s WebDataset ``.tar`` shards (``bold.pyd``, ``t_r.pyd``), streamed |
+| ``brainmarks`` | :class:`~.brainmarks.BrainmarksStore` | Brainmarks' ``<name>.<space>.arrow/{train,validation,test}`` (Hugging Face Arrow), read as an ROI store (``kind`` ``roi``) |
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None,
     """Open the store of ``kind`` at ``path`` (the one place datamodules and tools open stores).
 
     Args:
-        kind: ``roi``, ``volume``, ``frames`` or ``grayordinate``.
+        kind: ``roi``, ``volume``, ``frames``, ``grayordinate`` or ``brainmarks`` (a Brainmarks Arrow folder,
+            opened as an ROI store).
         path: the file (``roi``) or folder.
         cache: per-process cache sizes (``data.cache``).
         atlas, preload: ``roi`` only. tr, normalisation: ``frames`` only (frames record neither; ``tr`` is
@@ -38,6 +40,10 @@ def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None,
         from brainfm.data.stores.roi import ROIStore
 
         return ROIStore(path, atlas=atlas, preload=preload, cache=cache)
+    if kind == "brainmarks":
+        from brainfm.data.stores.brainmarks import BrainmarksStore
+
+        return BrainmarksStore(path, cache=cache)
     if kind == "volume":
         from brainfm.data.stores.volume import VolumeStore
 
@@ -52,13 +58,13 @@ def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None,
         if isinstance(tr, bool) or not isinstance(tr, (int, float)):
             raise ConfigError(f"frame folders ({path}) carry no TR: set data.tr=<seconds>")
         return FrameStore(path, tr=float(tr), normalisation=normalisation, cache=cache)
-    raise ConfigError(f"store kind {kind!r} is not one of {KINDS}")
+    raise ConfigError(f"store kind {kind!r} is not one of {(*KINDS, 'brainmarks')}")
 
 
 def detect_kind(path: str | os.PathLike) -> str:
-    """The kind of the store at ``path``: ``roi`` (an HDF5 file), or for a folder the kind its run index
-    records, else the layout of its first ``meta.json`` (``volume``/``grayordinate``), else ``frames``
-    (``img/<subject>/frame_<t>.pt``).
+    """The kind of the store at ``path``: ``roi`` (an HDF5 file), or for a folder ``brainmarks`` (Brainmarks'
+    ``train/``, ``validation/``, ``test/`` Arrow splits), else the kind its run index records, else the layout
+    of its first ``meta.json`` (``volume``/``grayordinate``), else ``frames`` (``img/<subject>/frame_<t>.pt``).
 
     Raises:
         DataError: nothing at ``path``, or a folder in none of these layouts.
@@ -76,6 +82,8 @@ def detect_kind(path: str | os.PathLike) -> str:
         return "roi"
     if not path.is_dir():
         raise DataError(f"{path} does not exist")
+    if all((path / split).is_dir() for split in ("train", "validation", "test")):
+        return "brainmarks"
     for index in (path / INDEX, path / "img" / INDEX):
         if index.is_file():
             import pyarrow.parquet as pq
@@ -95,8 +103,8 @@ def detect_kind(path: str | os.PathLike) -> str:
     img = path / "img" if (path / "img").is_dir() else path
     if next(img.glob("*/frame_0.pt"), None) is not None:
         return "frames"
-    raise DataError(f"{path} is no brainfm store: no HDF5 file, run index, <subject>/<run>/meta.json or "
-                    "img/<subject>/frame_<t>.pt")
+    raise DataError(f"{path} is no brainfm store: no HDF5 file, run index, <subject>/<run>/meta.json, "
+                    "img/<subject>/frame_<t>.pt or Brainmarks train/validation/test splits")
 
 
 __all__ = ["DEFAULT_CACHE", "KINDS", "LRUCache", "Store", "StoreBase", "detect_kind", "open_store"]
