@@ -2,7 +2,10 @@
 the pretrained model, the same architecture randomly initialised, and FC fingerprinting, at
 several window lengths. Writes ``metrics.json`` and ``reid.png`` and prints a table.
 ``protocol=few_subject``: decoding accuracy against the number of training subjects
-(:mod:`brainfm.eval.few_subject`; ``few_subject.json|csv|png``)."""
+(:mod:`brainfm.eval.few_subject`; ``few_subject.json|csv|png``). ``protocol=logistic``: Brainmarks' logistic
+protocol on a labelled store, the checkpoint beside the FC baseline (``model=fc``: FC alone, no checkpoint;
+:mod:`brainfm.eval.logistic`; ``metrics.json``). ``protocol=probe``: Brainmarks' probe protocol, a grid of heads on
+frozen embeddings (:mod:`brainfm.eval.brainmarks_probe`; settings in ``probe_heads``)."""
 
 from __future__ import annotations
 
@@ -66,10 +69,13 @@ def run(cfg: DictConfig) -> dict | None:
         from brainfm.eval.few_subject import run_from_config
 
         return run_from_config(cfg)
+    if protocol in ("logistic", "probe"):
+        return run_labelled(cfg, protocol)
     if protocol != "reidentification":
         from brainfm.errors import ConfigError
 
-        raise ConfigError(f"protocol={protocol!r} must be 'reidentification' or 'few_subject'")
+        raise ConfigError(f"protocol={protocol!r} must be 'reidentification', 'few_subject', 'logistic' or 'probe'")
+    _refuse_model(cfg, protocol)
     from brainfm.eval.protocol import (
         plot_reidentification,
         run_reidentification,
@@ -96,6 +102,88 @@ def run(cfg: DictConfig) -> dict | None:
     plot_reidentification(report, out / "reid.png")
     print_table(report)
     print(f"wrote {out / 'metrics.json'} and {out / 'reid.png'}")
+    return report
+
+
+def _model_choice(cfg: DictConfig) -> str | None:
+    """The ``model=<name>`` given on the command line (Hydra's choice of the ``model`` group), or None."""
+    if cfg.get("model") is None:
+        return None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("model")
+        if choice:
+            return str(choice)
+    except ValueError:  # composed without @hydra.main (tests, compose API)
+        pass
+    target = str(OmegaConf.select(cfg, "model._target_", default="") or "")
+    return "fc" if target == "brainfm.models.fc.FunctionalConnectivity" else target.rsplit(".", 1)[-1] or "model"
+
+
+def _refuse_model(cfg: DictConfig, protocol: str) -> None:
+    if _model_choice(cfg) is not None:
+        from brainfm.errors import ConfigError
+
+        raise ConfigError(f"model={_model_choice(cfg)} is for protocol=logistic or probe (model=fc: the FC baseline alone); "
+                          f"protocol={protocol} evaluates ckpt=<run dir> and carries FC itself. Fix: drop model=")
+
+
+def run_labelled(cfg: DictConfig, name: str = "logistic") -> dict | None:
+    """``protocol=logistic`` (:func:`brainfm.eval.logistic.run_logistic` with ``cfg.logistic``) or ``protocol=probe``
+    (:func:`brainfm.eval.brainmarks_probe.run_probe` with ``cfg.probe_heads``): prints the table and writes
+    ``metrics.json`` (atomically) to ``out_dir`` (default: ``<run>/eval/<protocol>_<target>`` of the checkpoint,
+    ``outputs/evaluate/<protocol>_<data>_<target>`` for ``model=fc``).
+
+    Raises:
+        ConfigError: ``model=`` other than ``fc``; ``model=fc`` with a checkpoint; neither; as the protocol's
+            ``run_*``.
+    """
+    from brainfm.errors import ConfigError
+    from brainfm.eval.protocol import write_json
+    from brainfm.extract import run_dir_of
+    from brainfm.runs import find_checkpoint
+
+    if name == "probe":
+        from brainfm.eval.brainmarks_probe import print_table, run_probe as protocol
+
+        section, keys = "probe_heads", ("atlas", "split", "window_length", "fc_length", "fc_classifier")
+    else:
+        from brainfm.eval.logistic import print_table, run_logistic as protocol
+
+        section, keys = "logistic", ("atlas", "split", "window_length", "fc_length", "representation")
+    choice = _model_choice(cfg)
+    has_ckpt = not OmegaConf.is_missing(cfg, "ckpt") and cfg.ckpt is not None
+    if choice is not None and choice != "fc":
+        raise ConfigError(f"model={choice}: protocol={name} evaluates a trained checkpoint (ckpt=<run dir>) or, "
+                          f"without one, the FC baseline alone (model=fc). Fix: ckpt=<run dir of a model={choice} run>")
+    if choice == "fc" and has_ckpt:
+        raise ConfigError("model=fc is the FC baseline alone, without a checkpoint, but ckpt= is given (every table "
+                          "already carries FC beside the checkpoint). Fix: drop model=fc, or drop ckpt=")
+    if choice is None and not has_ckpt:
+        raise ConfigError(f"protocol={name} needs ckpt=<run dir or .ckpt> (the model, beside the FC baseline), or "
+                          "model=fc for the FC baseline alone, with data_path=<labelled store> target=<label>")
+    settings = OmegaConf.to_container(cfg[section], resolve=True) if cfg.get(section) else {}
+    options = {k: settings.pop(k) for k in keys if k in settings}
+    ckpt = find_checkpoint(cfg.ckpt) if has_ckpt else None
+    if cfg.out_dir:
+        out = Path(cfg.out_dir)
+    elif ckpt is not None:
+        out = run_dir_of(ckpt) / "eval" / f"{name}_{cfg.target}"
+    else:
+        out = Path("outputs") / "evaluate" / f"{name}_{Path(str(cfg.data_path or 'data')).name}_{cfg.target}"
+    batch = {"inference_batch_size" if name == "probe" else "batch_size": int(cfg.batch_size)}
+    report = protocol(ckpt, cfg.data_path, cfg.get("target"), **batch,
+                      trainer=cfg.get("trainer"), shard_dir=out / f".inference-{name}", **options, **settings)
+    if report is None:  # not the global rank 0
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config["model"] = choice  # the group's config interpolates the training data (${data.n_rois})
+    report["config"] = config
+    write_json(out / "metrics.json", report)
+    print_table(report)
+    print(f"wrote {out / 'metrics.json'}")
     return report
 
 

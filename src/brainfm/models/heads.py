@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -18,3 +19,88 @@ class BinaryHead(nn.Sequential):
 
     def __init__(self, d_model: int) -> None:
         super().__init__(nn.Linear(d_model, d_model), nn.Tanh(), nn.Linear(d_model, 1))
+
+
+# -- classification heads on frozen embeddings (protocol=probe) ----------------------------------------------
+# The three heads of Brainmarks' probe protocol (MedARC, brainmarks 0.1.1 ``classifiers.py``, after CAPI,
+# facebookresearch/capi ``eval_classification.py``): the same layers, initialisation and pooling, written here.
+# Every head takes embeddings ``(B, L, D)`` (``cls``: L = 1) or ``(B, D)`` and returns logits ``(B, C)``.
+class LinearProbeHead(nn.Module):
+    """Tokens averaged over ``L``, then one linear layer: ``(B, L, D)`` or ``(B, D)`` -> ``(B, C)``.
+
+    ``xavier_init``: Xavier-uniform weights (else truncated normal, std 0.02); bias zero. ``norm`` is accepted
+    and, as in Brainmarks 0.1.1 (whose forward never applies the BatchNorm it builds), changes nothing.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, xavier_init: bool = False, norm: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+        if xavier_init:
+            nn.init.xavier_uniform_(self.linear.weight)
+        else:
+            nn.init.trunc_normal_(self.linear.weight, std=0.02)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return self.linear(x.mean(dim=1) if x.ndim == 3 else x)
+
+
+class AttentionPoolHead(nn.Module):
+    """One learned query attending over the tokens (multi-head, 64 channels a head), then a linear layer:
+    ``(B, L, D)`` -> ``(B, C)``.
+
+    The attention width is ``embed_dim`` (default ``in_dim``) rounded down to a multiple of 64.
+
+    Raises:
+        ValueError: a width under 64 (no head); fix: ``embed_dim >= 64``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, embed_dim: int | None = None) -> None:
+        super().__init__()
+        width = 64 * (int(embed_dim or in_dim) // 64)
+        if width == 0:
+            raise ValueError(f"the attention-pooling head needs a width of at least 64 channels (one head); the "
+                             f"embeddings have {in_dim} and embed_dim={embed_dim}. Fix: embed_dim=64")
+        self.width, self.n_heads = width, width // 64
+        self.query = nn.Parameter(torch.empty(width))
+        self.kv = nn.Linear(in_dim, 2 * width)
+        self.linear = nn.Linear(width, out_dim)
+        for w in (self.query, self.kv.weight, self.linear.weight):
+            nn.init.trunc_normal_(w, std=0.02)
+        nn.init.zeros_(self.kv.bias)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        if x.ndim == 2:
+            x = x[:, None]
+        b, n, _ = x.shape
+        h, d = self.n_heads, self.width // self.n_heads
+        q = self.query.reshape(1, h, 1, d).expand(b, h, 1, d)
+        k, v = self.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4)  # 2 x (B, heads, L, d)
+        pooled = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, d)
+        return self.linear(pooled.reshape(b, self.width))
+
+
+class MLPProbeHead(nn.Module):
+    """``Linear -> ReLU -> Dropout -> LayerNorm -> Linear`` on every token, logits averaged over ``L``:
+    ``(B, L, D)`` or ``(B, D)`` -> ``(B, C)``; hidden width ``embed_dim`` (default ``in_dim``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, embed_dim: int | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        width = int(embed_dim or in_dim)
+        self.fc1 = nn.Linear(in_dim, width)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(float(dropout))
+        self.norm = nn.LayerNorm(width)
+        self.fc2 = nn.Linear(width, out_dim)
+        for layer in (self.fc1, self.fc2):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x):
+        out = self.fc2(self.norm(self.drop(self.act(self.fc1(x)))))
+        return out.mean(dim=1) if out.ndim == 3 else out
+
+
+#: ``classifier=`` names of protocol=probe (Brainmarks' names)
+PROBE_HEADS = {"linear": LinearProbeHead, "attn": AttentionPoolHead, "mlp": MLPProbeHead}
