@@ -52,6 +52,9 @@ def tidy_logging() -> None:
             logger.propagate = True
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())  # filters act on the emitting logger only
+    # numexpr (imported by pandas, e.g. for Brainmarks' Arrow data) logs "NumExpr defaulting to N threads" at
+    # INFO: a note about its own thread pool, nothing brainfm or the user acts on
+    logging.getLogger("numexpr.utils").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
