@@ -114,7 +114,14 @@ def test_data_overrides_and_errors_name_the_fix(gpt_run, tmp_path, hcp_h5):
         _predict(gpt_run, tmp_path / "p.csv")
     with pytest.raises(CheckpointError, match="does not exist"):
         _extract(tmp_path / "nothing.ckpt", tmp_path / "x.h5")
-    assert not (tmp_path / "x.h5").exists()
+    # the file name decides the format; a name of another format is refused, not filled with HDF5
+    with pytest.raises(ConfigError, match=r"Fix: out=.*e\.h5 or out=.*e\.parquet"):
+        _extract(gpt_run, tmp_path / "e.csv")
+    with pytest.raises(ConfigError, match="format=h5 but out=.*parquet"):
+        _extract(gpt_run, tmp_path / "e.parquet", "format=h5")
+    with pytest.raises(ConfigError, match=r"writes CSV.*Fix: out=.*pred\.csv"):
+        _predict(gpt_run, tmp_path / "pred.parquet")
+    assert not (tmp_path / "x.h5").exists() and not list(tmp_path.glob("e.*")) and not list(tmp_path.glob("pred*"))
 
 
 def test_lstm_autoencoder_embeddings_to_parquet(tmp_path_factory, hcp_h5):

@@ -33,6 +33,8 @@ from brainfm.errors import CheckpointError, ConfigError, DataError
 
 KINDS = ("embedding", "signature")
 FORMATS = ("h5", "parquet")
+#: file name suffix -> export format
+SUFFIX_FORMATS = {".h5": "h5", ".hdf5": "h5", ".parquet": "parquet", ".pq": "parquet"}
 SPLITS = ("train", "val", "test")
 #: Per-row columns of an export, besides the ``embedding`` matrix.
 ROW_COLUMNS = ("subject_id", "subject_index", "run", "run_id", "window_start_tr", "window_start_s", "tr", "split",
@@ -414,6 +416,29 @@ def _attrs(loaded: LoadedRun, kind: str, dim: int) -> dict[str, Any]:
     }
 
 
+
+def feature_format(path: str | os.PathLike, fmt: str | None = None) -> str:
+    """The export format of ``path``: its suffix (``.h5``/``.hdf5`` -> ``h5``, ``.parquet``/``.pq`` ->
+    ``parquet``), which ``fmt`` (``format=``) may only confirm, never contradict.
+
+    Raises:
+        ConfigError: ``fmt`` not in :data:`FORMATS`; a suffix that is neither (``out=e.csv``: brainfm never
+            writes one format under another's name); ``fmt`` and the suffix disagree.
+    """
+    path = Path(path)
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r} for {path} must be one of {FORMATS}")
+    by_suffix = SUFFIX_FORMATS.get(path.suffix.lower())
+    if by_suffix is None:
+        stem = path.with_suffix("") if path.suffix else path
+        raise ConfigError(f"out={path}: features are written as HDF5 or Parquet, and the file name says which. "
+                          f"Fix: out={stem}.h5 or out={stem}.parquet")
+    if fmt is not None and fmt != by_suffix:
+        raise ConfigError(f"format={fmt} but out={path} is a {by_suffix} file name. Fix: drop format= (the suffix "
+                          f"decides), or out={path.with_suffix('.h5' if fmt == 'h5' else '.parquet')}")
+    return by_suffix
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
@@ -516,8 +541,7 @@ def write_features(path: str | os.PathLike, features: np.ndarray, columns: Mappi
     """Write ``features`` ``(N, D)`` and the per-row ``columns`` at once (:class:`FeatureWriter`; ``fmt=None``:
     from the suffix, ``.h5``/``.hdf5`` or ``.parquet``/``.pq``). Raises as :class:`FeatureWriter`."""
     path = Path(path)
-    fmt = fmt or {".h5": "h5", ".hdf5": "h5", ".parquet": "parquet", ".pq": "parquet"}.get(path.suffix.lower())
-    writer = FeatureWriter(path, fmt, attrs)
+    writer = FeatureWriter(path, feature_format(path, fmt), attrs)
     try:
         writer.append(features, columns)
     except BaseException:
@@ -561,9 +585,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, kind: str = "embeddi
     """``brainfm-extract``: load, run on the configured trainer and stream the rows to ``out``; returns
     ``(path, rows, dim)`` on the global rank 0, None on the other ranks. Raises as :func:`load_run`,
     :func:`extract` and :class:`FeatureWriter`."""
-    fmt = fmt or {".h5": "h5", ".hdf5": "h5", ".parquet": "parquet", ".pq": "parquet"}.get(Path(out).suffix.lower())
-    if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt!r} must be one of {FORMATS}")
+    fmt = feature_format(out, fmt)
     loaded = load_run(ckpt, data_overrides)
     out = Path(out)
     writer = None
@@ -696,8 +718,12 @@ def predict_to_csv(ckpt: str | os.PathLike, out: str | os.PathLike, splits: Sequ
     """``brainfm-predict``: load, predict per subject and write the CSV; returns ``(path, frame)`` on the
     global rank 0, None on the others.
 
-    Raises as :func:`load_run` and :func:`predict`; DataError for non-finite predictions.
+    Raises as :func:`load_run` and :func:`predict`; DataError for non-finite predictions; ConfigError for an
+    ``out`` that is not a ``.csv`` file name.
     """
+    if Path(out).suffix.lower() != ".csv":
+        raise ConfigError(f"out={out}: brainfm-predict writes CSV (one row per subject). Fix: "
+                          f"out={Path(out).with_suffix('') if Path(out).suffix else out}.csv")
     loaded = load_run(ckpt, data_overrides)
     frame = predict(loaded, splits, batch_size, trainer, Path(out).with_name(f".{Path(out).name}.shards"))
     if frame is None:

@@ -30,10 +30,8 @@ def run(cfg: DictConfig) -> Path | None:
     if not out:
         fmt = fmt or "h5"
         out = run_dir_of(find_checkpoint(cfg.ckpt)) / "export" / f"{cfg.kind}s.{fmt}"
-    elif not fmt:
-        fmt = "parquet" if Path(out).suffix.lower() in (".parquet", ".pq") else "h5"
-    result = export(cfg.ckpt, out, kind=str(cfg.kind), fmt=str(fmt), splits=list(cfg.splits),
-                    data_overrides=data_overrides(cfg), batch_size=cfg.get("batch_size"), trainer=cfg.get("trainer"))
+    result = export(cfg.ckpt, out, kind=str(cfg.kind), fmt=None if fmt is None else str(fmt),
+                    splits=list(cfg.splits), data_overrides=data_overrides(cfg), batch_size=cfg.get("batch_size"), trainer=cfg.get("trainer"))
     if result is None:  # not the global rank 0: its windows went to rank 0's file
         return None
     path, rows, dim = result
