@@ -37,30 +37,27 @@ def print_table(report: dict) -> None:
     def window(length: str) -> str:
         return f"{length} TRs ({int(length) * tr:.0f} s)" if isinstance(tr, (int, float)) and tr else f"{length} TRs"
 
-    # titles as plain lines: rich wraps a title at the table's width
-    print(f"Subject re-identification ({report['data']['n_subjects']} subjects{at}; gallery: "
-          f"{report['protocol']['gallery']}, queries: {report['protocol']['queries']}): Rank-1 / mAP")
-    table = Table()
-    table.add_column("method")
-    for length in lengths:
-        table.add_column(window(length), justify="right")
-    for n in names:
-        table.add_row(LABELS.get(n, n), *(f"{report['results'][n][k]['rank1']:.3f} / {report['results'][n][k]['mAP']:.3f}"
-                                          for k in lengths))
-    table.add_row("chance", *(f"{first[k]['rank1_chance']:.3f} / {first[k]['mAP_chance']:.3f}" for k in lengths))
-    Console().print(table)
-    if "probe" in report:
-        print(f"{report['data']['n_subjects']}-way subject linear probe (fit on gallery windows, scored on query "
-              "windows): accuracy / balanced accuracy")
-        probe = Table()
-        probe.add_column("method")
+    def show(title: str, results: dict, cell, chance: list[str]) -> None:
+        # titles as plain lines: rich wraps a title at the table's width
+        print(title)
+        table = Table()
+        table.add_column("method")
         for length in lengths:
-            probe.add_column(window(length), justify="right")
+            table.add_column(window(length), justify="right")
         for n in names:
-            probe.add_row(LABELS.get(n, n), *(f"{report['probe'][n][k]['acc']:.3f} / {report['probe'][n][k]['balanced_acc']:.3f}"
-                                              for k in lengths))
-        probe.add_row("chance", *(f"{1 / report['data']['n_subjects']:.3f}" for _ in lengths))
-        Console().print(probe)
+            table.add_row(LABELS.get(n, n), *(cell(results[n][k]) for k in lengths))
+        table.add_row("chance", *chance)
+        Console().print(table)
+
+    show(f"Subject re-identification ({report['data']['n_subjects']} subjects{at}; gallery: "
+         f"{report['protocol']['gallery']}, queries: {report['protocol']['queries']}): Rank-1 / mAP",
+         report["results"], lambda r: f"{r['rank1']:.3f} / {r['mAP']:.3f}",
+         [f"{first[k]['rank1_chance']:.3f} / {first[k]['mAP_chance']:.3f}" for k in lengths])
+    if "probe" in report:
+        show(f"{report['data']['n_subjects']}-way subject linear probe (fit on gallery windows, scored on query "
+             "windows): accuracy / balanced accuracy", report["probe"],
+             lambda r: f"{r['acc']:.3f} / {r['balanced_acc']:.3f}",
+             [f"{1 / report['data']['n_subjects']:.3f}" for _ in lengths])
 
 
 def run(cfg: DictConfig) -> dict | None:
