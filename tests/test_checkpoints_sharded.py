@@ -231,3 +231,44 @@ def test_resume_checkpoint_intervals(tmp_path):
     assert not on._time_due()
     on._last_save_time -= 30 * 60
     assert on._time_due()
+
+
+def test_init_from_a_sharded_directory_starts_a_new_run_from_its_full_weights(runs, tmp_path, hcp_h5):
+    """``task.init_from=<FSDP2 last.ckpt directory>`` reads the shards at full shape in one process
+    (issue 20, item 11); with lr 0 the new run's weights stay those of the directory."""
+    run_dir, _ = helpers.train_in(tmp_path, *MODEL, f"data.path={hcp_h5}", "trainer=cpu", "trainer.max_steps=1",
+                                  "trainer.val_check_interval=1", "task.optimizer.lr=0", "run_name=init",
+                                  f"task.init_from={runs['last']}")
+    started = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    sharded = _dcp_weights(runs["last"], tmp_path)
+    backbone = [k for k in sharded if k.startswith("model.")]
+    assert backbone and all(torch.equal(started[k], sharded[k]) for k in backbone)
+
+
+def test_a_sharded_directory_is_resumed_only_by_the_strategy_that_wrote_it(runs, tmp_path, hcp_h5):
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from brainfm.checkpoints import read_state_dict
+    from brainfm.errors import CheckpointError
+    from brainfm.runs import check_resume_strategy
+
+    last = runs["last"]
+    # brainfm-train ckpt_path=<FSDP2 directory> trainer=ddp_cpu: refused before training, with the fixes
+    out = subprocess.run([sys.executable, "-m", "brainfm.cli.train", *MODEL, f"data.path={hcp_h5}", "trainer=ddp_cpu",
+                          f"paths.output_dir={tmp_path}", f"paths.split_dir={tmp_path}/splits", "run_name=ddp",
+                          f"ckpt_path={last}"], env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"brainfm-train: error: {last} is an FSDP2 sharded"), error
+    for fix in ("trainer=fsdp", f"task.init_from={last} run_name=<new name>", f"python -m brainfm.runs consolidate {last}"):
+        assert fix in error, (fix, error)
+    assert not (tmp_path / "gpt" / "ddp" / "checkpoints").exists()
+    # a DeepSpeed directory: named by its ZeRO stage; as weights it needs one file
+    ds = tmp_path / "ds" / "last.ckpt"
+    (ds / "checkpoint").mkdir(parents=True)
+    (ds / "latest").write_text("checkpoint")
+    (ds / "checkpoint" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="trainer=deepspeed_stage_3"):
+        check_resume_strategy(ds, SingleDeviceStrategy("cpu"))
+    with pytest.raises(CheckpointError, match=r"python -m brainfm\.runs consolidate"):
+        read_state_dict(ds)

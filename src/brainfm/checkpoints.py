@@ -3,12 +3,15 @@
 - :func:`read_checkpoint`: a whole ``torch.save`` file (a Lightning checkpoint with its
   hyper-parameters, a DCP ``meta.pt``), ``weights_only=True``, optionally memory-mapped.
 - :func:`read_state_dict`: a ``.safetensors`` file, a ``torch.save`` state dict, a Lightning
-  checkpoint (its ``state_dict``) or a Hugging Face ``pytorch_model.bin``, always with
-  ``torch.load(weights_only=True)``: no file runs code when it is read.
+  checkpoint (its ``state_dict``), a Hugging Face ``pytorch_model.bin`` or an FSDP2 sharded
+  (torch.distributed.checkpoint) directory, always with ``torch.load(weights_only=True)`` or DCP's
+  reader: no file runs code when it is read.
+- :func:`checkpoint_format` and :func:`read_sharded_state_dict`: what a checkpoint path is (one file,
+  a DCP directory, a DeepSpeed directory) and the full weights of a DCP directory without a process group.
 - :func:`write_state_dict`: ``.safetensors`` (or ``torch.save`` for other suffixes), atomically (a
   temporary file renamed into place: a killed job never leaves half a file).
 - :func:`load_backbone`: ``task.init_from`` of every task (a brainfm checkpoint's ``model.*``
-  weights, converted weights, a plain state dict) into a backbone, with the keys a task may leave
+  weights, also FSDP2's sharded ``last.ckpt`` directory; converted weights, a plain state dict) into a backbone, with the keys a task may leave
   at their initialisation named by the caller.
 - Foreign checkpoints: a per-family *adapter* (a pure function on state dicts that lives with its
   model, as timm's ``checkpoint_filter_fn`` and torchtitan's ``StateDictAdapter``) maps the
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,63 @@ import torch
 from brainfm.errors import CheckpointError, ConfigError
 
 StateDict = dict[str, torch.Tensor]
+
+
+#: Lightning's metadata file in a DCP checkpoint directory (lightning.fabric.utilities.load._METADATA_FILENAME)
+DCP_META = "meta.pt"
+#: torch.distributed.checkpoint's index, written last by the coordinator rank
+DCP_INDEX = ".metadata"
+#: the command that turns a sharded checkpoint directory into one file (:func:`brainfm.runs.consolidate`)
+CONSOLIDATE = "python -m brainfm.runs consolidate"
+
+
+def checkpoint_format(path: str | Path) -> str | None:
+    """``"file"``, ``"dcp"`` (a complete torch.distributed.checkpoint directory: ``.metadata`` and
+    Lightning's ``meta.pt``), ``"deepspeed"`` (a directory with a ``latest`` file) or ``None``."""
+    path = Path(path)
+    if path.is_file():
+        return "file"
+    if path.is_dir():
+        if (path / DCP_META).is_file() and (path / DCP_INDEX).is_file():
+            return "dcp"
+        if (path / "latest").is_file():
+            return "deepspeed"
+    return None
+
+
+def read_sharded_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model ``state_dict`` of a DCP checkpoint directory, read in this one
+    process without a process group (``torch.distributed.checkpoint.load(no_dist=True)``): every
+    tensor at its global shape, keys as a DDP run's (``model.…``); optimizer state is not read.
+    Needs host memory for the weights (4 bytes per fp32 parameter), not for the optimizer.
+
+    Raises:
+        CheckpointError: not a complete DCP checkpoint directory, or one without a ``state_dict``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_format(checkpoint_dir) != "dcp":
+        raise CheckpointError(f"{checkpoint_dir} is not a complete torch.distributed.checkpoint directory "
+                              f"(it needs {DCP_INDEX} and {DCP_META})")
+    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
+    weights: dict[str, torch.Tensor] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        where = (metadata.planner_data or {}).get(key, tuple(key.split(".", 1)))
+        if len(where) < 2 or where[0] != "state_dict":
+            continue  # optimizer_<i>.… : not needed for weights
+        if not isinstance(item, TensorStorageMetadata):
+            raise CheckpointError(f"{checkpoint_dir}: state_dict entry {key} is not a tensor; brainfm's models have "
+                                  "tensor-only state dicts")
+        weights[".".join(str(p) for p in where[1:])] = torch.empty(item.size, dtype=item.properties.dtype)
+    if not weights:
+        raise CheckpointError(f"{checkpoint_dir} holds no model state_dict (was it written by brainfm-train?)")
+    target = {"state_dict": weights}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": intended
+        warnings.filterwarnings("ignore", message=r".*assuming the intent is to load in a single process.*")
+        dcp.load(target, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    return target["state_dict"]
 
 
 def read_checkpoint(path: str | Path, *, mmap: bool = False, safe_globals: Sequence = ()) -> dict:
@@ -59,7 +120,8 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False, safe_globals: Seque
 
 def read_state_dict(path: str | Path, *, prefix: str | None = None, safe_globals: Sequence = ()) -> StateDict:
     """The tensors of ``path`` (``.safetensors``, a state dict, a Lightning/brainfm checkpoint's
-    ``state_dict``, a ``pytorch_model.bin``), loaded on the CPU without running code.
+    ``state_dict``, a ``pytorch_model.bin``, or an FSDP2 sharded checkpoint directory read at full
+    shape by :func:`read_sharded_state_dict`), loaded on the CPU without running code.
 
     ``prefix``: keep only keys starting with it, prefix removed (e.g. ``"model."`` for a backbone in
     a Lightning checkpoint); when no key has it, the state is returned unchanged. ``safe_globals``:
@@ -68,12 +130,26 @@ def read_state_dict(path: str | Path, *, prefix: str | None = None, safe_globals
 
     Raises:
         CheckpointError: no such file, a file that does not load with ``weights_only=True`` (e.g. a
-            pickle with code: convert it where it was written), or no tensors in it.
+            pickle with code: convert it where it was written), no tensors in it, an incomplete
+            checkpoint directory, or a DeepSpeed directory (the message names the consolidate command).
     """
     path = Path(path)
-    if not path.is_file():
+    form = checkpoint_format(path)
+    if form == "deepspeed":
+        raise CheckpointError(
+            f"{path} is a DeepSpeed (sharded) checkpoint directory; its weights are read from one file. Fix: "
+            f"`{CONSOLIDATE} {path} {path.with_suffix('')}-consolidated.ckpt` and pass that file")
+    if form is None and path.is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        hint = f" (a run directory: its checkpoint is {last})" if last.exists() else ""
+        raise CheckpointError(f"{path} is a directory but no complete checkpoint (a sharded FSDP2/DCP checkpoint has "
+                              f"{DCP_INDEX} and {DCP_META}; a DeepSpeed one a 'latest' file); give a checkpoint "
+                              f"file{hint}")
+    if form is None:
         raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
+    if form == "dcp":  # FSDP2's sharded last.ckpt: read in this one process, at full shape
+        state = read_sharded_state_dict(path)
+    elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:

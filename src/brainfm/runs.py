@@ -32,22 +32,23 @@ import importlib
 import logging
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
-from brainfm.checkpoints import read_checkpoint
+from brainfm.checkpoints import (  # noqa: F401  (checkpoint_format, read_sharded_state_dict: public here too)
+    DCP_INDEX,
+    DCP_META,
+    checkpoint_format,
+    read_checkpoint,
+    read_sharded_state_dict,
+)
 from brainfm.errors import CheckpointError
 from brainfm.tasks.base import CHECKPOINT_KEY, BrainfmTask
 
 log = logging.getLogger(__name__)
 
 _log = logging.getLogger("brainfm")
-#: Lightning's metadata file in a DCP checkpoint directory (lightning.fabric.utilities.load._METADATA_FILENAME)
-DCP_META = "meta.pt"
-#: torch.distributed.checkpoint's index, written last by the coordinator rank
-DCP_INDEX = ".metadata"
 #: the top-level keys :func:`consolidate` keeps with ``weights_only=True``
 WEIGHTS_ONLY_KEYS = ("state_dict", "hyper_parameters", "hparams_name", CHECKPOINT_KEY, "epoch", "global_step",
                      "pytorch-lightning_version")
@@ -68,20 +69,6 @@ def previous_checkpoint(target: Path, step: int) -> Path:
     (``.<name>.old-<step>``); it is deleted right after, and resumed from only when a job died
     between the two renames."""
     return target.with_name(f".{target.name}.old-{step}")
-
-
-def checkpoint_format(path: str | Path) -> str | None:
-    """``"file"``, ``"dcp"`` (a complete torch.distributed.checkpoint directory: ``.metadata`` and
-    Lightning's ``meta.pt``), ``"deepspeed"`` (a directory with a ``latest`` file) or ``None``."""
-    path = Path(path)
-    if path.is_file():
-        return "file"
-    if path.is_dir():
-        if (path / DCP_META).is_file() and (path / DCP_INDEX).is_file():
-            return "dcp"
-        if (path / "latest").is_file():
-            return "deepspeed"
-    return None
 
 
 def _resumable(path: Path) -> bool:
@@ -131,6 +118,50 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
             "(FSDP2/DCP or DeepSpeed), last or auto."
         )
     return str(path)
+
+
+def _deepspeed_trainer(path: Path) -> str:
+    """The ``trainer=`` choice that wrote a DeepSpeed directory: ZeRO-3 keeps per-rank model states
+    (``zero_pp_rank_*_model_states.pt``), ZeRO-2 one ``mp_rank_00_model_states.pt``."""
+    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else ""
+    folder = path / tag if tag and (path / tag).is_dir() else path
+    if any(folder.glob("zero_pp_rank_*_model_states.pt")):
+        return "deepspeed_stage_3 (or deepspeed_stage_3_offload, the one it was trained with)"
+    return "deepspeed_stage_2"
+
+
+def check_resume_strategy(path: str | Path, strategy) -> None:
+    """Refuse, before training, to resume a sharded checkpoint directory with a strategy that cannot
+    read it: an FSDP2/DCP directory needs ``trainer=fsdp``, a DeepSpeed one DeepSpeed (Lightning's DDP
+    or single-device strategies would fail deep inside ``torch.load``).
+
+    Args:
+        path: the checkpoint :func:`resolve_resume` returned.
+        strategy: the trainer's Lightning strategy (``trainer.strategy``).
+
+    Raises:
+        CheckpointError: the strategy cannot read the directory; the message names the strategy that
+            wrote it and the way to go on with this one (a new run from its weights, ``task.init_from``).
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    path = Path(path)
+    form = checkpoint_format(path)
+    if form == "dcp" and not isinstance(strategy, (ModelParallelStrategy, FSDPStrategy)):
+        wrote, trainer = "an FSDP2 sharded (torch.distributed.checkpoint)", "trainer=fsdp (any number of ranks: DCP reshards)"
+        weights = f"task.init_from={path}"
+    elif form == "deepspeed" and not isinstance(strategy, DeepSpeedStrategy):
+        wrote, trainer = "a DeepSpeed ZeRO", f"trainer={_deepspeed_trainer(path)}"
+        weights = f"task.init_from=<out.ckpt> after `python -m brainfm.runs consolidate {path} <out.ckpt>`"
+    else:
+        return
+    raise CheckpointError(
+        f"{path} is {wrote} checkpoint directory, one shard per rank, and this run's strategy "
+        f"({type(strategy).__name__}) cannot resume from it. Fix: resume it with the strategy that wrote it, {trainer}; "
+        f"or, to go on with this trainer, start a new run from its weights (step and optimizer state start afresh): "
+        f"{weights} run_name=<new name>, where the task takes task.init_from (or consolidate it into one file: "
+        f"`python -m brainfm.runs consolidate {path} <out.ckpt>`)."
+    )
 
 
 def sharded_checkpoint_error(path: Path) -> CheckpointError:
@@ -245,41 +276,6 @@ def _check_rois(meta: dict, store, where: str) -> None:
             f"model {names[i]!r}. Fix: reorder the data's ROIs to the model's order "
             "(roi_names in the checkpoint's data_meta)."
         )
-
-
-def read_sharded_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The full (unsharded) model ``state_dict`` of a DCP checkpoint directory, read in this one
-    process without a process group (``torch.distributed.checkpoint.load(no_dist=True)``): every
-    tensor at its global shape, keys as a DDP run's (``model.…``); optimizer state is not read.
-    Needs host memory for the weights (4 bytes per fp32 parameter), not for the optimizer.
-
-    Raises:
-        CheckpointError: not a complete DCP checkpoint directory, or one without a ``state_dict``.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if checkpoint_format(checkpoint_dir) != "dcp":
-        raise CheckpointError(f"{checkpoint_dir} is not a complete torch.distributed.checkpoint directory "
-                              f"(it needs {DCP_INDEX} and {DCP_META})")
-    metadata = dcp.FileSystemReader(str(checkpoint_dir)).read_metadata()
-    weights: dict[str, torch.Tensor] = {}
-    for key, item in metadata.state_dict_metadata.items():
-        where = (metadata.planner_data or {}).get(key, tuple(key.split(".", 1)))
-        if len(where) < 2 or where[0] != "state_dict":
-            continue  # optimizer_<i>.… : not needed for weights
-        if not isinstance(item, TensorStorageMetadata):
-            raise CheckpointError(f"{checkpoint_dir}: state_dict entry {key} is not a tensor; brainfm's models have "
-                                  "tensor-only state dicts")
-        weights[".".join(str(p) for p in where[1:])] = torch.empty(item.size, dtype=item.properties.dtype)
-    if not weights:
-        raise CheckpointError(f"{checkpoint_dir} holds no model state_dict (was it written by brainfm-train?)")
-    target = {"state_dict": weights}
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": intended
-        warnings.filterwarnings("ignore", message=r".*assuming the intent is to load in a single process.*")
-        dcp.load(target, checkpoint_id=str(checkpoint_dir), no_dist=True)
-    return target["state_dict"]
 
 
 def _save_atomic(checkpoint: dict, output_file: Path) -> None:

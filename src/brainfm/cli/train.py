@@ -78,14 +78,21 @@ def build(cfg: DictConfig):
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train; return the final logged metrics. Writes ``config.yaml`` and ``summary.json`` into
-    the run directory."""
-    from brainfm.runs import resolve_resume
+    the run directory.
+
+    Raises:
+        CheckpointError: ``ckpt_path`` names no checkpoint, or a sharded checkpoint directory the
+            trainer's strategy cannot resume (:func:`brainfm.runs.check_resume_strategy`).
+    """
+    from brainfm.runs import check_resume_strategy, resolve_resume
 
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     resume = resolve_resume(cfg.get("ckpt_path"), run_dir)
     datamodule, task, trainer = build(cfg)
+    if resume is not None:  # a sharded directory only on the strategy that wrote it
+        check_resume_strategy(resume, trainer.strategy)
     trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary = {
