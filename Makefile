@@ -45,14 +45,16 @@ $(BRAINMARKS_STAMP): $(STAMP)
 # of another site), pretrain the demo's model and three simple baselines on the first half of each HCP run, and
 # re-identify subjects on the held-out second halves and, zero-shot, on the other site: the model against its
 # initialisation (FC itself), FC fingerprinting, meanMLP, BrainNetCNN and an MLP on FC.
+# Re-runnable: ckpt_path=auto resumes each run, and a finished one ends at once (a run stopped by Ctrl-C goes on);
+# `brainfm-train experiment=demo run_name=demo overwrite=true` trains one again from scratch.
 DEMO_COMPARE := compare='{meanMLP: outputs/baseline_mean_mlp/demo, BrainNetCNN: outputs/baseline_brainnetcnn/demo, FC-MLP: outputs/baseline_fc_mlp/demo}'
 demo: install
 	$(BIN)/brainfm-data fetch hcp_rest_roi
 	$(BIN)/brainfm-data fetch gw_rest_roi
-	$(BIN)/brainfm-train experiment=demo run_name=demo
-	$(BIN)/brainfm-train experiment=baseline_mean_mlp run_name=demo
-	$(BIN)/brainfm-train experiment=baseline_brainnetcnn run_name=demo
-	$(BIN)/brainfm-train experiment=baseline_fc_mlp run_name=demo
+	$(BIN)/brainfm-train experiment=demo run_name=demo ckpt_path=auto
+	$(BIN)/brainfm-train experiment=baseline_mean_mlp run_name=demo ckpt_path=auto
+	$(BIN)/brainfm-train experiment=baseline_brainnetcnn run_name=demo ckpt_path=auto
+	$(BIN)/brainfm-train experiment=baseline_fc_mlp run_name=demo ckpt_path=auto
 	$(BIN)/brainfm-evaluate ckpt=outputs/demo/demo probe=false $(DEMO_COMPARE)
 	$(BIN)/brainfm-evaluate ckpt=outputs/demo/demo probe=false $(DEMO_COMPARE) data_path=data/gw_rest_roi.h5 \
 		window_lengths=[30,60] out_dir=outputs/demo/demo/eval_gw
@@ -60,7 +62,7 @@ demo: install
 # SimMIM on real 4-D fMRI (nitime + nipy NIfTI runs, preprocessed to a 48^3 volume store) on the CPU.
 demo-volume: install
 	$(BIN)/brainfm-data fetch nifti_toy
-	$(BIN)/brainfm-train experiment=simmim_toy run_name=demo trainer.max_steps=200 trainer.val_check_interval=50
+	$(BIN)/brainfm-train experiment=simmim_toy run_name=demo trainer.max_steps=200 trainer.val_check_interval=50 ckpt_path=auto
 
 # BRAINFM_REQUIRE_BRAINMARKS: the Brainmarks plugin's tests fail, not skip, when brainmarks does not import
 test: install install-brainmarks

@@ -134,8 +134,10 @@ def test_cluster_perlmutter_submits_a_multirun_through_the_submitit_launcher(slu
                           "-m", "brainfm.cli.train", "-m", "cluster=perlmutter", *local, *args],
                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    runs = sorted(p for p in (tmp_path / "scratch" / "outputs" / "gpt").iterdir() if p.name != "multirun")
-    assert len(runs) == 2 and all("_" in p.name for p in runs)  # <array job>_<task>
+    # every job its own run directory: <array job>_<task>/<job number> (paths.run_dir under a multirun)
+    runs = sorted(p.parent for p in (tmp_path / "scratch" / "outputs" / "gpt").glob("*/*/config.yaml"))
+    assert len(runs) == 2 and all("_" in p.parent.name and p.name.isdigit() for p in runs), runs
+    assert sorted(p.name for p in runs) == ["0", "1"]
     from omegaconf import OmegaConf
 
     lrs = sorted(float(OmegaConf.load(p / "config.yaml").task.optimizer.lr) for p in runs)

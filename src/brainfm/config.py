@@ -5,7 +5,10 @@
 
 - ``${brainfm_root:}``: ``$BRAINFM_ROOT`` or the repository root;
 - ``${brainfm_run_name:}``: ``<array job>_<task>`` in a SLURM array, the SLURM job id in a job,
-  else ``local``: a requeued job gets the same run directory and finds its ``last.ckpt``.
+  else ``local``: a requeued job gets the same run directory and finds its ``last.ckpt``;
+- ``${brainfm_job_subdir:}``: ``/<job number>`` in a job of a Hydra multirun (``brainfm-train -m``),
+  else empty: every job of a sweep gets its own run directory ``<run_name>/<job number>``, locally
+  and under the submitit launcher (``cluster=perlmutter``).
 """
 
 from __future__ import annotations
@@ -48,10 +51,26 @@ def default_resume() -> str | None:
     return "auto" if os.environ.get("SLURM_JOB_ID") else None
 
 
+def job_subdir() -> str:
+    """``/<hydra.job.num>`` inside a job of a Hydra multirun, else ``""`` (a single run, or a config
+    composed outside Hydra's app with :func:`compose`, where Hydra's job fields do not exist)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return ""
+    hydra_cfg = HydraConfig.get()
+    num = OmegaConf.select(hydra_cfg, "job.num", default=None, throw_on_missing=False)
+    if hydra_cfg.get("mode") != RunMode.MULTIRUN or num is None or OmegaConf.is_missing(hydra_cfg.job, "num"):
+        return ""
+    return f"/{num}"
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("brainfm_root", lambda: str(repo_root()), replace=True)
     OmegaConf.register_new_resolver("brainfm_default_resume", default_resume, replace=True)
     OmegaConf.register_new_resolver("brainfm_run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("brainfm_job_subdir", job_subdir, replace=True)
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:

@@ -120,6 +120,91 @@ def resolve_resume(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     return str(path)
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The ``global_step`` a checkpoint file or DCP directory (its ``meta.pt``) was saved at, read
+    memory-mapped; ``None`` for a DeepSpeed directory or a file that does not read."""
+    form = checkpoint_format(path)
+    if form not in ("file", "dcp"):
+        return None
+    try:
+        state = read_checkpoint(Path(path) / DCP_META if form == "dcp" else path, mmap=form == "file")
+    except CheckpointError:
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return int(step) if step is not None else None
+
+
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The checkpoints an earlier run left in ``<run_dir>/checkpoints``: every ``*.ckpt`` file or sharded
+    directory (``last.ckpt``, the best-k ``best-step<N>.ckpt``) and a complete ``.last.ckpt.old-<step>``
+    left by a job killed while replacing ``last.ckpt``; not the temporaries of an unfinished save."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if (p.name.endswith(".ckpt") and not p.name.startswith(".")) or (".ckpt.old-" in p.name and _resumable(p)))
+
+
+#: what brainfm-train and the commands that read a run write into its run directory; ``overwrite=true``
+#: removes them (Hydra's own ``.hydra/`` and ``train.log`` of the new run stay)
+RUN_OUTPUTS = ("checkpoints", "summary.json", "config.yaml", "csv", "tensorboard", "mlflow_run_id", "eval", "export",
+               "predict", "interpret")
+
+
+def refuse_fresh_start(run_dir: str | Path) -> None:
+    """Refuse to train from scratch in a run directory that holds checkpoints of an earlier run (its
+    ``last.ckpt`` and best-k files would be replaced, its curves mixed).
+
+    Raises:
+        CheckpointError: ``<run_dir>/checkpoints`` holds a checkpoint; the message names the fixes as
+            typed: ``ckpt_path=auto`` (resume), ``run_name=<new name>`` or ``overwrite=true`` (replace).
+    """
+    found = run_checkpoints(run_dir)
+    if not found:
+        return
+    last = _last_or_previous(run_dir)
+    step = checkpoint_step(last) if last is not None else None
+    at = f"; last.ckpt at step {step}" if step is not None else ""
+    raise CheckpointError(
+        f"{run_dir} holds the checkpoints of an earlier run ({', '.join(p.name for p in found)}{at}) and this run "
+        "would train from scratch over them. Fix: add ckpt_path=auto to resume that run (a finished run ends at once), "
+        "or add run_name=<new name> to start a new run beside it, or overwrite=true to replace it (its checkpoints, "
+        "summary and metrics are deleted)."
+    )
+
+
+def set_aside_outputs(run_dir: str | Path) -> Path | None:
+    """``overwrite=true``: move what an earlier run wrote (:data:`RUN_OUTPUTS`) into
+    ``<run_dir>/.replaced-<pid>`` (one rename each, nothing half-deleted); :func:`discard_outputs`
+    deletes them once the new run is built, :func:`restore_outputs` puts them back if it is not.
+    Returns that folder, or ``None`` when there was nothing to move."""
+    run_dir = Path(run_dir)
+    present = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+    if not present:
+        return None
+    aside = run_dir / f".replaced-{os.getpid()}"
+    aside.mkdir(exist_ok=True)
+    for path in present:
+        os.replace(path, aside / path.name)
+    return aside
+
+
+def restore_outputs(aside: Path | None) -> None:
+    """Undo :func:`set_aside_outputs` (the new run failed before training)."""
+    if aside is None or not aside.is_dir():
+        return
+    for path in aside.iterdir():
+        if not (aside.parent / path.name).exists():
+            os.replace(path, aside.parent / path.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def discard_outputs(aside: Path | None) -> None:
+    """Delete what :func:`set_aside_outputs` moved away."""
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _deepspeed_trainer(path: Path) -> str:
     """The ``trainer=`` choice that wrote a DeepSpeed directory: ZeRO-3 keeps per-rank model states
     (``zero_pp_rank_*_model_states.pt``), ZeRO-2 one ``mp_rank_00_model_states.pt``."""

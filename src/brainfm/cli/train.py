@@ -1,6 +1,10 @@
 """``brainfm-train`` / ``python -m brainfm.cli.train``: compose the config, build the data,
 task, loggers and callbacks, and fit. Any key is overridable (``trainer.max_steps=100``);
-``--cfg job`` prints the composed config; ``ckpt_path=last`` resumes the run.
+``--cfg job`` prints the composed config; ``ckpt_path=auto`` (or ``last``) resumes the run.
+
+Run directories: ``outputs/<experiment>/<run_name>`` (``paths.run_dir``), ``<run_name>/<job number>`` for
+each job of a multirun (``-m``). One that holds checkpoints is resumed (``ckpt_path=auto``), replaced
+(``overwrite=true``) or refused (:func:`run`).
 
 ``trainer.compile=true`` (``trainer.compile_mode``) compiles the backbone with ``torch.compile``.
 The two keys are brainfm's, not Lightning's: the ``trainer`` group's ``_target_``,
@@ -12,6 +16,8 @@ accepts them), and the task compiles in ``configure_model`` (:func:`brainfm.task
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from brainfm.cli.common import exit_on_brainfm_error, tidy_logging
 from brainfm.config import config_dir
+
+log = logging.getLogger("brainfm")
 
 
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -76,23 +84,91 @@ def build(cfg: DictConfig):
     return datamodule, task, trainer
 
 
+def _global_rank() -> int:
+    """This process's global rank before Lightning sets up the strategy, read as Lightning reads it
+    (``RANK``, ``LOCAL_RANK`` in the processes it launches, ``SLURM_PROCID`` under ``srun``); 0 in the
+    process that starts a run."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _finished_already(cfg: DictConfig, resume: str | None) -> int | None:
+    """The step of ``resume`` when it already reached ``trainer.max_steps`` (nothing left to train), else ``None``."""
+    from brainfm.runs import checkpoint_step
+
+    max_steps = cfg.trainer.get("max_steps")
+    if resume is None or max_steps is None or int(max_steps) <= 0:
+        return None
+    step = checkpoint_step(resume)
+    return step if step is not None and step >= int(max_steps) else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train; return the final logged metrics. Writes ``config.yaml`` and ``summary.json`` into
-    the run directory.
+    """Train; return the final logged metrics. Writes ``config.yaml`` and ``summary.json`` into the run
+    directory (``paths.run_dir``).
+
+    A run directory that holds checkpoints is never trained over from scratch: without a checkpoint to
+    resume (``ckpt_path``, :func:`brainfm.runs.resolve_resume`) the run is refused before anything in it
+    is written, unless ``overwrite=true``, which deletes the earlier run's outputs
+    (:data:`brainfm.runs.RUN_OUTPUTS`) once the new run is built. A resumed run that already reached
+    ``trainer.max_steps`` ends at once and leaves its directory as it is.
 
     Raises:
-        CheckpointError: ``ckpt_path`` names no checkpoint, or a sharded checkpoint directory the
-            trainer's strategy cannot resume (:func:`brainfm.runs.check_resume_strategy`).
+        CheckpointError: the run directory holds checkpoints and neither a resume nor ``overwrite=true``
+            was asked for (:func:`brainfm.runs.refuse_fresh_start`); ``ckpt_path`` names no checkpoint;
+            a sharded checkpoint directory the trainer's strategy cannot resume
+            (:func:`brainfm.runs.check_resume_strategy`).
     """
-    from brainfm.runs import check_resume_strategy, resolve_resume
+    from brainfm.runs import (
+        check_resume_strategy,
+        discard_outputs,
+        refuse_fresh_start,
+        resolve_resume,
+        restore_outputs,
+        set_aside_outputs,
+    )
 
     run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    name = os.path.relpath(run_dir, Path(cfg.paths.output_dir))
     resume = resolve_resume(cfg.get("ckpt_path"), run_dir)
-    datamodule, task, trainer = build(cfg)
-    if resume is not None:  # a sharded directory only on the strategy that wrote it
-        check_resume_strategy(resume, trainer.strategy)
+    done = _finished_already(cfg, resume)
+    if done is not None:
+        if _global_rank() == 0:
+            print(f"brainfm-train: {name} finished already at step {done} (trainer.max_steps={cfg.trainer.max_steps}); "
+                  f"nothing to train. To train on, raise trainer.max_steps; to start over, ckpt_path=null "
+                  f"overwrite=true.\n  checkpoint: {resume}")
+        summary = run_dir / "summary.json"
+        return json.loads(summary.read_text()).get("metrics", {}) if summary.is_file() else {}
+    aside = None
+    if resume is None:  # a fresh start: never over an earlier run's checkpoints
+        if not cfg.get("overwrite", False):
+            refuse_fresh_start(run_dir)
+        elif _global_rank() == 0:
+            aside = set_aside_outputs(run_dir)
+    elif cfg.get("overwrite", False):  # a requeued SLURM job (ckpt_path=auto) must not start over
+        log.warning("overwrite=true is ignored: resuming from %s (ckpt_path=%s); to replace the run, pass "
+                    "ckpt_path=null overwrite=true", resume, cfg.get("ckpt_path"))
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)  # as composed (build() fills in data facts)
+    try:
+        datamodule, task, trainer = build(cfg)
+        if resume is not None:
+            check_resume_strategy(resume, trainer.strategy)
+    except BaseException:
+        restore_outputs(aside)  # nothing of the earlier run is lost to a run that did not start
+        raise
+    if aside is not None:
+        log.info("overwrite=true: removed the outputs of the earlier run in %s", run_dir)
+        discard_outputs(aside)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / "config.yaml", config_text)
     trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary = {
@@ -104,10 +180,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
         "metrics": metrics,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if trainer.is_global_zero:
+        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("train/loss", "val/")))
-        print(f"brainfm-train: {cfg.experiment_name}/{run_dir.name} finished at step {trainer.global_step}: {shown}\n"
+        print(f"brainfm-train: {name} finished at step {trainer.global_step}: {shown}\n"
               f"  checkpoint: {summary['last_checkpoint']}")
     return metrics
 
