@@ -52,6 +52,27 @@ class CrashAtStep(Callback):
             raise SimulatedCrash(f"simulated crash at step {trainer.global_step}")
 
 
+class PauseAtStep(Callback):
+    """After optimizer step ``step``: write ``marker`` and wait (at most ``timeout`` s) until the run's
+    ResumeCheckpoint has received Ctrl-C, so that a test sends SIGINT at a known step."""
+
+    def __init__(self, step: int, marker: str, timeout: float = 120.0) -> None:
+        self.step, self.marker, self.timeout = step, Path(marker), timeout
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        from brainfm.callbacks import ResumeCheckpoint
+
+        if trainer.global_step != self.step:
+            return
+        resume = next(c for c in trainer.callbacks if isinstance(c, ResumeCheckpoint))
+        self.marker.write_text(str(self.step))
+        deadline = time.monotonic() + self.timeout
+        while not resume._interrupt_received and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
 def check_backbone_contract(model, batch: dict, any_tr: bool) -> None:
     """The backbone contract (brainfm.models.backbone): shapes of ``features`` and ``pooled``, ``pooled_batch``,
     the token hook composing to ``pooled`` (or refused), inputs read by ``input_keys``."""

@@ -251,9 +251,12 @@ def test_train_skips_a_finished_run_and_resumes_an_interrupted_one(monkeypatch, 
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert bench.train("fc_learned", ["experiment=fingerprint"], 0, tmp_path / "d.h5", "hcp", tmp_path, 10) == run_dir
     assert calls == ["auto"]
+    (run_dir / "summary.json").write_text('{"interrupted": true}')  # stopped by Ctrl-C: resumed
+    bench.train("fc_learned", ["experiment=fingerprint"], 0, tmp_path / "d.h5", "hcp", tmp_path, 10)
+    assert calls == ["auto", "auto"]
     (run_dir / "summary.json").write_text("{}")
     bench.train("fc_learned", ["experiment=fingerprint"], 0, tmp_path / "d.h5", "hcp", tmp_path, 10)
-    assert calls == ["auto"]
+    assert calls == ["auto", "auto"]
 
 
 def test_reid_is_kept_per_protocol_and_recomputed_after_the_checkpoint_changes(monkeypatch, tmp_path):

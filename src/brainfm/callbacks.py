@@ -22,6 +22,19 @@ renaming the new one in and deleting the old one). A job killed while saving (``
 the previous checkpoint intact: either ``last.ckpt`` itself or, killed between the two renames, the
 ``.old-<step>`` directory, which :func:`brainfm.runs.resolve_resume` then resumes from. Leftover
 temporaries of a killed job are removed when the next run starts training.
+
+Ctrl-C (SIGINT) is handled the same way without the requeue: the current optimizer step finishes,
+``last.ckpt`` is saved and training stops; ``brainfm-train`` then writes ``summary.json`` (marked
+``"interrupted": true``), prints the command that resumes the run and exits with status 130. A second
+Ctrl-C stops at once (Python's ``KeyboardInterrupt``), without saving. Under DDP every rank of the
+terminal's job gets the signal and the ranks agree on the step as for the preemption signal;
+DataLoader workers forked after the handler is installed leave the decision to their main process.
+
+:class:`BestCheckpoint` is Lightning's ``ModelCheckpoint`` (the best-k checkpoints by a monitored
+metric) with the same atomic writes, and best-k kept across a resume: ``last.ckpt`` of a step that
+also validates is written before that validation (at the end of the training batch), so the best
+file that validation wrote is unknown to the restored callback state; the resumed run adopts such
+files with the score they recorded and prunes to ``save_top_k``.
 """
 
 from __future__ import annotations
@@ -33,10 +46,13 @@ import signal
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
+from weakref import proxy
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from brainfm.errors import ConfigError
 
@@ -62,13 +78,16 @@ class ResumeCheckpoint(Callback):
             optimizer step, so a save happens at the first step boundary past the interval.
         signal_name: the preemption signal (``SIGUSR1``), or ``null`` to install no handler.
         requeue: ``scontrol requeue`` the SLURM job after saving on the signal.
+        interrupt_signal: the signal that saves and stops without a requeue (``SIGINT``: Ctrl-C), or
+            ``null`` to leave it to Python (``KeyboardInterrupt``). After it, :attr:`interrupted` is true.
 
     Raises:
         ConfigError: a negative ``every_n_steps`` or ``every_minutes``.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int = 100, every_minutes: float | None = 30.0,
-                 signal_name: str | None = "SIGUSR1", requeue: bool = True) -> None:
+                 signal_name: str | None = "SIGUSR1", requeue: bool = True,
+                 interrupt_signal: str | None = "SIGINT") -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = int(every_n_steps or 0)
         self.every_minutes = float(every_minutes or 0.0)
@@ -86,6 +105,12 @@ class ResumeCheckpoint(Callback):
         self._step_at_last_batch = -1
         self._flush_next = False
         self._requeue_pending = False
+        self.interrupt_signal = interrupt_signal
+        self._interrupt_received = False
+        self._previous_interrupt = None
+        self._pid = os.getpid()
+        #: training was stopped by :attr:`interrupt_signal` (Ctrl-C) after saving ``last.ckpt``
+        self.interrupted = False
 
     @property
     def last_path(self) -> Path:
@@ -95,14 +120,42 @@ class ResumeCheckpoint(Callback):
     def _handler(self, signum, frame) -> None:
         self._received = True
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.signal_name and stage == "fit" and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(getattr(signal, self.signal_name), self._handler)
+    def _interrupt_handler(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler: the main process decides
+            return
+        self._interrupt_received = True
+        self._restore_interrupt_handler()  # a second Ctrl-C stops at once
+        if rank_zero_only.rank == 0:  # every rank of a terminal's job gets it; one line says so
+            _log.warning("Ctrl-C: saving last.ckpt after this step, then stopping (Ctrl-C again stops at once, "
+                         "without saving)")
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def _restore_interrupt_handler(self) -> None:
+        if self._previous_interrupt is not None:
+            signal.signal(getattr(signal, self.interrupt_signal), self._previous_interrupt)
+            self._previous_interrupt = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return
+        if self.signal_name:
+            self._previous = signal.signal(getattr(signal, self.signal_name), self._handler)
+        if self.interrupt_signal:
+            self._interrupt_received = self.interrupted = False
+            self._pid = os.getpid()
+            previous = signal.signal(getattr(signal, self.interrupt_signal), self._interrupt_handler)
+            self._previous_interrupt = previous if previous is not None else signal.SIG_DFL
+
+    def _restore_handlers(self) -> None:
         if self._previous is not None:
             signal.signal(getattr(signal, self.signal_name), self._previous)
             self._previous = None
+        self._restore_interrupt_handler()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handlers()  # Lightning does not call teardown after an exception
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore_handlers()
         if self._requeue_pending:  # after the loop logged its last step: requeueing kills this job
             self._requeue_pending = False
             for logger in trainer.loggers:
@@ -139,18 +192,7 @@ class ResumeCheckpoint(Callback):
 
     @staticmethod
     def _replace(tmp: Path, target: Path, step: int) -> None:
-        """Put the complete checkpoint ``tmp`` (file or directory) at ``target`` (global rank 0 only)."""
-        from brainfm.runs import previous_checkpoint
-
-        if target.is_dir() or (tmp.is_dir() and target.exists()):  # rename(2) cannot replace a directory
-            old = previous_checkpoint(target, step)
-            _remove(old)
-            os.replace(target, old)
-            os.replace(tmp, target)
-        else:
-            os.replace(tmp, target)  # one atomic rename
-        for stale in target.parent.glob(f".{target.name}.old-*"):  # the new one is in place
-            _remove(stale)
+        replace_checkpoint(tmp, target, step)
 
     def _remove_temporaries(self, trainer) -> None:
         """Global rank 0 deletes what a killed save left behind (``.last.ckpt.tmp-*``, and
@@ -185,13 +227,15 @@ class ResumeCheckpoint(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stepped = trainer.global_step != self._step_at_last_batch  # False while accumulating gradients
         self._step_at_last_batch = trainer.global_step
-        stop, due = self._received, stepped and self._time_due()
-        if trainer.world_size > 1:  # one all-reduce of both decisions: any rank's flag is every rank's
-            flags = torch.tensor([int(stop), int(due)], device=trainer.strategy.root_device)
+        stop, due, interrupt = self._received, stepped and self._time_due(), self._interrupt_received and stepped
+        if trainer.world_size > 1:  # one all-reduce of the decisions: any rank's flag is every rank's
+            flags = torch.tensor([int(stop), int(due), int(interrupt)], device=trainer.strategy.root_device)
             flags = trainer.strategy.reduce(flags, reduce_op="sum")
-            stop, due = bool(flags[0].item()), bool(flags[1].item())
+            stop, due, interrupt = (bool(f.item()) for f in flags)
         if stop:
             self._on_preemption(trainer)
+        elif interrupt:
+            self._on_interrupt(trainer)
         elif self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.save(trainer, "step interval")
         elif due:
@@ -206,6 +250,130 @@ class ResumeCheckpoint(Callback):
         trainer.should_stop = True
         self._received = False
         self._requeue_pending = True
+
+    def _on_interrupt(self, trainer) -> None:
+        self.save(trainer, "Ctrl-C")
+        trainer.should_stop = True
+        self._interrupt_received = False
+        self.interrupted = True
+
+
+def replace_checkpoint(tmp: Path, target: Path, step: int) -> None:
+    """Put the complete checkpoint ``tmp`` (file or directory) at ``target`` (global rank 0 only): a
+    file over a file in one ``os.replace``; a directory by moving the old one aside to
+    ``.<name>.old-<step>``, renaming the new one in and deleting the old one."""
+    from brainfm.runs import previous_checkpoint
+
+    if target.is_dir() or (tmp.is_dir() and target.exists()):  # rename(2) cannot replace a directory
+        old = previous_checkpoint(target, step)
+        _remove(old)
+        os.replace(target, old)
+        os.replace(tmp, target)
+    else:
+        os.replace(tmp, target)  # one atomic rename
+    for stale in target.parent.glob(f".{target.name}.old-*"):  # the new one is in place
+        _remove(stale)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (same arguments: ``dirpath``, ``filename``, ``monitor``,
+    ``mode``, ``save_top_k``, ...), with every file written atomically and best-k kept across a resume.
+
+    - Each best file (one file, or a directory of shards under ``trainer=fsdp``) is written under
+      ``.<name>.tmp-<step>`` by every rank and renamed into place by global rank 0 after a barrier
+      (:func:`replace_checkpoint`), as ``last.ckpt``: a killed save never leaves half a best checkpoint.
+    - On a resumed run (:meth:`on_train_start`), best files in ``dirpath`` the restored state does
+      not know are reconciled: a file saved at or before the resumed step (the validation of the
+      step ``last.ckpt`` was saved at runs after that save) is adopted with the score it recorded; a
+      file from after the resumed step (a crashed run's steps, trained again now) is deleted. Then the
+      files beyond ``save_top_k`` are deleted, so ``checkpoints/`` holds ``save_top_k`` best files.
+      Lightning's own callback only prunes the files its restored state lists.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        with warnings.catch_warnings():  # resuming into its own folder is the normal case (brainfm.runs.refuse_fresh_start)
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        from brainfm.runs import temporary_checkpoint
+
+        target, step = Path(filepath), trainer.global_step
+        tmp = temporary_checkpoint(target, step)
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        trainer.strategy.barrier("brainfm_best_checkpoint")  # every rank's shard is on disk
+        if trainer.is_global_zero:
+            replace_checkpoint(tmp, target, step)
+        trainer.strategy.barrier("brainfm_best_checkpoint_renamed")
+        self._last_global_step_saved = step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:  # as ModelCheckpoint._save_checkpoint
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def _own_files(self) -> list[Path]:
+        """The best files of this callback in ``dirpath`` (named by ``filename`` up to its first
+        ``{``), not ``last*`` and not hidden temporaries."""
+        folder = Path(self.dirpath)
+        prefix = (self.filename or "").split("{")[0]
+        return sorted(p for p in folder.glob(f"{prefix}*{self.FILE_EXTENSION}")
+                      if not p.name.startswith((".", self.CHECKPOINT_NAME_LAST)))
+
+    def _recorded(self, path: Path) -> tuple[int | None, torch.Tensor | None]:
+        """``(global_step, score)`` a best file recorded: its step and this callback's ``current_score``
+        in its callback state (a DCP directory: from ``meta.pt``); ``(None, None)`` if unreadable."""
+        from brainfm.checkpoints import DCP_META, checkpoint_format, read_checkpoint
+        from brainfm.errors import CheckpointError
+
+        form = checkpoint_format(path)
+        if form not in ("file", "dcp"):
+            return None, None
+        try:
+            state = read_checkpoint(path / DCP_META if form == "dcp" else path, mmap=form == "file")
+        except CheckpointError:
+            return None, None
+        mine = (state.get("callbacks") or {}).get(self.state_key) or {}
+        score = mine.get("current_score")
+        step = state.get("global_step")
+        return (int(step) if step is not None else None), (torch.as_tensor(score) if score is not None else None)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.save_top_k == 0 or self.dirpath is None or not Path(self.dirpath).is_dir():
+            return
+        known = {os.path.abspath(p) for p in self.best_k_models}
+        remove: list[tuple[Path, str]] = []
+        for path in self._own_files():
+            if os.path.abspath(path) in known:
+                continue
+            step, score = self._recorded(path)
+            if step is None or score is None:
+                _log.warning(f"{path}: a best checkpoint without a readable score; left as it is")
+            elif step > trainer.global_step:  # from steps after the resumed one: they are trained again
+                remove.append((path, f"saved at step {step}, after the resumed step {trainer.global_step}"))
+            else:
+                self.best_k_models[os.path.join(self.dirpath, path.name)] = score
+        if self.save_top_k > 0 and len(self.best_k_models) > self.save_top_k:
+            ranked = sorted(self.best_k_models, key=lambda p: float(self.best_k_models[p]), reverse=self.mode == "max")
+            for path in ranked[self.save_top_k:]:
+                self.best_k_models.pop(path)
+                remove.append((Path(path), f"not among the best {self.save_top_k} by {self.monitor}"))
+        if self.best_k_models:
+            best, worst = (min, max) if self.mode == "min" else (max, min)
+            self.best_model_path = best(self.best_k_models, key=lambda p: float(self.best_k_models[p]))
+            self.best_model_score = self.best_k_models[self.best_model_path]
+            if len(self.best_k_models) == self.save_top_k:
+                self.kth_best_model_path = worst(self.best_k_models, key=lambda p: float(self.best_k_models[p]))
+                self.kth_value = self.best_k_models[self.kth_best_model_path]
+        trainer.strategy.barrier("brainfm_best_checkpoint_read")  # every rank has read before rank 0 deletes
+        if trainer.is_global_zero:
+            for path, why in remove:
+                _log.info(f"removing {path}: {why}")
+                _remove(path)
+            for stale in Path(self.dirpath).glob(f".{(self.filename or '').split('{')[0]}*{self.FILE_EXTENSION}.tmp-*"):
+                _log.info(f"removing {stale}, left by an interrupted save")
+                _remove(stale)
+        trainer.strategy.barrier("brainfm_best_checkpoint_pruned")
 
 
 def _remove(path: Path) -> None:

@@ -113,13 +113,14 @@ def write_subset(store_path: Path, out: Path, subjects: Sequence[int] | None, st
 def train(name: str, overrides: Sequence[str], seed: int, data_path: Path, data_name: str, out: Path,
           steps: int | None, train_fraction: float = 0.5, val_fraction: float | None = None) -> Path:
     """Train one configuration on the time split ``train_fraction`` / ``val_fraction`` of every run of
-    ``data_path``; return the run directory. A finished run (its ``summary.json`` exists) is skipped; an
-    interrupted one resumes from its ``last.ckpt`` (``ckpt_path=auto``)."""
+    ``data_path``; return the run directory. A finished run (its ``summary.json`` exists, not marked
+    ``interrupted`` by Ctrl-C) is skipped; an interrupted one resumes from its ``last.ckpt`` (``ckpt_path=auto``)."""
     from brainfm.cli import train as train_cli
     from brainfm.config import compose
 
     run_dir = out / data_name / f"{name}_seed{seed}"
-    if (run_dir / "summary.json").is_file():
+    summary = run_dir / "summary.json"
+    if summary.is_file() and not json.loads(summary.read_text() or "{}").get("interrupted"):  # Ctrl-C: resume it
         return run_dir
     args = ["ckpt_path=auto", *overrides, f"seed={seed}", f"data.path={data_path}", f"data.name={data_name}",
             f"data.split.train_fraction={train_fraction}",

@@ -4,7 +4,8 @@ task, loggers and callbacks, and fit. Any key is overridable (``trainer.max_step
 
 Run directories: ``outputs/<experiment>/<run_name>`` (``paths.run_dir``), ``<run_name>/<job number>`` for
 each job of a multirun (``-m``). One that holds checkpoints is resumed (``ckpt_path=auto``), replaced
-(``overwrite=true``) or refused (:func:`run`).
+(``overwrite=true``) or refused (:func:`run`). Ctrl-C saves ``last.ckpt``, writes ``summary.json``,
+prints the command that resumes and exits with status 130 (:class:`brainfm.callbacks.ResumeCheckpoint`).
 
 ``trainer.compile=true`` (``trainer.compile_mode``) compiles the backbone with ``torch.compile``.
 The two keys are brainfm's, not Lightning's: the ``trainer`` group's ``_target_``,
@@ -27,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from brainfm.cli.common import exit_on_brainfm_error, tidy_logging
-from brainfm.config import config_dir
+from brainfm.config import config_dir, job_subdir
 
 log = logging.getLogger("brainfm")
 
@@ -84,6 +85,15 @@ def build(cfg: DictConfig):
     return datamodule, task, trainer
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on Ctrl-C after saving ``last.ckpt`` and ``summary.json``; ``command`` resumes it
+    (``brainfm-train`` exits with status 130)."""
+
+    def __init__(self, run_dir: Path, step: int, command: str) -> None:
+        super().__init__(f"training in {run_dir} interrupted at step {step}; resume with: {command}")
+        self.run_dir, self.step, self.command = run_dir, step, command
+
+
 def _global_rank() -> int:
     """This process's global rank before Lightning sets up the strategy, read as Lightning reads it
     (``RANK``, ``LOCAL_RANK`` in the processes it launches, ``SLURM_PROCID`` under ``srun``); 0 in the
@@ -92,6 +102,29 @@ def _global_rank() -> int:
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
     return 0
+
+
+def resume_command(cfg: DictConfig, run_dir: Path) -> str:
+    """The command line that resumes this run: ``brainfm-train`` with the overrides it was started with
+    (Hydra's ``hydra.overrides.task``, shell-quoted) and ``ckpt_path=auto``; a job of a multirun resumes
+    on its own with ``run_name=<run_name>/<job number>`` (its run directory). Outside Hydra's app (a
+    config from :func:`brainfm.config.compose`) the overrides are not known: ``<overrides of this run>``."""
+    import shlex
+
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides: list[str] | None = None
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None)
+        if output_dir is not None and Path(output_dir).resolve() == run_dir.resolve():  # this run's app, not a stale one
+            overrides = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "overwrite")]
+            if job_subdir():  # a multirun job: point at its run directory
+                overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "run_name"]
+                overrides.append(f"run_name={cfg.run_name}{job_subdir()}")
+    if overrides is None:
+        return f"brainfm-train <overrides of this run> run_name={cfg.run_name} ckpt_path=auto"
+    return " ".join(["brainfm-train", *(shlex.quote(o) for o in overrides), "ckpt_path=auto"])
 
 
 def _finished_already(cfg: DictConfig, resume: str | None) -> int | None:
@@ -126,6 +159,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             was asked for (:func:`brainfm.runs.refuse_fresh_start`); ``ckpt_path`` names no checkpoint;
             a sharded checkpoint directory the trainer's strategy cannot resume
             (:func:`brainfm.runs.check_resume_strategy`).
+        TrainingInterrupted: Ctrl-C stopped training (``last.ckpt`` and ``summary.json`` are written,
+            ``summary["interrupted"]`` is true); its ``command`` resumes the run.
     """
     from brainfm.runs import (
         check_resume_strategy,
@@ -171,20 +206,32 @@ def run(cfg: DictConfig) -> dict[str, float]:
     _write_atomic(run_dir / "config.yaml", config_text)
     trainer.fit(task, datamodule=datamodule, ckpt_path=resume)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    interrupted = any(getattr(c, "interrupted", False) for c in trainer.callbacks)
     summary = {
         "experiment": cfg.experiment_name,
         "run_dir": str(run_dir),
         "global_step": int(trainer.global_step),
+        "interrupted": interrupted,
         "resumed_from": resume,
         "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
         "metrics": metrics,
     }
+    command = resume_command(cfg, run_dir) if interrupted else None
+    if command:
+        summary["resume_command"] = command
     if trainer.is_global_zero:
         _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("train/loss", "val/")))
-        print(f"brainfm-train: {name} finished at step {trainer.global_step}: {shown}\n"
-              f"  checkpoint: {summary['last_checkpoint']}")
+        if interrupted:
+            print(f"brainfm-train: {name} interrupted (Ctrl-C) at step {trainer.global_step}: {shown}\n"
+                  f"  checkpoint: {summary['last_checkpoint']}\n"
+                  f"  resume with: {command}", flush=True)
+        else:
+            print(f"brainfm-train: {name} finished at step {trainer.global_step}: {shown}\n"
+                  f"  checkpoint: {summary['last_checkpoint']}")
+    if interrupted:
+        raise TrainingInterrupted(run_dir, int(trainer.global_step), command)
     return metrics
 
 
@@ -192,7 +239,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def _main(cfg: DictConfig) -> None:
     tidy_logging()
     with exit_on_brainfm_error("brainfm-train"):
-        run(cfg)
+        try:
+            run(cfg)
+        except TrainingInterrupted:
+            sys.exit(130)  # 128 + SIGINT, as a shell reports a program stopped by Ctrl-C
+        except KeyboardInterrupt:  # before training started (or a second Ctrl-C outside Lightning's loop)
+            print("brainfm-train: interrupted (Ctrl-C) before a checkpoint was saved", file=sys.stderr)
+            sys.exit(130)
 
 
 def main() -> None:

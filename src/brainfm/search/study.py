@@ -360,10 +360,11 @@ class Search:
             callbacks.model_checkpoint.monitor = self.metric
             callbacks.model_checkpoint.mode = "min" if self.direction == "minimize" else "max"
         # a signalled worker must not finish its trial early and report a truncated run as complete:
-        # it dies, its trial goes stale and is failed (and retried) through the heartbeat
+        # it dies, its trial goes stale and is failed (and retried) through the heartbeat (Ctrl-C too)
         if callbacks.get("resume_checkpoint") is not None:
             callbacks.resume_checkpoint.signal_name = None
             callbacks.resume_checkpoint.requeue = False
+            callbacks.resume_checkpoint.interrupt_signal = None
         return cfg
 
     def run_trial(self, trial: optuna.Trial) -> float:
