@@ -83,17 +83,17 @@ def _eager_compiled_resumed(cfg_for, family_overrides, name: str, eager_resumes:
 
 
 def _assert_same_curve(eager: dict, compiled: dict, rel: float = REL) -> None:
-    assert sorted(compiled) == sorted(eager) == list(range(20))
-    for step in range(20):
+    assert sorted(compiled) == sorted(eager) == list(range(1, 21))  # step = optimizer steps completed
+    for step in range(1, 21):
         assert compiled[step] == pytest.approx(eager[step], rel=rel), (step, compiled[step], eager[step])
 
 
 @pytest.mark.parametrize("family", ["gpt", "lstm_ae"])
 def test_compiled_training_matches_eager_and_resumes_from_last(family, cfg_for):
     eager, partial, resumed = _eager_compiled_resumed(cfg_for, SMALL[family], family)
-    assert max(partial) == 12
-    _assert_same_curve(eager, resumed)  # steps 0-9 from the first part, 10-19 after the resume
-    for step in range(10, 13):  # the steps the crashed part had logged past the checkpoint: repeated exactly
+    assert max(partial) == 13
+    _assert_same_curve(eager, resumed)  # steps 1-10 from the first part, 11-20 after the resume
+    for step in range(11, 14):  # the steps the crashed part had logged past the checkpoint: repeated exactly
         assert resumed[step] == pytest.approx(partial[step], rel=1e-6)
 
 

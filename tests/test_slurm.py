@@ -53,7 +53,7 @@ def test_pretrain_sbatch_runs_two_rank_ddp(slurm, hcp_h5, tmp_path):
     env = _env(tmp_path)
     job = _submit([*SBATCH_LOCAL, "slurm/perlmutter/pretrain.sbatch", *_overrides(hcp_h5, 20, 10)], env, tmp_path)
     run_dir = tmp_path / "scratch" / "outputs" / "gpt" / job  # run name = the SLURM job id
-    assert _steps(run_dir) == list(range(20))
+    assert _steps(run_dir) == list(range(1, 21))
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 20
     log = next(tmp_path.glob(f"*-{job}.out")).read_text()
@@ -72,7 +72,7 @@ def test_sweep_sbatch_runs_one_directory_per_line(slurm, hcp_h5, tmp_path):
         run_dir = tmp_path / "scratch" / "outputs" / "gpt" / f"{job}_{task}"
         cfg = OmegaConf.load(run_dir / "config.yaml")
         assert cfg.task.optimizer.lr == pytest.approx(lr) and cfg.model.depth == depth
-        assert _steps(run_dir) == list(range(10))
+        assert _steps(run_dir) == list(range(1, 11))
 
 
 @pytest.mark.slow  # flaky on a loaded 2-core CI machine: the requeued job was sometimes not started again within 10 min
@@ -117,7 +117,7 @@ def test_preempted_job_is_requeued_and_resumes_without_lost_or_repeated_steps(sl
     assert "preemption signal: saved" in log and f"requeued SLURM job {job}" in log
     assert f"job {job} restart 1" in log  # the same job ran again
     logged = _steps(run_dir)
-    assert logged == list(range(steps))  # every optimizer step exactly once
+    assert logged == list(range(1, steps + 1))  # every optimizer step exactly once
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
 
 
@@ -143,4 +143,4 @@ def test_cluster_perlmutter_submits_a_multirun_through_the_submitit_launcher(slu
     lrs = sorted(float(OmegaConf.load(p / "config.yaml").task.optimizer.lr) for p in runs)
     assert lrs == [3e-4, 1e-3]
     for p in runs:
-        assert _steps(p) == list(range(6))
+        assert _steps(p) == list(range(1, 7))

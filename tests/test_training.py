@@ -44,20 +44,20 @@ def test_resume_from_last_reaches_the_same_loss(cfg_for, tmp_path):
     common = ("experiment=seq_bert", "model.d_model=64", "trainer.val_check_interval=10", *FAST)
     full = cfg_for(*common, "trainer.max_steps=30", "run_name=full")
     train.run(full)
-    # same schedule, crashed after step 23 (last.ckpt written at step 20; steps 20-22 logged)
+    # same schedule, crashed after step 23 (last.ckpt written at step 20; steps 21-23 logged after it)
     part = cfg_for(*common, "trainer.max_steps=30", "run_name=part",
                    "+callbacks.crash._target_=helpers.CrashAtStep", "+callbacks.crash.step=23")
     with pytest.raises(SimulatedCrash):
         train.run(part)
-    assert max(_train_losses(Path(part.paths.run_dir))) == 22
+    assert max(_train_losses(Path(part.paths.run_dir))) == 23
     resumed = cfg_for(*common, "trainer.max_steps=30", "run_name=part", "ckpt_path=last")
     train.run(resumed)
     a, b = _train_losses(Path(full.paths.run_dir)), _train_losses(Path(resumed.paths.run_dir))
     with open(Path(resumed.paths.run_dir) / "csv" / "metrics.csv") as f:
         logged = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    assert logged == list(range(30))  # each step once: the rows logged after the checkpoint are gone
-    assert sorted(b) == sorted(a) == list(range(30))
-    for step in range(30):  # the steps after the restart included
+    assert logged == list(range(1, 31))  # each step once: the rows logged after the checkpoint are gone
+    assert sorted(b) == sorted(a) == list(range(1, 31))  # step = optimizer steps completed
+    for step in range(1, 31):  # the steps after the restart included
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
     w_full = torch.load(Path(full.paths.run_dir) / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     w_res = torch.load(Path(resumed.paths.run_dir) / "checkpoints/last.ckpt", weights_only=True)["state_dict"]

@@ -2,14 +2,24 @@
 
 - :class:`ResumableCSVLogger`: CSV metrics that a resumed run extends instead of overwriting.
 - :class:`ResumableMLFlowLogger`: MLflow (``logger=mlflow``); a resumed run continues the same MLflow run.
+- :class:`TensorBoardLogger`: Lightning's, with brainfm's step convention.
+- :class:`ProgressLog`, :class:`StepProgressBar`: progress in a log file, and in a terminal.
 - :func:`neptune_removed`: what ``logger=neptune`` raises.
 - :class:`TrainingThroughput`: samples/s, TRs/s and, on GPU, model FLOPs utilisation (MFU).
 
 Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when it starts, so a resumed (or
 requeued) run would lose the history of its first part. :class:`ResumableCSVLogger` keeps it and,
-when training resumes from a checkpoint at global step ``G``, drops the rows of steps ``>= G``
+when training resumes from a checkpoint at global step ``G``, drops the rows of steps ``> G``
 that were logged after that checkpoint was written: the file then holds every optimizer step
 exactly once.
+
+One step convention everywhere (log lines, ``metrics.csv``, TensorBoard, MLflow, checkpoint names
+``best-step<N>.ckpt``, "saved ... at step N"): ``step`` is the number of optimizer steps completed,
+``trainer.global_step``; 1 for the first step, ``max_steps`` for the last; validation rows carry the
+step they validated (``val_check_interval``, ``2 * val_check_interval``, ...). Lightning's loggers
+number rows from 0 (its logging step is the number of steps completed before the current one), so
+brainfm's loggers (:class:`StepsCompleted`) write Lightning's step + 1. The learning-rate row of step
+``N`` is the rate that step ``N`` used.
 """
 
 from __future__ import annotations
@@ -23,13 +33,27 @@ from typing import Any
 
 import torch
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter as _FabricWriter
-from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, RichProgressBar, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from brainfm.errors import ConfigError
 
 _log = logging.getLogger("brainfm")
+
+
+class StepsCompleted:
+    """Mixin for a Lightning logger: the ``step`` written is the number of optimizer steps completed.
+
+    Lightning logs every training-loop row (``train/*``, ``val/*`` after the validation at step ``N``,
+    ``lr-*`` before step ``N``, throughput) at its logging step, ``N - 1`` when the row belongs to the
+    ``N``-th optimizer step; this mixin writes ``N``. Code that calls a logger itself logs at
+    Lightning's step too (``trainer.global_step - 1`` for "after ``global_step`` steps").
+    """
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, None if step is None else int(step) + 1)
 
 
 class _KeepingWriter(ExperimentWriter):
@@ -40,8 +64,9 @@ class _KeepingWriter(ExperimentWriter):
             self.metrics_keys = sorted(header)
 
 
-class ResumableCSVLogger(CSVLogger):
-    """``CSVLogger`` that appends to an existing ``metrics.csv`` (same arguments)."""
+class ResumableCSVLogger(StepsCompleted, CSVLogger):
+    """``CSVLogger`` that appends to an existing ``metrics.csv`` (same arguments); its ``step`` column is
+    the number of optimizer steps completed (:class:`StepsCompleted`)."""
 
     @property
     def experiment(self) -> _FabricWriter:
@@ -51,14 +76,15 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
     def truncate(self, global_step: int) -> None:
-        """Remove rows logged at steps ``>= global_step`` (called when a run resumes)."""
+        """Remove rows logged at steps ``> global_step``: what the run logged after the checkpoint of
+        ``global_step`` optimizer steps that it resumes from was written (called when a run resumes)."""
         path = self.experiment.metrics_file_path
         if not os.path.isfile(path):
             return
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
-            rows = [r for r in reader if r.get("step") in (None, "") or int(float(r["step"])) < global_step]
+            rows = [r for r in reader if r.get("step") in (None, "") or int(float(r["step"])) <= global_step]
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
@@ -67,32 +93,110 @@ class ResumableCSVLogger(CSVLogger):
         os.replace(tmp, path)
 
 
+class TensorBoardLogger(StepsCompleted, _TensorBoardLogger):
+    """Lightning's ``TensorBoardLogger`` (same arguments) whose steps are optimizer steps completed
+    (:class:`StepsCompleted`), as in ``metrics.csv``."""
+
+
 class ProgressLog(Callback):
     """A progress line in the log every ``every_n_steps`` optimizer steps, for output that is not a
     terminal (SLURM logs, CI), where a live progress bar prints garbage:
-    ``step 500/2500  train/loss=0.0123  val/loss=0.4470  7.4 steps/s``."""
+    ``step 500/2500  train/loss=0.0123  val/loss=0.4470  7.4 steps/s``.
+
+    ``step`` is the number of optimizer steps completed (the ``step`` of ``metrics.csv`` and of the
+    checkpoint names); ``train/loss`` is that step's. At a step that validates the line is written after
+    that validation and carries its ``val/loss`` (the value ``metrics.csv`` holds at the same step); a
+    line at a step without validation shows no ``val/loss`` rather than an older one. The rate is steps
+    since training (re)started over the wall-clock time, validations included.
+    """
 
     def __init__(self, every_n_steps: int = 100) -> None:
         self.every_n_steps = max(1, int(every_n_steps))
         self._t0: float | None = None
         self._step0 = 0
+        self._pending: tuple[int, dict[str, float], float] | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._t0, self._step0 = time.perf_counter(), trainer.global_step
+        self._pending = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._flush(trainer)
         step = trainer.global_step
         if step % self.every_n_steps or step == self._step0 or not trainer.is_global_zero:
             return
         rate = (step - self._step0) / max(time.perf_counter() - self._t0, 1e-9)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
+        train = {k: float(v) for k, v in trainer.callback_metrics.items() if k == "train/loss"}
+        # written after the validation Lightning may run at the end of this step (on_validation_end), else at
+        # the next batch or the end of training
+        self._pending = (step, train, rate)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._flush(trainer, validated=True)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._flush(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._flush(trainer)
+
+    def _flush(self, trainer, validated: bool = False) -> None:
+        if self._pending is None:
+            return
+        step, metrics, rate = self._pending
+        self._pending = None
+        if validated:
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k == "val/loss"})
         shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else "?"
         _log.info(f"step {step}/{total}  {shown}  {rate:.1f} steps/s")
 
 
-class ResumableMLFlowLogger(MLFlowLogger):
-    """Lightning's ``MLFlowLogger`` whose run survives a requeue: the MLflow run id is kept in
+class StepProgressBar(RichProgressBar):
+    """Lightning's ``RichProgressBar`` (same arguments) that counts optimizer steps in a run bounded by
+    ``trainer.max_steps`` (``max_epochs=-1``, brainfm's runs): one bar for the whole run, described
+    ``step N/max_steps`` (Lightning's shows ``Epoch 0/-2`` there and restarts at every epoch). A run
+    bounded by epochs gets Lightning's bar.
+    """
+
+    def _by_steps(self) -> bool:
+        t = self.trainer
+        return (t.max_epochs is None or t.max_epochs < 0) and t.max_steps is not None and t.max_steps > 0
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if not self._by_steps():
+            return super()._get_train_description(current_epoch)
+        text = f"step {self.trainer.global_step}/{self.trainer.max_steps}"
+        return f"{text:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self._by_steps() else super().total_train_batches
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if not self._by_steps() or self.progress is None or self.train_progress_bar_id is None:
+            super().on_train_epoch_start(trainer, pl_module)
+        if self._by_steps():
+            self._show_step(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._by_steps():
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:  # resumed mid-epoch
+            self._initialize_train_progress_bar_id()
+        self._show_step(trainer)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def _show_step(self, trainer) -> None:
+        if self.progress is not None and self.is_enabled and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, completed=trainer.global_step,
+                                 total=trainer.max_steps, description=self._get_train_description(0))
+
+
+class ResumableMLFlowLogger(StepsCompleted, MLFlowLogger):
+    """Lightning's ``MLFlowLogger`` (steps: optimizer steps completed, :class:`StepsCompleted`) whose run survives a requeue: the MLflow run id is kept in
     ``<run_dir>/mlflow_run_id``, and a run directory that has one logs into that MLflow run again
     (a requeued SLURM job continues its curves instead of starting a second run).
 

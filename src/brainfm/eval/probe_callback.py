@@ -185,8 +185,8 @@ class LinearProbeCallback(Callback):
         if trainer.world_size > 1:
             metrics = trainer.strategy.broadcast(metrics, src=0)
         logged = {f"probe/{self.label}/{k}": v for k, v in metrics.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=trainer.global_step)
+        for logger in trainer.loggers:  # at Lightning's logging step: brainfm's loggers write global_step (tracking.py)
+            logger.log_metrics(logged, step=trainer.global_step - 1)
         for k, v in logged.items():
             trainer.callback_metrics[k] = torch.tensor(v)
         self.history.append((int(completed_epochs), int(trainer.global_step), dict(metrics)))
