@@ -216,3 +216,30 @@ def test_backbone_lr_scale_1_keeps_one_learning_rate():
 def test_backbone_lr_scale_must_be_positive(scale):
     with pytest.raises(ConfigError, match=rf"task.optimizer.backbone_lr_scale={scale} must be positive"):
         _optimizer(scale)
+
+
+# -- validation over fixed groups of the validation set ------------------------------------------------------------
+def test_validation_groups_follow_the_window_order_not_the_batches():
+    """Validation NT-Xent is taken over consecutive val_group_size windows of the validation set, in window order,
+    however the windows arrive (here as two ranks' interleaved batches would: even windows, then odd ones); a last
+    group of one window joins the one before."""
+    from brainfm.tasks.contrastive import grouped_nt_xent
+
+    task = ContrastiveSequenceModeling(FC, projection="none", val_group_size=4).eval()
+    full = _batch(b=9)
+    full["run"] = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5, 6])
+    full["window"] = torch.arange(9)
+    with torch.no_grad():
+        for part in (torch.arange(0, 9, 2), torch.arange(1, 9, 2)):  # rank 0's windows, then rank 1's
+            task.validation_step({k: v[part] for k, v in full.items()}, 0)
+        rows = task._val_views.gathered(torch.device("cpu"))
+        z1, z2 = task.projection(task.embed(full)), task.projection(task.embed({"bold": full["bold2"], "t": full["t2"]}))
+    keys, r = rows
+    assert keys.tolist() == list(range(9)) and r["run"].tolist() == full["run"].tolist()
+    torch.testing.assert_close(r["z1"], z1)
+    loss, _ = grouped_nt_xent(r["z1"], r["z2"], r["run"], 4, task.temperature)
+    groups = [(0, 4), (4, 9)]  # 4 + 5: the ninth window joins the second group
+    expected = sum(nt_xent(z1[a:b], z2[a:b], task.temperature, groups=full["run"][a:b]) * (b - a) for a, b in groups) / 9
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ConfigError, match="val_group_size"):
+        ContrastiveSequenceModeling(FC, projection="none", val_group_size=1)

@@ -5,7 +5,10 @@ so a subject's windows may sit on several ranks. :class:`SubjectOutputs` collect
 label)`` rows per rank and gathers them at the end of the epoch; :func:`subject_metrics` averages each
 subject's outputs (SwiFT's and R2T-Net's clip -> subject aggregation) and computes the metrics with
 torchmetrics, so 1 rank and N ranks report the same numbers. :class:`MeanOfBatches` is the exact
-global mean of per-batch losses (weighted by batch size) for ``val/*`` losses.
+global mean of per-batch losses (weighted by batch size) for ``val/*`` losses. :class:`WindowRows`
+gathers per-window tensors of every rank in window order, for losses that compare windows with each
+other (NT-Xent's negatives): computed over fixed groups of that order, they do not depend on the
+number of ranks.
 """
 
 from __future__ import annotations
@@ -148,3 +151,55 @@ class MeanOfBatches:
     def clear(self) -> None:
         self.sums.clear()
         self.counts.clear()
+
+
+class WindowRows:
+    """Per-window tensors of one validation epoch, gathered over the ranks in window order.
+
+    ``add(keys (B,), **rows)`` per batch, each row tensor ``(B, ...)`` (the same names and trailing
+    shapes on every rank); :meth:`gathered` (a collective: every rank calls it once per epoch, also a
+    rank without rows) returns ``(keys (N,), {name: (N, ...)})`` of every rank, sorted by key, each key
+    once (with fewer windows than ranks every rank evaluates all of them). The key is the window's index
+    in the validation set (``batch["window"]``), so the order, and any grouping of it, is the same
+    whatever the number of ranks.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.rows: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, keys: torch.Tensor, **rows: torch.Tensor) -> None:
+        self.keys.append(keys.detach().long().reshape(-1))
+        for name, value in rows.items():
+            self.rows.setdefault(name, []).append(value.detach())
+
+    def __len__(self) -> int:
+        return int(sum(len(k) for k in self.keys))
+
+    def gathered(self, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """``(keys (N,), {name: (N, ...)})`` of every rank in key order, or None when no rank has rows."""
+        names = sorted(self.rows)
+        local = {n: torch.cat(self.rows[n]).to(device) for n in names}
+        keys = torch.cat(self.keys).to(device) if self.keys else torch.zeros(0, dtype=torch.long, device=device)
+        if world()[1] > 1:
+            import torch.distributed as dist
+
+            every: list = [None] * world()[1]  # a rank without rows learns the names, shapes and dtypes
+            dist.all_gather_object(every, {n: (tuple(v.shape[1:]), v.dtype) for n, v in local.items()})
+            spec = {n: s for part in every for n, s in part.items()}
+            names = sorted(spec)
+            local = {n: local.get(n, torch.zeros((0, *spec[n][0]), dtype=spec[n][1], device=device)) for n in names}
+            keys = gather(keys, grad=False)
+            width = {n: int(torch.Size(spec[n][0]).numel()) for n in names}  # gather() takes (n, ...) rows
+            local = {n: gather(v.reshape(len(v), width[n]), grad=False).reshape(-1, *spec[n][0])
+                     for n, v in local.items()}
+        if len(keys) == 0:
+            return None
+        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+        first = torch.full((len(unique),), len(keys), dtype=torch.long, device=keys.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(len(keys), device=keys.device), reduce="amin")
+        return unique, {n: v[first] for n, v in local.items()}
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.rows.clear()
