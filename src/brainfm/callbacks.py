@@ -39,6 +39,7 @@ files with the score they recorded and prunes to ``save_top_k``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -162,11 +163,12 @@ class ResumeCheckpoint(Callback):
                 logger.save()
             job = slurm_job_ref()
             if self.requeue and job and trainer.is_global_zero:
-                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
-                if result.returncode == 0:
-                    _log.info(f"requeued SLURM job {job}")
-                else:
-                    _log.warning(f"`scontrol requeue {job}` failed: {result.stderr.strip()}")
+                with _sigterm_deferred():  # SLURM sends SIGTERM as soon as it requeues: log the outcome first
+                    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+                    if result.returncode == 0:
+                        _log.info(f"requeued SLURM job {job}")
+                    else:
+                        _log.warning(f"`scontrol requeue {job}` failed: {result.stderr.strip()}")
 
     # -- saving --------------------------------------------------------------------------------------
     def save(self, trainer, reason: str = "step interval") -> None:
@@ -374,6 +376,22 @@ class BestCheckpoint(ModelCheckpoint):
                 _log.info(f"removing {stale}, left by an interrupted save")
                 _remove(stale)
         trainer.strategy.barrier("brainfm_best_checkpoint_pruned")
+
+
+@contextlib.contextmanager
+def _sigterm_deferred():
+    """Hold a SIGTERM that arrives inside the block and deliver it on leaving (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if received:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def _remove(path: Path) -> None:
