@@ -6,6 +6,7 @@ pretraining and one downstream training step through every recipe."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import fixtures_recipes as fx  # noqa: E402
 from brainfm.cli import train  # noqa: E402
 from brainfm.config import compose, repo_root  # noqa: E402
 from brainfm.data.datamodules.recipes import RecipeDataModule, SubjectIds  # noqa: E402
-from brainfm.data.splits import read_split_file, stratified_subject_split  # noqa: E402
+from brainfm.data.splits import keyed_split_path, read_split_file, stratified_subject_split  # noqa: E402
 from brainfm.errors import ConfigError, DataError  # noqa: E402
 
 RECIPES = ["ukb", "ukb_task", "abcd", "abcd_task", "hcp", "hcp_task", "abide", "embarc", "oasis3"]
@@ -164,7 +165,7 @@ def test_abide_keeps_the_abide2_copy_and_row(tmp_path):
     assert dm.phenotype_frame.loc[both, "age"] == "14.0"  # ABIDE2_pheno_total.csv wins
     idx = sorted(set(dm.store.subject_ids)).index(both)
     assert dm.labels.values["asd"][idx].item() == info["asd"][both]
-    assert dm.split_file.name == "rest_seed0_asd-site.txt"
+    assert re.fullmatch(r"rest_seed0_asd-site_\d+subjects_[0-9a-f]{8}\.txt", dm.split_file.name)
     with pytest.raises(DataError, match=r"folders \['ABIDE1/50002', 'ABIDE2/50002'\] are the same abide subject"):
         _dm(tmp_path, "abide", *_data(info, "frames"), "data.tr=2.0", "data.subjects.duplicates=error")
 
@@ -253,7 +254,8 @@ def test_stratified_split_keeps_class_proportions_and_is_seeded():
 def test_recipe_split_is_written_once_stratified_and_read_back(tmp_path):
     info = fx.make_hcp(tmp_path / "hcp", n=12)
     dm = _dm(tmp_path, "hcp", *_data(info, "frames"), "data.targets=[sex]", "data.split.fractions=[0.5,0.25,0.25]")
-    path = tmp_path / "splits" / "hcp" / "rest_seed0_sex.txt"
+    path = keyed_split_path(tmp_path / "splits" / "hcp", "rest_seed0_sex", info["subjects"])
+    assert path.name.startswith("rest_seed0_sex_12subjects_")
     assert dm.split_file == path and read_split_file(path) == dm.subject_split
     males = [sum(info["sex"][s] for s in dm.subject_split[k]) for k in ("train", "val", "test")]
     assert [len(dm.subject_split[k]) for k in ("train", "val", "test")] == [6, 3, 3]
@@ -302,8 +304,8 @@ def test_pretrain_and_downstream_step_through_each_recipe(tmp_path, recipe):
     assert subjects == sorted(info["subjects"])
     split_files = sorted(p.name for p in (tmp_path / "splits" / dm.name).iterdir())
     strat = {"abide": "asd-site"}.get(recipe, target)
-    assert split_files == sorted({"rest_seed0.txt" if recipe != "abide" else "rest_seed0_asd-site.txt",
-                                  f"rest_seed0_{strat}.txt"})
+    assert [re.sub(r"_\d+subjects_[0-9a-f]{8}", "", f) for f in split_files] == sorted(
+        {"rest_seed0.txt" if recipe != "abide" else "rest_seed0_asd-site.txt", f"rest_seed0_{strat}.txt"})
     listed = sum(dm.subject_split.values(), [])
     assert sorted(listed) == subjects and len(listed) == len(set(listed))
     assert json.loads(json.dumps(dm.meta))["recipe"]["targets"] == [target]
@@ -379,7 +381,7 @@ def test_generic_labels_of_an_experiment_preset_become_the_targets(tmp_path):
                             f"data.labels.file={table}", "data.labels.id_column=Subject", "data.labels.columns={sex: Gender}"])
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup()
-    assert dm.targets == ["sex"] and dm.split_file.name == "rest_seed0_sex.txt"
+    assert dm.targets == ["sex"] and dm.split_file.name.startswith("rest_seed0_sex_")
     assert dm.labels.values["sex"].tolist() == [info["sex"][s] for s in sorted(info["subjects"])]
     cfg = compose("train", [*_quiet(tmp_path), "experiment=swift_v1_sex", "data=hcp", *_data(info, "frames")])
     with pytest.raises(DataError, match=r"phenotypes.csv does not exist \(data.labels.file\)"):

@@ -268,7 +268,8 @@ def test_datamodule_subject_split_writes_file(small_h5, tmp_path):
     dm = _dm(small_h5, split={"kind": "subject", "fractions": [0.5, 0.25, 0.25], "seed": 0},
              split_dir=str(tmp_path / "splits"), window={"length": 50})
     dm.setup()
-    assert (tmp_path / "splits" / "seed0.txt").is_file()
+    assert dm.split_file.parent == tmp_path / "splits" and dm.split_file.name.startswith("seed0_4subjects_")
+    assert dm.split_file.is_file()
     subjects = {k: {dm.store.subject_ids[r] for r, _, _ in v} for k, v in dm.segments.items()}
     assert sum(len(v) for v in subjects.values()) == 4
     assert not (subjects["train"] & subjects["val"]) and not (subjects["train"] & subjects["test"])

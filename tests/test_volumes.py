@@ -356,7 +356,7 @@ def test_datamodule_checks_and_meta(store_root, tmp_path):
     dm = _dm(store_root, split={"kind": "subject", "fractions": [0.5, 0.5, 0.0], "seed": 0},
              split_dir=str(tmp_path / "splits"))
     dm.setup()
-    assert (tmp_path / "splits" / "seed0.txt").is_file()
+    assert dm.split_file.is_file() and dm.split_file.name.startswith("seed0_2subjects_")
     ids = {k: {dm.store.subject_ids[r] for r, _, _ in dm.segments[k]} for k in ("train", "val")}
     assert len(ids["train"]) == len(ids["val"]) == 1 and ids["train"].isdisjoint(ids["val"])
     with pytest.raises(ConfigError, match="data.window.min_length=1"):

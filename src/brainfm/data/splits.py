@@ -16,13 +16,25 @@ Transconnectome/SwiFT ``data_module.py``) is plain text::
 
 Unlike SwiFT, the permutation is drawn from a generator seeded *before* drawing (SwiFT draws its
 split before seeding, so its splits are not reproducible).
+
+Split files are keyed by the data they split (:func:`resolve_subject_split`): without ``data.split.file``
+a data set's split lives in ``<split_dir>/<stem>_<n>subjects_<fingerprint>.txt`` (``stem`` is
+``seed<N>``, or ``<variant>_seed<N>[_<keys>]`` for the data set recipes; the fingerprint is the first 8
+hex digits of the SHA-1 of the sorted subject ids), so two stores used under one recipe never read
+each other's split, and the same subjects on another machine find the same, versioned file. A file of
+an earlier brainfm without the key (``<stem>.txt``) is still read when it lists every subject of the
+data. A new split is written only once the datamodule has been built and checked
+(:meth:`SubjectSplit.write`, atomically), and a split without a training or a validation subject is
+refused (:func:`check_split_sizes`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +168,8 @@ def stratified_subject_split(subjects: Sequence[str], strata: Mapping[str, str] 
 
 
 def write_split_file(path: str | os.PathLike, split: dict[str, Sequence[str]]) -> Path:
-    """Write a split in the SwiFT format, atomically."""
+    """Write a split in the SwiFT format, atomically (a temporary name, then renamed: a crash never
+    leaves a half-written split)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -217,6 +230,199 @@ def check_disjoint(split: dict[str, Sequence[str]], source: str = "split") -> No
             seen[s] = name
 
 
+def subjects_fingerprint(subjects: Sequence[str]) -> str:
+    """8 hex digits of the SHA-1 of the sorted unique subject ids (one per line): the key of a split file."""
+    text = "\n".join(sorted({str(s) for s in subjects}))
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def keyed_split_path(split_dir: str | os.PathLike, stem: str, subjects: Sequence[str]) -> Path:
+    """``<split_dir>/<stem>_<n>subjects_<fingerprint>.txt``: the split file of exactly these subjects."""
+    n = len({str(s) for s in subjects})
+    return Path(split_dir) / f"{stem}_{n}subjects_{subjects_fingerprint(subjects)}.txt"
+
+
+@dataclass
+class SubjectSplit:
+    """A subject split and its file.
+
+    Attributes:
+        split: ``{"train": [...], "val": [...], "test": [...]}`` of subjects present in the data.
+        path: its split file. new: drawn now and not yet written (:meth:`write` writes it).
+        legacy: read from a split file of an earlier brainfm without the subject key (``<stem>.txt``).
+    """
+
+    split: dict[str, list[str]]
+    path: Path
+    new: bool = False
+    legacy: bool = False
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(self.split.get(name, [])) for name in SPLITS}
+
+    def write(self, what: str = "") -> Path:
+        """Write a new split to :attr:`path` (atomically); nothing for a split read from its file."""
+        if self.new:
+            write_split_file(self.path, self.split)
+            self.new = False
+            log.info("%s: wrote a new split to %s (%s)", what or "data", self.path,
+                     ", ".join(f"{k} {v}" for k, v in self.counts().items()))
+        return self.path
+
+
+def _read_covering(split_file: Path, present: list[str], canonical, unlisted: str,
+                   what: str) -> dict[str, list[str]]:
+    """The split of ``present`` subjects in ``split_file`` (``unlisted`` as :func:`resolve_subject_split`)."""
+    split = read_split_file(split_file)
+    if canonical is not None:
+        split = {k: [canonical(s, str(split_file)) for s in v] for k, v in split.items()}
+        check_disjoint(split, source=str(split_file))
+    listed = {s for name in SPLITS for s in split[name]}
+    uncovered = sorted(set(present) - listed)
+    if uncovered and unlisted == "error":
+        raise DataError(
+            f"{split_file} does not list {len(uncovered)} {what + ' ' if what else ''}subject(s) of the data "
+            f"(e.g. {uncovered[:5]}). It lists {len(listed)} subject(s), {len(set(present) & listed)} of them in the "
+            "data. brainfm never regenerates a split silently. Fix: add them to one split by hand, point "
+            "data.split.file at another split file, or data.split.unlisted=drop to leave them out (SwiFT's "
+            "behaviour)."
+        )
+    if uncovered:
+        log.warning("%s: %d subject(s) not in %s are left out (data.split.unlisted=drop)", what or "data",
+                    len(uncovered), split_file)
+    keep = set(present)  # subjects listed but absent from the data (e.g. excluded as bad) are not used
+    return {name: [s for s in split[name] if s in keep] for name in SPLITS}
+
+
+def _listed(path: Path) -> set[str]:
+    try:
+        split = read_split_file(path)
+    except DataError:
+        return set()
+    return {s for name in SPLITS for s in split[name]}
+
+
+def resolve_subject_split(
+    split_dir: str | os.PathLike,
+    stem: str,
+    subjects: Sequence[str],
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    *,
+    file: str | os.PathLike | None = None,
+    strata: Mapping[str, str] | Callable[[list[str]], Mapping[str, str] | None] | None = None,
+    canonical: Callable[[str, str], str] | None = None,
+    unlisted: str = "error",
+    what: str = "",
+) -> SubjectSplit:
+    """The subject split of ``subjects``: read from its file, or drawn (and not yet written).
+
+    Which file (module docstring):
+
+    1. ``file`` given (``data.split.file``): that file; read when it exists (``unlisted`` applies), else the
+       draw is to be written there.
+    2. Else the keyed file ``<split_dir>/<stem>_<n>subjects_<fingerprint>.txt`` of exactly these subjects,
+       when it exists.
+    3. Else an earlier brainfm's unkeyed ``<split_dir>/<stem>.txt``, when it lists every subject of the data.
+    4. Else a seeded draw (:func:`stratified_subject_split`) for the keyed file. When another split file of
+       ``<stem>`` in ``split_dir`` shares subjects with the data (another store with the same ids, or this
+       data set before subjects were added), a warning names it: a new split may put subjects that trained
+       a model into the test split of the new one.
+
+    The draw is returned with ``new=True``; :meth:`SubjectSplit.write` writes it once the datamodule has
+    been built and checked (a run that fails before leaves no split behind).
+
+    Args:
+        split_dir: folder of the data set's split files. stem: file name stem (``seed0``).
+        subjects: the data's subject ids (repeats allowed). fractions, seed: of a new draw.
+        file: an explicit split file (``data.split.file``).
+        strata: subject -> stratum of a new draw, or a function of the sorted subjects giving it (called
+            only when drawing).
+        canonical: ``(id in the file, where) -> subject id``, for files that write ids differently.
+        unlisted: data subjects an existing file does not list: ``error`` (brainfm never regenerates a
+            split silently) or ``drop`` (left out, as SwiFT).
+        what: the data set's name, for messages.
+
+    Raises:
+        DataError: an existing file that does not cover the data's subjects (``unlisted=error``), or a subject
+            in two splits. ConfigError: invalid fractions or ``unlisted``.
+    """
+    if unlisted not in ("error", "drop"):
+        raise ConfigError(f"data.split.unlisted={unlisted!r} must be 'error' or 'drop'")
+    present = sorted({str(s) for s in subjects})
+    if file:
+        path = Path(file)
+        if path.is_file():
+            return SubjectSplit(_read_covering(path, present, canonical, unlisted, what), path)
+    else:
+        path = keyed_split_path(split_dir, stem, present)
+        if path.is_file():
+            return SubjectSplit(_read_covering(path, present, canonical, unlisted, what), path)
+        old = Path(split_dir) / f"{stem}.txt"
+        if old.is_file():
+            listed = _listed(old)
+            if canonical is not None:
+                try:
+                    listed = {canonical(s, str(old)) for s in listed}
+                except DataError:
+                    listed = set()
+            if listed and set(present) <= listed:
+                log.info("%s: reading the split file %s (written by an earlier brainfm, before split files were "
+                         "keyed by their subjects)", what or "data", old)
+                return SubjectSplit(_read_covering(old, present, canonical, "error", what), old, legacy=True)
+    if callable(strata):
+        strata = strata(present)
+    split = stratified_subject_split(present, strata, fractions, seed)
+    if not file:
+        others = sorted(p for p in Path(split_dir).glob(f"{stem}*.txt")
+                        if p != path and (p.name == f"{stem}.txt" or p.name.startswith(f"{stem}_")))
+        for other in others[:3]:
+            shared = len(set(present) & _listed(other))
+            if shared:
+                log.warning(
+                    "%s: %s lists %d of these %d subjects but not all of them; a new split of this data is drawn "
+                    "into %s. If both are the same data set (subjects added since), subjects that trained a model "
+                    "with the old split may now be in the new validation or test split: keep the old assignments "
+                    "with data.split.file=%s (and add the new subjects to it by hand, or data.split.unlisted=drop)",
+                    what or "data", other, shared, len(present), path.name, other)
+    return SubjectSplit(split, path, new=True)
+
+
+def check_split_sizes(split: SubjectSplit, where: str) -> None:
+    """Refuse a subject split without a training or a validation subject (training needs both: the
+    validation loss picks the checkpoints and stops early).
+
+    Args:
+        split: the split (read, or a new draw). where: the data (store path and data set) for the message.
+
+    Raises:
+        DataError: an empty training or validation split, naming the data, the split file, the counts
+            and the fix.
+    """
+    counts = split.counts()
+    empty = [name for name in ("train", "val") if not counts[name]]
+    if not empty:
+        return
+    n = sum(counts.values())
+    if n >= 3 and not split.new:
+        fix = (f"edit or delete {split.path} (it lists too few of these subjects in one split), or point "
+               "data.split.file at another split file")
+    elif n >= 3:
+        fix = "give training and validation a positive share, e.g. data.split.fractions=[0.8,0.1,0.1]"
+    elif n == 2:
+        fix = ("data.split.fractions=[0.5,0.5,0.0] (one training and one validation subject), more subjects, or "
+               "data.split.kind=time (every run split in time)")
+    else:
+        fix = ("more subjects in the store, or data.split.kind=time to split every run in time "
+               "(data.split.train_fraction=0.8: the first 80% of each run trains, the rest validates)")
+    source = f"a new draw for {split.path}, not written" if split.new else f"read from {split.path}"
+    raise DataError(
+        f"the subject split of {where} ({source}) has train {counts['train']}, val {counts['val']}, test "
+        f"{counts['test']} subject(s): no {' and no '.join(empty)} subject. Training needs at least one "
+        f"training and one validation subject. Fix: {fix}"
+    )
+
+
 def load_or_create_subject_split(
     split_file: str | os.PathLike,
     subjects: Sequence[str],
@@ -228,17 +434,9 @@ def load_or_create_subject_split(
     unlisted: str = "error",
     what: str = "",
 ) -> dict[str, list[str]]:
-    """Read the split file if it exists, else draw a seeded (optionally stratified) split and write it.
-
-    Args:
-        split_file: the SwiFT-format file. subjects: the data's subject ids (repeats allowed).
-        fractions, seed: of a new draw (:func:`stratified_subject_split`).
-        strata: subject -> stratum of a new draw, or a function of the sorted subjects giving it (called
-            only when drawing).
-        canonical: ``(id in the file, where) -> subject id``, for files that write ids differently.
-        unlisted: data subjects an existing file does not list: ``error`` (brainfm never regenerates a
-            split silently) or ``drop`` (left out, as SwiFT).
-        what: the data set's name, for messages.
+    """Read ``split_file`` if it exists, else draw a seeded (optionally stratified) split and write it
+    at once (:func:`resolve_subject_split` with an explicit ``file``; the datamodules use that and write
+    only after their checks).
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}`` of subjects present in the data.
@@ -247,34 +445,11 @@ def load_or_create_subject_split(
         DataError: the existing file does not cover the data's subjects (``unlisted=error``), or a
             subject is in two splits.
     """
-    split_file = Path(split_file)
-    present = sorted(set(subjects))
-    if split_file.is_file():
-        split = read_split_file(split_file)
-        if canonical is not None:
-            split = {k: [canonical(s, str(split_file)) for s in v] for k, v in split.items()}
-            check_disjoint(split, source=str(split_file))
-        listed = {s for name in SPLITS for s in split[name]}
-        uncovered = sorted(set(present) - listed)
-        if uncovered and unlisted == "error":
-            raise DataError(
-                f"{split_file} does not list {len(uncovered)} {what + ' ' if what else ''}subject(s) of the data "
-                f"(e.g. {uncovered[:5]}). brainfm never regenerates a split silently. Fix: add them to one split "
-                "by hand, delete the file to draw a new split (which changes which subjects are held out), or "
-                "data.split.unlisted=drop to leave them out (SwiFT's behaviour)."
-            )
-        if uncovered:
-            log.warning("%s: %d subject(s) not in %s are left out (data.split.unlisted=drop)", what or "data",
-                        len(uncovered), split_file)
-        keep = set(present)  # subjects listed but absent from the data (e.g. excluded as bad) are not used
-        return {name: [s for s in split[name] if s in keep] for name in SPLITS}
-    if callable(strata):
-        strata = strata(present)
-    split = stratified_subject_split(present, strata, fractions, seed)
-    write_split_file(split_file, split)
-    log.info("%s: wrote a new split to %s (%s)", what or "data", split_file,
-             ", ".join(f"{k} {len(v)}" for k, v in split.items()))
-    return split
+    resolved = resolve_subject_split(Path(split_file).parent, Path(split_file).stem, subjects, fractions, seed,
+                                     file=split_file, strata=strata, canonical=canonical, unlisted=unlisted,
+                                     what=what)
+    resolved.write(what)
+    return resolved.split
 
 
 def segments_for_subjects(

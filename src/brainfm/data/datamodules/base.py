@@ -7,7 +7,7 @@ say which store to open (:meth:`StoreDataModule.open_store`), what else to check
 must remember (:attr:`meta`).
 
 Configuration keys are the same in every ``conf/data/*.yaml``: ``path``, ``tr``, ``split``
-(``kind: time|subject``, ``train_fraction``, ``fractions``, ``seed``, ``file``), ``window``
+(``kind: time|subject``, ``train_fraction``, ``val_fraction``, ``fractions``, ``seed``, ``file``, ``unlisted``), ``window``
 (``length``, ``min_length``, ``frame_stride``, ``train_stride``, ``eval_stride``), ``normalization``,
 ``batch_size``, ``eval_batch_size``, ``num_workers``, ``seed``, ``labels``, ``cache`` (sizes of the
 per-process store caches: ``open_runs``, ``masks``, ``voxel_stats``, ``run_stats``).
@@ -25,7 +25,9 @@ import numpy as np
 
 from brainfm.data.phenotypes import build_label_table
 from brainfm.data.splits import (
-    load_or_create_subject_split,
+    SubjectSplit,
+    check_split_sizes,
+    resolve_subject_split,
     segments_for_subjects,
     time_split,
 )
@@ -34,7 +36,7 @@ from brainfm.data.windows import ResumableTrainPosition, WindowBatchSampler
 from brainfm.errors import ConfigError
 
 SPLIT_DEFAULTS = {"kind": "time", "train_fraction": 0.5, "val_fraction": None, "fractions": [0.8, 0.1, 0.1], "seed": 0,
-                  "file": None}
+                  "file": None, "unlisted": "error"}
 WINDOW_KEYS = ("length", "min_length", "frame_stride", "train_stride", "eval_stride")
 
 
@@ -106,8 +108,11 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         tr: expected TR in seconds (checked against every run), ``"mixed"`` where a datamodule allows
             runs of different TRs, or None (the store's own).
         split: ``{"kind": "time", "train_fraction": 0.5, "val_fraction": None}`` (the first part of each
-            run trains, the next ``val_fraction`` (None: the rest) validates) or ``{"kind": "subject", "fractions": [0.8, 0.1, 0.1], "seed": 0, "file": None}``
-            (a seeded subject split written once to ``split_dir``, then read back).
+            run trains, the next ``val_fraction`` (None: the rest) validates) or ``{"kind": "subject", "fractions": [0.8, 0.1, 0.1], "seed": 0, "file": None,
+            "unlisted": "error"}`` (a seeded subject split, written once to ``split_dir`` after the datamodule was
+            built and checked, keyed by the data's subjects (:func:`brainfm.data.splits.resolve_subject_split`), then
+            read back; ``file``: an explicit split file; ``unlisted``: data subjects that file does not list,
+            ``error`` or ``drop``).
         split_dir: folder of this data set's split files (``data_splits/<dataset>``).
         window: ``length``, ``min_length`` (shortest random crop in training, None: always ``length``),
             ``frame_stride`` (TRs between a window's frames), ``train_stride`` / ``eval_stride`` (TRs
@@ -157,6 +162,7 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         self.segments: dict[str, list[tuple[int, int, int]]] = {}
         self.subject_split: dict[str, list[str]] | None = None
         self.split_file: Path | None = None
+        self._resolved_split: SubjectSplit | None = None
         self._resume: tuple[int, int] | None = None
         self._train_sampler: WindowBatchSampler | None = None
 
@@ -184,6 +190,8 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
             self.tr = self.resample_tr
         self.check_store(store)
         self.segments = self.split_segments(store.subject_ids, store.lengths)
+        if stage in ("fit", None):
+            self.check_split()
         self.store = store
         self.labels = self._label_table(store.subjects())
         try:
@@ -191,6 +199,23 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         except BaseException:
             self.store = None
             raise
+        self.write_split()
+
+    def check_split(self) -> None:
+        """Refuse a subject split without a training or validation subject (:func:`~brainfm.data.splits.check_split_sizes`).
+
+        Raises:
+            DataError: naming the store, the counts and the fix.
+        """
+        if self._resolved_split is not None:
+            check_split_sizes(self._resolved_split, f"{self.path} (data={self.name})")
+
+    def write_split(self) -> None:
+        """Write a newly drawn subject split to its file (atomically); called at the end of :meth:`setup`, once
+        the store, the split and the datasets have been built and checked, so a run that fails before leaves
+        no split file behind."""
+        if self._resolved_split is not None:
+            self._resolved_split.write(self.name)
 
     def split_segments(self, subject_ids: Sequence[str], lengths: np.ndarray,
                        subject_split: dict[str, list[str]] | None = None) -> dict[str, list[tuple[int, int, int]]]:
@@ -207,19 +232,22 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
             return time_split(lengths, float(self.split["train_fraction"]), None if val is None else float(val))
         if kind == "subject":
             if subject_split is None:
-                self.subject_split, self.split_file = self._subject_split(subject_ids)
+                self._resolved_split = self._subject_split(subject_ids)
+                self.subject_split, self.split_file = self._resolved_split.split, self._resolved_split.path
             else:
                 self.subject_split = subject_split
             return {name: segments_for_subjects(subject_ids, lengths, subjects)
                     for name, subjects in self.subject_split.items()}
         raise ConfigError(f"data.split.kind={kind!r} must be 'time' or 'subject'")
 
-    def _subject_split(self, subject_ids: Sequence[str]) -> tuple[dict[str, list[str]], Path]:
-        """``(split, split file)`` of these subjects: the split file when it exists, else a seeded draw
-        written to it. Data set recipes override it with label-stratified draws."""
-        split_file = Path(self.split["file"] or self.split_dir / f"seed{int(self.split['seed'])}.txt")
-        split = load_or_create_subject_split(split_file, subject_ids, self.split["fractions"], int(self.split["seed"]))
-        return split, split_file
+    def _subject_split(self, subject_ids: Sequence[str]) -> SubjectSplit:
+        """The subject split of these subjects: its file (``data.split.file``, else the file keyed by these
+        subjects, ``<split_dir>/seed<N>_<n>subjects_<fingerprint>.txt``) when it exists, else a seeded draw,
+        written by :meth:`write_split` (:func:`~brainfm.data.splits.resolve_subject_split`). Data set recipes
+        override it with label-stratified draws."""
+        return resolve_subject_split(self.split_dir, f"seed{int(self.split['seed'])}", subject_ids,
+                                     self.split["fractions"], int(self.split["seed"]), file=self.split.get("file"),
+                                     unlisted=self.split.get("unlisted") or "error", what=self.name)
 
     def _label_table(self, subjects: Sequence[str]):
         """Phenotype labels of ``subjects`` (in subject-index order), or None."""

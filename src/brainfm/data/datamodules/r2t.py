@@ -236,7 +236,10 @@ class R2TDataModule(StoreDataModule):
         self.subjects = sorted({s for role in ROLES for s, r in zip(stores[role].subject_ids, roles[role]) if r == role})
         self.subject_index = {s: i for i, s in enumerate(self.subjects)}
         if self.split["kind"] == "subject":  # subjects of both stores, one split
-            self.subject_split, self.split_file = self._subject_split(self.subjects)
+            self._resolved_split = self._subject_split(self.subjects)
+            self.subject_split, self.split_file = self._resolved_split.split, self._resolved_split.path
+            if stage in ("fit", None):
+                self.check_split()
         per_split: dict[str, dict[str, list[tuple[int, int, int]]]] = {name: {} for name in ("train", "val", "test")}
         for role in ROLES:
             parts = self.split_segments(stores[role].subject_ids, stores[role].lengths, self.subject_split)
@@ -263,6 +266,7 @@ class R2TDataModule(StoreDataModule):
                 f"give {len(train)} pairs per epoch, fewer than data.batch_size={self.batch_size}. Fix: lower "
                 "data.batch_size or raise data.pairs_per_subject"
             )
+        self.write_split()  # a new subject split, once everything above was checked
 
     def _role_dataset(self, role: str, segments: list[tuple[int, int, int]], stride: int | None = None):
         store = self.stores[role]

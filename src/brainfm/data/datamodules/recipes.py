@@ -47,7 +47,7 @@ from typing import Any
 
 from brainfm.data.datamodules.volume import VolumeDataModule
 from brainfm.data.phenotypes import _TABLE_KEYS, LabelTable, read_phenotype_tables
-from brainfm.data.splits import load_or_create_subject_split
+from brainfm.data.splits import SubjectSplit, resolve_subject_split
 from brainfm.data.stores import open_store
 from brainfm.data.stores.view import StoreView
 from brainfm.data.stores.volume import CropPad
@@ -392,12 +392,11 @@ class RecipeDataModule(VolumeDataModule):
                               "centred crop/pad, or the crop/pad of this preprocessing") from exc
 
     # -- splits -------------------------------------------------------------------------------------------
-    def split_file_path(self) -> Path:
-        if self.split.get("file"):
-            return Path(self.split["file"])
+    def split_stem(self) -> str:
+        """``<variant>_seed<seed>[_<stratify keys>]``: the stem of the recipe's split files."""
         keys = self.stratify_keys()
         suffix = f"_{'-'.join(keys)}" if keys else ""
-        return self.split_dir / f"{self.variant}_seed{int(self.split['seed'])}{suffix}.txt"
+        return f"{self.variant}_seed{int(self.split['seed'])}{suffix}"
 
     def strata(self, subjects: Sequence[str]) -> dict[str, str] | None:
         """Stratum label per subject: the stratification keys' values (classes, or quantile bins of
@@ -419,12 +418,12 @@ class RecipeDataModule(VolumeDataModule):
             labels.append(col.fillna("NA").astype(str).replace({"<NA>": "NA"}))
         return {s: "|".join(parts) for s, *parts in zip(subjects, *labels)}
 
-    def _subject_split(self, subject_ids: Sequence[str]) -> tuple[dict[str, list[str]], Path]:
-        path = self.split_file_path()
-        split = load_or_create_subject_split(path, subject_ids, self.split["fractions"], int(self.split["seed"]),
-                                             strata=self.strata, canonical=self.ids.canonical_id,
-                                             unlisted=self.split["unlisted"], what=self.name)
-        return split, path
+    def _subject_split(self, subject_ids: Sequence[str]) -> SubjectSplit:
+        """The recipe's split (``data.split.file``, else ``<split_dir>/<variant>_seed<N>[_<keys>]_<n>subjects_<fingerprint>.txt``,
+        else a stratified draw written after the checks; :func:`~brainfm.data.splits.resolve_subject_split`)."""
+        return resolve_subject_split(self.split_dir, self.split_stem(), subject_ids, self.split["fractions"],
+                                     int(self.split["seed"]), file=self.split.get("file"), strata=self.strata,
+                                     canonical=self.ids.canonical_id, unlisted=self.split["unlisted"], what=self.name)
 
     def _label_table(self, subjects: Sequence[str]):
         if not self.targets:
