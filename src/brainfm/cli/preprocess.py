@@ -19,6 +19,12 @@ Sharding: --shard I/N does runs[I::N] of the runs sorted by (subject, run) (0-ba
 a SLURM job array gives the shard (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of
 SLURM_ARRAY_TASK_COUNT), else 0/1 (every run). Shards may run at the same time on one output.
 
+TR: --tr, else the JSON sidecar's RepetitionTime, else the NIfTI header's pixdim[4] in its time unit
+(xyzt_units s/ms/us, converted to seconds). A header with no time unit (nibabel and many converters write
+pixdim[4] = 1 and no unit), pixdim[4] = 0, or a TR outside 0.1-30 s is refused with the fix --tr <seconds>,
+never read as 1 s; a header TR that disagrees with --tr or the sidecar is printed as a warning (the given TR
+is used).
+
 Resuming: a stopped or requeued job skips finished runs (each is written to a temporary name first,
 then renamed). volumes/frames keep <store>/index.parquet listing every finished run.
 
@@ -155,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--input", type=Path, required=True)
         p.add_argument("--output", type=Path, required=True)
         p.add_argument("--tr", type=float, default=None, required=tr_required,
-                       help="repetition time in seconds (default: JSON sidecar, else NIfTI header)")
+                       help="repetition time in seconds (default: JSON sidecar, else the NIfTI header's pixdim[4] "
+                            "when its time unit is s/ms/us and the TR is 0.1-30 s; a header without one is refused "
+                            "and asks for --tr; a header TR that disagrees with --tr is reported)")
         p.add_argument("--workers", type=int, default=1, help="parallel processes (one run each)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--shard", default=None, metavar="I/N",

@@ -28,9 +28,12 @@ Inputs:
   ``preprocessing.py``) and run ``run-1``.
 
 The TR comes from ``--tr``, else the JSON sidecar's ``RepetitionTime`` (seconds), else the NIfTI
-header (``pixdim[4]`` in the header's time unit: s, ms or us; an unknown unit is read as seconds,
-or as milliseconds for values >= 100). A TR outside [0.1, 20] s is an error: a header written
-without a TR (``pixdim[4]`` = 0 or 1 by default) is the commonest cause of silently wrong time axes.
+header: ``pixdim[4]`` in the header's time unit (``xyzt_units``: s, ms or us, converted to seconds),
+used only when that unit is set and the value is plausible (:data:`TR_RANGE_S`). A header without a
+time unit (nibabel and many converters write ``pixdim[4]`` = 1 and no unit by default), with
+``pixdim[4]`` = 0, or with an implausible value is refused with the fix ``--tr <seconds>``: a header
+written without a TR is the commonest cause of silently wrong time axes. A usable header TR that
+disagrees with ``--tr`` or the sidecar is reported (the given TR is used).
 """
 
 from __future__ import annotations
@@ -49,7 +52,12 @@ import numpy as np
 from brainfm.data.stores.rundir import safe_name
 from brainfm.errors import DataError
 
-TR_RANGE_S = (0.1, 20.0)
+#: plausible fMRI repetition times in seconds: the fastest whole-brain sequences (MREG, inverse imaging) reach
+#: ~0.1 s; sparse-sampling designs go up to ~16-20 s. A value outside is a unit error (720 = ms read as s, 0.00072 =
+#: s read as ms) or not an fMRI time axis.
+TR_RANGE_S = (0.1, 30.0)
+#: NIfTI ``xyzt_units`` time codes (as nibabel names them) and their factor to seconds
+HEADER_TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
 _UNREADABLE = (OSError, EOFError, ValueError, zlib.error, MemoryError)
@@ -206,14 +214,45 @@ def load_nifti(path: Path):
                         "truncated or corrupt: copy or download it again") from exc
 
 
-def repetition_time(path: Path, img, sidecar: dict | None = None, override: float | None = None) -> tuple[float, str]:
+def header_tr(img) -> tuple[float | None, str]:
+    """The TR in seconds the NIfTI header of ``img`` records (``pixdim[4]`` converted from its ``xyzt_units``
+    time unit), or None, and where it came from or why there is none (no time unit, ``pixdim[4]`` 0).
+    The value is not checked against :data:`TR_RANGE_S` here."""
+    try:
+        value = float(img.header["pixdim"][4])
+        unit = img.header.get_xyzt_units()[1]
+    except Exception:  # not a NIfTI-1/2 header
+        return None, "the header has no pixdim/xyzt_units"
+    factor = HEADER_TIME_UNITS.get(unit)
+    if not math.isfinite(value) or value <= 0:
+        return None, f"the NIfTI header's pixdim[4] is {value:g}"
+    if factor is None:
+        return None, (f"the NIfTI header's pixdim[4] is {value:g} but its time unit (xyzt_units) is {unit!r}, "
+                      "not s, ms or us, so it is not a TR (nibabel and many converters write pixdim[4] = 1 and no "
+                      "unit when they know no TR)")
+    return round(value * factor, 6), f"header pixdim[4]={value:g} ({unit})"  # float32: 1.35 reads as 1.3500000238
+
+
+def repetition_time(path: Path, img, sidecar: dict | None = None, override: float | None = None,
+                    notes: list[str] | None = None) -> tuple[float, str]:
     """TR in seconds and where it came from (``--tr``, sidecar or header; module docstring).
 
+    Args:
+        path: the NIfTI (for messages). img: its nibabel image. sidecar: its JSON sidecar (BIDS).
+        override: ``--tr`` in seconds. notes: a list the disagreement of a usable header TR with ``--tr`` or
+            the sidecar is appended to (None: it is issued as a ``UserWarning``).
+
+    Returns:
+        ``(TR in seconds, source)``: source ``--tr``, ``sidecar RepetitionTime`` or ``header pixdim[4]=<v> (<unit>)``.
+
     Raises:
-        DataError: no TR anywhere, 0, or outside [0.1, 20] s, naming the file and the fix.
+        DataError: no TR anywhere (no ``--tr``, no sidecar, and a header without a time unit, with ``pixdim[4]``
+            0, or an implausible one), or a TR that is not finite or outside :data:`TR_RANGE_S`, naming the file
+            and the fix (``--tr <seconds>``).
     """
     lo, hi = TR_RANGE_S
     fix = f"Fix: pass --tr <seconds> (or add \"RepetitionTime\" to {strip_nifti(path.name)}.json)"
+    from_header, header_note = header_tr(img)
     if override is not None:
         tr, source = float(override), "--tr"
     elif sidecar and sidecar.get("RepetitionTime") is not None:
@@ -223,18 +262,23 @@ def repetition_time(path: Path, img, sidecar: dict | None = None, override: floa
             raise DataError(f"{path}: sidecar RepetitionTime {sidecar['RepetitionTime']!r} is not a number. {fix}")
         source = "sidecar RepetitionTime"
     else:
-        value = float(img.header["pixdim"][4])
-        unit = img.header.get_xyzt_units()[1]
-        factor = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}.get(unit)
-        if factor is None:  # unknown unit
-            factor = 1e-3 if value >= 100 else 1.0
-        tr = round(value * factor, 6)  # headers store float32: 1.35 reads as 1.350000023841858
-        source = f"header pixdim[4]={value:g} ({unit})"
-        if not value > 0:
-            raise DataError(f"{path}: no repetition time: no JSON sidecar with RepetitionTime and the NIfTI "
-                            f"header's pixdim[4] is {value:g}. {fix}")
+        if from_header is None:
+            raise DataError(f"{path}: no repetition time: no --tr, no JSON sidecar with RepetitionTime, and "
+                            f"{header_note}. {fix}")
+        tr, source = from_header, header_note
     if not math.isfinite(tr) or not lo <= tr <= hi:
-        raise DataError(f"{path}: implausible repetition time {tr:g} s (from {source}); expected {lo:g}-{hi:g} s. {fix}")
+        raise DataError(f"{path}: implausible repetition time {tr:g} s (from {source}); expected {lo:g}-{hi:g} s. "
+                        f"{fix}")
+    disagrees = from_header is not None and not math.isclose(tr, from_header, rel_tol=1e-3, abs_tol=1e-4)
+    if source != header_note and disagrees and lo <= from_header <= hi:
+        note = (f"{path}: the NIfTI header says TR {from_header:g} s ({header_note}) but {source} gives {tr:g} s; "
+                f"using {tr:g} s from {source}")
+        if notes is None:
+            import warnings
+
+            warnings.warn(note, UserWarning, stacklevel=2)
+        else:
+            notes.append(note)
     return tr, source
 
 

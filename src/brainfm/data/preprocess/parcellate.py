@@ -293,7 +293,8 @@ def _parcellate_one(src: RunSource, atlas: Atlas, tr_override: float | None, use
 
         img = load_nifti(src.path)
         frames = NiftiFrames(src.path, img)
-        tr, _ = repetition_time(src.path, img, src.sidecar, tr_override)
+        notes: list[str] = []
+        tr, _ = repetition_time(src.path, img, src.sidecar, tr_override, notes=notes)
         raw = frames._raw if frames._raw is not None else frames._guard(lambda: np.asanyarray(img.dataobj))
         raw = raw.reshape(*frames.spatial_shape, frames.n_frames)
         if frames.slope != 1.0 or frames.inter != 0.0:
@@ -325,7 +326,7 @@ def _parcellate_one(src: RunSource, atlas: Atlas, tr_override: float | None, use
         _write_part(Path(part), series=series, tr=np.float64(tr), ids=np.asarray(ids or [], dtype=np.int64),
                     has_ids=ids is not None, n_rois=series.shape[0], status="ok", message="",
                     nan_filled_voxels=n_vox, nan_filled_values=n_val, **base)
-        return {"ok": True, "status": "written"}
+        return {"ok": True, "status": "written", **({"warning": "; ".join(notes)} if notes else {})}
     except (DataError, ConfigError) as exc:
         return {"ok": False, "error": str(exc)}
     except Exception as exc:

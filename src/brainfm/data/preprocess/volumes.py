@@ -112,7 +112,7 @@ def _preprocess_one(src: RunSource, root: str, options: dict) -> RunResult:
         try:
             img = load_nifti(src.path)
             frames = NiftiFrames(src.path, img)
-            tr, tr_source = repetition_time(src.path, img, src.sidecar, options["tr"])
+            tr, tr_source = repetition_time(src.path, img, src.sidecar, options["tr"], notes=dropped)
             mask: Any = options["mask"]
             mask_source = None
             if mask not in MASK_RULES:
