@@ -131,6 +131,10 @@ def load_run(ckpt: str | os.PathLike, data_overrides: Mapping[str, Any] | Sequen
         # other data: their own TR, not the training recipe's; check_compatible then accepts it (a model
         # that embeds time in seconds) or refuses it with the fix (data.resample_tr)
         dots.append("tr=null")
+    if "path" in keys and "n_rois" not in keys and cfg.data.get("n_rois") is not None:
+        # other data: their own ROI count; check_compatible compares it with the checkpoint's (a trained model's
+        # input layer is fixed, so the recipe's "set data.n_rois" fix cannot apply here)
+        dots.append("n_rois=null")
     if dots:
         OmegaConf.set_struct(cfg, False)
         try:

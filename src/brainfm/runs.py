@@ -347,9 +347,16 @@ def _check_rois(meta: dict, store, where: str) -> None:
     """Raise CheckpointError unless ``store`` has the checkpoint's ROI count and order."""
     n = meta.get("n_rois")
     if n is not None and int(n) != store.n_rois:
+        atlas = meta.get("atlas")
+        theirs = getattr(store, "atlas", None)
+        fix = (f"a store of atlas {atlas!r}: parcellate the fMRI runs with it (brainfm-preprocess parcellate --input "
+               f"<NIfTI/BIDS/fMRIPrep> --atlas {atlas} --output <rois.h5>), or an ROI file that holds "
+               f"/timeseries/{atlas}" if atlas else
+               f"a store with the {n} ROIs the model was trained on (its atlas, parcellated the same way)")
         raise CheckpointError(
-            f"{where} was trained on {n} ROIs ({meta.get('atlas')}) but {store.location} has "
-            f"{store.n_rois}; parcellate the data with the same atlas"
+            f"{where} was trained on {n} ROIs{f' of atlas {atlas!r}' if atlas else ''} but {store.location} has "
+            f"{store.n_rois}{f' (atlas {theirs!r})' if theirs else ''}. A trained model's input layer is fixed, so "
+            f"the data must have its ROIs in its order (data.n_rois cannot change that). Fix: {fix}"
         )
     names, found = meta.get("roi_names"), store.roi_names
     read = getattr(store, "roi_mask", None)  # ROIs of an atlas the file lacks (stores.roi) have no name to check

@@ -35,15 +35,17 @@ log = logging.getLogger("brainfm")
 
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate(node, _convert_="all", **kwargs)``; Hydra wraps errors, brainfm's own
-    (a clear message) surface as they are."""
-    from brainfm.cli.common import brainfm_cause
+    (a clear message) surface as they are, and so do an unknown key ("did you mean") and a GPU trainer
+    without a GPU (:func:`brainfm.cli.common.explain_instantiation_error`)."""
+    from brainfm.cli.common import explain_instantiation_error
 
+    kwargs.setdefault("_convert_", "all")
     try:
-        return instantiate(node, _convert_="all", **kwargs)
+        return instantiate(node, **kwargs)
     except Exception as exc:
-        cause = brainfm_cause(exc)
-        if cause is not None and cause is not exc:
-            raise cause from None
+        clear = explain_instantiation_error(node, exc)
+        if clear is not None and clear is not exc:
+            raise clear from None
         raise
 
 
@@ -56,14 +58,15 @@ def build(cfg: DictConfig):
     import lightning as L
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = _instantiate(cfg.data)
     datamodule.setup("fit")
     meta = datamodule.meta
     with open_dict(cfg):
         if cfg.data.get("n_rois") is None and "n_rois" in cfg.model:
             cfg.model.n_rois = meta["n_rois"]
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    task = instantiate(cfg.task, model=model_cfg, data_meta=meta, seed=int(cfg.seed), _recursive_=False)
+    task = _instantiate(cfg.task, _convert_="none", model=model_cfg, data_meta=meta, seed=int(cfg.seed),
+                        _recursive_=False)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     from lightning.pytorch.callbacks import ProgressBar
 

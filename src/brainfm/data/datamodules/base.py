@@ -90,6 +90,31 @@ def resolve_tr(store, expected: float | str | None, key: str = "data.tr") -> flo
     return want
 
 
+def check_tr_value(tr: Any, key: str = "data.tr") -> None:
+    """Refuse a TR that is a number but not a positive one (``mixed`` and None pass: they are resolved
+    against the store).
+
+    Raises:
+        ConfigError: ``tr <= 0`` (or NaN), naming the key and what it means.
+    """
+    if isinstance(tr, (int, float)) and not isinstance(tr, bool) and not tr > 0:
+        rest = "null: the data's own TR" if key.endswith(".tr") and "resample" not in key else "null: no resampling"
+        raise ConfigError(f"{key}={tr:g} is not a repetition time: {key} must be > 0 seconds (e.g. 0.72 for HCP, "
+                          f"2.0 for many rs-fMRI protocols), or {rest}")
+
+
+def check_batch_sizes(batch_size: Any, eval_batch_size: Any = 1, prefix: str = "data.") -> None:
+    """Refuse batch sizes below 1 (windows per batch and rank).
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value is not None and int(value) < 1:
+            raise ConfigError(f"{prefix}{key}={value} must be at least 1 (windows per batch on each rank). Fix: a "
+                              f"positive size, e.g. {prefix}{key}=16")
+
+
 def plain(value: Any) -> Any:
     """A config value as plain containers (tuples become lists), for checkpoint metadata."""
     if isinstance(value, Mapping):
@@ -127,7 +152,10 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
             one. None: the data's TR.
 
     Raises:
-        ConfigError: unknown window keys or cache sizes; from :meth:`setup` as the subclasses say.
+        ConfigError: unknown window keys or cache sizes, ``batch_size`` or ``eval_batch_size`` below 1, a
+            ``tr`` or ``resample_tr`` that is not a positive number of seconds. From :meth:`setup` as the
+            subclasses say, and DataError: a subject split without a training or validation subject (when
+            set up for training, ``stage`` fit or None).
     """
 
     window_defaults: dict[str, Any] = {"length": 60, "min_length": None, "frame_stride": 1, "train_stride": None,
@@ -139,6 +167,8 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
                  cache: dict | None = None, resample_tr: float | None = None) -> None:
         super().__init__()
         self.name, self.path = name, Path(path)
+        check_tr_value(tr, "data.tr")
+        check_tr_value(resample_tr, "data.resample_tr")
         self.expected_tr = tr
         self.resample_tr = None if resample_tr is None else float(resample_tr)
         self.split = {**SPLIT_DEFAULTS, **(split or {})}
@@ -150,6 +180,7 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
                               "train/eval_clip_stride are window.train/eval_stride)")
         self.window = {**self.window_defaults, **(window or {})}
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        check_batch_sizes(batch_size, eval_batch_size)
         self.num_workers, self.seed = int(num_workers), int(seed)
         self.labels_config = labels
         self.labels = None

@@ -22,7 +22,8 @@ KINDS = ("roi", "volume", "frames", "grayordinate")
 
 
 def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None, atlas: str | None = None,
-               preload: bool | str = "auto", tr: float | str | None = None, normalisation: str = "global"):
+               preload: bool | str = "auto", tr: float | str | None = None, normalisation: str = "global",
+               atlas_key: str = "data.atlas"):
     """Open the store of ``kind`` at ``path`` (the one place datamodules and tools open stores).
 
     Args:
@@ -31,7 +32,7 @@ def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None,
         path: the file (``roi``) or folder.
         cache: per-process cache sizes (``data.cache``).
         atlas, preload: ``roi`` only. tr, normalisation: ``frames`` only (frames record neither; ``tr`` is
-            required).
+            required). atlas_key: how ``atlas`` is set, for messages (``data.atlas``, ``--atlas``).
 
     Raises:
         ConfigError: an unknown kind, or frames without a numeric TR. DataError: as the store classes.
@@ -39,7 +40,7 @@ def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None,
     if kind == "roi":
         from brainfm.data.stores.roi import ROIStore
 
-        return ROIStore(path, atlas=atlas, preload=preload, cache=cache)
+        return ROIStore(path, atlas=atlas, preload=preload, cache=cache, atlas_key=atlas_key)
     if kind == "brainmarks":
         from brainfm.data.stores.brainmarks import BrainmarksStore
 
@@ -107,4 +108,63 @@ def detect_kind(path: str | os.PathLike) -> str:
                     "img/<subject>/frame_<t>.pt or Brainmarks train/validation/test splits")
 
 
-__all__ = ["DEFAULT_CACHE", "KINDS", "LRUCache", "Store", "StoreBase", "detect_kind", "open_store"]
+#: what reads each store kind: the recipe (and model family) to name when a store of one kind is given to another
+RECIPE_OF_KIND = {
+    "roi": "an ROI recipe and a sequence model: data=hcp_rest_roi data.path={path} data.atlas=<atlas> data.n_rois=null "
+           "data.tr=null (e.g. experiment=demo or experiment=gpt)",
+    "volume": "the volume recipe and a Swin4D of the store's grid: data=volumes data.path={path} data.shape={shape} "
+              "model=swin4d_v9 task=simmim model.img_size=[{grid},20] (20: data.window.length, TRs per clip; "
+              "experiment=swift_v2_simmim data.path={path} is the SwiFT v2 preset)",
+    "frames": "the volume recipe on SwiFT frame folders: data=volumes data.layout=frames data.path={path} "
+              "data.tr=<seconds> (e.g. experiment=swift_v2_simmim)",
+    "grayordinate": "the grayordinate recipe: data=r2t_grayordinate data.path={path} (experiment=r2t_hcp)",
+    "brainmarks": "the Brainmarks recipe: data=brainmarks data.path={path}",
+}
+#: how each kind is made, for messages
+MADE_BY = {"roi": "an ROI HDF5 file", "volume": "a volume store (brainfm-preprocess volumes)",
+           "frames": "SwiFT/TFF frame folders (img/<subject>/frame_<t>.pt)",
+           "grayordinate": "a grayordinate store (CIFTI dtseries)", "brainmarks": "a Brainmarks Arrow data set"}
+
+
+def wrong_kind_message(path: str | os.PathLike, wanted: str) -> str | None:
+    """A message for a store of another kind than ``wanted`` at ``path`` (it exists, it is just not what the
+    recipe reads): what it is and the recipe that reads it. None when ``path`` does not exist or its kind is
+    unknown."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        kind = detect_kind(path)
+    except Exception:  # an unreadable folder: not recognised, the caller's own message applies
+        return None
+    if kind == wanted:
+        return None
+    shape, grid = "[X,Y,Z]", "X,Y,Z"
+    if kind == "volume":
+        try:
+            from brainfm.data.stores.volume import VolumeStore
+
+            found = VolumeStore(path).frame_shape
+            if found is not None:
+                shape, grid = "[" + ",".join(map(str, found)) + "]", ",".join(map(str, found))
+        except Exception:  # the shape is only a hint
+            pass
+    recipe = RECIPE_OF_KIND.get(kind, "the recipe of that store kind (README, 'Configuration')").format(
+        path=path, shape=shape, grid=grid)
+    if kind == "roi":
+        try:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                atlases = sorted(f["timeseries"].keys())
+            recipe = recipe.replace("<atlas>", atlases[0] if len(atlases) == 1 else f"<one of {atlases}>")
+        except Exception:  # the atlas is only a hint
+            pass
+    return (f"{path} is {MADE_BY.get(kind, kind + ' store')}, not {MADE_BY.get(wanted, wanted + ' store')}, which "
+            f"this recipe reads. Fix: use {recipe}")
+
+
+__all__ = ["DEFAULT_CACHE", "KINDS", "LRUCache", "Store", "StoreBase", "detect_kind", "open_store",
+           "wrong_kind_message"]

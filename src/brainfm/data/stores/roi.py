@@ -384,6 +384,12 @@ class ROIStore(StoreBase):
         preload: ``True``, ``False`` or ``"auto"``.
         preload_limit_mb: size limit for ``preload="auto"``.
         cache: ``data.cache`` sizes (``run_stats``: runs whose statistics a process keeps).
+        atlas_key: how the caller's user sets ``atlas``, for the fixes of messages: ``data.atlas`` (a recipe),
+            ``--atlas`` (a command-line tool).
+
+    Raises:
+        DataError: ``path`` is a folder (a store of another kind: named, with the recipe that reads it) or
+            does not exist, is not HDF5, or lacks the layout (module docstring); atlas problems as named.
 
     Attributes (multi-atlas): ``atlases`` (the names, in ROI order), ``atlas`` (``"a+b+c"``),
     ``roi_mask`` ``(n_rois,)`` bool, True where the ROI's atlas is in the file (None for one atlas:
@@ -409,8 +415,15 @@ class ROIStore(StoreBase):
         preload: bool | str = "auto",
         preload_limit_mb: float = 512.0,
         cache: Mapping[str, int] | None = None,
+        atlas_key: str = "data.atlas",
     ) -> None:
         self.path = self.location = Path(path)
+        self.atlas_key = atlas_key
+        if self.path.is_dir():
+            from brainfm.data.stores import wrong_kind_message
+
+            raise DataError(wrong_kind_message(self.path, "roi")
+                            or f"{self.path} is a folder, not an ROI HDF5 file. Fix: data.path=<file.h5>")
         if not self.path.is_file():
             raise DataError(
                 f"ROI data file {self.path} does not exist. Fix: for the embedded data set run "
@@ -467,17 +480,21 @@ class ROIStore(StoreBase):
                 self._memory = {name: np.asarray(f[f"timeseries/{name}"][:], dtype=np.float32)
                                 for name, _, _, here in self._parts if here}
 
+    def _set(self, value: str) -> str:
+        """The setting of the atlas to ``value`` as the user types it (``data.atlas=x`` or ``--atlas x``)."""
+        return f"{self.atlas_key} {value}" if self.atlas_key.startswith("-") else f"{self.atlas_key}={value}"
+
     def _select_atlas(self, f: h5py.File, atlas: str | None, available: list[str]) -> h5py.Dataset:
         """One atlas (``data.atlas=<name>``, or the file's only one); returns its data set."""
         if atlas is None:
             if len(available) != 1:
-                raise DataError(f"{self.path} holds atlases {available}; choose one with data.atlas=<name> "
-                                "(or several, read as one ROI axis: data.atlas=[a,b,c])")
+                raise DataError(f"{self.path} holds atlases {available}; choose one with {self._set('<name>')} "
+                                f"(or several, read as one ROI axis: {self._set('[a,b,c]')})")
             atlas = available[0]
         if atlas not in available:
             raise DataError(
                 f"{self.path} has no atlas {atlas!r} under /timeseries (available: {available}); "
-                "fix data.atlas"
+                f"Fix: {self._set(available[0] if len(available) == 1 else '<name>')}"
             )
         self.atlas = atlas
         ds = f[f"timeseries/{atlas}"]
@@ -503,15 +520,16 @@ class ROIStore(StoreBase):
     def _select_atlases(self, f: h5py.File, requested: list[str], available: list[str]) -> h5py.Dataset:
         """Several atlases as one ROI axis (class docstring); returns the first present atlas' data set."""
         if not requested:
-            raise DataError(f"{self.path}: data.atlas is an empty list; name the atlases (e.g. [schaefer400, tian3, buckner7])")
+            raise DataError(f"{self.path}: {self.atlas_key} is an empty list; name the atlases (e.g. "
+                            f"{self._set('[schaefer400,tian3,buckner7]')})")
         parts, offset, first = [], 0, None
         shapes, trs, names, named = {}, {}, [], True
         for entry in requested:
             name, _, count = entry.partition(":")
             if name in [p[0] for p in parts]:
-                raise DataError(f"{self.path}: atlas {name!r} is listed twice in data.atlas={requested}")
+                raise DataError(f"{self.path}: atlas {name!r} is listed twice in {self.atlas_key} {requested}")
             if count and not count.isdigit():
-                raise DataError(f"data.atlas entry {entry!r}: write a missing atlas as <name>:<n_rois> (e.g. tian3:50)")
+                raise DataError(f"{self.atlas_key} entry {entry!r}: write a missing atlas as <name>:<n_rois> (e.g. tian3:50)")
             if name in available:
                 ds = f[f"timeseries/{name}"]
                 if ds.ndim != 3:
@@ -519,7 +537,7 @@ class ROIStore(StoreBase):
                                     "(n_runs, n_rois, n_timepoints)")
                 n = int(ds.shape[1])
                 if count and int(count) != n:
-                    raise DataError(f"{self.path}:/timeseries/{name} has {n} ROIs, data.atlas says {entry!r}")
+                    raise DataError(f"{self.path}:/timeseries/{name} has {n} ROIs, {self.atlas_key} says {entry!r}")
                 shapes[name] = (int(ds.shape[0]), int(ds.shape[2]))
                 tr = ds.attrs.get("tr", f.attrs.get("tr"))
                 if tr is not None:
@@ -540,13 +558,14 @@ class ROIStore(StoreBase):
                     raise DataError(
                         f"{self.path} has no atlas {name!r} under /timeseries (available: {available}) and its ROI count "
                         f"is unknown. Fix: correct the name, or give its ROI count to read it as missing (zeros, "
-                        f"tokens masked): data.atlas=[..., {name}:<n_rois>]")
+                        f"tokens masked): {self._set(f'[..., {name}:<n_rois>]')}")
                 names += [f"{name}:{i}" for i in range(n)]
                 parts.append((name, n, offset, False))
             offset += n
         present = [p[0] for p in parts if p[3]]
         if not present:
-            raise DataError(f"{self.path} holds none of the atlases {requested} (available: {available}); fix data.atlas")
+            raise DataError(f"{self.path} holds none of the atlases {requested} (available: {available}). Fix: "
+                            f"{self._set('[' + ','.join(available) + ']')} or the atlases of another file")
         if len(set(shapes.values())) > 1:
             raise DataError(f"{self.path}: atlases {present} differ in (runs, time points) {shapes}; a file holds one "
                             "row per run and one NaN-padded time axis for every atlas")

@@ -215,7 +215,9 @@ class RunDirStore(StoreBase):
                  validate: bool = False) -> None:
         self.root = self.location = Path(root)
         if not self.root.is_dir():
-            raise DataError(self.missing_message())
+            from brainfm.data.stores import wrong_kind_message
+
+            raise DataError(wrong_kind_message(self.root, self.kind) or self.missing_message())
         import pyarrow as pa
 
         table = read_index(self.root, self.kind, as_table=True)
