@@ -388,19 +388,26 @@ def resolve_subject_split(
     return SubjectSplit(split, path, new=True)
 
 
-def check_split_sizes(split: SubjectSplit, where: str) -> None:
+def check_split_sizes(split: SubjectSplit, where: str, val_fraction: float = 0.1) -> None:
     """Refuse a subject split without a training or a validation subject (training needs both: the
-    validation loss picks the checkpoints and stops early).
+    validation loss picks the checkpoints and stops early). A validation split left empty on purpose
+    (``val_fraction`` 0: ``data.split.fractions=[1.0,0.0,0.0]``, e.g. with ``trainer.limit_val_batches=0``)
+    is accepted with a warning.
 
     Args:
         split: the split (read, or a new draw). where: the data (store path and data set) for the message.
+        val_fraction: the validation share the configuration asks for.
 
     Raises:
-        DataError: an empty training or validation split, naming the data, the split file, the counts
-            and the fix.
+        DataError: an empty training split, or an empty validation split that was asked for, naming the
+            data, the split file, the counts and the fix.
     """
     counts = split.counts()
     empty = [name for name in ("train", "val") if not counts[name]]
+    if empty == ["val"] and not val_fraction > 0:
+        log.warning("%s: no validation subject (data.split.fractions gives validation no share): no val/ metrics, "
+                    "and checkpoints are not chosen by validation", where)
+        return
     if not empty:
         return
     n = sum(counts.values())

@@ -233,13 +233,15 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         self.write_split()
 
     def check_split(self) -> None:
-        """Refuse a subject split without a training or validation subject (:func:`~brainfm.data.splits.check_split_sizes`).
+        """Refuse a subject split without a training or validation subject (:func:`~brainfm.data.splits.check_split_sizes`;
+        a validation share of 0 in ``data.split.fractions`` asks for none).
 
         Raises:
             DataError: naming the store, the counts and the fix.
         """
         if self._resolved_split is not None:
-            check_split_sizes(self._resolved_split, f"{self.path} (data={self.name})")
+            fractions = self.split.get("fractions") or (0.8, 0.1, 0.1)
+            check_split_sizes(self._resolved_split, f"{self.path} (data={self.name})", float(fractions[1]))
 
     def write_split(self) -> None:
         """Write a newly drawn subject split to its file (atomically); called at the end of :meth:`setup`, once
