@@ -197,7 +197,8 @@ class RunDirStore(StoreBase):
         frame_shape: the common frame shape (None when runs differ).
 
     Raises:
-        DataError: a missing folder, no runs, an unreadable ``meta.json`` or index, or (at open without
+        DataError: a missing folder (or a store of another kind there, e.g. an ROI HDF5 file: named, with the
+            recipe that reads it), no runs, an unreadable ``meta.json`` or index, or (at open without
             an index, or at first read with one) an array whose header disagrees with the record, or a
             truncated one.
     """
