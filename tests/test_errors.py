@@ -201,6 +201,9 @@ def test_batch_size_and_tr_are_checked_as_values(tmp_path, capsys, monkeypatch):
     code, out = _train(capsys, monkeypatch, tmp_path, *_on(store), "data.tr=0")
     line = _one_line(out)
     assert code == 2 and "data.tr must be > 0 seconds" in line and "mismatch" not in line
+    code, out = _train(capsys, monkeypatch, tmp_path, *_on(store), "data.batch_size=200")  # more than the windows
+    line = _one_line(out)
+    assert code == 2 and "no training batch" in line and "finished at step 0" not in out
 
 
 _SUGGESTION = re.compile(r"(?<![+\w.{])(data|model|task)\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=")

@@ -306,9 +306,21 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
     # -- samplers -----------------------------------------------------------------------------------------
     def train_sampler(self, n_items: int, length: int, min_length: int | None = None,
                       pairs: bool = False) -> WindowBatchSampler:
-        """The resumable training sampler (fast-forwarded once when the run resumes mid-epoch)."""
+        """The resumable training sampler (fast-forwarded once when the run resumes mid-epoch).
+
+        Raises:
+            ConfigError: fewer training windows per rank than ``batch_size`` (no batch at all: Lightning would
+                end the run at step 0 without a word).
+        """
         sampler = WindowBatchSampler(n_items, self.batch_size, length=length, min_length=min_length, seed=self.seed,
                                      pairs=pairs)
+        if len(sampler) == 0:
+            raise ConfigError(
+                f"no training batch: the training split of {self.path} (data={self.name}) has {sampler._per_rank()} "
+                f"window(s) of {length} TRs per rank, fewer than data.batch_size={self.batch_size} (the last partial "
+                "batch is dropped). Fix: a smaller data.batch_size, a shorter data.window.length, or more training "
+                "data (subjects, or a larger data.split.train_fraction)"
+            )
         if self._resume is not None:
             sampler.fast_forward(*self._resume)
             self._resume = None
