@@ -121,6 +121,12 @@ def test_split_files_of_an_earlier_brainfm_are_read_when_they_list_the_data(tmp_
     dm = ROIDataModule(**{**kw, "path": str(other)})
     dm.setup("fit")
     assert dm.split_file.name.startswith("seed0_4subjects_") and dm.split_file.is_file()
+    first = dm.subject_split
+    fewer = _roi_store(tmp_path / "f.h5", ["x1", "x2", "x4"])  # the same data set, a subject left out since
+    dm = ROIDataModule(**{**kw, "path": str(fewer)})
+    dm.setup("fit")
+    assert dm.split_file.name.startswith("seed0_4subjects_")  # its split stays: nothing drawn again
+    assert dm.subject_split == {k: [s for s in v if s != "x3"] for k, v in first.items()}
     assert sorted(p.name for p in legacy.parent.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 

@@ -23,7 +23,8 @@ a data set's split lives in ``<split_dir>/<stem>_<n>subjects_<fingerprint>.txt``
 hex digits of the SHA-1 of the sorted subject ids), so two stores used under one recipe never read
 each other's split, and the same subjects on another machine find the same, versioned file. A file of
 an earlier brainfm without the key (``<stem>.txt``) is still read when it lists every subject of the
-data. A new split is written only once the datamodule has been built and checked
+data, and so is any split file of the same stem that lists them all (the same data set with subjects left
+out since). A new split is written only once the datamodule has been built and checked
 (:meth:`SubjectSplit.write`, atomically), and a split without a training or a validation subject is
 refused (:func:`check_split_sizes`).
 """
@@ -33,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,12 +296,13 @@ def _read_covering(split_file: Path, present: list[str], canonical, unlisted: st
     return {name: [s for s in split[name] if s in keep] for name in SPLITS}
 
 
-def _listed(path: Path) -> set[str]:
+def _listed(path: Path, canonical: Callable[[str, str], str] | None = None) -> set[str]:
+    """The subjects ``path`` lists (canonical ids), or none when it cannot be read as a split of this data."""
     try:
         split = read_split_file(path)
+        return {canonical(s, str(path)) if canonical else s for name in SPLITS for s in split[name]}
     except DataError:
         return set()
-    return {s for name in SPLITS for s in split[name]}
 
 
 def resolve_subject_split(
@@ -323,11 +326,14 @@ def resolve_subject_split(
        draw is to be written there.
     2. Else the keyed file ``<split_dir>/<stem>_<n>subjects_<fingerprint>.txt`` of exactly these subjects,
        when it exists.
-    3. Else an earlier brainfm's unkeyed ``<split_dir>/<stem>.txt``, when it lists every subject of the data.
+    3. Else another split file of ``<stem>`` in ``split_dir`` that lists every subject of the data (an earlier
+       brainfm's unkeyed ``<stem>.txt``, or the keyed file of this data set before subjects were left out:
+       bad subjects, missing labels), the one listing the fewest; subjects it lists that the data lack are
+       not used.
     4. Else a seeded draw (:func:`stratified_subject_split`) for the keyed file. When another split file of
-       ``<stem>`` in ``split_dir`` shares subjects with the data (another store with the same ids, or this
-       data set before subjects were added), a warning names it: a new split may put subjects that trained
-       a model into the test split of the new one.
+       ``<stem>`` shares subjects with the data (another store with the same ids, or this data set before
+       subjects were added), a warning names it: a new split may put subjects that trained a model into
+       the test split of the new one.
 
     The draw is returned with ``new=True``; :meth:`SubjectSplit.write` writes it once the datamodule has
     been built and checked (a run that fails before leaves no split behind).
@@ -358,33 +364,29 @@ def resolve_subject_split(
         path = keyed_split_path(split_dir, stem, present)
         if path.is_file():
             return SubjectSplit(_read_covering(path, present, canonical, unlisted, what), path)
-        old = Path(split_dir) / f"{stem}.txt"
-        if old.is_file():
-            listed = _listed(old)
-            if canonical is not None:
-                try:
-                    listed = {canonical(s, str(old)) for s in listed}
-                except DataError:
-                    listed = set()
-            if listed and set(present) <= listed:
-                log.info("%s: reading the split file %s (written by an earlier brainfm, before split files were "
-                         "keyed by their subjects)", what or "data", old)
-                return SubjectSplit(_read_covering(old, present, canonical, "error", what), old, legacy=True)
+        # the other split files of this stem: an earlier brainfm's <stem>.txt and the keyed files of other subjects
+        pattern = re.compile(rf"{re.escape(stem)}(_\d+subjects_[0-9a-f]{{8}})?\.txt")
+        others = sorted(p for p in Path(split_dir).glob(f"{stem}*.txt") if pattern.fullmatch(p.name))
+        listed = {p: _listed(p, canonical) for p in others}
+        covering = sorted((p for p in others if listed[p] and set(present) <= listed[p]),
+                          key=lambda p: (len(listed[p]), p.name))
+        if covering:  # this data set with subjects left out since (bad subjects, missing labels): its split stays
+            old = covering[0]
+            log.info("%s: reading the split file %s, which lists every subject of the data (%d of its %d)",
+                     what or "data", old, len(present), len(listed[old]))
+            return SubjectSplit(_read_covering(old, present, canonical, "error", what), old,
+                                legacy=pattern.fullmatch(old.name).group(1) is None)
     if callable(strata):
         strata = strata(present)
     split = stratified_subject_split(present, strata, fractions, seed)
     if not file:
-        others = sorted(p for p in Path(split_dir).glob(f"{stem}*.txt")
-                        if p != path and (p.name == f"{stem}.txt" or p.name.startswith(f"{stem}_")))
-        for other in others[:3]:
-            shared = len(set(present) & _listed(other))
-            if shared:
-                log.warning(
-                    "%s: %s lists %d of these %d subjects but not all of them; a new split of this data is drawn "
-                    "into %s. If both are the same data set (subjects added since), subjects that trained a model "
-                    "with the old split may now be in the new validation or test split: keep the old assignments "
-                    "with data.split.file=%s (and add the new subjects to it by hand, or data.split.unlisted=drop)",
-                    what or "data", other, shared, len(present), path.name, other)
+        for other in [p for p in others if set(present) & listed[p]][:3]:
+            log.warning(
+                "%s: %s lists %d of these %d subjects but not all of them; a new split of this data is drawn into "
+                "%s. If both are the same data set (subjects added since), subjects that trained a model with the "
+                "old split may now be in the new validation or test split: keep the old assignments with "
+                "data.split.file=%s (and add the new subjects to it by hand, or data.split.unlisted=drop)",
+                what or "data", other, len(set(present) & listed[other]), len(present), path.name, other)
     return SubjectSplit(split, path, new=True)
 
 
@@ -412,8 +414,8 @@ def check_split_sizes(split: SubjectSplit, where: str, val_fraction: float = 0.1
         return
     n = sum(counts.values())
     if n >= 3 and not split.new:
-        fix = (f"edit or delete {split.path} (it lists too few of these subjects in one split), or point "
-               "data.split.file at another split file")
+        fix = (f"{split.path} puts too few of these subjects in one split: edit it, or draw a split for this data "
+               f"into a new file: data.split.file={split.path.parent}/<new name>.txt")
     elif n >= 3:
         fix = "give training and validation a positive share, e.g. data.split.fractions=[0.8,0.1,0.1]"
     elif n == 2:
