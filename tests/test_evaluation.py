@@ -219,6 +219,61 @@ def test_torch_probe_bn_linear_learns_classes_and_regression():
     assert r["r2"] > 0.9
 
 
+def _subject_features(signal: float, seed: int = 0):
+    """5 subjects x 24 windows of 600 float32 features (like embeddings): a subject centre scaled by ``signal``
+    plus unit noise; even windows train, odd ones test."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(5, 600))
+    y = np.repeat(np.arange(5), 24)
+    x = (signal * centres[y] + rng.normal(size=(len(y), 600))).astype(np.float32)
+    train = np.arange(len(y)) % 2 == 0
+    return x[train], y[train], x[~train], y[~train]
+
+
+@pytest.mark.parametrize("signal,acc,C", [(0.2, 0.9, 0.01), (0.25, 59 / 60, 1e-4)])
+def test_subject_probe_on_the_row_space_equals_logistic_regression_on_the_features(signal, acc, C):
+    """The fast subject probe (RowSpace: 60 training windows of 600 features -> 60 coordinates) against the
+    reference, LogisticRegressionCV on the standardised features themselves: the same C, the same
+    predictions and accuracy (numbers of this seed)."""
+    from brainfm.eval.probe import _model, fit_predict_sklearn
+
+    train_x, train_y, test_x, test_y = _subject_features(signal)
+    fast = _model("classification", 0).fit(train_x, train_y)
+    reference = _model("classification", 0, reduce=False).fit(train_x, train_y)
+    assert fast[1].basis_.shape == (600, 60) and len(reference) == 2  # reduced; the reference is not
+    assert fast[-1].C_ == reference[-1].C_ == C
+    np.testing.assert_array_equal(fast.predict(test_x), reference.predict(test_x))
+    result = fit_predict_sklearn(train_x, train_y, test_x, test_y)
+    assert result["acc"] == pytest.approx(acc) == np.mean(reference.predict(test_x) == test_y)
+
+
+def test_subject_probe_reduction_is_exact_once_the_solvers_converge():
+    """A weak signal (accuracy near 0.6), where the C chosen by CV accuracy hangs on near-ties that L-BFGS's
+    default tolerance (1e-4) can tip either way: with both solvers converged (tol 1e-10) the fast probe and the
+    reference choose the same C and give the same probabilities to 1e-8."""
+    from brainfm.eval.probe import _model
+
+    train_x, train_y, test_x, test_y = _subject_features(0.15, seed=2)
+    fast, reference = (_model("classification", 0, reduce=reduce).set_params(logisticregressioncv__tol=1e-10)
+                       .fit(train_x, train_y) for reduce in (True, False))
+    assert fast[-1].C_ == reference[-1].C_ == 1.0
+    np.testing.assert_allclose(fast.predict_proba(test_x), reference.predict_proba(test_x), atol=1e-8)
+    assert np.mean(fast.predict(test_x) == test_y) == pytest.approx(35 / 60)
+
+
+def test_subject_probe_keeps_the_features_when_they_are_few():
+    """More than a quarter as many windows as features: no reduction, the reference's numbers bit for bit."""
+    from brainfm.eval.probe import _model, fit_predict_sklearn, metrics
+
+    x, y, g = _blobs(per_subject=20)  # 240 windows, 8 features
+    train, test = g < 8, g >= 8
+    model = _model("classification", 0).fit(x[train], y[train])
+    assert model[1].basis_ is None
+    reference = _model("classification", 0, reduce=False).fit(x[train], y[train])
+    expected = metrics("classification", y[test], reference.predict(x[test]), reference.predict_proba(x[test]))
+    assert fit_predict_sklearn(x[train], y[train], x[test], y[test]) == expected
+
+
 def test_few_subject_curve_improves_with_more_subjects():
     from brainfm.eval.probe import few_subject_curve
 
