@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -130,6 +131,9 @@ def test_evaluate_cli_writes_metrics_and_plot(cfg_for, tmp_path):
     assert set(report["probe"]) == set(report["results"])
     assert report["probe"]["fc_fingerprint"]["40"]["acc"] > 0.6
     assert "subject linear probe" in proc.stdout
+    # progress while it runs (brainfm's logger, printed by the CLI before the tables)
+    assert "pretrained: embedding" in proc.stdout and "FC fingerprinting, 40 TRs: Rank-1" in proc.stdout
+    assert proc.stdout.index("random init, 30 TRs: Rank-1") < proc.stdout.index("Subject re-identification")
 
 
 SEMANTOKS_SMALL = ("experiment=semantoks", "model.conv_channels=16", "model.long_conv_channels=16", "model.depth=1",
@@ -272,6 +276,29 @@ def test_subject_probe_keeps_the_features_when_they_are_few():
     reference = _model("classification", 0, reduce=False).fit(x[train], y[train])
     expected = metrics("classification", y[test], reference.predict(x[test]), reference.predict_proba(x[test]))
     assert fit_predict_sklearn(x[train], y[train], x[test], y[test]) == expected
+
+
+def test_evaluate_logs_progress(fingerprint_runs, caplog):
+    """What runs, each model's embedding, then one line per method and window length with its numbers."""
+    import logging
+
+    from brainfm.eval.protocol import run_reidentification
+
+    with caplog.at_level(logging.INFO, logger="brainfm.eval.protocol"):
+        report = run_reidentification(fingerprint_runs["demo"], window_lengths=[30, 60], run_fraction=0.5,
+                                      gallery_fraction=1 / 3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "brainfm.eval.protocol"]
+    windows = sum(w["gallery"] + w["queries"] for w in report["protocol"]["windows"].values())
+    assert lines[0].startswith("evaluating ") and lines[0].endswith(" (7 subjects)")
+    assert lines[1] == (f"pretrained, random init, FC fingerprinting at window lengths 30, 60 TRs ({windows} windows): "
+                        "re-identification and the subject probe")
+    assert lines[2] == f"pretrained: embedding {windows} windows"
+    fc = report["results"]["fc_fingerprint"]["60"]
+    assert re.fullmatch(rf"FC fingerprinting, 60 TRs: Rank-1 {fc['rank1']:.3f}, mAP {fc['mAP']:.3f}; subject probe "
+                        rf"\(4371 features\) accuracy {report['probe']['fc_fingerprint']['60']['acc']:.3f} "
+                        r"\(\d+\.\d s\)", lines[-1])
+    assert len(lines) == 2 + 3 * 3  # the plan; per model: embedding + 2 lengths; FC: correlating + 2 lengths
+    assert all(len(line) < 140 for line in lines[1:]), lines
 
 
 def test_few_subject_curve_improves_with_more_subjects():

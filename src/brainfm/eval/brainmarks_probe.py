@@ -32,6 +32,7 @@ import copy
 import inspect
 import logging
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -351,7 +352,14 @@ def run_probe(ckpt_path: str | Path | None, data_path: str | Path | None, target
         row = dict(settings)
         if name == "fc":
             row.update(representation="cls", classifier=fc_classifier or settings["classifier"])
+        n_heads = len(row["lr_scale_grid"]) * len(row["wd_scale_grid"])
+        log.info("%s (%s, %d features): training %d %s heads, %d epochs of %s updates", "FC" if name == "fc" else name,
+                 row["representation"], np.asarray(f["train"]).shape[-1], n_heads, row["classifier"],
+                 int(row["epochs"]), row["steps_per_epoch"] or "one pass")
+        start = time.perf_counter()
         results[name] = probe_protocol(f, data.labels, **row)
+        log.info("%s: test accuracy %.3f (%.1f s)", "FC" if name == "fc" else name, results[name]["test"]["acc"],
+                 time.perf_counter() - start)
         results[name]["classifier"] = row["classifier"]
         results[name]["representation"] = row["representation"]
     return {

@@ -22,7 +22,9 @@ representation saves); fine-tuning is ``brainfm-train experiment=decoding`` on a
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +37,8 @@ SOURCES = ("trial", "run")
 BASELINES = ("random_init",)
 #: the default n of Thomas et al.'s HCP curve (MDTB: 1-11)
 HCP_N_SUBJECTS = (1, 2, 4, 8, 16, 32, 48)
+
+log = logging.getLogger(__name__)
 
 
 def _labelled_windows(store, make, source: str, label: str, length: int, step: int, shift_s: float | None,
@@ -103,7 +107,7 @@ def run_few_subject(
         CheckpointError: unloadable checkpoint, data with another TR / ROI count / ROI order.
     """
     from brainfm.eval.probe import few_subject_curve
-    from brainfm.eval.protocol import _embed_groups, _windows_and_store
+    from brainfm.eval.protocol import _embed_groups, _windows_and_store, progress
     from brainfm.inference import Group
     from brainfm.runs import build_task_from_checkpoint, load_checkpoint
 
@@ -138,13 +142,21 @@ def run_few_subject(
         models["random_init"] = build_task_from_checkpoint(ckpt, weights=False)
     shard_dir = Path(ckpt["_path"]).parent / ".inference-few-subject"
     results = {}
+    progress("few-subject decoding of %s (%d classes) on %s: %d windows of %d TRs, %d subjects (%d held out); "
+             "%s; %d draws of n = %s training subjects", label, len(classes), store.location, len(labels), length,
+             n_subj, n_test, ", ".join(models), int(repeats), ", ".join(map(str, sizes)), logger=log)
     for name, task in models.items():
+        progress("%s: embedding %d windows", name, len(labels), logger=log)
         embedded = _embed_groups(task, [Group("few_subject", ds, int(batch_size))], trainer, shard_dir)
         if embedded is None:
             return None  # not the global rank 0
         features, subjects = embedded[0]
+        start = time.perf_counter()
         results[name] = few_subject_curve(features, labels, subjects, sizes, "classification", int(repeats),
                                           float(test_fraction), int(seed), metric="acc")
+        log.info("%s: %d probes fit, accuracy %s (%.1f s)", name, len(sizes) * int(repeats),
+                 ", ".join(f"{r['mean']:.3f} at n = {r['n_subjects']}" for r in results[name]),
+                 time.perf_counter() - start)
     return {
         "checkpoint": ckpt["_path"],
         "global_step": int(ckpt.get("global_step", -1)),

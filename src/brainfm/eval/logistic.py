@@ -33,6 +33,7 @@ the same table).
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -488,6 +489,9 @@ def run_logistic(ckpt_path: str | Path | None, data_path: str | Path | None, tar
     proto = {k: settings[k] for k in ("seed", "Cs", "cv_folds", "max_iter", "cv_metric", "balanced_sampling")}
     results = {}
     for name, f in features.items():
+        log.info("%s (%d features): logistic regression, C by %d-fold CV, on the fixed split and %d randomised trials",
+                 LABELS.get(name, name), f["train"].shape[1], int(settings["cv_folds"]), int(settings["n_trials"]))
+        start = time.perf_counter()
         try:
             results[name] = logistic_protocol(f["train"], data.labels["train"], f["val"], data.labels["val"],
                                                f["test"], data.labels["test"], n_trials=int(settings["n_trials"]),
@@ -499,6 +503,8 @@ def run_logistic(ckpt_path: str | Path | None, data_path: str | Path | None, tar
                             f"{counts}): {exc}. Fix: a target whose classes have at least 2 samples in every split "
                             "(stratified splits), or logistic.n_trials=0 to skip the randomised trials") from exc
         results[name]["dim"] = int(f["train"].shape[1])
+        log.info("%s: test balanced accuracy %.3f (%.1f s)", LABELS.get(name, name),
+                 results[name]["fixed"]["test"]["balanced_acc"], time.perf_counter() - start)
     return {
         **labelled_report("logistic", ckpt, data, target),
         "settings": {**settings, "representation": representation,

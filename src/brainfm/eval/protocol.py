@@ -7,12 +7,18 @@ randomly initialised and against functional-connectivity fingerprinting, on
 
 Gallery = windows of the first ``gallery_fraction`` of every run, queries = windows of the rest
 (for the demo this is exactly pretraining data vs held-out data), at several window lengths.
+
+Progress goes to the ``brainfm.eval.protocol`` logger at INFO (``brainfm-evaluate`` prints it): what is
+evaluated, each model's embedding of the windows, and one line per method and window length with its
+Rank-1 / mAP and probe accuracy and the time it took.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -39,6 +45,19 @@ from brainfm.runs import (
 from brainfm.tasks.base import CHECKPOINT_KEY
 
 BASELINES = ("random_init", "fc_fingerprint")
+#: method names in progress lines (the table's labels)
+_LABELS = {"pretrained": "pretrained", "random_init": "random init", "fc_fingerprint": "FC fingerprinting"}
+
+log = logging.getLogger(__name__)
+
+
+def progress(message: str, *args, logger: logging.Logger = log) -> None:
+    """A progress line at INFO on the global rank 0 only (the other ranks of a ``trainer=ddp`` evaluation
+    embed their share of the windows silently); the rank is Lightning's, from the launcher's environment."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        logger.info(message, *args, stacklevel=2)
 
 
 @torch.inference_mode()
@@ -200,9 +219,13 @@ def run_reidentification(
     probes: dict[str, dict[str, dict]] = {name: {} for name in names}
 
     def score(name: str, length: int, fg, gid, fq, qid, metric: str) -> None:
-        results[name][str(length)] = reidentification(fg, gid, fq, qid, metric=metric)
+        start = time.perf_counter()
+        r = results[name][str(length)] = reidentification(fg, gid, fq, qid, metric=metric)
+        line = f"{_LABELS.get(name, name)}, {length} TRs: Rank-1 {r['rank1']:.3f}, mAP {r['mAP']:.3f}"
         if probe:
-            probes[name][str(length)] = fit_predict_sklearn(fg, gid, fq, qid, "classification", seed)
+            p = probes[name][str(length)] = fit_predict_sklearn(fg, gid, fq, qid, "classification", seed)
+            line += f"; subject probe ({fg.shape[1]} features) accuracy {p['acc']:.3f}"
+        progress("%s (%.1f s)", line, time.perf_counter() - start)
 
     sets = {}
     for length in window_lengths:
@@ -211,8 +234,14 @@ def run_reidentification(
     groups = [Group(f"{part}:{length}", ds, int(batch_size)) for length, pair in sets.items()
               for part, ds in zip(("gallery", "query"), pair)]
     shard_dir = Path(ckpt["_path"]).parent / ".inference-evaluate"
+    n_windows = sum(len(ds) for pair in sets.values() for ds in pair)
+    progress("evaluating %s on %s (%d subjects)", ckpt["_path"], store.location, len(set(store.subject_ids)))
+    progress("%s at window lengths %s TRs (%d windows): re-identification%s",
+             ", ".join(_LABELS.get(n, n) for n in names), ", ".join(str(n) for n in sets), n_windows,
+             " and the subject probe" if probe else "")
     rank0 = True
     for name, task in models.items():
+        progress("%s: embedding %d windows", _LABELS.get(name, name), n_windows)
         embedded = _embed_groups(task, groups, trainer, shard_dir)
         if embedded is None:
             rank0 = False
@@ -223,6 +252,7 @@ def run_reidentification(
     if not rank0:
         return None
     if "fc_fingerprint" in baselines:
+        progress("FC fingerprinting: correlating the ROIs of %d windows", n_windows)
         for length, (gallery, queries) in sets.items():
             wg, gid = window_array(gallery)
             wq, qid = window_array(queries)
@@ -245,7 +275,9 @@ def run_reidentification(
             "stride": stride or "half the window length",
             "similarity": {"embeddings": "cosine", "fc_fingerprint": "pearson (Finn et al. 2015)"},
             "probe": "standardised features, logistic regression (C by 3-fold CV) fit on gallery windows, "
-                     "scored on query windows" if probe else None,
+                     "scored on query windows; solved on the span of the gallery windows' features where they "
+                     "are at most a quarter as many as the features (exact: brainfm.eval.probe.RowSpace)"
+                     if probe else None,
         },
         "results": results,
         **({"probe": probes} if probe else {}),
