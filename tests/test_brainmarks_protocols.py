@@ -198,3 +198,11 @@ def test_errors_name_the_labels_and_the_fix(synthetic, segmented_hcp, small_h5, 
         _evaluate("model=fc", "ckpt=nowhere")
     with h5py.File(h5, "r") as f:
         assert "labels/gender" in f
+    rng = np.random.default_rng(0)
+    series = {a: [rng.normal(size=(12, 48)) for _ in range(60)] for a in ("aal", "toy")}
+    two = write_roi_h5(tmp_path / "two_atlases.h5", series, [f"s{i:03d}" for i in range(60)], 0.72,
+                       {a: [f"r{k}" for k in range(12)] for a in series}, labels={"gender": ["M", "F"] * 30})
+    # the fix names the key of the protocol's own section (data.atlas does not exist in brainfm-evaluate's config)
+    with pytest.raises(DataError, match=r"logistic\.atlas=") as err:
+        _evaluate("protocol=logistic", "model=fc", f"data_path={two}", "target=gender")
+    assert "data.atlas" not in str(err.value)

@@ -329,7 +329,7 @@ def run_probe(ckpt_path: str | Path | None, data_path: str | Path | None, target
     if not data_path:
         raise ConfigError("protocol=probe model=fc needs the labelled data: data_path=<ROI store .h5 with /labels, "
                           "or a Brainmarks <name>.<space>.arrow folder>")
-    data = open_labelled(data_path, target, atlas=atlas, split=split)
+    data = open_labelled(data_path, target, atlas=atlas, split=split, atlas_key="probe_heads.atlas")
     parts = ("train", "val", "test")
     features: dict[str, dict[str, np.ndarray]] = {}
     if task is not None:

@@ -232,14 +232,15 @@ class LabelledSplits:
     split_source: str
 
 
-def open_labelled(path: str | Path, target: str | None, atlas: Any = None, split: Mapping[str, Any] | None = None
-                  ) -> LabelledSplits:
+def open_labelled(path: str | Path, target: str | None, atlas: Any = None, split: Mapping[str, Any] | None = None,
+                  atlas_key: str = "logistic.atlas") -> LabelledSplits:
     """Open a labelled store and its three splits.
 
     A Brainmarks folder (``<name>.<space>.arrow``): its ``train``/``validation``/``test`` as given; an ROI
     HDF5 store: its subjects split as ``brainfm-data to-brainmarks`` splits them
     (:func:`brainfm.data.stores.brainmarks.subject_split_for`: ``split.seed`` 0, ``split.fractions``
-    ``[0.8, 0.1, 0.1]`` or ``split.file``), runs in store order.
+    ``[0.8, 0.1, 0.1]`` or ``split.file``), runs in store order. ``atlas_key``: the key that sets ``atlas``
+    (``logistic.atlas``, ``probe_heads.atlas``), named in the fixes of the store's messages.
 
     Raises:
         DataError: no store at ``path``, a store that is not ROI data, no per-run labels, a target with fewer
@@ -253,7 +254,7 @@ def open_labelled(path: str | Path, target: str | None, atlas: Any = None, split
     if kind not in ("roi", "brainmarks"):
         raise DataError(f"{path} is a {kind} store; protocol=logistic reads ROI time series: an ROI HDF5 store with "
                         "/labels/<name> or a Brainmarks <name>.<space>.arrow folder")
-    store = open_store(kind, path, atlas=atlas) if kind == "roi" else open_store(kind, path)
+    store = open_store(kind, path, atlas=atlas, atlas_key=atlas_key) if kind == "roi" else open_store(kind, path)
     names = list(getattr(store, "run_label_names", []) or [])
     if not names:
         fix = ("add a per-run label array /labels/<name> (one value per run, e.g. sex) to the file" if kind == "roi"
