@@ -1,0 +1,210 @@
+"""Imports only point down (docs/architecture.md): an AST test over ``src/brainfm``.
+
+Every ``import`` / ``from ... import`` in a module counts, at module top and inside functions
+alike (an import inside a function is still a dependency). Three rules:
+
+1. a module imports only its own layer or a lower one (:data:`LAYERS`, bottom to top);
+2. a few pairs inside one layer are forbidden (:data:`FORBIDDEN`: a model never reads files,
+   a store never knows about models);
+3. no import cycle between modules.
+
+:data:`KNOWN` lists the violations still allowed while they are being fixed. The list only
+shrinks: the test fails on a violation not in it, and on an entry that no longer occurs.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = "brainfm"
+
+# bottom to top; the first part of a module's name below ``brainfm`` picks its layer
+LAYERS: list[tuple[str, set[str]]] = [
+    ("base", {"__init__", "errors", "config", "io"}),
+    ("data and models", {"data", "models"}),
+    ("weights and parallelism", {"checkpoints", "strategies"}),
+    ("tasks", {"tasks"}),
+    ("trained runs", {"runs"}),
+    ("using a run, training services", {"eval", "extract", "interpret", "inference", "callbacks", "tracking"}),
+    ("drivers", {"search", "scaling", "bench"}),
+    ("entry points", {"cli"}),
+]
+
+# pairs of components inside one layer that must not import each other (importer, imported)
+FORBIDDEN: dict[tuple[str, str], str] = {
+    ("models", "data"): "a model never reads files: the network assignment, ROI order etc. are passed in",
+    ("data", "models"): "a store never knows about models",
+}
+
+# (importer, imported) module pairs allowed for now. This list only shrinks: fix one, delete it.
+KNOWN: set[tuple[str, str]] = {
+    # drivers call the training function, which lives in cli/train.py (move it below the drivers)
+    ("brainfm.bench.fingerprint", "brainfm.cli.common"),
+    ("brainfm.bench.fingerprint", "brainfm.cli.train"),
+    ("brainfm.bench.objectives", "brainfm.cli.train"),
+    ("brainfm.search.study", "brainfm.cli.train"),
+    # a trained run and extract use cli/common's helpers (issue 21, item 1)
+    ("brainfm.extract", "brainfm.cli.common"),
+    ("brainfm.runs", "brainfm.cli.common"),
+    # a model converter on the weights module that imports the models
+    ("brainfm.models.convert", "brainfm.checkpoints"),
+    # a model reading a YAML network map
+    ("brainfm.models.semantoks", "brainfm.data.network_maps"),
+    # cycle: brainfm.data.stores (open_store, detect_kind) imports the stores, which import it back
+    ("brainfm.data.stores.brainmarks", "brainfm.data.stores"),
+    ("brainfm.data.stores.roi", "brainfm.data.stores"),
+    ("brainfm.data.stores.rundir", "brainfm.data.stores"),
+    # cycle: search/results.py <-> search/study.py
+    ("brainfm.search.results", "brainfm.search.study"),
+}
+
+
+def _layer_of(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    for i, (_, members) in enumerate(LAYERS):
+        if top in members:
+            return i
+    raise AssertionError(f"{module}: brainfm.{top} is in no layer; add it to LAYERS here and to docs/architecture.md")
+
+
+def _component(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _modules() -> dict[str, Path]:
+    """Module name -> file (a package is its ``__init__.py``)."""
+    out = {}
+    for path in sorted((SRC / PACKAGE).rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """brainfm modules that ``name`` imports anywhere in its file."""
+    is_pkg = path.name == "__init__.py"
+    found: set[str] = set()
+
+    def resolve(target: str) -> str | None:
+        while target and target not in modules:  # brainfm.x.func -> brainfm.x
+            target = target.rpartition(".")[0]
+        return target or None
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_pkg else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [f"{mod}.{a.name}" for a in node.names] if mod else []
+        else:
+            continue
+        for t in targets:
+            if t == PACKAGE or t.startswith(PACKAGE + "."):
+                r = resolve(t)
+                if r is not None and r != name:
+                    found.add(r)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def _layer_violations(graph: dict[str, set[str]]) -> dict[tuple[str, str], str]:
+    bad = {}
+    for a, targets in graph.items():
+        for b in targets:
+            la, lb = _layer_of(a), _layer_of(b)
+            if lb > la:
+                bad[(a, b)] = f"{LAYERS[la][0]} imports {LAYERS[lb][0]}"
+            elif (_component(a), _component(b)) in FORBIDDEN:
+                bad[(a, b)] = FORBIDDEN[(_component(a), _component(b))]
+    return bad
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _without(graph: dict[str, set[str]], edges: set[tuple[str, str]]) -> dict[str, set[str]]:
+    return {a: {b for b in bs if (a, b) not in edges} for a, bs in graph.items()}
+
+
+def test_every_module_has_a_layer():
+    for name in _modules():
+        _layer_of(name)
+
+
+def test_imports_only_point_down():
+    bad = {e: why for e, why in _layer_violations(_graph()).items() if e not in KNOWN}
+    assert not bad, "imports that point up or across (docs/architecture.md; move the code, or pass the value in):\n" + "\n".join(
+        f"  {a} imports {b} ({why})" for (a, b), why in sorted(bad.items()))
+
+
+def test_no_import_cycle():
+    cycles = _cycles(_without(_graph(), KNOWN))
+    assert not cycles, "import cycles (each line: modules that import each other, directly or around):\n" + "\n".join(
+        "  " + " <-> ".join(c) for c in cycles)
+
+
+def test_known_violations_still_occur():
+    """KNOWN only holds what is still true: a fixed violation is deleted from it."""
+    graph = _graph()
+    bad = set(_layer_violations(graph))
+    in_cycle = {(a, b) for comp in _cycles(graph) for a in comp for b in graph[a] if b in comp}
+    stale = sorted(e for e in KNOWN if e not in bad and e not in in_cycle)
+    assert not stale, "KNOWN entries that no longer occur; delete them from tests/test_layers.py:\n" + "\n".join(
+        f"  {a} -> {b}" for a, b in stale)
+
+
+def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
+    modules = {"brainfm.a": tmp_path / "a.py", "brainfm.b": tmp_path / "b.py", "brainfm.cli.c": tmp_path / "c.py",
+               "brainfm.cli": tmp_path / "__init__.py"}
+    (tmp_path / "a.py").write_text("def f():\n    from brainfm.cli import c\n    import brainfm.b as bb\n")
+    (tmp_path / "c.py").write_text("from . import c\nfrom ..b import thing\n")
+    assert _imports("brainfm.a", modules["brainfm.a"], modules) == {"brainfm.cli.c", "brainfm.b"}
+    assert _imports("brainfm.cli.c", modules["brainfm.cli.c"], modules) == {"brainfm.b"}
+    assert _cycles({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == [["x", "y", "z"]]
