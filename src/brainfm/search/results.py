@@ -8,23 +8,28 @@
   ``plots/intermediate_values.png`` (Optuna's matplotlib plots).
 
 Every file is written under a temporary name and renamed, so workers finishing at the same time
-never leave a half-written file.
+never leave a half-written file (:mod:`brainfm.io`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import shlex
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import optuna
 import yaml
 from optuna.trial import TrialState
 
-from brainfm.search.study import SKIPPED, Search, train_command
+from brainfm.io import atomic_path, atomic_write_text
 
 _log = logging.getLogger("brainfm.search")
+
+# the user attribute of a trial the study skipped (over budget): Optuna state FAIL, not a failed run
+SKIPPED = "brainfm:skipped"
 
 PLOTS = {
     "optimization_history": "plot_optimization_history",
@@ -33,7 +38,7 @@ PLOTS = {
 }
 
 
-def best_overrides(search: Search, study: optuna.Study) -> list[str] | None:
+def best_overrides(search: Any, study: optuna.Study) -> list[str] | None:
     """The ``brainfm-train`` overrides of the best complete trial (those its worker composed it
     from: the base overrides and the parameters), or ``None`` when no trial completed."""
     try:
@@ -46,8 +51,11 @@ def best_overrides(search: Search, study: optuna.Study) -> list[str] | None:
     return [*base, *search.space.overrides(best.params)]
 
 
-def write_results(search: Search, study: optuna.Study, plots: bool = True) -> dict:
+def write_results(search: Any, study: optuna.Study, plots: bool = True) -> dict:
     """Write ``trials.csv``, ``best.yaml`` and the plots; print the best trial's command line.
+
+    ``search`` is the :class:`~brainfm.search.study.Search` (not imported here: the study imports
+    this module, :meth:`Search.report <brainfm.search.study.Search.report>`).
 
     Returns:
         the contents of ``best.yaml`` (``value`` and ``trial`` are ``None`` before any trial
@@ -71,7 +79,7 @@ def write_results(search: Search, study: optuna.Study, plots: bool = True) -> di
         best.update({"value": float(bt.value), "trial": bt.number, "params": dict(bt.params),
                      "run_dir": bt.user_attrs.get("run_dir"), "overrides": overrides,
                      "command": train_command(overrides, run_name=run_name)})
-    _write_atomic(out / "best.yaml", yaml.safe_dump(best, sort_keys=False))
+    atomic_write_text(out / "best.yaml", yaml.safe_dump(best, sort_keys=False))
     if plots:
         write_plots(study, out / "plots")
     if overrides is not None:
@@ -93,9 +101,8 @@ def _write_csv(study: optuna.Study, path: Path) -> None:
             df["overrides"] = df["overrides"].map(lambda v: " ".join(v) if isinstance(v, list) else v)
         if SKIPPED in df.columns:
             df = df.rename(columns={SKIPPED: "skipped"})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
@@ -119,17 +126,18 @@ def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
             if name == "intermediate_values":
                 first.set_xlabel("validation (one per trainer.val_check_interval steps)")
             fig = first.figure
-            tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-            fig.savefig(tmp, dpi=120, bbox_inches="tight")
-            plt.close(fig)
-            os.replace(tmp, path)
+            try:
+                with atomic_path(path) as tmp:
+                    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+            finally:
+                plt.close(fig)
             written.append(path)
         except Exception as exc:  # e.g. importances need >= 2 complete trials with varying parameters
             _log.info("plot %s skipped: %s", name, exc)
     return written
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def train_command(overrides: Sequence[str], run_name: str | None) -> str:
+    """``brainfm-train <overrides>`` as a shell line (each override quoted when needed)."""
+    parts = ["brainfm-train", *overrides, *([f"run_name={run_name}"] if run_name else [])]
+    return " ".join(shlex.quote(p) for p in parts)

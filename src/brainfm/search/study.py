@@ -32,13 +32,14 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from brainfm.errors import BrainfmError, ConfigError
+from brainfm.io import atomic_write_text
+from brainfm.search.results import SKIPPED, train_command, write_results
 from brainfm.search.space import SearchSpace, override_key
 from brainfm.search.storage import make_storage, redact, resolve_storage
 
 _log = logging.getLogger("brainfm.search")
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-SKIPPED = "brainfm:skipped"
 ATTR_SPACE, ATTR_OBJECTIVE, ATTR_OVERRIDES = "brainfm:space", "brainfm:objective", "brainfm:overrides"
 # overrides that steer the search itself, not the trained model (dropped from the train command line)
 _SEARCH_KEYS = ("search", "hydra")
@@ -388,8 +389,8 @@ class Search:
         record = {"study": self.study_name, "storage": self.storage_name, "trial": trial.number, "params": params,
                   "overrides": param_overrides, "worker": self.worker_name,
                   "command": train_command([*self.train_overrides, *param_overrides], run_name=None)}
-        _write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        _write_atomic(run_dir / "trial.json", json.dumps(record, indent=2))
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(run_dir / "trial.json", json.dumps(record, indent=2))
         _log.info("trial %d: %s -> %s", trial.number, " ".join(param_overrides), run_dir)
         try:
             datamodule, task, trainer = build(cfg)
@@ -417,7 +418,7 @@ class Search:
         summary = {"experiment": cfg.experiment_name, "run_dir": str(run_dir), "global_step": step,
                    "metrics": metrics, "optuna": {**record, "validations": [list(h) for h in history],
                                                   "pruned_at_validation": pruning.pruned_at}}
-        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         trial.set_user_attr("validations", len(history))
         trial.set_user_attr("global_step", step)
         for k, v in sorted(metrics.items()):
@@ -442,17 +443,7 @@ class Search:
     def report(self, study: optuna.Study, plots: bool | None = None) -> dict:
         """Write ``trials.csv``, ``best.yaml`` and the plots into ``search.dir``; print the best
         trial as a ``brainfm-train`` command. Returns the contents of ``best.yaml``."""
-        from brainfm.search.results import write_results
-
         return write_results(self, study, plots=self.cfg.search.get("plots", True) if plots is None else plots)
-
-
-def train_command(overrides: Sequence[str], run_name: str | None) -> str:
-    """``brainfm-train <overrides>`` as a shell line (each override quoted when needed)."""
-    import shlex
-
-    parts = ["brainfm-train", *overrides, *([f"run_name={run_name}"] if run_name else [])]
-    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _without_paths(overrides: Sequence[str]) -> list[str]:
@@ -466,12 +457,6 @@ def _set_aside(run_dir: Path) -> None:
         old = run_dir.with_name(f"{run_dir.name}.old-{int(time.time())}")
         _log.warning("%s exists (from an earlier study of this name?); moved to %s", run_dir, old.name)
         run_dir.rename(old)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _free_memory() -> None:
