@@ -23,8 +23,10 @@ def test_text_and_bytes_replace_the_target_and_leave_no_temporary(tmp_path):
 
 
 def test_the_temporary_is_a_hidden_sibling_with_the_suffix(tmp_path):
-    tmp = temp_path(tmp_path / "plot.png")
-    assert tmp.parent == tmp_path and tmp.name == f".plot.png.tmp-{os.getpid()}.png"
+    tmp = temp_path(tmp_path / "row.json")
+    assert tmp.parent == tmp_path and tmp.name.startswith(".row.json.tmp-") and not tmp.name.endswith(".json")
+    assert f"-{os.getpid()}-" in tmp.name and temp_path(tmp_path / "row.json") != tmp  # unique per call
+    assert temp_path(tmp_path / "plot.png", keep_suffix=True).suffix == ".png"  # for savefig
 
 
 def test_an_error_keeps_the_old_content_and_deletes_the_temporary(tmp_path):

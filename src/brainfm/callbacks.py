@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -56,6 +55,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from brainfm.errors import ConfigError
+from brainfm.io import remove_path
 
 _log = logging.getLogger("brainfm")
 
@@ -208,7 +208,7 @@ class ResumeCheckpoint(Callback):
             for pattern in patterns:
                 for stale in self.dirpath.glob(pattern):
                     _log.info(f"removing {stale}, left by an interrupted save")
-                    _remove(stale)
+                    remove_path(stale)
         trainer.strategy.barrier("brainfm_last_checkpoint_cleanup")
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -268,13 +268,13 @@ def replace_checkpoint(tmp: Path, target: Path, step: int) -> None:
 
     if target.is_dir() or (tmp.is_dir() and target.exists()):  # rename(2) cannot replace a directory
         old = previous_checkpoint(target, step)
-        _remove(old)
+        remove_path(old)
         os.replace(target, old)
         os.replace(tmp, target)
     else:
         os.replace(tmp, target)  # one atomic rename
     for stale in target.parent.glob(f".{target.name}.old-*"):  # the new one is in place
-        _remove(stale)
+        remove_path(stale)
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -371,10 +371,10 @@ class BestCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for path, why in remove:
                 _log.info(f"removing {path}: {why}")
-                _remove(path)
+                remove_path(path)
             for stale in Path(self.dirpath).glob(f".{(self.filename or '').split('{')[0]}*{self.FILE_EXTENSION}.tmp-*"):
                 _log.info(f"removing {stale}, left by an interrupted save")
-                _remove(stale)
+                remove_path(stale)
         trainer.strategy.barrier("brainfm_best_checkpoint_pruned")
 
 
@@ -392,10 +392,3 @@ def _sigterm_deferred():
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if received:
             signal.raise_signal(signal.SIGTERM)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

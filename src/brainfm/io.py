@@ -2,10 +2,12 @@
 
 DESIGN.md: "nothing half-written is left behind (write to a temporary name, then rename)". This
 is that rule's one implementation. The temporary is a hidden sibling of the target,
-``.<name>.tmp-<pid><suffix>`` (same folder, so ``os.replace`` is one rename(2) on one file
-system; the target's suffix repeated at the end, so writers that pick a format from the extension,
-e.g. matplotlib's ``savefig``, write the right one). On an error the temporary is deleted and the
-error propagates; the target keeps its old content.
+``.<name>.tmp-<host>-<pid>-<random>`` (same folder, so ``os.replace`` is one rename(2) on one file
+system; host and a random part beside the pid because workers on several nodes write into one
+shared folder, and two nodes can run the same pid). It does not end in the target's suffix, so a
+reader globbing ``*.json`` never sees a half-written file; ``keep_suffix=True`` repeats the suffix
+at the end for writers that pick a format from the extension (matplotlib's ``savefig``). On an
+error the temporary is deleted and the error propagates; the target keeps its old content.
 
 The standard library has no atomic write (``tempfile`` makes temporaries, not the rename), and
 the small packages that do (``atomicwrites``, archived) do not cover directories; so it is here.
@@ -18,15 +20,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
-def temp_path(path: str | os.PathLike) -> Path:
-    """The temporary sibling of ``path``: ``.<name>.tmp-<pid><suffix>``."""
+def temp_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Path:
+    """A new temporary sibling of ``path``: ``.<name>.tmp-<host>-<pid>-<random>`` (``keep_suffix``:
+    followed by ``path``'s suffix)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    return path.with_name(f".{path.name}.tmp-{_stamp()}{path.suffix if keep_suffix else ''}")
+
+
+def _stamp() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def remove_path(path: str | os.PathLike) -> None:
@@ -39,13 +48,15 @@ def remove_path(path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, mkdir: bool = True, keep_suffix: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; write the file there; on leaving the block it is
     renamed to ``path`` (``os.replace``, one atomic step over an existing file).
 
     Args:
         path: the final file.
         mkdir: create the parent folder first.
+        keep_suffix: the temporary ends in ``path``'s suffix (for writers that choose the format by
+            it, e.g. ``fig.savefig``); not where a reader globs the folder for that suffix.
 
     Raises:
         whatever the block raises, after deleting the temporary; ``IsADirectoryError`` /
@@ -54,7 +65,7 @@ def atomic_path(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path
     path = Path(path)
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    tmp = temp_path(path, keep_suffix=keep_suffix)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -84,7 +95,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "ut
 def atomic_dir(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path]:
     """Yield a new, empty temporary directory beside ``path``; fill it; on leaving the block it
     takes ``path``'s place. rename(2) cannot replace a non-empty directory, so an existing
-    ``path`` is first renamed aside (``.<name>.old-<pid>``), the new one renamed in, and the old one
+    ``path`` is first renamed aside (``.<name>.old-<host>-<pid>-<random>``), the new one renamed in, and the old one
     deleted: at every moment ``path`` is either the complete old or the complete new directory,
     except for the instant between the two renames.
 
@@ -94,14 +105,13 @@ def atomic_dir(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path]
     path = Path(path)
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    remove_path(tmp)
+    stamp = _stamp()
+    tmp = path.with_name(f".{path.name}.tmp-{stamp}")
     tmp.mkdir()
     try:
         yield tmp
         if path.exists() or path.is_symlink():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            remove_path(old)
+            old = path.with_name(f".{path.name}.old-{stamp}")
             os.replace(path, old)
             os.replace(tmp, path)
             remove_path(old)

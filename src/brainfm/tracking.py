@@ -39,6 +39,7 @@ from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from brainfm.errors import ConfigError
+from brainfm.io import atomic_path, atomic_write_text
 
 _log = logging.getLogger("brainfm")
 
@@ -85,12 +86,10 @@ class ResumableCSVLogger(StepsCompleted, CSVLogger):
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
             rows = [r for r in reader if r.get("step") in (None, "") or int(float(r["step"])) <= global_step]
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
 
 
 class TensorBoardLogger(StepsCompleted, _TensorBoardLogger):
@@ -229,10 +228,7 @@ class ResumableMLFlowLogger(StepsCompleted, MLFlowLogger):
     def experiment(self):
         client = super().experiment
         if self._id_file is not None and not self._id_file.is_file() and self._run_id is not None:
-            self._id_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._id_file.with_name(f".{self._id_file.name}.tmp-{os.getpid()}")
-            tmp.write_text(self._run_id)
-            os.replace(tmp, self._id_file)
+            atomic_write_text(self._id_file, self._run_id)
         return client
 
 

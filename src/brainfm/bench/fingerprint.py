@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainfm.io import atomic_write_text
+
 #: name -> (what it is, the overrides of ``brainfm-train``: an ``experiment=`` preset and its changes)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "fc_learned": ("correlation of a learned projection of the ROIs (identity init), no deep network "
@@ -151,7 +153,7 @@ def reid(run_dir: Path, data_path: Path | None, windows: Sequence[int], gallery_
                                                   for n, r in v.items()}
               for k, v in report["results"].items()}
     kept.parent.mkdir(exist_ok=True)
-    _write(kept, json.dumps(result))
+    atomic_write_text(kept, json.dumps(result))
     return result
 
 
@@ -257,12 +259,6 @@ def selection_table(results: dict) -> str:
             "folds), gallery [0, 300) vs queries [300, 600)\n\n" + head + "\n".join(lines) + "\n")
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(protocol: str, configs: Sequence[str] | None, seeds: Sequence[int], out: str | Path,
          steps: int | None, data_dir: str | Path = "data") -> int:
     """Run ``protocol`` (``final``, ``selection`` or ``both``); print and write the tables."""
@@ -279,15 +275,15 @@ def main(protocol: str, configs: Sequence[str] | None, seeds: Sequence[int], out
     hcp, gw = fetch("hcp_rest_roi", data_dir), fetch("gw_rest_roi", data_dir)
     if protocol in ("selection", "both"):
         sel = run_selection(names, int(seeds[0]), out, hcp, steps)
-        _write(out / "selection.json", json.dumps(sel, indent=2))
+        atomic_write_text(out / "selection.json", json.dumps(sel, indent=2))
         table = selection_table(sel)
-        _write(out / "selection.md", table)
+        atomic_write_text(out / "selection.md", table)
         print(table)
     if protocol in ("final", "both"):
         res = run_final([n for n in names if n not in SELECTION_ONLY], list(seeds), out, hcp, gw, steps)
-        _write(out / "final.json", json.dumps(res, indent=2))
+        atomic_write_text(out / "final.json", json.dumps(res, indent=2))
         table = final_table(res, seeds)
-        _write(out / "final.md", table)
+        atomic_write_text(out / "final.md", table)
         print(table)
     print(f"wrote {out}")
     return 0

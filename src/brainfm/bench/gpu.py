@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from brainfm.io import atomic_write_text
+
 #: dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device name: NVIDIA's data sheets
 PEAK_BF16_TFLOPS = (
     ("H200", 989.0),
@@ -433,8 +435,5 @@ def main(argv: list[str] | None = None) -> str:
     args.command = " ".join(["python", "scripts/bench_gpu.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     report = run(args)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(report + "\n")
-        tmp.replace(args.out)
+        atomic_write_text(args.out, report + "\n")
     return report

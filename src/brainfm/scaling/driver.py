@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from brainfm.errors import ConfigError
+from brainfm.io import atomic_write_text
 from brainfm.scaling.accounting import build_on_meta, count_flops, count_parameters
 from brainfm.scaling.families import family_of
 from brainfm.scaling.memory import (
@@ -239,15 +240,13 @@ def _is_rank_zero() -> bool:
 def write_plan(rows: list[dict], out_dir: Path) -> Path:
     """``plan.csv``: one line per size with the recommended trainer, nodes, GPUs per node, node
     constraint and micro-batch per GPU (what scale.sbatch submits; empty fields: nothing fits)."""
-    from brainfm.scaling.table import _atomic_write
-
     lines = ["index,model,size,trainer,nodes,gpus_per_node,constraint,batch_size"]
     for i, r in enumerate(rows):
         lines.append(f"{i},{r['model']},{r['size']},{r.get('recommended_trainer') or ''},"
                      f"{r.get('recommended_nodes') or ''},{r.get('recommended_gpus_per_node') or ''},"
                      f"{r.get('recommended_constraint') or ''},{r['batch_size']}")
     path = Path(out_dir) / "plan.csv"
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -1,7 +1,7 @@
 """The scale table: one JSON row file per (model, size), merged into ``scale.csv`` and ``scale.md``.
 
 Row files let SLURM array tasks write their results independently (each atomically: a temporary
-name, then ``os.replace``); :func:`merge` reads them all and rewrites the table under an
+name, then ``os.replace``: :mod:`brainfm.io`); :func:`merge` reads them all and rewrites the table under an
 exclusive ``flock`` on ``<dir>/.merge.lock``, so the last task to merge sees every row written
 before it.
 """
@@ -12,13 +12,13 @@ import contextlib
 import fcntl
 import json
 import math
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from brainfm.errors import DataError
+from brainfm.io import atomic_write_text
 
 GiB = 2**30
 STATE_COLUMNS = {
@@ -31,16 +31,6 @@ STATE_COLUMNS = {
 }
 
 
-def _atomic_write(path: Path, text: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(text, bytes):
-        tmp.write_bytes(text)
-    else:
-        tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def row_path(out_dir: Path, row: dict) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{row['model']}_{row['size']}")
     return Path(out_dir) / "rows" / f"{safe}.json"
@@ -49,7 +39,7 @@ def row_path(out_dir: Path, row: dict) -> Path:
 def write_row(out_dir: Path, row: dict) -> Path:
     """Write one row file atomically; returns its path."""
     path = row_path(out_dir, row)
-    _atomic_write(path, json.dumps(row, indent=1, default=float))
+    atomic_write_text(path, json.dumps(row, indent=1, default=float))
     return path
 
 
@@ -165,8 +155,8 @@ def write_table(rows: list[dict], out_dir: Path, plot: bool = True) -> dict[str,
     out_dir = Path(out_dir)
     frame = pd.DataFrame(rows)
     paths = {"csv": out_dir / "scale.csv", "md": out_dir / "scale.md"}
-    _atomic_write(paths["csv"], frame.to_csv(index=False))
-    _atomic_write(paths["md"], to_markdown(rows))
+    atomic_write_text(paths["csv"], frame.to_csv(index=False))
+    atomic_write_text(paths["md"], to_markdown(rows))
     if plot:
         from brainfm.scaling.plot import plot_scale
 

@@ -127,7 +127,7 @@ def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
                 first.set_xlabel("validation (one per trainer.val_check_interval steps)")
             fig = first.figure
             try:
-                with atomic_path(path) as tmp:
+                with atomic_path(path, keep_suffix=True) as tmp:
                     fig.savefig(tmp, dpi=120, bbox_inches="tight")
             finally:
                 plt.close(fig)
