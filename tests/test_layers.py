@@ -59,8 +59,6 @@ KNOWN: set[tuple[str, str]] = {
     ("brainfm.runs", "brainfm.cli.common"),
     # a model converter on the weights module that imports the models
     ("brainfm.models.convert", "brainfm.checkpoints"),
-    # a model reading a YAML network map
-    ("brainfm.models.semantoks", "brainfm.data.network_maps"),
     # cycle: brainfm.data.stores (open_store, detect_kind) imports the stores, which import it back
     ("brainfm.data.stores.brainmarks", "brainfm.data.stores"),
     ("brainfm.data.stores.roi", "brainfm.data.stores"),

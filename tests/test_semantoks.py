@@ -102,6 +102,18 @@ def test_user_network_map_file(tmp_path):
         load_network_map(path, n_rois=5)
 
 
+def test_the_model_reads_no_map_file_but_takes_its_assignment(tmp_path):
+    """A model never reads files (docs/architecture.md): a map file is resolved outside (by the task,
+    against the data's ROI names) and passed in as ``network_assignment``."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nn_rois: 5\nnetworks:\n  a: {ranges: [[0, 2]]}\n  b: {ranges: [[2, 5]]}\n")
+    with pytest.raises(ConfigError, match="network_assignment"):
+        SemantoksEncoder(5, network_map=str(path), **TINY_MODEL)
+    nmap = load_network_map(path, n_rois=5)
+    enc = SemantoksEncoder(5, nmap.assignment, nmap.network_names, network_map=str(path), **TINY_MODEL)
+    assert enc.network_assignment == [0, 0, 1, 1, 1] and enc.network_names == ["a", "b"]
+
+
 # -- tokenizer and transformer ----------------------------------------------------------------
 def test_long_convolution_impulse_response_is_its_kernel():
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ with a Self-Distilled Foundation Model" (SamGijsen/Brain-Semantoks: ``model/toke
 ``model/semantoks.py``, ``config/example_config.yaml``).
 
 Input: z-scored BOLD ``(B, T, V)`` (TRs x ROIs). The ROIs are grouped into ``N`` networks by a
-network map (:mod:`brainfm.data.network_maps`); the time axis is cut into ``P = T // patch_size``
+network map (:mod:`brainfm.models.network_maps`); the time axis is cut into ``P = T // patch_size``
 temporal patches of ``patch_size`` TRs (trailing TRs that do not fill a patch are dropped, as the
 reference's ``unfold`` does). For every network and patch, :class:`NetworkTokenizer` turns the
 ``(V_n, patch_size)`` block into one ``d``-dim token: a Conv1d over the network's ROIs (kernel 3)
@@ -61,6 +61,7 @@ from torch import nn
 
 from brainfm.errors import ConfigError
 from brainfm.models.backbone import Backbone
+from brainfm.models.network_maps import available_network_maps, load_network_map
 from brainfm.models.transformer import TransformerEncoder, checkpointed
 
 
@@ -239,8 +240,9 @@ class SemantoksEncoder(nn.Module, Backbone):
             Written by the task from ``network_map`` and the data's ROI names, and saved with the
             checkpoint.
         network_names: ``(N,)`` token names (for reports).
-        network_map: a map name or file (:mod:`brainfm.data.network_maps`), resolved by ROI count
-            when ``network_assignment`` is not given (the task resolves it by ROI name instead).
+        network_map: the name of a map kept with the model (:mod:`brainfm.models.network_maps`),
+            resolved by ROI count when ``network_assignment`` is not given (the task resolves a name or
+            a map file by ROI name instead and passes ``network_assignment``; the model reads no user file).
         patch_size: TRs per temporal patch (token). Reference: 20 TRs (40 s at TR 2 s).
         conv_channels, conv_kernel: Conv1d branch (reference 384, 3).
         long_conv_channels, long_conv_kernel, long_conv_scales, long_conv_decay: long-convolution
@@ -266,7 +268,8 @@ class SemantoksEncoder(nn.Module, Backbone):
     ``1 + n * P + p`` is network ``n``, patch ``p``), after a final LayerNorm.
 
     Raises:
-        ConfigError: no network assignment, or one that does not fit ``n_rois``; d_model odd.
+        ConfigError: no network assignment, or one that does not fit ``n_rois``; a ``network_map``
+            that is a file, not a shipped name, without ``network_assignment``; d_model odd.
         ValueError: (forward) wrong ROI count, a window shorter than one patch, a mask or
             ``roi_mask`` of the wrong shape.
     """
@@ -305,8 +308,13 @@ class SemantoksEncoder(nn.Module, Backbone):
         if network_assignment is None:
             if network_map is None:
                 raise ConfigError("the Semantoks model needs model.network_map (or an explicit network_assignment)")
-            from brainfm.data.network_maps import load_network_map
-
+            if str(network_map) not in available_network_maps():  # a model reads no user file
+                raise ConfigError(
+                    f"model.network_map={str(network_map)!r}: the model itself resolves only the maps kept with it "
+                    f"({available_network_maps()}). Fix: train through task=simdino, which matches a map file to the "
+                    "data's ROI names, or pass network_assignment "
+                    "(brainfm.models.network_maps.load_network_map(file, roi_names).assignment)."
+                )
             resolved = load_network_map(network_map, n_rois=self.n_rois)
             network_assignment, network_names = resolved.assignment, resolved.network_names
         assignment = [int(a) for a in network_assignment]
