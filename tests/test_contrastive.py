@@ -243,3 +243,24 @@ def test_validation_groups_follow_the_window_order_not_the_batches():
     torch.testing.assert_close(loss, expected)
     with pytest.raises(ConfigError, match="val_group_size"):
         ContrastiveSequenceModeling(FC, projection="none", val_group_size=1)
+
+
+def test_one_projection_head_for_simclr_and_simdino():
+    """SimCLR's head (task=contrastive) and SimDINO's (task=simdino) are one class, models.heads.ProjectionHead,
+    with the state-dict keys of the heads they replace; SimDINO's older ``mlp.<i>`` keys still load."""
+    from brainfm.models.heads import ProjectionHead
+    from brainfm.tasks.distributed import GlobalBatchNorm1d
+    from brainfm.tasks.self_distillation import simdino_head
+
+    simclr = ProjectionHead(16, 8, 12, norm=GlobalBatchNorm1d)
+    assert list(simclr.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+                                         "1.num_batches_tracked", "3.weight", "3.bias"]
+    dino = simdino_head(16, 32, 8, 2).eval()
+    assert list(dino.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(dino(x).norm(dim=-1), torch.ones(4))
+    legacy = {f"head.mlp.{k}": v + 1 for k, v in dino.state_dict().items()}
+    holder = torch.nn.Module()
+    holder.head = dino
+    holder.load_state_dict(legacy)  # strict: every old key found
+    assert all(torch.equal(dino.state_dict()[k[len("head.mlp."):]], v) for k, v in legacy.items())

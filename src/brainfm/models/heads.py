@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from brainfm.errors import ConfigError
 
 
 class ReconstructionHead(nn.Linear):
@@ -19,6 +24,75 @@ class BinaryHead(nn.Sequential):
 
     def __init__(self, d_model: int) -> None:
         super().__init__(nn.Linear(d_model, d_model), nn.Tanh(), nn.Linear(d_model, 1))
+
+
+class ProjectionHead(nn.Sequential):
+    """The projection head of the embedding objectives: an MLP of ``n_layers`` Linear layers
+    ``in_dim -> hidden_dim -> ... -> out_dim``, with ``norm`` (optional) and ``activation`` after every
+    hidden layer, then optionally L2 normalisation. ``(..., in_dim) -> (..., out_dim)``.
+
+    - SimCLR's head (Chen et al. 2020; ``task=contrastive``): 2 layers, ``norm`` a BatchNorm
+      (the task passes its global-batch ``GlobalBatchNorm1d``), ReLU, PyTorch's default initialisation:
+      ``Linear -> BatchNorm -> ReLU -> Linear``.
+    - SimDINO's head (DINOHead without the prototype layer; Wu et al. 2025; ``task=simdino``): 2 layers,
+      hidden 1024, out 128, GELU, no norm, truncated-normal weights (std 0.02) with zero biases, and
+      ``l2_normalize``.
+
+    State-dict keys are the layers' indices (``0.weight``, ``1.running_mean``, ``3.weight`` for SimCLR's;
+    ``0.weight``, ``2.weight`` for SimDINO's). SimDINO checkpoints written before the two heads became one
+    named them ``mlp.<index>.*``; :meth:`_load_from_state_dict` reads those names too.
+
+    Args:
+        in_dim: input width. out_dim: output width.
+        hidden_dim: width of the hidden layers (default ``in_dim``).
+        n_layers: Linear layers (>= 1; 1: a single Linear, no norm or activation).
+        norm: factory of the layer after each hidden Linear (called with its width), or None.
+        activation: ``relu`` or ``gelu``.
+        init_std: truncated-normal std of the Linear weights, biases zero; None: PyTorch's default.
+        l2_normalize: divide each output by its L2 norm.
+
+    Raises:
+        ConfigError: ``n_layers < 1`` or an unknown ``activation``.
+    """
+
+    ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None, n_layers: int = 2,
+                 norm: Callable[[int], nn.Module] | None = None, activation: str = "relu",
+                 init_std: float | None = None, l2_normalize: bool = False) -> None:
+        if n_layers < 1:
+            raise ConfigError(f"task.head.n_layers={n_layers} must be >= 1")
+        if activation not in self.ACTIVATIONS:
+            raise ConfigError(f"projection head activation={activation!r} must be one of {sorted(self.ACTIVATIONS)}")
+        h = int(hidden_dim or in_dim)
+        dims = [int(in_dim)] + [h] * (n_layers - 1) + [int(out_dim)]
+        layers: list[nn.Module] = []
+        for k in range(n_layers):
+            layers.append(nn.Linear(dims[k], dims[k + 1]))
+            if k < n_layers - 1:
+                if norm is not None:
+                    layers.append(norm(dims[k + 1]))
+                layers.append(self.ACTIVATIONS[activation]())
+        super().__init__(*layers)
+        self.l2_normalize = bool(l2_normalize)
+        if init_std is not None:
+            for m in self:
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=float(init_std))
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        return F.normalize(x, dim=-1) if self.l2_normalize else x
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # SimDINO's head before it was this class: its layers under ``mlp.`` (``head.mlp.0.weight``)
+        legacy = prefix + "mlp."
+        for key in [k for k in state_dict if k.startswith(legacy)]:
+            state_dict[prefix + key[len(legacy):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 # -- classification heads on frozen embeddings (protocol=probe) ----------------------------------------------

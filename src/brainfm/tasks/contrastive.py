@@ -28,22 +28,12 @@ import torch
 from torch import nn
 
 from brainfm.errors import ConfigError
-from brainfm.models.heads import ReconstructionHead
+from brainfm.models.heads import ProjectionHead, ReconstructionHead
 from brainfm.tasks.augment import gaussian_noise, roi_dropout, tr_jitter, tube_mask
 from brainfm.tasks.base import BrainfmTask
 from brainfm.tasks.distributed import GlobalBatchNorm1d, world
 from brainfm.tasks.losses import nt_xent
 from brainfm.tasks.metrics import WindowRows
-
-
-class ProjectionHead(nn.Sequential):
-    """``(B, d) -> (B, out_dim)``: Linear(d, hidden) -> BatchNorm1d -> ReLU -> Linear (SimCLR; ``hidden``
-    defaults to ``d``); the BatchNorm's training statistics are those of the global batch
-    (:class:`~brainfm.tasks.distributed.GlobalBatchNorm1d`)."""
-
-    def __init__(self, d_model: int, out_dim: int = 128, hidden: int | None = None) -> None:
-        h = int(hidden or d_model)
-        super().__init__(nn.Linear(d_model, h), GlobalBatchNorm1d(h), nn.ReLU(), nn.Linear(h, out_dim))
 
 
 class ContrastiveSequenceModeling(BrainfmTask):
@@ -124,8 +114,9 @@ class ContrastiveSequenceModeling(BrainfmTask):
         self._val_views = WindowRows()
         self._val_seen = 0
         d = m.out_dim
-        self.projection = ProjectionHead(d, int(proj_dim), min(d, int(proj_hidden))) if projection == "mlp" \
-            else nn.Identity()
+        # SimCLR's head; its BatchNorm's training statistics are those of the global batch
+        self.projection = ProjectionHead(d, int(proj_dim), min(d, int(proj_hidden)), norm=GlobalBatchNorm1d) \
+            if projection == "mlp" else nn.Identity()
         if self.mask_weight > 0:
             if not m.frame_dim:
                 raise ConfigError(f"task.mask_weight > 0 reconstructs hidden ROIs from per-TR features, which "

@@ -49,10 +49,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from brainfm.errors import ConfigError
+from brainfm.models.heads import ProjectionHead
 from brainfm.tasks.base import BrainfmTask, plain
 from brainfm.tasks.distributed import gather
 
@@ -218,29 +217,17 @@ def augment_views(bold: torch.Tensor, roi_dropout: Sequence[float] | None = (0.0
     return x
 
 
-class ProjectionHead(nn.Module):
-    """SimDINO head (DINOHead without the prototype layer): an MLP of ``n_layers`` Linear layers
-    (GELU between) ``d -> hidden_dim -> ... -> bottleneck_dim``, then L2 normalisation.
-    Brain-Semantoks: 2 layers, hidden 1024, bottleneck 128. ``(..., d) -> (..., bottleneck_dim)``."""
+def simdino_head(in_dim: int, hidden_dim: int = 1024, bottleneck_dim: int = 128, n_layers: int = 2) -> ProjectionHead:
+    """SimDINO's head (DINOHead without the prototype layer): :class:`~brainfm.models.heads.ProjectionHead`
+    with ``n_layers`` Linear layers (GELU between) ``d -> hidden_dim -> ... -> bottleneck_dim``,
+    truncated-normal weights (std 0.02), then L2 normalisation. Brain-Semantoks: 2 layers, hidden 1024,
+    bottleneck 128. ``(..., d) -> (..., bottleneck_dim)``.
 
-    def __init__(self, in_dim: int, hidden_dim: int = 1024, bottleneck_dim: int = 128, n_layers: int = 2) -> None:
-        super().__init__()
-        if n_layers < 1:
-            raise ConfigError(f"task.head.n_layers={n_layers} must be >= 1")
-        dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
-        layers: list[nn.Module] = []
-        for k in range(n_layers):
-            layers.append(nn.Linear(dims[k], dims[k + 1]))
-            if k < n_layers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mlp(x), dim=-1)
+    Raises:
+        ConfigError: ``n_layers < 1``.
+    """
+    return ProjectionHead(int(in_dim), int(bottleneck_dim), int(hidden_dim), int(n_layers), activation="gelu",
+                          init_std=0.02, l2_normalize=True)
 
 
 def resolve_network_map(model: dict, data_meta: dict | None) -> dict:
@@ -270,7 +257,7 @@ class SimDINO(BrainfmTask):
     Args:
         model: backbone config (``model=semantoks``); its ``network_map`` is resolved against
             ``data_meta["roi_names"]`` (:func:`resolve_network_map`).
-        head: ``{hidden_dim, bottleneck_dim, n_layers}`` of :class:`ProjectionHead` (1024, 128, 2).
+        head: ``{hidden_dim, bottleneck_dim, n_layers}`` of :func:`simdino_head` (1024, 128, 2).
         teacher_momentum: EMA momentum at step 0, cosine to 1 (0.99).
         coding_rate_eps: coding-rate precision ``eps`` (:func:`coding_rate`; 0.05).
         alignment_coeff: weight of the alignment term inside each SimDINO loss (``coeff``, 1).
@@ -352,7 +339,7 @@ class SimDINO(BrainfmTask):
 
         require(self.model, "task=simdino", "a network-token encoder (Brain-Semantoks)", "model=semantoks", "tokenize",
                 "encode", input_keys=("bold",))
-        self.head = ProjectionHead(self.model.d_model, int(head["hidden_dim"]), int(head["bottleneck_dim"]), int(head["n_layers"]))
+        self.head = simdino_head(self.model.d_model, **head)
         self.teacher = copy.deepcopy(self.model)
         self.teacher_head = copy.deepcopy(self.head)
         for p in [*self.teacher.parameters(), *self.teacher_head.parameters()]:
