@@ -119,3 +119,32 @@ def test_require_names_what_is_missing_and_the_fix():
     lstm, _, _ = _families()["lstm_ae"]
     with pytest.raises(ConfigError, match=r"embed_patches\(\)"):
         require(lstm, "task=simmim", "a Swin4D backbone", "model=swin4d_v9", "embed_patches")
+
+
+# -- FSDP2's sharding units, declared by each backbone ----------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_backbone_declares_its_fsdp_units(family):
+    """``fsdp_units()``: the repeated transformer blocks (brainfm's TransformerBlock, Swin4D's joint or factorised
+    window blocks), in module order; [] for a backbone without any (only the whole task is then sharded)."""
+    from brainfm.models.swin4d import FactorizedSwinBlock4D, SwinBlock4D, SwinTransformer4D
+    from brainfm.models.transformer import TransformerBlock
+
+    model = _families()[family][0]
+    blocks = [m for m in model.modules() if isinstance(m, (TransformerBlock, SwinBlock4D, FactorizedSwinBlock4D))]
+    assert model.fsdp_units() == blocks and (bool(blocks) == (family in ("gpt", "semantoks", "swin4d")))
+    if family == "swin4d":
+        factorized = SwinTransformer4D(img_size=(12, 12, 12, 4), embed_dim=6, depths=(1, 1), num_heads=(1, 2),
+                                       window_size=(2, 2, 2, 2), first_window_size=(2, 2, 2, 2),
+                                       patch_size=(3, 3, 3, 1), attention="factorized")
+        units = factorized.fsdp_units()
+        assert len(units) == 2 and all(isinstance(u, FactorizedSwinBlock4D) for u in units)
+
+
+def test_a_task_shards_what_its_backbones_declare_teacher_included():
+    from brainfm.tasks.self_distillation import SimDINO
+
+    task = SimDINO({"_target_": "brainfm.models.semantoks.SemantoksEncoder", "n_rois": 94,
+                    "network_map": "aal2_94_lobes", "patch_size": 5, "conv_channels": 8, "long_conv_channels": 8,
+                    "depth": 2, "n_heads": 2})
+    assert task.fsdp_units() == [*task.model.fsdp_units(), *task.teacher.fsdp_units()]
+    assert len(task.fsdp_units()) == 4

@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
@@ -55,15 +57,15 @@ class DeepSpeedStrategy(_LightningDeepSpeed):
         return super().root_device
 
 
-def apply_fully_shard(module: nn.Module, mesh, block_types: tuple[type, ...], reshard_after_forward: bool = True) -> None:
-    """FSDP2: shard every block of ``block_types`` in ``module``, then ``module`` itself, over the
+def apply_fully_shard(module: nn.Module, mesh, units: Iterable[nn.Module], reshard_after_forward: bool = True) -> None:
+    """FSDP2: shard every submodule of ``units`` (the blocks the backbones declare,
+    :meth:`brainfm.tasks.base.BrainfmTask.fsdp_units`), then ``module`` itself, over the
     data-parallel dimension of ``mesh`` (a DeviceMesh from ``ModelParallelStrategy``)."""
     from torch.distributed.fsdp import fully_shard
 
     dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-    for sub in module.modules():
-        if isinstance(sub, block_types):
-            fully_shard(sub, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    for sub in units:
+        fully_shard(sub, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
 
 

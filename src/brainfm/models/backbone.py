@@ -12,6 +12,9 @@ it reads (:attr:`Backbone.input_keys`) and gives
 - :attr:`Backbone.out_dim`: ``D`` of :meth:`pooled`;
 - :attr:`Backbone.any_tr`: whether it takes data at any TR (evaluate, extract, predict and
   fine-tuning accept another TR than the pretraining's for these models);
+- :meth:`Backbone.fsdp_units`: the submodules FSDP2 shards one by one under ``trainer=fsdp`` (its
+  repeated blocks; declared with the model, as torchtitan keeps ``parallelize`` with each model, beside
+  ``compile_regions()`` where a backbone has one);
 - optionally a token hook, :meth:`Backbone.embed_inputs` and :meth:`Backbone.pool_tokens`
   (``pooled(*x) == pool_tokens(embed_inputs(*x))``), for objectives that add something to the
   input tokens (R2T's modality embedding); :attr:`Backbone.token_dim` is ``None`` without one.
@@ -27,9 +30,11 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from brainfm.errors import ConfigError
 from brainfm.models.pooling import build_readout
+from brainfm.models.transformer import TransformerBlock
 
 
 class Backbone:
@@ -148,6 +153,16 @@ class Backbone:
     def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, ..., token_dim)`` tokens of :meth:`embed_inputs` -> :meth:`pooled`'s ``(B, out_dim)``."""
         raise ConfigError(f"model {type(self).__name__} has no token-level hook")
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The submodules FSDP2 shards one by one under ``trainer=fsdp`` (each all-gathered for its own
+        forward and freed after it), before the task as a whole
+        (:meth:`brainfm.tasks.base.BrainfmTask.fsdp_units`); also the compile regions of a backbone without
+        ``compile_regions()``. By default every block of brainfm's transformer
+        (:class:`~brainfm.models.transformer.TransformerBlock`) in the backbone, in module order; backbones
+        with other repeated blocks override it (Swin4D); ``[]`` (no such block: LSTM, CNNs, FC, MLPs): only
+        the whole task is sharded."""
+        return [m for m in self.modules() if isinstance(m, TransformerBlock)]
 
     def use_special_tokens(self, *names: str) -> None:
         """Keep only the special embeddings (``mask``, ``cls``, ...) an objective uses trainable; a

@@ -168,6 +168,10 @@ class SequenceTransformer(nn.Module, Backbone):
         ``t.max()`` on the host, a graph break, and it is a small part of a step."""
         return list(self.encoder.blocks)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """FSDP2's sharding units under ``trainer=fsdp``: every transformer block."""
+        return list(self.encoder.blocks)
+
     def use_special_tokens(self, *names: str) -> None:
         """Keep only the special embeddings an objective uses trainable (``"mask"``, ``"cls"``,
         ``"sep"``, ``"segment"``); the others get ``requires_grad=False`` so that DDP does not wait

@@ -688,6 +688,11 @@ class SwinTransformer4D(nn.Module, Backbone):
     def out_dim(self) -> int:
         return self.num_features
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """FSDP2's sharding units under ``trainer=fsdp``, and the regions ``trainer.compile=true`` compiles:
+        every window-attention block of every stage (:class:`SwinBlock4D` / :class:`FactorizedSwinBlock4D`)."""
+        return [blk for layer in self.layers for blk in layer.blocks]
+
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W, D, T)`` -> tokens ``(B, d, h, w, t, E)``."""
         weight = self.patch_embed.fc.weight

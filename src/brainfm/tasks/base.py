@@ -28,6 +28,7 @@ from torch import nn
 
 from brainfm.errors import ConfigError
 from brainfm.models import build_model
+from brainfm.models.backbone import Backbone
 from brainfm.tasks.metrics import MeanOfBatches
 from brainfm.tasks.optim import build_optimizer, build_scheduler
 
@@ -80,24 +81,16 @@ class Trainer(L.Trainer):
         super().__init__(*args, **kwargs)
 
 
-def repeated_block_types() -> tuple[type, ...]:
-    """The transformer blocks of brainfm's backbones (FSDP2's sharding units, and the compile
-    regions of a backbone without :meth:`compile_regions`)."""
-    from brainfm.models.swin4d import FactorizedSwinBlock4D, SwinBlock4D
-    from brainfm.models.transformer import TransformerBlock
-
-    return (TransformerBlock, SwinBlock4D, FactorizedSwinBlock4D)
-
-
 def compile_regions(model: nn.Module) -> list[nn.Module]:
     """The submodules of a backbone that ``trainer.compile=true`` compiles: the model's own
     ``compile_regions()`` when it has one (where its objectives' hot path goes through
-    ``__call__``), else every repeated transformer block in it (:func:`repeated_block_types`:
+    ``__call__``), else its repeated blocks (:meth:`~brainfm.models.backbone.Backbone.fsdp_units`:
     Swin4D's blocks), else the whole model."""
     own = getattr(model, "compile_regions", None)
     if callable(own):
         return list(own())
-    blocks = [m for m in model.modules() if isinstance(m, repeated_block_types())]
+    units = getattr(model, "fsdp_units", None)
+    blocks = list(units()) if callable(units) else []
     return blocks or [model]
 
 
@@ -263,20 +256,28 @@ class BrainfmTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_model(self) -> None:
-        """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy), shard the transformer blocks and
-        then the whole task with FSDP2; then, with ``trainer.compile=true``, compile the backbone's
+        """Under ``trainer=fsdp`` (Lightning's ModelParallelStrategy), shard the blocks the backbones
+        declare (:meth:`fsdp_units`) and then the whole task with FSDP2; then, with ``trainer.compile=true``, compile the backbone's
         regions (:func:`compile_backbone`; after sharding, so FSDP2's hooks stay outside the graphs).
         Lightning calls this before it wraps the module (DDP) and before a checkpoint is restored."""
         mesh = self.device_mesh
         if mesh is not None and not getattr(self, "_fully_sharded", False):
             from brainfm.strategies import apply_fully_shard
 
-            apply_fully_shard(self, mesh, repeated_block_types())
+            apply_fully_shard(self, mesh, self.fsdp_units())
             self._fully_sharded = True
         options = getattr(self._trainer, "compile_options", None)
         if options is not None and options.enabled and not getattr(self, "_compiled", False):
             compile_backbone(self.model, options.mode)
             self._compiled = True
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """FSDP2's sharding units under ``trainer=fsdp``: what every backbone in the task declares
+        (:meth:`~brainfm.models.backbone.Backbone.fsdp_units`: the model and, where an objective keeps one,
+        its EMA teacher), each once, in module order. :meth:`configure_model` shards them, then the task."""
+        order = {id(m): k for k, m in enumerate(self.modules())}
+        units = {id(u): u for m in self.modules() if isinstance(m, Backbone) for u in m.fsdp_units()}
+        return sorted(units.values(), key=lambda u: order[id(u)])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         extra: dict[str, Any] = {
