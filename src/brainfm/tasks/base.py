@@ -169,6 +169,27 @@ class BrainfmTask(L.LightningModule):
         """One embedding per window, ``(B, D)``."""
         raise NotImplementedError
 
+    # -- capabilities ----------------------------------------------------------------------------------
+    @property
+    def predicts(self) -> str | None:
+        """What the task's trained prediction head predicts: the task contract's one answer to "has this
+        checkpoint a prediction head?" (brainfm-predict, brainfm-interpret and any other consumer ask this,
+        not the task's class or its methods).
+
+        - ``None``: no trained prediction head (self-supervised objectives; R2T trained with
+          ``task.mode=self_supervised``, whose head is never trained);
+        - ``"subject"``: a label of the subject, from each of its windows (``task=supervised``: the head's
+          ``logits(batch)``; R2T fine-tuned: ``predict(batch)``); per-subject predictions average the windows;
+        - ``"window"``: a label of each window (``task=decoding``: trial states, ``logits(batch)``); a
+          subject has windows of every class, so per-subject averages do not apply.
+        """
+        return None
+
+    @property
+    def has_prediction_head(self) -> bool:
+        """Whether the task has a trained prediction head (:attr:`predicts` is not None)."""
+        return self.predicts is not None
+
     @torch.no_grad()
     def tokens(self, batch: dict) -> torch.Tensor | None:
         """The last-layer tokens of each window that :meth:`embed` pools, ``(B, L, D)`` (per-TR states of a

@@ -49,6 +49,9 @@ class DecodingTask(PooledHeadTask):
             without ``target``, labels outside ``[0, num_classes)``.
     """
 
+    #: trial states belong to windows (:attr:`~brainfm.tasks.base.BrainfmTask.predicts`)
+    label_level = "window"
+
     def __init__(self, model: dict, target: str = "trial_label", num_classes: int | None = None,
                  head: str = "linear", dropout: float = 0.0, freeze_backbone: bool = False,
                  init_from: str | None = None, label_smoothing: float = 0.0, **kwargs) -> None:

@@ -184,6 +184,12 @@ class R2TTask(BrainfmTask):
         return dict(self._objective)
 
     @property
+    def predicts(self) -> str | None:
+        """``"subject"`` when fine-tuned (:meth:`predict`: the subject's targets from each rest window), None
+        when trained ``task.mode=self_supervised`` (an untrained head); :attr:`BrainfmTask.predicts`."""
+        return "subject" if self.mode == "fine_tune" else None
+
+    @property
     def signature_dim(self) -> int:
         """Width of :meth:`signature`: rest and task embeddings concatenated."""
         return 2 * self.embed_dim

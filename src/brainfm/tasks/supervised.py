@@ -88,6 +88,15 @@ class PooledHeadTask(BrainfmTask):
             self.model.eval()  # frozen: no dropout / batch-norm updates in the backbone
         return self
 
+    #: the level of the labels the head predicts (:attr:`BrainfmTask.predicts`)
+    label_level = "subject"
+
+    @property
+    def predicts(self) -> str | None:
+        """:attr:`label_level` (``"subject"``; DecodingTask: ``"window"``); None where the head is not reachable
+        through :meth:`logits`."""
+        return self.label_level if callable(getattr(self, "logits", None)) else None
+
     def logits(self, batch: dict) -> torch.Tensor:
         """``(B, n_out)``: the head on :func:`pooled_embedding`."""
         return self.head(pooled_embedding(self.model, batch))
