@@ -193,6 +193,26 @@ def test_each_input_kind_yields_paired_batches_of_the_right_shape(kind, tmp_path
         assert meta["shape"] == [8, 8, 8]
 
 
+def test_one_datamodule_subclass_per_kind_named_by_the_recipes(tmp_path):
+    """R2TDataModule is the shared base; each kind is a thin subclass, the ``_target_`` of its recipe;
+    ``R2TDataModule(kind=...)`` builds that subclass, and a kind its subclass does not read is refused."""
+    from brainfm.data.datamodules.r2t import GrayordinateR2TDataModule, ROIR2TDataModule, VolumeR2TDataModule
+
+    classes = {"roi": ROIR2TDataModule, "grayordinate": GrayordinateR2TDataModule, "volume": VolumeR2TDataModule}
+    for kind, cls in classes.items():
+        dm = _dm(kind, tmp_path / "none", tmp_path)
+        assert type(dm) is cls and isinstance(dm, R2TDataModule) and dm.kind == kind
+        assert dm.view == ("volume" if kind == "volume" else "bold")
+        data = compose("train", [f"data=r2t_{kind}"]).data
+        assert data._target_ == f"{cls.__module__}.{cls.__name__}" and data.kind == kind
+    assert _dm("roi", tmp_path / "none", tmp_path).normalization == {"mode": "run", "eps": 1e-6}
+    assert _dm("volume", tmp_path / "none", tmp_path).normalization == {"load": "stored"}
+    with pytest.raises(ConfigError, match="must be one of"):
+        _dm("cifti", tmp_path / "none", tmp_path)
+    with pytest.raises(ConfigError, match="Fix: data=r2t_volume"):
+        ROIR2TDataModule(name="x", kind="volume", path=str(tmp_path / "none"))
+
+
 def test_swift_frame_folders_pair_the_rest_root_with_the_task_root(tmp_path):
     rng = np.random.default_rng(0)
     for root, n in (("rest", 12), ("task", 8)):

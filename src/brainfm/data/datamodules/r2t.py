@@ -25,6 +25,12 @@ A paired batch carries the rest view under the usual keys (``bold``/``volume``, 
 :attr:`R2TDataModule.subjects`). A rest-only batch (rest-only inference, R2T-Net's ``predict``)
 is an ordinary window batch: ``bold``/``volume``, ``t``, ``subject``.
 
+One datamodule per input kind, on one base (:class:`R2TDataModule`: stores, roles, subject split, pairs,
+loaders): :class:`ROIR2TDataModule`, :class:`GrayordinateR2TDataModule` and :class:`VolumeR2TDataModule`
+(the ``_target_`` of ``conf/data/r2t_roi.yaml``, ``r2t_grayordinate.yaml``, ``r2t_volume.yaml``) say only
+how their kind opens, checks, windows and describes a store. ``R2TDataModule(kind=...)`` builds the
+subclass of ``kind``.
+
 The grayordinate store's layout is in :mod:`brainfm.data.stores.grayordinate`.
 """
 
@@ -51,7 +57,11 @@ KINDS = ("volume", "grayordinate", "roi")
 
 
 class R2TDataModule(StoreDataModule):
-    """Rest/task pairs of the same subject (R2T-Net) for volumes, grayordinates or ROI series.
+    """Rest/task pairs of the same subject (R2T-Net) for volumes, grayordinates or ROI series: the part
+    every kind shares. ``R2TDataModule(kind=...)`` returns the subclass of that kind
+    (:class:`ROIR2TDataModule`, :class:`GrayordinateR2TDataModule`, :class:`VolumeR2TDataModule`), which
+    implements the hooks :meth:`_open`, :meth:`_check_values`, :meth:`_check_same_space`,
+    :meth:`_role_dataset` and :meth:`_kind_meta`.
 
     Args:
         name: data set name (subject split files go to ``split_dir``).
@@ -83,12 +93,27 @@ class R2TDataModule(StoreDataModule):
             working-memory accuracies, R2T-Net's supervised targets.
 
     Raises:
+        ConfigError: an unknown ``kind``, or one that is not the subclass's (the recipe to use named).
         ConfigError / DataError: from :meth:`setup`: missing stores, a TR, ROI-count, ROI-order or grid
         mismatch between stores or with the recipe, no paired training subjects, unpaired subjects with
         ``unpaired=error``, fewer training pairs than a batch.
     """
 
     window_defaults = {"length": 20, "min_length": None, "frame_stride": 1, "train_stride": 1, "eval_stride": None}
+    #: the input kind (one of :data:`KINDS`), set by each subclass
+    kind: str | None = None
+    #: the batch entry of a window: ``bold`` (ROI / grayordinate series) or ``volume``
+    view = "bold"
+    #: ``data.normalization`` defaults of the kind
+    normalization_defaults: dict[str, Any] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if cls is R2TDataModule:  # the base: the subclass of data.kind
+            kind = kwargs.get("kind", args[1] if len(args) > 1 else None)
+            if kind not in KINDS:
+                raise ConfigError(f"data.kind={kind!r} must be one of {KINDS}")
+            cls = next(c for c in _subclasses(R2TDataModule) if c.kind == kind)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -122,9 +147,11 @@ class R2TDataModule(StoreDataModule):
                          num_workers=num_workers, seed=seed, labels=labels, cache=cache)
         if kind not in KINDS:
             raise ConfigError(f"data.kind={kind!r} must be one of {KINDS}")
+        if kind != self.kind:
+            raise ConfigError(f"data.kind={kind!r} but {type(self).__name__} reads {self.kind} stores. Fix: data=r2t_{kind} "
+                              f"(target {KIND_CLASS_NAMES[kind]})")
         if unpaired not in ("skip", "error"):
             raise ConfigError(f"data.unpaired={unpaired!r} must be 'skip' or 'error'")
-        self.kind = kind
         self.task_path = Path(task_path) if task_path else None
         self.rest_runs = [str(p) for p in (rest_runs or [])]
         self.task_runs = None if task_runs is None else [str(p) for p in task_runs]
@@ -132,13 +159,11 @@ class R2TDataModule(StoreDataModule):
             raise ConfigError("data.rest_runs needs at least one pattern (e.g. ['*REST*'])")
         self.expected_n_rois = n_rois
         self.atlas, self.preload = atlas, preload
-        defaults = {"roi": {"mode": "run", "eps": 1e-6}, "volume": {"load": "stored"}, "grayordinate": {}}[kind]
-        self.normalization = {**defaults, **(normalization or {})}
+        self.normalization = {**self.normalization_defaults, **(normalization or {})}
         self.layout = layout
         self.expected_shape = None if shape is None else tuple(int(s) for s in shape)
         self.pairs_per_subject = int(pairs_per_subject)
         self.unpaired = unpaired
-        self.view = "volume" if kind == "volume" else "bold"
         self.stores: dict[str, Any] = {}
         self.normalizers: dict[str, ROINormalizer | None] = {}
         self.normalizer: ROINormalizer | None = None
@@ -150,52 +175,56 @@ class R2TDataModule(StoreDataModule):
         self.unpaired_subjects: dict[str, list[str]] = {}
         self._pairs: dict[str, R2TPairDataset] = {}
 
-    # -- setup --------------------------------------------------------------------------------------------
+    # -- what each kind says (subclasses) -----------------------------------------------------------------------
     def _open(self, path: Path):
-        if self.kind == "volume":
-            if self.layout not in ("volumes", "frames"):
-                raise ConfigError(f"data.layout={self.layout!r} must be 'volumes' or 'frames'")
-            kind = "volume" if self.layout == "volumes" else "frames"
-        else:
-            kind = self.kind
-        return open_store(kind, path, atlas=self.atlas, preload=self.preload, tr=self.expected_tr, cache=self.cache)
+        """The store at ``path`` (:func:`brainfm.data.stores.open_store`)."""
+        return open_store(self._store_kind(), path, atlas=self.atlas, preload=self.preload, tr=self.expected_tr,
+                          cache=self.cache)
 
+    def _store_kind(self) -> str:
+        return str(self.kind)
+
+    def _check_values(self, store, path: Path) -> None:
+        """Check the values per TR (ROIs, grayordinates) or the grid of ``store`` against the recipe."""
+        raise NotImplementedError
+
+    def _check_same_space(self, rest, task) -> None:
+        """Check that the rest and task stores are in one space (ROIs and their order, or the grid)."""
+        raise NotImplementedError
+
+    def _check_options(self) -> None:
+        """Check the kind's own options before any store is opened (default: none)."""
+
+    @property
+    def frames(self) -> bool:
+        """The stores are SwiFT/R2T frame folders (no run ids: ``path`` rest, ``task_path`` task)."""
+        return False
+
+    @property
+    def frame_stride(self) -> int:
+        """TRs between a window's frames (1 but for volume clips)."""
+        return 1
+
+    def _fit_normalizers(self, stores: dict[str, Any], train: dict[str, list[tuple[int, int, int]]]) -> None:
+        """Fit the per-store normalisation on the training segments (default: none, the store is normalised)."""
+
+    def _role_dataset(self, role: str, segments: list[tuple[int, int, int]], stride: int | None = None):
+        """The window (or clip) dataset of ``role``'s store over ``segments``, windows every ``stride`` TRs."""
+        raise NotImplementedError
+
+    def _kind_meta(self, rest) -> dict[str, Any]:
+        """The kind's entries of :attr:`meta` (``rest``: the rest store)."""
+        raise NotImplementedError
+
+    # -- setup --------------------------------------------------------------------------------------------
     def _check_store(self, store, path: Path) -> float:
         """TR of ``store`` (one per store, checked against the recipe), plus its value count or grid."""
         tr = resolve_tr(store, None if self.expected_tr is None else float(self.expected_tr))
-        if self.kind in ("roi", "grayordinate"):
-            what = "ROIs" if self.kind == "roi" else "grayordinates"
-            if self.expected_n_rois is not None and int(self.expected_n_rois) != store.n_rois:
-                raise ConfigError(
-                    f"{what} mismatch: {path} has {store.n_rois} {what} per TR but data.n_rois={self.expected_n_rois}. "
-                    f"Fix: set data.n_rois={store.n_rois} (the model's input layer follows it), or point data.path "
-                    "at the data you meant"
-                )
-        else:
-            if store.frame_shape is None:
-                raise DataError(f"{path} mixes grids; preprocess every run with one --target-shape")
-            if self.expected_shape is not None and tuple(store.frame_shape) != self.expected_shape:
-                raise ConfigError(f"grid mismatch: {path} holds {tuple(store.frame_shape)} volumes but data.shape="
-                                  f"{list(self.expected_shape)}. Fix: set data.shape={list(store.frame_shape)} (and the "
-                                  "model's img_size)")
+        self._check_values(store, path)
         return float(tr)
 
-    def _check_same_space(self, rest, task) -> None:
-        if self.kind in ("roi", "grayordinate"):
-            if rest.n_rois != task.n_rois:
-                raise ConfigError(f"{self.path} has {rest.n_rois} values per TR but task_path {self.task_path} has "
-                                  f"{task.n_rois}; rest and task must be in the same parcellation / CIFTI space")
-            if rest.roi_names and task.roi_names and list(rest.roi_names) != list(task.roi_names):
-                i = next(i for i, (a, b) in enumerate(zip(rest.roi_names, task.roi_names)) if a != b)
-                raise ConfigError(f"ROI order of {self.task_path} differs from {self.path} at index {i}: "
-                                  f"{task.roi_names[i]!r} vs {rest.roi_names[i]!r}. Fix: reorder the task store's ROIs")
-        elif rest.frame_shape != task.frame_shape:
-            raise ConfigError(f"{self.path} holds {rest.frame_shape} volumes but task_path {self.task_path} holds "
-                              f"{task.frame_shape}")
-
     def _span(self) -> int:
-        stride = int(self.window.get("frame_stride") or 1) if self.kind == "volume" else 1
-        return (int(self.window["length"]) - 1) * stride + 1
+        return (int(self.window["length"]) - 1) * self.frame_stride + 1
 
     def setup(self, stage: str | None = None) -> None:
         if self.stores:
@@ -203,9 +232,8 @@ class R2TDataModule(StoreDataModule):
         length = int(self.window["length"])
         if length < 2:
             raise ConfigError(f"data.window.length={length} must be >= 2 TRs")
-        if self.kind == "volume" and self.normalization.get("load", "stored") not in LOAD_NORMALISATIONS:
-            raise ConfigError(f"data.normalization.load={self.normalization['load']!r} is not one of {LOAD_NORMALISATIONS}")
-        frames = self.kind == "volume" and self.layout == "frames"
+        self._check_options()
+        frames = self.frames
         if frames and not self.task_path:
             raise ConfigError(f"frame folders ({self.path}) hold one run per subject: put the rest frames in data.path "
                               "and the task frames (R2T-Net's preprocessing_HCP_Task.py output) in data.task_path")
@@ -245,13 +273,7 @@ class R2TDataModule(StoreDataModule):
             parts = self.split_segments(stores[role].subject_ids, stores[role].lengths, self.subject_split)
             for name in per_split:
                 per_split[name][role] = [s for s in parts.get(name, []) if roles[role][s[0]] == role]
-        for role, store in stores.items():
-            if self.kind == "roi" and role not in self.normalizers:
-                train_segs = [s for r in ROLES if stores[r] is store for s in per_split["train"].get(r, [])]
-                norm = ROINormalizer.fit(store, self.normalization["mode"], float(self.normalization["eps"]), train_segs)
-                self.normalizers[role] = norm
-                if task_store is rest_store:
-                    self.normalizers["task"] = norm
+        self._fit_normalizers(stores, per_split["train"])
         self.normalizer = self.normalizers.get("rest")
         self.stores, self.roles, self.segments = stores, roles, per_split
         self.store = rest_store
@@ -267,16 +289,6 @@ class R2TDataModule(StoreDataModule):
                 "data.batch_size or raise data.pairs_per_subject"
             )
         self.write_split()  # a new subject split, once everything above was checked
-
-    def _role_dataset(self, role: str, segments: list[tuple[int, int, int]], stride: int | None = None):
-        store = self.stores[role]
-        length = int(self.window["length"])
-        if self.kind == "volume":
-            return VolumeClipDataset(store, segments, length, int(self.window.get("frame_stride") or 1),
-                                     clip_stride=stride or 1, normalisation=self.normalization.get("load", "stored"),
-                                     return_mask=False, subject_index=self.subject_index)
-        return ROIWindowDataset(store, self.normalizers.get(role) or ROINormalizer(mode="none"), segments, length,
-                                stride=stride or 1, subject_index=self.subject_index)
 
     def _pairs_for(self, split: str, must_exist: bool = False) -> R2TPairDataset | None:
         span = self._span()
@@ -336,7 +348,7 @@ class R2TDataModule(StoreDataModule):
         segs = self.segments[split].get("rest", [])
         if not segs:
             raise ConfigError(f"split {split!r} of {self.name} has no rest runs")
-        stride = int(self.window.get("eval_stride") or (self._span() if self.kind == "volume" else self.window["length"]))
+        stride = int(self.window.get("eval_stride") or self._span())  # default: one window span
         return self._role_dataset("rest", segs, stride=stride)
 
     def label_stats(self, split: str = "train") -> dict[str, dict]:
@@ -364,15 +376,7 @@ class R2TDataModule(StoreDataModule):
             "normalization": plain(self.normalization),
             "n_paired_subjects": {k: len(v) for k, v in self.paired_subjects.items()},
         }
-        if self.kind in ("roi", "grayordinate"):
-            out["n_rois"] = int(rest.n_rois)
-            out["roi_names"] = list(rest.roi_names) if rest.roi_names else None
-            if self.kind == "roi":
-                out["atlas"] = rest.atlas
-        else:
-            out["shape"] = [int(s) for s in rest.frame_shape]
-            out["frame_stride"] = int(self.window.get("frame_stride") or 1)
-            out["in_chans"] = 2 if self.normalization.get("load") == "stored+voxel" else 1
+        out.update(self._kind_meta(rest))
         return out
 
     # -- loaders ----------------------------------------------------------------------------------------------
@@ -404,3 +408,125 @@ class R2TDataModule(StoreDataModule):
         ds = self.rest_dataset(split)
         return DataLoader(ds, batch_sampler=self.eval_sampler(len(ds), int(self.window["length"])),
                           num_workers=self.num_workers, collate_fn=collate_windows)
+
+
+class _SeriesR2TDataModule(R2TDataModule):
+    """What ROI and grayordinate series share: values per TR checked, one space for rest and task,
+    :class:`~brainfm.data.datasets.roi.ROIWindowDataset` windows, ``bold`` ``(B, L, V)`` float32."""
+
+    #: what one value per TR is called in messages
+    values = "ROIs"
+
+    def _check_values(self, store, path: Path) -> None:
+        what = self.values
+        if self.expected_n_rois is not None and int(self.expected_n_rois) != store.n_rois:
+            raise ConfigError(
+                f"{what} mismatch: {path} has {store.n_rois} {what} per TR but data.n_rois={self.expected_n_rois}. "
+                f"Fix: set data.n_rois={store.n_rois} (the model's input layer follows it), or point data.path "
+                "at the data you meant"
+            )
+
+    def _check_same_space(self, rest, task) -> None:
+        if rest.n_rois != task.n_rois:
+            raise ConfigError(f"{self.path} has {rest.n_rois} values per TR but task_path {self.task_path} has "
+                              f"{task.n_rois}; rest and task must be in the same parcellation / CIFTI space")
+        if rest.roi_names and task.roi_names and list(rest.roi_names) != list(task.roi_names):
+            i = next(i for i, (a, b) in enumerate(zip(rest.roi_names, task.roi_names)) if a != b)
+            raise ConfigError(f"ROI order of {self.task_path} differs from {self.path} at index {i}: "
+                              f"{task.roi_names[i]!r} vs {rest.roi_names[i]!r}. Fix: reorder the task store's ROIs")
+
+    def _role_dataset(self, role: str, segments: list[tuple[int, int, int]], stride: int | None = None):
+        return ROIWindowDataset(self.stores[role], self.normalizers.get(role) or ROINormalizer(mode="none"), segments,
+                                int(self.window["length"]), stride=stride or 1, subject_index=self.subject_index)
+
+    def _kind_meta(self, rest) -> dict[str, Any]:
+        return {"n_rois": int(rest.n_rois), "roi_names": list(rest.roi_names) if rest.roi_names else None}
+
+
+class ROIR2TDataModule(_SeriesR2TDataModule):
+    """R2T pairs of parcellated ROI series from ROI HDF5 stores (``data=r2t_roi``): frames ``[V]``, z-scored
+    per ROI and run by default (``normalization.mode``: ``run`` | ``global`` | ``none``, per store, fitted on
+    the training windows). Arguments: :class:`R2TDataModule`."""
+
+    kind = "roi"
+    normalization_defaults = {"mode": "run", "eps": 1e-6}
+
+    def _fit_normalizers(self, stores: dict[str, Any], train: dict[str, list[tuple[int, int, int]]]) -> None:
+        for role, store in stores.items():
+            if role not in self.normalizers:
+                train_segs = [s for r in ROLES if stores[r] is store for s in train.get(r, [])]
+                norm = ROINormalizer.fit(store, self.normalization["mode"], float(self.normalization["eps"]), train_segs)
+                self.normalizers[role] = norm
+                if stores["task"] is stores["rest"]:
+                    self.normalizers["task"] = norm
+
+    def _kind_meta(self, rest) -> dict[str, Any]:
+        return {**super()._kind_meta(rest), "atlas": rest.atlas}
+
+
+class GrayordinateR2TDataModule(_SeriesR2TDataModule):
+    """R2T pairs of grayordinate series (CIFTI, 91282 values per TR for HCP) from grayordinate stores
+    (``data=r2t_grayordinate``), normalised when written. Arguments: :class:`R2TDataModule`."""
+
+    kind = "grayordinate"
+    values = "grayordinates"
+
+
+class VolumeR2TDataModule(R2TDataModule):
+    """R2T pairs of 4-D volume clips (``data=r2t_volume``) from a volume store or SwiFT/R2T frame folders
+    (``layout=frames``: ``path`` rest, ``task_path`` task): frames ``[1, X, Y, Z]``, clips of ``window.length``
+    frames every ``window.frame_stride`` TRs, batch view ``volume`` ``(B, 1, X, Y, Z, L)`` float16; the grid
+    checked against ``shape``; ``normalization.load`` one of ``LOAD_NORMALISATIONS``. Arguments:
+    :class:`R2TDataModule`."""
+
+    kind = "volume"
+    view = "volume"
+    normalization_defaults = {"load": "stored"}
+
+    def _store_kind(self) -> str:
+        if self.layout not in ("volumes", "frames"):
+            raise ConfigError(f"data.layout={self.layout!r} must be 'volumes' or 'frames'")
+        return "volume" if self.layout == "volumes" else "frames"
+
+    def _check_options(self) -> None:
+        if self.normalization.get("load", "stored") not in LOAD_NORMALISATIONS:
+            raise ConfigError(f"data.normalization.load={self.normalization['load']!r} is not one of {LOAD_NORMALISATIONS}")
+
+    @property
+    def frames(self) -> bool:
+        return self.layout == "frames"
+
+    @property
+    def frame_stride(self) -> int:
+        return int(self.window.get("frame_stride") or 1)
+
+    def _check_values(self, store, path: Path) -> None:
+        if store.frame_shape is None:
+            raise DataError(f"{path} mixes grids; preprocess every run with one --target-shape")
+        if self.expected_shape is not None and tuple(store.frame_shape) != self.expected_shape:
+            raise ConfigError(f"grid mismatch: {path} holds {tuple(store.frame_shape)} volumes but data.shape="
+                              f"{list(self.expected_shape)}. Fix: set data.shape={list(store.frame_shape)} (and the "
+                              "model's img_size)")
+
+    def _check_same_space(self, rest, task) -> None:
+        if rest.frame_shape != task.frame_shape:
+            raise ConfigError(f"{self.path} holds {rest.frame_shape} volumes but task_path {self.task_path} holds "
+                              f"{task.frame_shape}")
+
+    def _role_dataset(self, role: str, segments: list[tuple[int, int, int]], stride: int | None = None):
+        return VolumeClipDataset(self.stores[role], segments, int(self.window["length"]), self.frame_stride,
+                                 clip_stride=stride or 1, normalisation=self.normalization.get("load", "stored"),
+                                 return_mask=False, subject_index=self.subject_index)
+
+    def _kind_meta(self, rest) -> dict[str, Any]:
+        return {"shape": [int(s) for s in rest.frame_shape], "frame_stride": self.frame_stride,
+                "in_chans": 2 if self.normalization.get("load") == "stored+voxel" else 1}
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
+#: the datamodule of each ``data.kind`` (``conf/data/r2t_<kind>.yaml``'s ``_target_``)
+KIND_CLASS_NAMES = {"roi": f"{__name__}.ROIR2TDataModule", "grayordinate": f"{__name__}.GrayordinateR2TDataModule",
+                    "volume": f"{__name__}.VolumeR2TDataModule"}
