@@ -46,7 +46,7 @@ def _train(tmp: Path, *overrides: str) -> Path:
 
 def _schaefer7_names() -> list[str]:
     """Schaefer-400 parcel names in the 7-network order of the shipped network map (its ``roi_pattern``s)."""
-    from brainfm.data.network_maps import MAP_DIR
+    from brainfm.models.network_maps import MAP_DIR
 
     import yaml
 

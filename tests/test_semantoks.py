@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from brainfm.cli import train
 from brainfm.data.atlases import AAL2_CEREBRUM_94
-from brainfm.data.network_maps import available_network_maps, load_network_map
+from brainfm.models.network_maps import available_network_maps, load_network_map
 from brainfm.errors import ConfigError
 from brainfm.models.semantoks import LongConv1d, SemantoksEncoder, sincos_embedding
 from brainfm.runs import build_task_from_checkpoint, load_checkpoint

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from brainfm.config import compose
-from brainfm.data.network_maps import load_network_map
+from brainfm.models.network_maps import load_network_map
 from brainfm.data.normalization import ROINormalizer
 from brainfm.data.stores.roi import ROIStore, write_roi_h5
 from brainfm.errors import ConfigError, DataError

@@ -21,7 +21,7 @@ import torch
 
 from brainfm.checkpoints import ADAPTERS, convert, load_backbone
 from brainfm.config import repo_root
-from brainfm.data.network_maps import load_network_map
+from brainfm.models.network_maps import load_network_map
 from brainfm.errors import CheckpointError
 from brainfm.models.semantoks import (
     SemantoksEncoder,

@@ -236,13 +236,13 @@ def resolve_network_map(model: dict, data_meta: dict | None) -> dict:
     so that the checkpoint carries the token layout it was trained with.
 
     Raises:
-        ConfigError: from :func:`brainfm.data.network_maps.load_network_map` (ROI-count mismatch,
+        ConfigError: from :func:`brainfm.models.network_maps.load_network_map` (ROI-count mismatch,
             unknown ROI, ROI order).
     """
     model = dict(model)
     if model.get("network_assignment") is not None or model.get("network_map") is None:
         return model
-    from brainfm.data.network_maps import load_network_map
+    from brainfm.models.network_maps import load_network_map
 
     nmap = load_network_map(model["network_map"], roi_names=(data_meta or {}).get("roi_names"), n_rois=model.get("n_rois"))
     model["network_assignment"] = list(nmap.assignment)
