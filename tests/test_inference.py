@@ -46,7 +46,8 @@ def roi_run(tmp_path_factory, hcp_h5):
 
 
 def _table(stdout: str) -> list[str]:
-    return [line for line in stdout.splitlines() if "TRs" in line or "│" in line]
+    """The printed table's header and rows (not the progress lines before it, which carry timings)."""
+    return [line for line in stdout.splitlines() if "┃" in line or "│" in line]
 
 
 def test_evaluate_on_two_ranks_prints_the_table_of_one(roi_run, tmp_path):
