@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +18,30 @@ from brainfm.config import compose, repo_root
 torch_threads = int(os.environ.get("BRAINFM_TEST_THREADS", "2"))
 
 
-@pytest.fixture
-def one_thread():
-    """Torch on one thread during the test, the thread count restored after; a module asks for it with
-    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+@contextmanager
+def _torch_on_one_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread during the test, the thread count restored after (tiny models on shared cores run
+    several times faster; parity fixtures were written at one thread); a module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with _torch_on_one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """:func:`one_thread` for a whole module, its module-scoped fixtures included."""
+    with _torch_on_one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -27,12 +27,7 @@ TINY = ["model.d_model=16", "model.depth=1", "model.n_heads=2", "data.window.len
         "data.batch_size=4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hydra_cli(capsys, monkeypatch, module, prog: str, *args: str) -> tuple[int, str]:

@@ -37,13 +37,8 @@ OUT_TOL = {"atol": 1e-5, "rtol": 1e-4}
 GRAD_TOL = {"atol": 1e-6, "rtol": 1e-4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The fixture was written at one thread (bitwise reproducible there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The fixture was written at one thread (bitwise there)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fixture(name: str):

@@ -36,13 +36,8 @@ SWIN = dict(_target_="brainfm.models.swin4d.SwinTransformer4D", img_size=[8, 8, 
             num_heads=[2, 2], window_size=[4, 4, 4, 4], first_window_size=[4, 4, 4, 4], patch_size=[2, 2, 2, 1])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dm(kind: str, path, tmp_path, **kw) -> R2TDataModule:

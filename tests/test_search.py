@@ -48,16 +48,6 @@ TINY = ["model.d_model=32", "model.depth=1", "data.window.length=30", "trainer.m
         "trainer.enable_model_summary=false"]
 
 
-@pytest.fixture
-def one_thread():
-    """Trials in this process use one torch thread (two workers share the two cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def _overrides(tmp_path: Path, hcp_h5: Path, storage: str, n_trials: int = 12, *extra: str) -> list[str]:
     return ["search=subject_probe", f"search.n_trials={n_trials}", f"search.storage={storage}",
             f"paths.output_dir={tmp_path}/outputs", f"paths.split_dir={tmp_path}/splits", f"data.path={hcp_h5}",

@@ -37,13 +37,8 @@ TINY = ("model.conv_channels=32", "model.long_conv_channels=32", "model.depth=2"
         "data.window.length=60", "data.window.min_length=30", "trainer.log_every_n_steps=1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the machine's cores are shared: one intra-op thread is several times faster than two here
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread is several times faster than two on shared cores
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_encoder(**kw) -> SemantoksEncoder:

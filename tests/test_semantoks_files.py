@@ -29,12 +29,7 @@ SMALL = ("model.network_map=schaefer400_7n_tian3_buckner7", "model.patch_size=10
          "task.network_loss_decay=null")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def roi_names(atlas: str) -> list[str]:

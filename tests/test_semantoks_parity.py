@@ -35,13 +35,8 @@ GRAD_TOL = {"atol": 1e-6, "rtol": 1e-4}
 SMALL = {"patch_size": 20, "conv_channels": 96, "long_conv_channels": 96, "depth": 2, "n_heads": 3, "qkv_bias": False}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The fixture was written at one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The fixture was written at one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(name: str) -> dict[str, torch.Tensor]:

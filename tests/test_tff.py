@@ -19,13 +19,8 @@ from brainfm.models.tff import TFF, tff_grids
 from brainfm.tasks.tff import VGG16_CONVS, TFFAutoencoder, VGG16Features, intense_voxels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny 3-D convolutions on a shared 2-core machine are ~20x faster than with 2."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny 3-D convolutions: ~20x faster than with 2 threads
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 TINY = dict(_target_="brainfm.models.tff.TFF", img_size=[8, 8, 4], hidden_size=16, num_heads=2, intermediate_size=32,
