@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from brainfm.config import repo_root
 from brainfm.errors import ConfigError
 from brainfm.models.backbone import Backbone
 
@@ -24,9 +27,10 @@ MODEL = ["experiment=gpt", "task=supervised", "task.target=subject", "task.kind=
 #: 2 gloo ranks on the CPU for the sharded strategies
 CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2", "trainer.num_nodes=1",
        "+trainer.strategy.process_group_backend=gloo"]
+#: CPU training without a progress bar, a model summary or TensorBoard (the run's length left to the test)
+CPU_QUIET = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv"]
 #: a quiet 2-step CPU run
-QUIET = ["trainer=cpu", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
-         "trainer.enable_model_summary=false", "logger=csv"]
+QUIET = [*CPU_QUIET, "trainer.max_steps=2", "trainer.val_check_interval=2"]
 
 
 def subprocess_env() -> dict:
@@ -136,6 +140,34 @@ def train_in(tmp: Path, *overrides: str) -> tuple[Path, dict]:
     cfg = compose("train", [f"paths.output_dir={tmp}/outputs", f"paths.split_dir={tmp}/splits", *overrides])
     metrics = train.run(cfg)
     return Path(cfg.paths.run_dir), metrics
+
+
+def train_quiet(tmp: Path, *overrides: str) -> Path:
+    """:func:`train_in` on the CPU with :data:`CPU_QUIET` before ``overrides``: the run directory, checked to hold
+    ``checkpoints/last.ckpt`` and ``config.yaml``."""
+    run_dir, _ = train_in(tmp, *CPU_QUIET, *overrides)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
+    return run_dir
+
+
+def train_command(tmp: Path, run: str, data: Path, *extra: str) -> list[str]:
+    """``brainfm-train`` of the tiny :data:`MODEL` on ``data``, as run ``run`` with outputs and splits under ``tmp``
+    (its run directory ``tmp/gpt/<run>``), for a subprocess with :func:`subprocess_env`."""
+    return [sys.executable, "-m", "brainfm.cli.train", *MODEL, f"data.path={data}", f"paths.output_dir={tmp}",
+            f"paths.split_dir={tmp}/splits", f"run_name={run}", *extra]
+
+
+def train_subprocess(tmp: Path, run: str, data: Path, *extra: str, crash: bool = False,
+                     timeout: float = 900) -> tuple[Path, str]:
+    """:func:`train_command` run to its end in the repository root, checked to exit 0 (with ``crash``: to fail at
+    :class:`CrashAtStep`): ``(run directory, stdout + stderr)``."""
+    out = subprocess.run(train_command(tmp, run, data, *extra), env=subprocess_env(), capture_output=True, text=True,
+                         timeout=timeout, cwd=repo_root(), check=False)
+    if crash:
+        assert out.returncode != 0 and "simulated crash" in out.stderr, out.stdout[-3000:] + out.stderr[-5000:]
+    else:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return tmp / "gpt" / run, out.stdout + out.stderr
 
 
 def require_brainmarks(module: str = "brainmarks.models.connectome") -> None:

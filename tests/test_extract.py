@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import train_quiet
 
 from brainfm.cli import extract as extract_cli
 from brainfm.cli import predict as predict_cli
@@ -18,24 +19,10 @@ from brainfm.config import compose
 from brainfm.errors import CheckpointError, ConfigError
 from brainfm.extract import load_run, read_features, window_dataset
 
-QUIET = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv"]
 HCP_IDS = ["101309", "102311", "102816", "131217", "211619", "213522", "377451"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _train(tmp: Path, *overrides: str) -> Path:
-    cfg = compose("train", [f"paths.output_dir={tmp}/outputs", f"paths.split_dir={tmp}/splits", *QUIET, *overrides])
-    train.run(cfg)
-    run_dir = Path(cfg.paths.run_dir)
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
-    return run_dir
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _extract(run_dir: Path, out: Path, *overrides: str) -> tuple[np.ndarray, pd.DataFrame, dict]:
@@ -62,9 +49,9 @@ def _check_rows(feats, rows, dim, expected_windows):
 @pytest.fixture(scope="module")
 def gpt_run(tmp_path_factory, hcp_h5):
     tmp = tmp_path_factory.mktemp("gpt")
-    return _train(tmp, "experiment=gpt", f"data.path={hcp_h5}", "model.d_model=32", "model.depth=1", "model.n_heads=2",
-                  "data.window.length=40", "data.window.min_length=null", "trainer.max_steps=2",
-                  "trainer.val_check_interval=2")
+    return train_quiet(tmp, "experiment=gpt", f"data.path={hcp_h5}", "model.d_model=32", "model.depth=1",
+                       "model.n_heads=2", "data.window.length=40", "data.window.min_length=null", "trainer.max_steps=2",
+                       "trainer.val_check_interval=2")
 
 
 @pytest.mark.parametrize("fmt", ["h5", "parquet"])
@@ -126,9 +113,9 @@ def test_data_overrides_and_errors_name_the_fix(gpt_run, tmp_path, hcp_h5):
 
 def test_lstm_autoencoder_embeddings_to_parquet(tmp_path_factory, hcp_h5):
     tmp = tmp_path_factory.mktemp("lstm")
-    run = _train(tmp, "experiment=lstm_ae", f"data.path={hcp_h5}", "model.d_model=16", "model.depth=1",
-                 "data.window.length=30", "data.window.min_length=null", "trainer.max_steps=2",
-                 "trainer.val_check_interval=2")
+    run = train_quiet(tmp, "experiment=lstm_ae", f"data.path={hcp_h5}", "model.d_model=16", "model.depth=1",
+                      "data.window.length=30", "data.window.min_length=null", "trainer.max_steps=2",
+                      "trainer.val_check_interval=2")
     feats, rows, attrs = _extract(run, tmp / "lstm.parquet")
     ds = window_dataset(load_run(run).datamodule, "val")
     _check_rows(feats, rows, 16, [ds.window(i) for i in range(len(ds))])
@@ -142,13 +129,13 @@ def test_swin4d_simmim_clip_embeddings(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("simmim")
     store = write_volume_pairs(tmp / "store", n_subjects=3, shape=(8, 8, 8), rest_trs=24, task_trs=16)
-    run = _train(tmp, "data=volumes", "model=swin4d_v7", "task=simmim", "experiment_name=simmim_tiny", f"data.path={store}",
-                 "data.shape=[8,8,8]", "data.window.length=4", "data.split.kind=time", "data.num_workers=0",
-                 "data.pin_memory=false", "data.pool_mb=4", "data.batch_size=2", "data.eval_batch_size=4",
-                 "data.normalization.stored=null", "data.normalization.fill=null",
-                 "model.img_size=[8,8,8,4]", "model.embed_dim=12", "model.depths=[1,1]", "model.num_heads=[2,2]",
-                 "model.window_size=[4,4,4,4]", "model.first_window_size=[4,4,4,4]", "model.patch_size=[2,2,2,1]",
-                 "trainer.max_steps=2", "trainer.val_check_interval=2")
+    run = train_quiet(tmp, "data=volumes", "model=swin4d_v7", "task=simmim", "experiment_name=simmim_tiny",
+                      f"data.path={store}", "data.shape=[8,8,8]", "data.window.length=4", "data.split.kind=time",
+                      "data.num_workers=0", "data.pin_memory=false", "data.pool_mb=4", "data.batch_size=2",
+                      "data.eval_batch_size=4", "data.normalization.stored=null", "data.normalization.fill=null",
+                      "model.img_size=[8,8,8,4]", "model.embed_dim=12", "model.depths=[1,1]", "model.num_heads=[2,2]",
+                      "model.window_size=[4,4,4,4]", "model.first_window_size=[4,4,4,4]", "model.patch_size=[2,2,2,1]",
+                      "trainer.max_steps=2", "trainer.val_check_interval=2")
     feats, rows, attrs = _extract(run, tmp / "swin.h5", "splits=[val]")
     ds = window_dataset(load_run(run).datamodule, "val")
     assert len(ds) == 3 * (8 // 4 + 12 // 4)  # val: second half of each run (REST 24 -> 12 TRs, WM 16 -> 8 TRs)
@@ -163,7 +150,8 @@ def test_tff_clip_embeddings(tmp_path_factory):
     from test_tff import _nitime_store, _small_tff_hcp
 
     tmp = tmp_path_factory.mktemp("tff")
-    run = _train(tmp, *_small_tff_hcp(tmp, _nitime_store(tmp))[5:], "trainer.max_steps=2", "trainer.val_check_interval=2")
+    run = train_quiet(tmp, *_small_tff_hcp(tmp, _nitime_store(tmp))[5:], "trainer.max_steps=2",
+                      "trainer.val_check_interval=2")
     feats, rows, attrs = _extract(run, tmp / "tff.parquet")
     ds = window_dataset(load_run(run).datamodule, "val")
     _check_rows(feats, rows, feats.shape[1], [ds.clip(i) for i in range(len(ds))])
@@ -181,13 +169,13 @@ def r2t_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("r2t")
     path, _ = write_roi_pairs(tmp / "pairs.h5", n_subjects=6, n_rois=12, rest_trs=80, task_trs=40)
     labels = write_labels(tmp / "behavioral.csv", subject_ids(6))
-    run = _train(tmp, "data=r2t_roi", "task=r2t", "model=temporal_mlp", "experiment_name=r2t_tiny", f"data.path={path}",
-                 "data.task_path=null", "data.atlas=toy", "data.n_rois=12", "data.window.length=20",
-                 "data.split.fractions=[0.5,0.25,0.25]", "data.pairs_per_subject=2", "data.batch_size=3",
-                 f"+data.labels.file={labels}", "+data.labels.id_column=Subject",
-                 "+data.labels.columns={wm_0bk: WM_Task_0bk_Acc, wm_2bk: WM_Task_2bk_Acc}",
-                 "task.mode=fine_tune", "task.target=[wm_0bk,wm_2bk]", "task.embed_dim=16", "task.head_hidden=8",
-                 "model.d_model=16", "model.depth=1", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    run = train_quiet(tmp, "data=r2t_roi", "task=r2t", "model=temporal_mlp", "experiment_name=r2t_tiny",
+                      f"data.path={path}", "data.task_path=null", "data.atlas=toy", "data.n_rois=12",
+                      "data.window.length=20", "data.split.fractions=[0.5,0.25,0.25]", "data.pairs_per_subject=2",
+                      "data.batch_size=3", f"+data.labels.file={labels}", "+data.labels.id_column=Subject",
+                      "+data.labels.columns={wm_0bk: WM_Task_0bk_Acc, wm_2bk: WM_Task_2bk_Acc}", "task.mode=fine_tune",
+                      "task.target=[wm_0bk,wm_2bk]", "task.embed_dim=16", "task.head_hidden=8", "model.d_model=16",
+                      "model.depth=1", "trainer.max_steps=2", "trainer.val_check_interval=2")
     return run
 
 
@@ -227,10 +215,10 @@ def test_r2t_rest_only_prediction_csv(r2t_run, tmp_path):
 # -- supervised: subject mean of the clips' outputs -------------------------------------------------------------
 def test_supervised_subject_probabilities(tmp_path_factory, hcp_h5):
     tmp = tmp_path_factory.mktemp("sup")
-    run = _train(tmp, "model=gpt", "task=supervised", "experiment_name=sup", f"data.path={hcp_h5}", "task.target=subject",
-                 "task.kind=multiclass", "task.num_classes=7", "model.d_model=16", "model.depth=1", "model.n_heads=2",
-                 "data.window.length=60", "data.window.min_length=null", "trainer.max_steps=2",
-                 "trainer.val_check_interval=2")
+    run = train_quiet(tmp, "model=gpt", "task=supervised", "experiment_name=sup", f"data.path={hcp_h5}",
+                      "task.target=subject", "task.kind=multiclass", "task.num_classes=7", "model.d_model=16",
+                      "model.depth=1", "model.n_heads=2", "data.window.length=60", "data.window.min_length=null",
+                      "trainer.max_steps=2", "trainer.val_check_interval=2")
     df = _predict(run, tmp / "sup.csv")  # a time split: no test split, so val
     assert list(df.columns) == ["subject_id", "prediction", *(f"probability_{c}" for c in range(7))]
     assert list(df["subject_id"]) == HCP_IDS
@@ -253,10 +241,10 @@ def test_semantoks_embeddings(tmp_path_factory, hcp_h5):
     """Brain-Semantoks (network tokenizer + SimDINO), skipped while its task is not importable."""
     pytest.importorskip("brainfm.tasks.self_distillation")
     tmp = tmp_path_factory.mktemp("semantoks")
-    run = _train(tmp, "experiment=semantoks", f"data.path={hcp_h5}", "model.conv_channels=16",
-                 "model.long_conv_channels=16", "model.depth=1", "model.n_heads=2", "task.head.hidden_dim=32",
-                 "task.head.bottleneck_dim=16", "data.batch_size=8", "data.window.length=60",
-                 "data.window.min_length=null", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    run = train_quiet(tmp, "experiment=semantoks", f"data.path={hcp_h5}", "model.conv_channels=16",
+                      "model.long_conv_channels=16", "model.depth=1", "model.n_heads=2", "task.head.hidden_dim=32",
+                      "task.head.bottleneck_dim=16", "data.batch_size=8", "data.window.length=60",
+                      "data.window.min_length=null", "trainer.max_steps=2", "trainer.val_check_interval=2")
     feats, rows, attrs = _extract(run, tmp / "semantoks.h5")
     ds = window_dataset(load_run(run).datamodule, "val")
     _check_rows(feats, rows, feats.shape[1], [ds.window(i) for i in range(len(ds))])

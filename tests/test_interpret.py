@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import train_quiet
 
 from brainfm.cli import interpret as interpret_cli
 from brainfm.cli import train
@@ -18,25 +19,13 @@ from brainfm.config import compose
 from brainfm.errors import ConfigError
 from brainfm.extract import load_run, window_dataset
 
-QUIET = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=csv"]
 #: the scan's grid before preprocessing and its affine (3 mm voxels, an MNI-like origin)
 ORIGINAL = (7, 6, 8)
 AFFINE = np.array([[-3.0, 0, 0, 90], [0, 3.0, 0, -126], [0, 0, 3.0, -72], [0, 0, 0, 1]])
 N_STEPS = 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _train(tmp: Path, *overrides: str) -> Path:
-    cfg = compose("train", [f"paths.output_dir={tmp}/outputs", f"paths.split_dir={tmp}/splits", *QUIET, *overrides])
-    train.run(cfg)
-    return Path(cfg.paths.run_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _interpret(run_dir: Path, out: Path, *overrides: str):
@@ -77,15 +66,16 @@ def swin_run(tmp_path_factory):
         frames = 1000.0 + 30.0 * rng.standard_normal((24, *ORIGINAL)) + 50.0 * i * mask
         write_volume_run(tmp / "store", f"sub-{i:02d}", "REST1_LR", frames, tr=0.72, affine=AFFINE, mask=mask,
                          crop_pad=cp)
-    run = _train(tmp, "data=volumes", "model=swin4d_v7", "task=supervised", "experiment_name=swin_sup",
-                 f"data.path={tmp / 'store'}", "data.shape=[8,8,8]", "data.window.length=4", "data.split.kind=time",
-                 "data.num_workers=0", "data.pin_memory=false", "data.pool_mb=4", "data.batch_size=2",
-                 "data.eval_batch_size=4", "data.normalization.stored=null", "data.normalization.fill=null",
-                 "task.target=subject", "task.kind=multiclass", "task.num_classes=3", "task.optimizer.lr=1e-3",
-                 "model.img_size=[8,8,8,4]", "model.embed_dim=12", "model.depths=[1,1]", "model.num_heads=[2,2]",
-                 "model.window_size=[4,4,4,4]", "model.first_window_size=[4,4,4,4]", "model.patch_size=[2,2,2,1]",
-                 "model.drop_rate=0", "model.attn_drop_rate=0", "model.drop_path_rate=0",
-                 "trainer.max_steps=3", "trainer.val_check_interval=3")
+    run = train_quiet(tmp, "data=volumes", "model=swin4d_v7", "task=supervised", "experiment_name=swin_sup",
+                      f"data.path={tmp / 'store'}", "data.shape=[8,8,8]", "data.window.length=4",
+                      "data.split.kind=time", "data.num_workers=0", "data.pin_memory=false", "data.pool_mb=4",
+                      "data.batch_size=2", "data.eval_batch_size=4", "data.normalization.stored=null",
+                      "data.normalization.fill=null", "task.target=subject", "task.kind=multiclass",
+                      "task.num_classes=3", "task.optimizer.lr=1e-3", "model.img_size=[8,8,8,4]", "model.embed_dim=12",
+                      "model.depths=[1,1]", "model.num_heads=[2,2]", "model.window_size=[4,4,4,4]",
+                      "model.first_window_size=[4,4,4,4]", "model.patch_size=[2,2,2,1]", "model.drop_rate=0",
+                      "model.attn_drop_rate=0", "model.drop_path_rate=0", "trainer.max_steps=3",
+                      "trainer.val_check_interval=3")
     return run
 
 
@@ -149,11 +139,11 @@ def test_swin4d_nifti_maps_on_the_original_grid_with_the_store_affine(swin_run, 
 @pytest.fixture(scope="module")
 def gpt_run(tmp_path_factory, hcp_h5):
     tmp = tmp_path_factory.mktemp("gpt")
-    return _train(tmp, "model=gpt", "task=supervised", "experiment_name=gpt_sup", f"data.path={hcp_h5}",
-                  "task.target=subject", "task.kind=multiclass", "task.num_classes=7", "task.optimizer.lr=1e-3",
-                  "model.d_model=16", "model.depth=1", "model.n_heads=2", "model.dropout=0", "model.attn_dropout=0",
-                  "data.window.length=40", "data.window.min_length=null", "trainer.max_steps=3",
-                  "trainer.val_check_interval=3")
+    return train_quiet(tmp, "model=gpt", "task=supervised", "experiment_name=gpt_sup", f"data.path={hcp_h5}",
+                       "task.target=subject", "task.kind=multiclass", "task.num_classes=7", "task.optimizer.lr=1e-3",
+                       "model.d_model=16", "model.depth=1", "model.n_heads=2", "model.dropout=0",
+                       "model.attn_dropout=0", "data.window.length=40", "data.window.min_length=null",
+                       "trainer.max_steps=3", "trainer.val_check_interval=3")
 
 
 def test_sequence_integrated_gradients_are_complete_for_classes_and_regression(gpt_run):
