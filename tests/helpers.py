@@ -5,9 +5,11 @@ runs and the brainmarks requirement the Brainmarks tests share."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -168,6 +170,22 @@ def train_subprocess(tmp: Path, run: str, data: Path, *extra: str, crash: bool =
     else:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return tmp / "gpt" / run, out.stdout + out.stderr
+
+
+def shared_fixtures(name: str) -> Path:
+    """``<shared>/fixtures/<name>``: reference outputs that the parity tests compare with (``BRAINFM_SHARED``, by
+    default the ``shared`` folder beside the repository)."""
+    return Path(os.environ.get("BRAINFM_SHARED", repo_root().parent / "shared")) / "fixtures" / name
+
+
+def parity_fixture(folder: Path) -> tuple[dict, Callable[[str], dict[str, torch.Tensor]]]:
+    """A parity fixture folder's ``info.json`` (``{}`` without one) and a loader of its safetensors files; the test is
+    skipped without safetensors or without the folder."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    if not folder.is_dir():
+        pytest.skip(f"parity fixtures not found at {folder} (set BRAINFM_SHARED)")
+    info = json.loads((folder / "info.json").read_text()) if (folder / "info.json").is_file() else {}
+    return info, lambda f: safetensors.load_file(str(folder / f))
 
 
 def require_brainmarks(module: str = "brainmarks.models.connectome") -> None:

@@ -11,11 +11,10 @@ gradients atol 1e-6 / rtol 1e-4, losses 1e-6.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import parity_fixture, shared_fixtures
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -31,7 +30,7 @@ from brainfm.models.sequence import (
     lfb_special_token,
 )
 
-FIXTURES = Path(os.environ.get("BRAINFM_SHARED", repo_root().parent / "shared")) / "fixtures" / "lfb_parity"
+FIXTURES = shared_fixtures("lfb_parity")
 FAMILIES = ["GPT_CSM", "BERT_BERT"]
 OUT_TOL = {"atol": 1e-5, "rtol": 1e-4}
 GRAD_TOL = {"atol": 1e-6, "rtol": 1e-4}
@@ -41,20 +40,11 @@ GRAD_TOL = {"atol": 1e-6, "rtol": 1e-4}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _fixture(name: str):
-    safetensors = pytest.importorskip("safetensors.torch")
-    folder = FIXTURES / name
-    if not folder.is_dir():
-        pytest.skip(f"learning-from-brains parity fixtures not found at {folder} (set BRAINFM_SHARED)")
-    info = json.loads((folder / "info.json").read_text()) if (folder / "info.json").is_file() else {}
-    return info, lambda f: safetensors.load_file(str(folder / f))
-
-
 class Converted:
     """The fixture's reference weights through the adapter, in a brainfm model and the task heads."""
 
     def __init__(self, name: str) -> None:
-        self.info, self.load = _fixture(name)
+        self.info, self.load = parity_fixture(FIXTURES / name)
         self.ref = self.load("state_dict.safetensors")
         self.state, self.left_out = lfb_checkpoint_filter(self.ref)
         mc = self.info["model_config"]
@@ -237,7 +227,7 @@ def test_released_key_list_maps_completely(name):
 
 
 def test_unknown_keys_are_refused():
-    _, load = _fixture("GPT_CSM")
+    _, load = parity_fixture(FIXTURES / "GPT_CSM")
     ref = load("state_dict.safetensors")
     with pytest.raises(CheckpointError, match="does not know.*embed_model.model.4"):
         lfb_checkpoint_filter({**ref, "embedder.embed_model.model.4.weight": torch.zeros(1)})
@@ -249,7 +239,7 @@ def test_unknown_keys_are_refused():
 def test_converter_cli_round_trip(name, tmp_path):
     from brainfm.models.convert import main as convert_main
 
-    info, load = _fixture(name)
+    info, load = parity_fixture(FIXTURES / name)
     src, dst = tmp_path / "pytorch_model.bin", tmp_path / "converted.safetensors"
     torch.save(dict(load("state_dict.safetensors")), src)  # as released: a torch pickle of the state dict
     convert_main(["lfb", str(src), str(dst), "--n-heads", str(info["model_config"]["num_attention_heads"])])

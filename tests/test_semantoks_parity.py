@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import parity_fixture, shared_fixtures
 
 from brainfm.checkpoints import ADAPTERS, convert, load_backbone
 from brainfm.config import repo_root
@@ -29,7 +28,7 @@ from brainfm.models.semantoks import (
     semantoks_model_config,
 )
 
-FIXTURES = Path(os.environ.get("BRAINFM_SHARED", repo_root().parent / "shared")) / "fixtures" / "semantoks_parity"
+FIXTURES = shared_fixtures("semantoks_parity")
 OUT_TOL = {"atol": 1e-5, "rtol": 1e-4}
 GRAD_TOL = {"atol": 1e-6, "rtol": 1e-4}
 SMALL = {"patch_size": 20, "conv_channels": 96, "long_conv_channels": 96, "depth": 2, "n_heads": 3, "qkv_bias": False}
@@ -40,10 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(name: str) -> dict[str, torch.Tensor]:
-    safetensors = pytest.importorskip("safetensors.torch")
-    if not FIXTURES.is_dir():
-        pytest.skip(f"Brain-Semantoks parity fixtures not found at {FIXTURES} (set BRAINFM_SHARED)")
-    return safetensors.load_file(str(FIXTURES / name))
+    return parity_fixture(FIXTURES)[1](name)
 
 
 def _encoder(state: dict[str, torch.Tensor] | None = None) -> SemantoksEncoder:

@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import parity_fixture, shared_fixtures
 from hydra.utils import instantiate
 
 from brainfm.config import compose, config_dir, repo_root
 from brainfm.models.swin4d import SwinTransformer4D, _attention_mask
 
-FIXTURES = Path(__import__("os").environ.get("BRAINFM_SHARED", repo_root().parent / "shared")) / "fixtures" / "swift_v7_parity"
+FIXTURES = shared_fixtures("swift_v7_parity")
 VERSIONS = sorted(p.stem for p in (config_dir() / "model").glob("swin4d_v*.yaml"))
 SIZES = {"5m": 7.3e6, "51m": 51e6, "202m": 202e6, "806m": 806e6, "3.2b": 3.2e9}
 
 
-def _fixture(name: str):
-    safetensors = pytest.importorskip("safetensors.torch")
-    folder = FIXTURES / name
-    if not folder.is_dir():
-        pytest.skip(f"SwiFT parity fixtures not found at {folder} (set BRAINFM_SHARED)")
-    info = json.loads((folder / "info.json").read_text())
-    load = lambda f: safetensors.load_file(str(folder / f))  # noqa: E731
-    return info, load
-
-
 @pytest.mark.parametrize("name", ["A_default", "B_released"])
 def test_parity_with_public_swift_ver7(name):
-    info, load = _fixture(name)
+    info, load = parity_fixture(FIXTURES / name)
     a = info["constructor_args"]
     keys = ("img_size", "in_chans", "embed_dim", "depths", "num_heads", "window_size", "first_window_size",
             "patch_size", "c_multiplier", "last_layer_full_MSA")
@@ -55,7 +44,7 @@ def test_parity_with_public_swift_ver7(name):
 
 
 def test_swift_lightning_checkpoint_converter(tmp_path):
-    info, load = _fixture("A_default")
+    info, load = parity_fixture(FIXTURES / "A_default")
     import argparse
 
     from brainfm.models.convert import main as convert_main
