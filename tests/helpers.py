@@ -134,6 +134,17 @@ def supervised_on(store: Path, *model: str, n_rois: int = 12, atlas: str = "toy"
             f"data.window.length={window}", "data.window.min_length=null", *QUIET]
 
 
+def exit_status(capsys, main: Callable, *args) -> tuple[int, str]:
+    """``main(*args)`` of an entry point, its ``SystemExit`` caught: ``(exit status, stdout + stderr)``."""
+    try:
+        main(*args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
 def train_in(tmp: Path, *overrides: str) -> tuple[Path, dict]:
     """``brainfm-train`` with ``overrides``, its outputs and splits under ``tmp``: ``(run directory, metrics)``."""
     from brainfm.cli import train

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import QUIET
+from helpers import QUIET, exit_status
 
 from brainfm.config import compose, config_dir
 from brainfm.data.stores.roi import write_roi_h5
@@ -33,13 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _hydra_cli(capsys, monkeypatch, module, prog: str, *args: str) -> tuple[int, str]:
     """``prog args`` (a Hydra entry point): ``(exit status, stdout + stderr)``."""
     monkeypatch.setattr(sys, "argv", [prog, *args])
-    try:
-        module.main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    return exit_status(capsys, module.main)
 
 
 def _train(capsys, monkeypatch, tmp: Path, *args: str) -> tuple[int, str]:
@@ -319,13 +313,7 @@ def _nifti(path: Path, pixdim4: float | None, unit: str | None) -> Path:
 def _preprocess(capsys, *argv: str) -> tuple[int, str]:
     from brainfm.cli.preprocess import main
 
-    try:
-        main(["volumes", *argv, "--no-progress"])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    return exit_status(capsys, main, ["volumes", *argv, "--no-progress"])
 
 
 @pytest.mark.parametrize(("pixdim4", "unit", "why"), [
