@@ -20,6 +20,7 @@ from pathlib import Path
 import helpers
 import pytest
 import torch
+from helpers import subprocess_env, train_command, train_subprocess
 
 from brainfm.config import repo_root
 
@@ -30,21 +31,6 @@ STEPS, CRASH = 10, 6
 # the tiny, deterministic model and the 2-rank CPU overrides shared with tests/test_distributed.py
 MODEL, CPU = helpers.MODEL, helpers.CPU
 FSDP = ["trainer=fsdp", *CPU, "data.batch_size=8", f"trainer.max_steps={STEPS}"]
-
-
-def _env() -> dict:
-    return helpers.subprocess_env()
-
-
-def _train(tmp: Path, run: str, hcp_h5: Path, *extra: str, crash: bool = False) -> tuple[Path, str]:
-    cmd = [sys.executable, "-m", "brainfm.cli.train", *MODEL, f"data.path={hcp_h5}", f"paths.output_dir={tmp}",
-           f"paths.split_dir={tmp}/splits", f"run_name={run}", *extra]
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
-    if crash:
-        assert out.returncode != 0 and "simulated crash" in out.stderr, out.stdout[-3000:] + out.stderr[-5000:]
-    else:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return tmp / "gpt" / run, out.stdout + out.stderr
 
 
 def _dcp_weights(directory: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -74,15 +60,15 @@ def runs(tmp_path_factory, hcp_h5) -> dict:
     wall-clock only (every_minutes=0.0001, every_n_steps=1000) that crashes after step 6 and is
     resumed with ckpt_path=last."""
     tmp = tmp_path_factory.mktemp("sharded")
-    one, _ = _train(tmp, "one", hcp_h5, "trainer=cpu", "data.batch_size=16", f"trainer.max_steps={STEPS}")
-    run, crash_log = _train(tmp, "fsdp", hcp_h5, *FSDP, "callbacks.resume_checkpoint.every_n_steps=1000",
-                            "callbacks.resume_checkpoint.every_minutes=0.0001",
-                            "+callbacks.crash._target_=helpers.CrashAtStep", f"+callbacks.crash.step={CRASH}",
-                            crash=True)
+    one, _ = train_subprocess(tmp, "one", hcp_h5, "trainer=cpu", "data.batch_size=16", f"trainer.max_steps={STEPS}")
+    run, crash_log = train_subprocess(tmp, "fsdp", hcp_h5, *FSDP, "callbacks.resume_checkpoint.every_n_steps=1000",
+                                      "callbacks.resume_checkpoint.every_minutes=0.0001",
+                                      "+callbacks.crash._target_=helpers.CrashAtStep", f"+callbacks.crash.step={CRASH}",
+                                      crash=True)
     last = run / "checkpoints" / "last.ckpt"
     crashed_meta = _assert_sharded(last)
     crashed_names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    _, resume_log = _train(tmp, "fsdp", hcp_h5, *FSDP, "ckpt_path=last")
+    _, resume_log = train_subprocess(tmp, "fsdp", hcp_h5, *FSDP, "ckpt_path=last")
     return {"tmp": tmp, "one": one / "checkpoints" / "last.ckpt", "run": run, "last": last,
             "crash_log": crash_log, "crashed_meta": crashed_meta, "crashed_names": crashed_names,
             "resume_log": resume_log}
@@ -148,7 +134,7 @@ def test_sharded_checkpoint_consolidates_into_one_file_that_evaluate_and_load_ch
     # brainfm-evaluate reads the consolidated file
     out = subprocess.run([sys.executable, "-m", "brainfm.cli.evaluate", f"ckpt={single}", "window_lengths=[40]",
                           "baselines=[]", "probe=false", f"out_dir={tmp_path}/eval"],
-                         env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+                         env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert report["global_step"] == STEPS and report["checkpoint"] == str(single)
@@ -254,9 +240,8 @@ def test_a_sharded_directory_is_resumed_only_by_the_strategy_that_wrote_it(runs,
 
     last = runs["last"]
     # brainfm-train ckpt_path=<FSDP2 directory> trainer=ddp_cpu: refused before training, with the fixes
-    out = subprocess.run([sys.executable, "-m", "brainfm.cli.train", *MODEL, f"data.path={hcp_h5}", "trainer=ddp_cpu",
-                          f"paths.output_dir={tmp_path}", f"paths.split_dir={tmp_path}/splits", "run_name=ddp",
-                          f"ckpt_path={last}"], env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(train_command(tmp_path, "ddp", hcp_h5, "trainer=ddp_cpu", f"ckpt_path={last}"),
+                         env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
     error = out.stderr.strip().splitlines()[-1]
     assert error.startswith(f"brainfm-train: error: {last} is an FSDP2 sharded"), error
