@@ -14,7 +14,6 @@ from helpers import train_quiet
 
 from brainfm.cli import extract as extract_cli
 from brainfm.cli import predict as predict_cli
-from brainfm.cli import train
 from brainfm.config import compose
 from brainfm.errors import CheckpointError, ConfigError
 from brainfm.extract import load_run, read_features, window_dataset

@@ -14,7 +14,6 @@ import torch
 from helpers import train_quiet
 
 from brainfm.cli import interpret as interpret_cli
-from brainfm.cli import train
 from brainfm.config import compose
 from brainfm.errors import ConfigError
 from brainfm.extract import load_run, window_dataset

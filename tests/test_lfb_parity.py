@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from brainfm.checkpoints import convert, load_backbone
-from brainfm.config import compose, repo_root
+from brainfm.config import compose
 from brainfm.errors import CheckpointError
 from brainfm.models.heads import BinaryHead, ReconstructionHead
 from brainfm.models.sequence import (

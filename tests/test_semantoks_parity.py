@@ -19,7 +19,6 @@ import torch
 from helpers import parity_fixture, shared_fixtures
 
 from brainfm.checkpoints import ADAPTERS, convert, load_backbone
-from brainfm.config import repo_root
 from brainfm.models.network_maps import load_network_map
 from brainfm.errors import CheckpointError
 from brainfm.models.semantoks import (

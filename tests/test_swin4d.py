@@ -9,7 +9,7 @@ import torch
 from helpers import parity_fixture, shared_fixtures
 from hydra.utils import instantiate
 
-from brainfm.config import compose, config_dir, repo_root
+from brainfm.config import compose, config_dir
 from brainfm.models.swin4d import SwinTransformer4D, _attention_mask
 
 FIXTURES = shared_fixtures("swift_v7_parity")
