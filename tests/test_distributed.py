@@ -22,36 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-import helpers
 import pytest
 import torch
+from helpers import CPU, subprocess_env, train_command, train_subprocess
 
 from brainfm.config import repo_root
 
 ROOT = repo_root()
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="multi-process tests need POSIX")
 STEPS = 20
-
-MODEL, CPU = helpers.MODEL, helpers.CPU
-
-
-def _env() -> dict:
-    return helpers.subprocess_env()
-
-
-def _cmd(tmp: Path, run: str, hcp_h5: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "brainfm.cli.train", *MODEL, f"data.path={hcp_h5}", f"paths.output_dir={tmp}",
-            f"paths.split_dir={tmp}/splits", f"run_name={run}", *extra]
-
-
-def _train(tmp: Path, run: str, hcp_h5: Path, *extra: str, crash: bool = False) -> Path:
-    out = subprocess.run(_cmd(tmp, run, hcp_h5, *extra), env=_env(), capture_output=True, text=True, timeout=900,
-                         cwd=ROOT)
-    if crash:
-        assert out.returncode != 0 and "simulated crash" in out.stderr, out.stderr[-5000:]
-    else:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return tmp / "gpt" / run
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -87,9 +66,9 @@ def _assert_same(a: Path, b: Path, hcp_h5: Path) -> None:
 def reference(tmp_path_factory, hcp_h5) -> dict[str, Path]:
     """Uninterrupted runs: 1 rank with batch 16, and 2-rank DDP with batch 8 per rank."""
     tmp = tmp_path_factory.mktemp("reference")
-    one = _train(tmp, "one", hcp_h5, "trainer=cpu", f"trainer.max_steps={STEPS}", "data.batch_size=16")
-    ddp = _train(tmp, "ddp", hcp_h5, "trainer=ddp_cpu", "trainer.devices=2", f"trainer.max_steps={STEPS}",
-                 "data.batch_size=8")
+    one, _ = train_subprocess(tmp, "one", hcp_h5, "trainer=cpu", f"trainer.max_steps={STEPS}", "data.batch_size=16")
+    ddp, _ = train_subprocess(tmp, "ddp", hcp_h5, "trainer=ddp_cpu", "trainer.devices=2", f"trainer.max_steps={STEPS}",
+                              "data.batch_size=8")
     return {"one": one / "checkpoints" / "last.ckpt", "ddp": ddp / "checkpoints" / "last.ckpt"}
 
 
@@ -107,10 +86,10 @@ def test_two_rank_ddp_matches_one_rank_with_the_doubled_batch(reference, hcp_h5)
 def test_run_killed_with_sigkill_resumes_to_the_same_loss(reference, hcp_h5, tmp_path):
     """kill -9 after the first periodic last.ckpt; the restarted run (ckpt_path=last) must end where
     the uninterrupted 1-rank run ended."""
-    args = _cmd(tmp_path, "killed", hcp_h5, "trainer=cpu", f"trainer.max_steps={STEPS}", "data.batch_size=16",
-                "trainer.val_check_interval=5")
+    args = train_command(tmp_path, "killed", hcp_h5, "trainer=cpu", f"trainer.max_steps={STEPS}", "data.batch_size=16",
+                         "trainer.val_check_interval=5")
     last = tmp_path / "gpt" / "killed" / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -119,8 +98,8 @@ def test_run_killed_with_sigkill_resumes_to_the_same_loss(reference, hcp_h5, tmp
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     saved = torch.load(last, weights_only=True)["global_step"]
     assert 0 < saved < STEPS
-    _train(tmp_path, "killed", hcp_h5, "trainer=cpu", f"trainer.max_steps={STEPS}", "data.batch_size=16",
-           "trainer.val_check_interval=5", "ckpt_path=last")
+    train_subprocess(tmp_path, "killed", hcp_h5, "trainer=cpu", f"trainer.max_steps={STEPS}", "data.batch_size=16",
+                     "trainer.val_check_interval=5", "ckpt_path=last")
     assert torch.load(last, weights_only=True)["global_step"] == STEPS
     _assert_same(reference["one"], last, hcp_h5)
 
@@ -167,7 +146,7 @@ def test_two_ranks_equal_one_rank_with_the_doubled_batch_for_objectives_across_s
     for name, setting in (("one", ["trainer=cpu", "data.batch_size=16"]),
                           ("two", ["trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=8"])):
         out = subprocess.run([sys.executable, "-m", "brainfm.cli.train", *common, *setting, f"run_name={name}"],
-                             env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+                             env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
         runs[name] = tmp_path / "g" / name
     wa, wb = (_weights(runs[k] / "checkpoints" / "last.ckpt") for k in ("one", "two"))
@@ -208,7 +187,7 @@ def test_subject_metrics_are_the_same_on_one_and_two_ranks_and_each_rank_validat
     metrics = {}
     for name, setting in (("one", ["trainer=cpu", "data.batch_size=16"]),
                           ("two", ["trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=8"])):
-        run = _train(tmp_path, f"{kind}-{name}", hcp_h5, *setting, *extra)
+        run, _ = train_subprocess(tmp_path, f"{kind}-{name}", hcp_h5, *setting, *extra)
         metrics[name] = _val_row(run)
     one, two = metrics["one"], metrics["two"]
     keys = ["val/acc", "val/balanced_acc", "val/auroc"] if kind == "multiclass" else ["val/mae", "val/pearson_r"]
@@ -229,7 +208,7 @@ def test_contrastive_validation_loss_is_the_same_on_one_and_two_ranks(hcp_h5, tm
     for name, setting in (("one", ["trainer=cpu", "data.batch_size=16"]),
                           ("two", ["trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=8"])):
         out = subprocess.run([sys.executable, "-m", "brainfm.cli.train", *common, *setting, f"run_name={name}"],
-                             env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+                             env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
         printed[name] = re.search(r"finished at step 4: .*val/loss=([\d.]+)", out.stdout)[1]
         logged[name] = _val_row(tmp_path / "demo" / name)
@@ -256,7 +235,8 @@ def test_demo_preset_runs_on_two_cpu_ranks(hcp_h5, tmp_path):
     out = subprocess.run([sys.executable, "-m", "brainfm.cli.train", "experiment=demo", "trainer=ddp_cpu",
                           f"data.path={hcp_h5}", f"paths.output_dir={tmp_path}", f"paths.split_dir={tmp_path}/splits",
                           "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-                          "logger=csv", "run_name=demo2"], env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+                          "logger=csv", "run_name=demo2"], env=subprocess_env(), capture_output=True, text=True,
+                         timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-5000:]
     assert torch.load(tmp_path / "demo" / "demo2" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
@@ -266,10 +246,10 @@ def test_sharded_strategy_saves_resumes_and_matches_ddp(strategy, reference, hcp
     """A 20-step run crashes after its step-10 last.ckpt, resumes from it and ends where DDP ended;
     the sharded checkpoint directories (DeepSpeed, FSDP2/DCP) are consolidated into one file."""
     common = [f"trainer={strategy}", *CPU, "data.batch_size=8", f"trainer.max_steps={STEPS}"]
-    run = _train(tmp_path, strategy, hcp_h5, *common, "+callbacks.crash._target_=helpers.CrashAtStep",
-                 f"+callbacks.crash.step={STEPS // 2}", crash=True)
+    run, _ = train_subprocess(tmp_path, strategy, hcp_h5, *common, "+callbacks.crash._target_=helpers.CrashAtStep",
+                              f"+callbacks.crash.step={STEPS // 2}", crash=True)
     last = run / "checkpoints" / "last.ckpt"
-    _train(tmp_path, strategy, hcp_h5, *common, "ckpt_path=last")
+    train_subprocess(tmp_path, strategy, hcp_h5, *common, "ckpt_path=last")
     assert last.is_dir()  # DeepSpeed, or FSDP2 through torch.distributed.checkpoint: a directory, sharded per rank
     from brainfm.errors import CheckpointError
     from brainfm.runs import consolidate, load_checkpoint
