@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -197,6 +198,17 @@ def parity_fixture(folder: Path) -> tuple[dict, Callable[[str], dict[str, torch.
         pytest.skip(f"parity fixtures not found at {folder} (set BRAINFM_SHARED)")
     info = json.loads((folder / "info.json").read_text()) if (folder / "info.json").is_file() else {}
     return info, lambda f: safetensors.load_file(str(folder / f))
+
+
+def brainmarks_smoke_test(run: Path, cwd: Path, timeout: float) -> tuple[int, list[str], str]:
+    """``BRAINFM_CKPT=<run> python -m brainmarks.models.test_models brainfm`` (Brainmarks' own smoke test, its code as
+    installed) in ``cwd``: ``(exit status, its pytest summary lines, stdout + stderr)``. test_models calls pytest.main
+    without passing its status on, so the summary line is what says how it went."""
+    env = {**os.environ, "BRAINFM_CKPT": str(run), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "brainmarks.models.test_models", "brainfm"], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    text = out.stdout + out.stderr
+    return out.returncode, re.findall(r"=+ (.*\d+ (?:passed|failed|errors?|skipped).*) in [\d.]+s", text), text
 
 
 def require_brainmarks(module: str = "brainmarks.models.connectome") -> None:

@@ -5,16 +5,13 @@ identity projection and no centring is Brainmarks' ``Connectome``, edge for edge
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import labelled_roi_store, require_brainmarks, supervised_on, train_in
+from helpers import brainmarks_smoke_test, labelled_roi_store, require_brainmarks, supervised_on, train_in
 
 from brainfm.cli import evaluate as evaluate_cli
 from brainfm.config import compose
@@ -121,11 +118,6 @@ def test_fc_checkpoint_through_the_plugin_is_brainmarks_connectome(fc400_run):
 def test_brainmarks_smoke_test_passes_on_an_fc_checkpoint(fc400_run, tmp_path):
     """``BRAINFM_CKPT=<model=fc run> python -m brainmarks.models.test_models brainfm`` (Brainmarks' code)."""
     require_brainmarks()
-    env = {**os.environ, "BRAINFM_CKPT": str(fc400_run), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "brainmarks.models.test_models", "brainfm"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
-    text = out.stdout + out.stderr
-    # test_models calls pytest.main without passing its status on: read its summary line
-    summary = re.findall(r"=+ (.*\d+ (?:passed|failed|errors?|skipped).*) in [\d.]+s", text)
-    assert out.returncode == 0 and summary and summary[-1].split(",")[0] == "2 passed", text[-3000:]
+    code, summary, text = brainmarks_smoke_test(fc400_run, tmp_path, timeout=600)
+    assert code == 0 and summary and summary[-1].split(",")[0] == "2 passed", text[-3000:]
     assert not re.search(r"\d+ (failed|error|skipped)", summary[-1]), text[-3000:]

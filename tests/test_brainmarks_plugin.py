@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import pytest
 import torch
 
 from conftest import synthetic_series
-from helpers import QUIET, train_in
+from helpers import QUIET, brainmarks_smoke_test, train_in
 
 try:
     from brainmarks.models import registry
@@ -38,10 +36,6 @@ from brainfm.extract import load_run, window_dataset
 SMALL = [*QUIET, "data.window.min_length=null", "data.batch_size=4"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _train(tmp: Path, *overrides: str) -> Path:
-    return train_in(tmp, *SMALL, *overrides)[0]
 
 
 def _schaefer7_names() -> list[str]:
@@ -69,9 +63,9 @@ def bert_run(tmp_path_factory) -> Path:
     series = synthetic_series(n_subjects=4, n_rois=400, n_trs=160, seed=1)
     h5 = write_roi_h5(tmp / "synth400.h5", series={"schaefer400": series}, subject_ids=[f"s{i}" for i in range(4)],
                       tr=0.8, roi_names={"schaefer400": _schaefer7_names()})
-    return _train(tmp, "experiment=seq_bert", f"data.path={h5}", "data.name=synth400", "data.atlas=schaefer400",
-                  "data.n_rois=400", "data.tr=0.8", "data.normalization.mode=global", "data.window.length=40",
-                  "model.d_model=32", "model.depth=1", "model.n_heads=2")
+    return train_in(tmp, *SMALL, "experiment=seq_bert", f"data.path={h5}", "data.name=synth400",
+                    "data.atlas=schaefer400", "data.n_rois=400", "data.tr=0.8", "data.normalization.mode=global",
+                    "data.window.length=40", "model.d_model=32", "model.depth=1", "model.n_heads=2")[0]
 
 
 @pytest.fixture(scope="module")
@@ -87,24 +81,19 @@ def semantoks_run(tmp_path_factory) -> Path:
              "buckner7": [f"buckner{i}" for i in range(7)]}
     h5 = write_roi_h5(tmp / "synth457.h5", series=parts, subject_ids=[f"s{i}" for i in range(4)], tr=2.0,
                       roi_names=names)
-    return _train(tmp, "experiment=semantoks", f"data.path={h5}", "data.name=synth457",
-                  "data.atlas=[schaefer400,tian3,buckner7]", "data.n_rois=457", "data.tr=2.0", "data.window.length=20",
-                  "model.network_map=schaefer400_7n_tian3_buckner7", "model.patch_size=10", "model.conv_channels=16",
-                  "model.long_conv_channels=16", "model.depth=1", "model.n_heads=2", "task.head.hidden_dim=32",
-                  "task.head.bottleneck_dim=16")
+    return train_in(tmp, *SMALL, "experiment=semantoks", f"data.path={h5}", "data.name=synth457",
+                    "data.atlas=[schaefer400,tian3,buckner7]", "data.n_rois=457", "data.tr=2.0",
+                    "data.window.length=20", "model.network_map=schaefer400_7n_tian3_buckner7", "model.patch_size=10",
+                    "model.conv_channels=16", "model.long_conv_channels=16", "model.depth=1", "model.n_heads=2",
+                    "task.head.hidden_dim=32", "task.head.bottleneck_dim=16")[0]
 
 
 @pytest.mark.parametrize("which", ["bert_run", "semantoks_run"])
 def test_brainmarks_own_smoke_test_passes(which, request, tmp_path):
     """``BRAINFM_CKPT=<run> python -m brainmarks.models.test_models brainfm``, Brainmarks' code as installed."""
     run = request.getfixturevalue(which)
-    env = {**os.environ, "BRAINFM_CKPT": str(run), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "brainmarks.models.test_models", "brainfm"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    text = out.stdout + out.stderr
-    # test_models calls pytest.main without passing its status on: read its summary line
-    summary = re.findall(r"=+ (.*\d+ (?:passed|failed|errors?|skipped).*) in [\d.]+s", text)
-    assert out.returncode == 0 and summary and summary[-1].split(",")[0] == "2 passed", text
+    code, summary, text = brainmarks_smoke_test(run, tmp_path, timeout=300)
+    assert code == 0 and summary and summary[-1].split(",")[0] == "2 passed", text
     assert not re.search(r"\d+ (failed|error|skipped)", summary[-1]), text
 
 
