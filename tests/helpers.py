@@ -4,6 +4,7 @@ runs and the brainmarks requirement the Brainmarks tests share."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -154,6 +155,18 @@ def train_in(tmp: Path, *overrides: str) -> tuple[Path, dict]:
     cfg = compose("train", [f"paths.output_dir={tmp}/outputs", f"paths.split_dir={tmp}/splits", *overrides])
     metrics = train.run(cfg)
     return Path(cfg.paths.run_dir), metrics
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """The ``train/loss`` a run logged to ``csv/metrics.csv``, by step."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps of the ``train/loss`` rows of a run's ``csv/metrics.csv``, in order, repeats kept."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
 def train_quiet(tmp: Path, *overrides: str) -> Path:

@@ -13,13 +13,12 @@ dropout agree in distribution only.
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SimulatedCrash
+from helpers import SimulatedCrash, train_losses
 
 from brainfm.cli import train
 from brainfm.errors import ConfigError
@@ -35,11 +34,6 @@ SMALL = {
 }
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
-
-
 def _compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -53,10 +47,10 @@ def _crash_and_resume(cfg_for, common: tuple, name: str) -> tuple[dict, dict]:
                    "+callbacks.crash.step=13")
     with pytest.raises(SimulatedCrash):
         train.run(part)
-    partial = _losses(Path(part.paths.run_dir))
+    partial = train_losses(Path(part.paths.run_dir))
     resumed = cfg_for(*common, f"run_name={name}", "ckpt_path=last")
     train.run(resumed)
-    return partial, _losses(Path(resumed.paths.run_dir))
+    return partial, train_losses(Path(resumed.paths.run_dir))
 
 
 def _eager_compiled_resumed(cfg_for, family_overrides, name: str, eager_resumes: bool = False) -> tuple[dict, dict, dict]:
@@ -71,7 +65,7 @@ def _eager_compiled_resumed(cfg_for, family_overrides, name: str, eager_resumes:
     else:
         cfg = cfg_for(*common, f"run_name={name}_eager")
         train.run(cfg)
-        eager = _losses(Path(cfg.paths.run_dir))
+        eager = train_losses(Path(cfg.paths.run_dir))
     times["eager"] = time.perf_counter() - start
     graphs = _compiled_graphs()
     start = time.perf_counter()
@@ -175,7 +169,7 @@ def test_fused_adamw_is_picked_and_clips_under_mixed_precision(cfg_for):
     trainer.fit(task, datamodule=datamodule)
     (optimizer,) = trainer.optimizers
     assert optimizer.defaults["fused"] is True and trainer.global_step == 3
-    assert torch.isfinite(torch.tensor(list(_losses(Path(cfg.paths.run_dir)).values()))).all()
+    assert torch.isfinite(torch.tensor(list(train_losses(Path(cfg.paths.run_dir)).values()))).all()
 
 
 # -- every family (slow) -----------------------------------------------------------------------------------
@@ -253,7 +247,7 @@ def test_compiled_training_under_ddp_and_fsdp2_matches_eager_and_resumes(strateg
                              cwd=repo_root())
         assert (out.returncode != 0 and "simulated crash" in out.stderr) if crash else out.returncode == 0, \
             out.stderr[-5000:]
-        return _losses(tmp_path / "gpt" / name)
+        return train_losses(tmp_path / "gpt" / name)
 
     eager = run("eager")
     run("compiled", "trainer.compile=true", "+callbacks.crash._target_=helpers.CrashAtStep",

@@ -9,7 +9,6 @@ float32; downstream ``task_label.pyd``, ``label_across_tasks.pyd``) with webdata
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import h5py
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from helpers import SimulatedCrash
+from helpers import SimulatedCrash, train_losses
 from lightning.pytorch.callbacks import Callback
 
 from brainfm.cli import train
@@ -196,16 +195,11 @@ GPT = ("experiment=gpt", "model.d_model=32", "model.depth=2", "model.dropout=0",
        "data.batch_size=4", "data.windows_per_run=2", "data.split.fractions=[0.75,0.25,0.0]", "data.shuffle_buffer=4")
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
-
-
 def test_gpt_trains_on_tar_shards_and_resumes_mid_epoch(cfg_for, shards):
     common = (*GPT, f"data.path={shards}/*.tar", *STEPS)
     cfg = cfg_for(*common, "run_name=full")
     train.run(cfg)
-    full = _losses(Path(cfg.paths.run_dir))
+    full = train_losses(Path(cfg.paths.run_dir))
     assert sorted(full) == list(range(1, 21)) and all(np.isfinite(v) for v in full.values())
     # 12 training runs x 2 windows / batch 4 = 6 batches per epoch: the checkpoint at step 10 is mid-epoch 1
     part = cfg_for(*common, "run_name=crash", "+callbacks.crash._target_=helpers.CrashAtStep", "+callbacks.crash.step=13")
@@ -215,7 +209,7 @@ def test_gpt_trains_on_tar_shards_and_resumes_mid_epoch(cfg_for, shards):
     train.run(resumed_cfg)
     state = torch.load(Path(resumed_cfg.paths.run_dir) / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert state["LfBTarDataModule"]["train_epoch"] == 3
-    resumed = _losses(Path(resumed_cfg.paths.run_dir))
+    resumed = train_losses(Path(resumed_cfg.paths.run_dir))
     steps = list(range(11, 21))  # after the step-10 checkpoint
     assert all(s in resumed for s in steps)
     np.testing.assert_allclose([resumed[s] for s in steps], [full[s] for s in steps], rtol=1e-6, atol=0)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, SimulatedCrash, subprocess_env, train_in
+from helpers import QUIET, SimulatedCrash, logged_steps, subprocess_env, train_in
 from omegaconf import OmegaConf
 
 from brainfm.config import compose, repo_root
@@ -40,11 +40,6 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-def _steps(run_dir: Path) -> list[int]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
-
-
 def _best(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").glob("best-*"))
 
@@ -58,7 +53,7 @@ def test_every_job_of_a_multirun_gets_its_own_run_directory(tmp_path, hcp_h5):
         run_dir = sweep / job
         assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
         assert json.loads((run_dir / "summary.json").read_text())["run_dir"] == str(run_dir)
-        assert (run_dir / "train.log").is_file() and _steps(run_dir) == [1, 2]
+        assert (run_dir / "train.log").is_file() and logged_steps(run_dir) == [1, 2]
         lrs.append(OmegaConf.load(run_dir / "config.yaml").task.optimizer.lr)
     assert lrs == [1e-3, 1e-4]
     assert "demo/local/0 finished at step 2" in out.stdout and "demo/local/1 finished at step 2" in out.stdout
@@ -89,7 +84,7 @@ def test_a_run_directory_with_checkpoints_is_refused_resumed_or_replaced_never_t
     (run_dir / "eval").mkdir()
     train_in(tmp_path, f"data.path={hcp_h5}", *DEMO, "run_name=tty", "overwrite=true", "seed=1",
              "trainer.max_steps=4", "trainer.val_check_interval=4")
-    assert _steps(run_dir) == [1, 2, 3, 4]
+    assert logged_steps(run_dir) == [1, 2, 3, 4]
     assert _best(run_dir) == ["best-step4.ckpt"] and not (run_dir / "eval").exists()
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 4
     assert OmegaConf.load(run_dir / "config.yaml").seed == 1
@@ -125,7 +120,7 @@ def test_ctrl_c_saves_last_ckpt_and_a_summary_and_prints_the_command_that_resume
 
     metrics = train.run(compose("train", shlex.split(command)[1:]))
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
-    assert _steps(run_dir) == list(range(1, 9)) and metrics["val/loss"] > 0
+    assert logged_steps(run_dir) == list(range(1, 9)) and metrics["val/loss"] > 0
     assert json.loads((run_dir / "summary.json").read_text())["interrupted"] is False
     assert len(_best(run_dir)) == 1
 

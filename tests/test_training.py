@@ -3,13 +3,12 @@ carry what inference needs and load with weights_only=True."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import SimulatedCrash
+from helpers import SimulatedCrash, logged_steps, train_losses
 
 from brainfm.cli import train
 from brainfm.data.atlases import AAL2_CEREBRUM_94
@@ -17,11 +16,6 @@ from brainfm.errors import CheckpointError, ConfigError
 from brainfm.runs import build_task_from_checkpoint, load_checkpoint
 
 FAST = ("data.window.length=40", "data.window.min_length=20", "trainer.log_every_n_steps=1")
-
-
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
 @pytest.mark.parametrize(
@@ -33,7 +27,7 @@ def test_each_objective_learns_on_real_data(experiment, lr, steps, cfg_for):
     cfg = cfg_for(f"experiment={experiment}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                   f"task.optimizer.lr={lr}", "model.d_model=64", *FAST)
     metrics = train.run(cfg)
-    losses = np.array([v for _, v in sorted(_train_losses(Path(cfg.paths.run_dir)).items())])
+    losses = np.array([v for _, v in sorted(train_losses(Path(cfg.paths.run_dir)).items())])
     assert len(losses) == steps
     first, last = losses[:10].mean(), losses[-10:].mean()
     assert last < 0.95 * first, (experiment, first, last)
@@ -49,12 +43,11 @@ def test_resume_from_last_reaches_the_same_loss(cfg_for, tmp_path):
                    "+callbacks.crash._target_=helpers.CrashAtStep", "+callbacks.crash.step=23")
     with pytest.raises(SimulatedCrash):
         train.run(part)
-    assert max(_train_losses(Path(part.paths.run_dir))) == 23
+    assert max(train_losses(Path(part.paths.run_dir))) == 23
     resumed = cfg_for(*common, "trainer.max_steps=30", "run_name=part", "ckpt_path=last")
     train.run(resumed)
-    a, b = _train_losses(Path(full.paths.run_dir)), _train_losses(Path(resumed.paths.run_dir))
-    with open(Path(resumed.paths.run_dir) / "csv" / "metrics.csv") as f:
-        logged = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    a, b = train_losses(Path(full.paths.run_dir)), train_losses(Path(resumed.paths.run_dir))
+    logged = logged_steps(Path(resumed.paths.run_dir))
     assert logged == list(range(1, 31))  # each step once: the rows logged after the checkpoint are gone
     assert sorted(b) == sorted(a) == list(range(1, 31))  # step = optimizer steps completed
     for step in range(1, 31):  # the steps after the restart included
