@@ -4,7 +4,6 @@ preemption signal mid-training that is requeued and resumes with no step lost or
 
 from __future__ import annotations
 
-import csv
 import glob
 import os
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import logged_steps
 
 from brainfm.config import repo_root
 
@@ -39,11 +39,6 @@ def _overrides(hcp_h5, steps: int, every: int) -> list[str]:
             "trainer.log_every_n_steps=1", "logger=csv"]
 
 
-def _steps(run_dir: Path) -> list[int]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
-
-
 def _submit(args: list[str], env: dict, tmp_path: Path, wait: bool = True) -> str:
     cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), "-o", str(tmp_path / "%x-%j.out"), *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
@@ -56,7 +51,7 @@ def test_pretrain_sbatch_runs_two_rank_ddp(slurm, hcp_h5, tmp_path):
     env = _env(tmp_path)
     job = _submit([*SBATCH_LOCAL, "slurm/perlmutter/pretrain.sbatch", *_overrides(hcp_h5, 20, 10)], env, tmp_path)
     run_dir = tmp_path / "scratch" / "outputs" / "gpt" / job  # run name = the SLURM job id
-    assert _steps(run_dir) == list(range(1, 21))
+    assert logged_steps(run_dir) == list(range(1, 21))
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 20
     log = next(tmp_path.glob(f"*-{job}.out")).read_text()
@@ -75,7 +70,7 @@ def test_sweep_sbatch_runs_one_directory_per_line(slurm, hcp_h5, tmp_path):
         run_dir = tmp_path / "scratch" / "outputs" / "gpt" / f"{job}_{task}"
         cfg = OmegaConf.load(run_dir / "config.yaml")
         assert cfg.task.optimizer.lr == pytest.approx(lr) and cfg.model.depth == depth
-        assert _steps(run_dir) == list(range(1, 11))
+        assert logged_steps(run_dir) == list(range(1, 11))
 
 
 _TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
@@ -157,7 +152,7 @@ def test_preempted_job_is_requeued_and_resumes_without_lost_or_repeated_steps(sl
     assert state == "COMPLETED", _diagnosis(job, tmp_path)
     log = log.read_text()
     assert "preemption signal: saved" in log and f"requeued SLURM job {job}" in log, log[-4000:]
-    logged = _steps(run_dir)
+    logged = logged_steps(run_dir)
     assert logged == list(range(1, steps + 1)), f"steps logged twice: {sorted({s for s in logged if logged.count(s) > 1})}, " \
         f"missing: {sorted(set(range(1, steps + 1)) - set(logged))}"  # every optimizer step exactly once
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
@@ -198,4 +193,4 @@ def test_cluster_perlmutter_submits_a_multirun_through_the_submitit_launcher(slu
     lrs = sorted(float(OmegaConf.load(p / "config.yaml").task.optimizer.lr) for p in runs)
     assert lrs == [3e-4, 1e-3]
     for p in runs:
-        assert _steps(p) == list(range(1, 7))
+        assert logged_steps(p) == list(range(1, 7))
