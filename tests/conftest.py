@@ -1,5 +1,6 @@
-"""Shared fixtures: the embedded real data (fetched once, when missing), composed configs, and
-small synthetic ROI stores written in the real layout."""
+"""Shared fixtures: the embedded real data (fetched once, when missing), composed configs, small synthetic ROI
+stores written in the real layout, torch on one thread (``one_thread``, ``one_thread_per_module``) and the local SLURM
+cluster. Plain helper functions shared by tests live in helpers.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,15 @@
-"""Test-only callbacks, referenced from Hydra overrides (``+callbacks.x._target_=helpers.X``), and the
-tiny deterministic training setup the multi-process tests share; the synthetic labelled store, quiet CPU training
-runs and the brainmarks requirement the Brainmarks tests share."""
+"""Plain helpers the tests share (fixtures live in conftest.py); a test file defines only what it alone uses.
+
+- overrides: :data:`MODEL` / :data:`CPU` (the tiny deterministic model and 2 gloo ranks of the multi-process tests),
+  :data:`CPU_QUIET`, :data:`QUIET` (a quiet 2-step CPU run), :func:`supervised_on`;
+- training: in this process :func:`train_in` / :func:`train_quiet`, in a subprocess :func:`train_command` /
+  :func:`train_subprocess` with :func:`subprocess_env`; what a run logged: :func:`train_losses`,
+  :func:`logged_steps`; test-only callbacks referenced from Hydra overrides
+  (``+callbacks.x._target_=helpers.CrashAtStep``): :class:`CrashAtStep`, :class:`PauseAtStep`;
+- entry points: :func:`exit_status` (status and output of a ``main``);
+- data and references: :func:`labelled_roi_store`, :func:`shared_fixtures` / :func:`parity_fixture` (the parity
+  tests' reference outputs), :func:`check_backbone_contract`;
+- Brainmarks: :func:`require_brainmarks`, :func:`brainmarks_smoke_test`."""
 
 from __future__ import annotations
 
