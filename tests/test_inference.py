@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import subprocess_env
 
 from brainfm.cli import train
 from brainfm.config import repo_root
@@ -20,14 +21,9 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="multi-process tests 
 TWO = ["trainer=ddp_cpu", "trainer.devices=2"]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    return {**env, "OMP_NUM_THREADS": "1"}
-
-
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
-                          env=_env(), cwd=repo_root())
+                          env=subprocess_env(), cwd=repo_root())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
