@@ -18,8 +18,9 @@ from helpers import parity_fixture, shared_fixtures
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from brainfm.checkpoints import convert, load_backbone
+from brainfm.checkpoints import load_backbone
 from brainfm.config import compose
+from brainfm.models.convert import convert
 from brainfm.errors import CheckpointError
 from brainfm.models.heads import BinaryHead, ReconstructionHead
 from brainfm.models.sequence import (

@@ -18,7 +18,8 @@ import pytest
 import torch
 from helpers import parity_fixture, shared_fixtures
 
-from brainfm.checkpoints import ADAPTERS, convert, load_backbone
+from brainfm.checkpoints import load_backbone
+from brainfm.models.convert import ADAPTERS, convert
 from brainfm.models.network_maps import load_network_map
 from brainfm.errors import CheckpointError
 from brainfm.models.semantoks import (

@@ -55,7 +55,7 @@ def test_swift_lightning_checkpoint_converter(tmp_path):
                  "hyper_parameters": {"model": "swin4d_ver7", "args": argparse.Namespace(img_size=[96, 96, 96, 20])}}
     torch.save(lightning, tmp_path / "swift.ckpt")
     convert_main(["swift", str(tmp_path / "swift.ckpt"), str(tmp_path / "backbone.safetensors")])
-    from brainfm.checkpoints import convert
+    from brainfm.models.convert import convert
 
     backbone, heads = convert("swift", tmp_path / "swift.ckpt")
     assert set(backbone) == set(sd) and set(heads) == {"output_head.head.weight"}

@@ -15,8 +15,9 @@
   at their initialisation named by the caller.
 - Foreign checkpoints: a per-family *adapter* (a pure function on state dicts that lives with its
   model, as timm's ``checkpoint_filter_fn`` and torchtitan's ``StateDictAdapter``) maps the
-  reference project's keys to brainfm's; :data:`ADAPTERS` names them for
-  ``python -m brainfm.models.convert <name> <src> <dst>`` (:func:`convert`).
+  reference project's keys to brainfm's; :data:`brainfm.models.convert.ADAPTERS` names them for
+  ``python -m brainfm.models.convert <name> <src> <dst>`` (:func:`brainfm.models.convert.convert`),
+  which reads and writes through this module (this module imports no model).
 
 Raises :class:`brainfm.errors.CheckpointError` naming the file for anything that does not load.
 """
@@ -27,8 +28,7 @@ import argparse
 import os
 import pathlib
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -223,18 +223,6 @@ def load_backbone(model: torch.nn.Module, path: str | Path, *, may_be_missing: S
     return missing
 
 
-@dataclass(frozen=True)
-class Adapter:
-    """A foreign checkpoint format: ``adapt(state) -> (brainfm_state, left_out)`` maps the reference
-    keys to the brainfm model's and returns what it does not carry over (heads, optimizer)."""
-
-    name: str
-    description: str
-    adapt: Callable[[StateDict], tuple[StateDict, StateDict]]
-    prefix: str | None = None
-    safe_globals: tuple = ()
-
-
 class _HParams(dict):
     """Stands in for Lightning's ``AttributeDict`` when a checkpoint's hyper-parameters are read."""
 
@@ -246,54 +234,3 @@ LIGHTNING_SAFE_GLOBALS = (
     (_HParams, "lightning.fabric.utilities.data.AttributeDict"),
     (_HParams, "lightning_fabric.utilities.data.AttributeDict"),
 )
-
-
-def _swift(state: StateDict) -> tuple[StateDict, StateDict]:
-    from brainfm.models.swin4d import swift_checkpoint_filter
-
-    return swift_checkpoint_filter(state)
-
-
-def _lfb(state: StateDict) -> tuple[StateDict, StateDict]:
-    from brainfm.models.sequence import lfb_checkpoint_filter
-
-    return lfb_checkpoint_filter(state)
-
-
-def _semantoks(state: StateDict) -> tuple[StateDict, StateDict]:
-    from brainfm.models.semantoks import semantoks_checkpoint_filter
-
-    return semantoks_checkpoint_filter(state)
-
-
-#: name -> adapter, for ``python -m brainfm.models.convert <name>``
-ADAPTERS: dict[str, Adapter] = {
-    "swift": Adapter("swift", "SwiFT Lightning checkpoint -> Swin4D backbone (model=swin4d_v7 with its sizes)", _swift,
-                     safe_globals=LIGHTNING_SAFE_GLOBALS),
-    "lfb": Adapter("lfb", "Thomas et al. (learning-from-brains) GPT/CSM or Sequence-BERT pytorch_model.bin -> "
-                   "SequenceTransformer + task heads (experiment=lfb_gpt / lfb_seq_bert; writes <dst>.yaml)", _lfb),
-    "semantoks": Adapter("semantoks", "Brain-Semantoks checkpoint (model_state_dict: SimDINOModel, teacher encoder) or "
-                         "CNN_TF state -> SemantoksEncoder (model=semantoks model.qkv_bias=false, the reference's sizes)",
-                         _semantoks),
-}
-
-
-def convert(name: str, src: str | Path, dst: str | Path | None = None) -> tuple[StateDict, StateDict]:
-    """Read ``src``, adapt it with :data:`ADAPTERS` ``[name]`` and write the brainfm state to ``dst``.
-
-    Returns ``(brainfm_state, left_out)``.
-
-    Raises:
-        CheckpointError: unknown adapter, unreadable file, or keys the adapter does not recognise.
-    """
-    if name not in ADAPTERS:
-        raise CheckpointError(f"unknown checkpoint format {name!r}; known: {sorted(ADAPTERS)}")
-    adapter = ADAPTERS[name]
-    state = read_state_dict(src, prefix=adapter.prefix, safe_globals=adapter.safe_globals)
-    try:
-        out, left_out = adapter.adapt(state)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{src}: {exc}") from exc
-    if dst is not None:
-        write_state_dict(out, dst)
-    return out, left_out

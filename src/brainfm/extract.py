@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainfm.errors import CheckpointError, ConfigError, DataError
+from brainfm.errors import CheckpointError, ConfigError, DataError, brainfm_cause
 
 KINDS = ("embedding", "signature")
 FORMATS = ("h5", "parquet")
@@ -141,8 +141,6 @@ def load_run(ckpt: str | os.PathLike, data_overrides: Mapping[str, Any] | Sequen
             cfg.data = OmegaConf.merge(cfg.data, OmegaConf.from_dotlist(dots))
         except Exception as exc:
             raise ConfigError(f"data overrides {dots} do not apply to {config_file}: {exc}") from exc
-    from brainfm.cli.common import brainfm_cause
-
     try:
         datamodule = instantiate(cfg.data, _convert_="all")
         datamodule.setup("predict")

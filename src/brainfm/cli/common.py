@@ -14,23 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from brainfm.errors import BrainfmError, ConfigError
+from brainfm.errors import BrainfmError, ConfigError, brainfm_cause  # noqa: F401  (brainfm_cause: public here too)
 
 #: entry points whose ``data`` node starts empty (``data: {}``): a data key is added with ``+data.<key>=``
 PLUS_DATA_PROGS = ("brainfm-evaluate", "brainfm-extract", "brainfm-predict", "brainfm-interpret")
 _DATA_FIX = re.compile(r"(?<![+\w.])data\.(?=[A-Za-z_][\w.]*=)")
 _UNEXPECTED = re.compile(r"got an unexpected keyword argument '(\w+)'")
-
-
-def brainfm_cause(exc: BaseException) -> BrainfmError | None:
-    """The BrainfmError behind ``exc`` (Hydra wraps errors raised while instantiating)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, BrainfmError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 #: command-line tools that take a data setting as an option: the store messages' ``data.<key>=`` fix, as typed there

@@ -1,6 +1,6 @@
 """``python -m brainfm.models.convert <format> <src> <dst>``: a reference project's checkpoint ->
 a brainfm state dict (``.safetensors`` or ``.pt``), through :mod:`brainfm.checkpoints` (read with
-``weights_only=True``; the per-family adapters live with their models).
+``weights_only=True``; the per-family adapters live with their models, :data:`ADAPTERS` names them here).
 
 Formats: ``swift`` (a SwiFT Lightning checkpoint -> the Swin4D backbone, which loads unchanged into
 ``model=swin4d_v7`` with the checkpoint's sizes); ``lfb`` (Thomas et al.'s released GPT/CSM or
@@ -12,12 +12,64 @@ task.init_from=<dst>``); see ``--help`` for the others.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from brainfm.checkpoints import LIGHTNING_SAFE_GLOBALS, StateDict, read_state_dict, write_state_dict
+from brainfm.errors import CheckpointError
+from brainfm.models.semantoks import semantoks_checkpoint_filter
+from brainfm.models.sequence import lfb_checkpoint_filter
+from brainfm.models.swin4d import swift_checkpoint_filter
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A foreign checkpoint format: ``adapt(state) -> (brainfm_state, left_out)`` maps the reference
+    keys to the brainfm model's and returns what it does not carry over (heads, optimizer)."""
+
+    name: str
+    description: str
+    adapt: Callable[[StateDict], tuple[StateDict, StateDict]]
+    prefix: str | None = None
+    safe_globals: tuple = ()
+
+
+#: name -> adapter, for ``python -m brainfm.models.convert <name>``
+ADAPTERS: dict[str, Adapter] = {
+    "swift": Adapter("swift", "SwiFT Lightning checkpoint -> Swin4D backbone (model=swin4d_v7 with its sizes)",
+                     swift_checkpoint_filter, safe_globals=LIGHTNING_SAFE_GLOBALS),
+    "lfb": Adapter("lfb", "Thomas et al. (learning-from-brains) GPT/CSM or Sequence-BERT pytorch_model.bin -> "
+                   "SequenceTransformer + task heads (experiment=lfb_gpt / lfb_seq_bert; writes <dst>.yaml)",
+                   lfb_checkpoint_filter),
+    "semantoks": Adapter("semantoks", "Brain-Semantoks checkpoint (model_state_dict: SimDINOModel, teacher encoder) or "
+                         "CNN_TF state -> SemantoksEncoder (model=semantoks model.qkv_bias=false, the reference's sizes)",
+                         semantoks_checkpoint_filter),
+}
+
+
+def convert(name: str, src: str | Path, dst: str | Path | None = None) -> tuple[StateDict, StateDict]:
+    """Read ``src``, adapt it with :data:`ADAPTERS` ``[name]`` and write the brainfm state to ``dst``.
+
+    Returns ``(brainfm_state, left_out)``.
+
+    Raises:
+        CheckpointError: unknown adapter, unreadable file, or keys the adapter does not recognise.
+    """
+    if name not in ADAPTERS:
+        raise CheckpointError(f"unknown checkpoint format {name!r}; known: {sorted(ADAPTERS)}")
+    adapter = ADAPTERS[name]
+    state = read_state_dict(src, prefix=adapter.prefix, safe_globals=adapter.safe_globals)
+    try:
+        out, left_out = adapter.adapt(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{src}: {exc}") from exc
+    if dst is not None:
+        write_state_dict(out, dst)
+    return out, left_out
 
 
 def main(argv: list[str] | None = None) -> None:
-    from brainfm.checkpoints import ADAPTERS, convert
-
     parser = argparse.ArgumentParser(prog="python -m brainfm.models.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True)
