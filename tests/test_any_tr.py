@@ -119,11 +119,11 @@ def test_evaluate_takes_data_at_another_tr(demo_ckpt, hcp_h5, tmp_path, capsys):
 
 
 def test_a_model_with_a_fixed_tr_is_refused_with_the_fix(hcp_h5, tmp_path):
-    from brainfm.runs import check_data_compatible
+    from brainfm.runs import check_compatible
 
     tr2 = open_store("roi", write_resampled_roi_h5(hcp_h5, tmp_path / "tr2.h5", 2.0))
     meta = {"tr": 0.72, "n_rois": 94}
     with pytest.raises(CheckpointError, match=r"TR mismatch.*data.resample_tr=0.72"):
-        check_data_compatible(meta, tr2, any_tr=False)
-    check_data_compatible(meta, tr2, any_tr=True)  # time in seconds: accepted
+        check_compatible(meta, tr2, any_tr=False)
+    check_compatible(meta, tr2, any_tr=True)  # time in seconds: accepted
     assert tr2.tr == 2.0

@@ -31,7 +31,7 @@ except ImportError as exc:  # brainmarks not installed (its plugin module alone 
 
 from brainfm.data.windows import collate_windows
 from brainfm.errors import CheckpointError
-from brainfm.extract import load_run, window_dataset
+from brainfm.runs import load_run, window_dataset
 
 SMALL = [*QUIET, "data.window.min_length=null", "data.batch_size=4"]
 

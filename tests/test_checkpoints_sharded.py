@@ -103,7 +103,8 @@ def test_fsdp_saves_a_sharded_last_checkpoint_on_a_wall_clock_interval_and_resum
 
 def test_sharded_checkpoint_consolidates_into_one_file_that_evaluate_and_load_checkpoint_read(runs, tmp_path):
     from brainfm.errors import CheckpointError
-    from brainfm.runs import build_task_from_checkpoint, load_checkpoint, main
+    from brainfm.cli.consolidate import main
+    from brainfm.runs import build_task_from_checkpoint, load_checkpoint
 
     last = runs["last"]
     for where in (last, runs["run"]):  # the directory itself, or its run directory

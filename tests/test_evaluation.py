@@ -17,7 +17,7 @@ from brainfm.data.stores.roi import ROIStore, write_roi_h5
 from brainfm.errors import CheckpointError
 from brainfm.eval.fingerprinting import fc_features
 from brainfm.eval.reidentification import average_precision, reidentification
-from brainfm.runs import check_data_compatible
+from brainfm.runs import check_compatible
 from brainfm.tasks.losses import nt_xent
 
 
@@ -95,15 +95,15 @@ def test_pairs_are_two_non_overlapping_windows_of_one_run(small_h5):
 def test_checkpoint_data_mismatches_are_named(small_h5):
     store = ROIStore(small_h5)
     meta = {"tr": 2.0, "n_rois": 6, "roi_names": [f"roi{i}" for i in range(6)], "atlas": "toy"}
-    check_data_compatible(meta, store)
+    check_compatible(meta, store)
     with pytest.raises(CheckpointError, match="TR mismatch"):
-        check_data_compatible({**meta, "tr": 0.72}, ROIStore(small_h5))
+        check_compatible({**meta, "tr": 0.72}, ROIStore(small_h5))
     with pytest.raises(CheckpointError, match="trained on 94 ROIs"):
-        check_data_compatible({**meta, "n_rois": 94}, ROIStore(small_h5))
+        check_compatible({**meta, "n_rois": 94}, ROIStore(small_h5))
     swapped = [*meta["roi_names"]]
     swapped[2], swapped[3] = swapped[3], swapped[2]
     with pytest.raises(CheckpointError, match=r"differs .* at index 2: data 'roi2', model 'roi3'"):
-        check_data_compatible({**meta, "roi_names": swapped}, ROIStore(small_h5))
+        check_compatible({**meta, "roi_names": swapped}, ROIStore(small_h5))
 
 
 def test_evaluate_cli_writes_metrics_and_plot(cfg_for, tmp_path):

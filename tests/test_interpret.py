@@ -16,7 +16,7 @@ from helpers import train_quiet
 from brainfm.cli import interpret as interpret_cli
 from brainfm.config import compose
 from brainfm.errors import ConfigError
-from brainfm.extract import load_run, window_dataset
+from brainfm.runs import load_run, window_dataset
 
 #: the scan's grid before preprocessing and its affine (3 mm voxels, an MNI-like origin)
 ORIGINAL = (7, 6, 8)

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from brainfm.errors import CheckpointError, ConfigError, DataError, brainfm_cause
+from brainfm.errors import ConfigError, DataError
+from brainfm.runs import LoadedRun, datamodules_of, has_split, load_run, window_dataset
 
 KINDS = ("embedding", "signature")
 FORMATS = ("h5", "parquet")
@@ -39,188 +39,6 @@ SPLITS = ("train", "val", "test")
 #: Per-row columns of an export, besides the ``embedding`` matrix.
 ROW_COLUMNS = ("subject_id", "subject_index", "run", "run_id", "window_start_tr", "window_start_s", "tr", "split",
                "dataset")
-
-
-@dataclass
-class LoadedRun:
-    """A checkpoint with the task rebuilt from it and its data rebuilt from the run's config.
-
-    Attributes:
-        ckpt: the loaded checkpoint dict (``_path`` = its file).
-        task: the task in eval mode with the checkpoint's weights.
-        config: the run's composed config (``config.yaml``) with the data overrides applied.
-        datamodule: the data, set up and checked against the checkpoint.
-    """
-
-    ckpt: dict
-    task: Any
-    config: Any
-    datamodule: Any
-    run_dir: Path = field(default_factory=Path)
-
-
-def run_dir_of(ckpt_path: Path) -> Path:
-    """The run directory of a checkpoint file (``<run>/checkpoints/x.ckpt`` -> ``<run>``)."""
-    parent = ckpt_path.parent
-    return parent.parent if parent.name == "checkpoints" else parent
-
-
-def _dotlist(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
-    if not overrides:
-        return []
-    if isinstance(overrides, Mapping):
-        from omegaconf import OmegaConf
-
-        flat = OmegaConf.to_container(OmegaConf.create(dict(overrides)), resolve=True)
-        out: list[str] = []
-
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict) and value:
-                for k, v in value.items():
-                    walk(f"{prefix}.{k}" if prefix else str(k), v)
-            else:
-                import json
-
-                out.append(f"{prefix}={json.dumps(value) if not isinstance(value, str) else value}")
-
-        walk("", flat)
-        return out
-    return [str(o) for o in overrides]
-
-
-def load_run(ckpt: str | os.PathLike, data_overrides: Mapping[str, Any] | Sequence[str] | None = None) -> LoadedRun:
-    """Load a checkpoint (file or run directory), rebuild its task and its datamodule.
-
-    Args:
-        ckpt: a ``.ckpt`` file or a run directory (its ``checkpoints/last.ckpt``).
-        data_overrides: changes to the run's ``data`` config, as a nested mapping
-            (``{"path": "/other.h5"}``) or dot-list strings (``["path=/other.h5", "eval_batch_size=8"]``).
-
-    Raises:
-        CheckpointError: no checkpoint, no ``config.yaml`` beside ``checkpoints/``, or data whose
-            TR, ROI count/order or grid differ from the checkpoint's.
-        ConfigError / DataError: from setting the data up.
-    """
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from brainfm.runs import (
-        build_task_from_checkpoint,
-        find_checkpoint,
-        load_checkpoint,
-    )
-
-    path = find_checkpoint(ckpt)
-    run_dir = run_dir_of(path)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise CheckpointError(
-            f"{config_file} does not exist: the data of checkpoint {path} are rebuilt from its run's config.yaml "
-            "(written by brainfm-train beside checkpoints/). Fix: pass ckpt=<run directory>, or copy the run's "
-            "config.yaml next to the checkpoints/ folder"
-        )
-    checkpoint = load_checkpoint(path)
-    task = build_task_from_checkpoint(checkpoint)
-    any_tr = bool(task.model.any_tr)
-    cfg = OmegaConf.load(config_file)
-    if "data" not in cfg:
-        raise CheckpointError(f"{config_file} has no 'data' section; it is not a brainfm-train run config")
-    dots = _dotlist(data_overrides)
-    keys = {d.split("=", 1)[0] for d in dots}
-    if "path" in keys and "tr" not in keys and isinstance(cfg.data.get("tr"), (int, float)):
-        # other data: their own TR, not the training recipe's; check_compatible then accepts it (a model
-        # that embeds time in seconds) or refuses it with the fix (data.resample_tr)
-        dots.append("tr=null")
-    if "path" in keys and "n_rois" not in keys and cfg.data.get("n_rois") is not None:
-        # other data: their own ROI count; check_compatible compares it with the checkpoint's (a trained model's
-        # input layer is fixed, so the recipe's "set data.n_rois" fix cannot apply here)
-        dots.append("n_rois=null")
-    if dots:
-        OmegaConf.set_struct(cfg, False)
-        try:
-            cfg.data = OmegaConf.merge(cfg.data, OmegaConf.from_dotlist(dots))
-        except Exception as exc:
-            raise ConfigError(f"data overrides {dots} do not apply to {config_file}: {exc}") from exc
-    try:
-        datamodule = instantiate(cfg.data, _convert_="all")
-        datamodule.setup("predict")
-    except Exception as exc:  # Hydra wraps errors raised while instantiating
-        cause = brainfm_cause(exc)
-        if cause is not None and cause is not exc:
-            raise cause from None
-        raise
-    meta = checkpoint["hyper_parameters"].get("data_meta") or {}
-    for _, dm in _children(datamodule):
-        check_compatible(meta, dm, where=f"checkpoint {path}", any_tr=any_tr)
-        use_checkpoint_normalization(checkpoint, dm)
-    return LoadedRun(checkpoint, task, cfg, datamodule, run_dir)
-
-
-def _children(datamodule) -> list[tuple[str, Any]]:
-    """``(data set name, datamodule)`` pairs: the children of a MultiDataModule, else the module itself."""
-    children = getattr(datamodule, "datasets", None)
-    if isinstance(children, Mapping) and children:
-        return [(str(k), v) for k, v in children.items()]
-    return [(str(getattr(datamodule, "name", "data")), datamodule)]
-
-
-def _stores(dm) -> list:
-    stores = getattr(dm, "stores", None)
-    if isinstance(stores, Mapping) and stores:
-        return list({id(s): s for s in stores.values()}.values())
-    return [dm.store]
-
-
-def check_compatible(meta: Mapping[str, Any], dm, where: str = "the checkpoint", any_tr: bool = False) -> None:
-    """Raise CheckpointError unless ``dm``'s stores have the checkpoint's TR, ROI count and order
-    (ROI/grayordinate data) or grid (volumes).
-
-    ``meta``: the checkpoint's ``data_meta``. A ``tr`` of ``"mixed"`` accepts any TR, and so does
-    ``any_tr`` (a model that embeds time in seconds: the data's TR is logged, not refused).
-    """
-    from brainfm.runs import check_data_compatible
-
-    for store in _stores(dm):
-        if store.kind in ("roi", "grayordinate"):
-            if isinstance(meta.get("tr"), (int, float)) or meta.get("tr") is None:
-                check_data_compatible(meta, store, where=where, any_tr=any_tr)
-            continue
-        tr = meta.get("tr")
-        if isinstance(tr, (int, float)) and not any_tr:
-            trs = np.asarray(store.trs, dtype=float)
-            bad = np.flatnonzero(~np.isclose(trs, float(tr), atol=1e-3))
-            if len(bad):
-                i = int(bad[0])
-                raise CheckpointError(
-                    f"TR mismatch: {store.describe_run(i)} has TR={trs[i]:g} s but {where} was trained at TR="
-                    f"{float(tr):g} s; models see time in seconds. Fix: resample the data to {float(tr):g} s"
-                )
-        shape = meta.get("shape")
-        grid = store.frame_shape
-        if shape is not None and grid is not None and list(grid) != [int(s) for s in shape]:
-            raise CheckpointError(
-                f"grid mismatch: {where} was trained on {list(shape)} volumes but the data hold "
-                f"{list(grid)}. Fix: preprocess with --target-shape {' '.join(map(str, shape))}"
-            )
-
-
-def use_checkpoint_normalization(ckpt: dict, dm) -> None:
-    """With ``global`` z-scoring, apply the statistics saved in the checkpoint (those of the
-    training data), not statistics refitted on the data now given; ``run`` statistics are per run
-    and always come from the data."""
-    from brainfm.data.normalization import ROINormalizer
-    from brainfm.tasks.base import CHECKPOINT_KEY
-
-    state = (ckpt.get(CHECKPOINT_KEY) or {}).get("normalization") or {}
-    if state.get("mode") != "global" or state.get("mean") is None:
-        return
-    norm = ROINormalizer.from_state(state)
-    if getattr(dm, "normalizer", None) is not None:
-        dm.normalizer = norm.bind(dm.store)
-    normalizers = getattr(dm, "normalizers", None)
-    if isinstance(normalizers, dict):
-        for role in list(normalizers):
-            normalizers[role] = norm.bind(dm.stores[role])
 
 
 # -- the windows of a split ---------------------------------------------------------------------------------
@@ -254,30 +72,14 @@ def _row(dataset, run: int, start: int, split: str, name: str, prefix: str = "")
     }
 
 
-def _has_split(dm, split: str) -> bool:
-    segments = getattr(dm, "segments", {}) or {}
-    value = segments.get(split)
-    if isinstance(value, Mapping):  # R2T: per role
-        return bool(value.get("rest"))
-    return bool(value)
-
-
-def window_dataset(dm, split: str):
-    """The deterministic evaluation windows of ``split``: grid windows of a ROI/volume datamodule, or
-    R2T's rest-only windows (every subject of the split with a rest run)."""
-    if hasattr(dm, "rest_dataset"):
-        return dm.rest_dataset(split)
-    return dm.dataset(split)
-
-
 def _check_splits(datamodule, splits: Sequence[str]) -> list[str]:
     splits = [str(s) for s in splits]
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
         raise ConfigError(f"splits={splits} must be a non-empty list of {list(SPLITS)}")
-    available = [s for s in splits if any(_has_split(dm, s) for _, dm in _children(datamodule))]
+    available = [s for s in splits if any(has_split(dm, s) for _, dm in datamodules_of(datamodule))]
     if not available:
-        kinds = {str((getattr(dm, "split", {}) or {}).get("kind")) for _, dm in _children(datamodule)}
+        kinds = {str((getattr(dm, "split", {}) or {}).get("kind")) for _, dm in datamodules_of(datamodule)}
         raise ConfigError(f"none of splits={splits} has data (data.split.kind={'/'.join(sorted(kinds))}: a time split "
                           "has only train and val). Fix: splits=[train,val]")
     return available
@@ -316,10 +118,10 @@ def groups_of(loaded: LoadedRun, kind: str, splits: Sequence[str], batch_size: i
     from brainfm.inference import Group
 
     out = []
-    for name, dm in _children(loaded.datamodule):
+    for name, dm in datamodules_of(loaded.datamodule):
         bs = int(batch_size or getattr(dm, "eval_batch_size", 16))
         for split in splits:
-            if not _has_split(dm, split):
+            if not has_split(dm, split):
                 continue
             if kind == "signature":
                 pairs = getattr(dm, "_pairs", {}).get(split)
@@ -639,7 +441,7 @@ def predict(loaded: LoadedRun, splits: Sequence[str] | None = None, batch_size: 
     if r2t and task.mode != "fine_tune":
         task.predict({})  # raises the explanation of an untrained head
     if not splits:
-        has_test = any(_has_split(dm, "test") for _, dm in _children(loaded.datamodule))
+        has_test = any(has_split(dm, "test") for _, dm in datamodules_of(loaded.datamodule))
         splits = ["test" if has_test else "val"]
     groups = groups_of(loaded, "embedding", _check_splits(loaded.datamodule, splits), batch_size)
     fn = (lambda t, b: t.predict(b)) if r2t else (lambda t, b: t.logits(b))
@@ -664,7 +466,7 @@ def predict(loaded: LoadedRun, splits: Sequence[str] | None = None, batch_size: 
         if kind == "regression":
             return _frame(ids, mean, [f"prediction_{t}" for t in targets] if len(targets) > 1 else ["prediction"])
         probs = torch.cat([1 - mean, mean], dim=1) if kind == "binary" else mean
-        return _classes(ids, probs, _categories(loaded, targets[0]))
+        return _classes(ids, probs, loaded.label_categories(targets[0]))
     if task.kind == "regression":
         return _frame(ids, mean * task.label_std + task.label_mean, ["prediction"])
     if task.kind == "binary":
@@ -672,13 +474,7 @@ def predict(loaded: LoadedRun, splits: Sequence[str] | None = None, batch_size: 
         probs = torch.cat([1 - p, p], dim=1)
     else:
         probs = mean.softmax(dim=-1)
-    return _classes(ids, probs, _categories(loaded, task.target))
-
-
-def _categories(loaded: LoadedRun, target: str) -> list[str] | None:
-    labels = (loaded.config.data.get("labels") or {}) if "data" in loaded.config else {}
-    cats = (labels.get("categories") or {}).get(target) if labels else None
-    return [str(c) for c in cats] if cats else None
+    return _classes(ids, probs, loaded.label_categories(task.target))
 
 
 def _frame(ids: list[str], values: torch.Tensor, names: list[str]):

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 
 from brainfm.errors import ConfigError, DataError
+from brainfm.extract import write_csv
+from brainfm.runs import datamodules_of, has_split, load_run, window_dataset
 
 log = logging.getLogger(__name__)
 
@@ -546,7 +548,7 @@ def _safe(text: str) -> str:
 
 def interpret(loaded, out_dir: str | os.PathLike, options: Options | None = None, trainer=None,
               categories: Sequence[str] | None = None) -> Any:
-    """Attribution maps of the chosen windows of a loaded run (:func:`brainfm.extract.load_run`), one file set
+    """Attribution maps of the chosen windows of a loaded run (:func:`brainfm.runs.load_run`), one file set
     per window and target, plus one per subject, and an index ``attributions_<method>.csv``.
 
     Files (``<out_dir>/[<dataset>/]<subject>/``):
@@ -571,7 +573,6 @@ def interpret(loaded, out_dir: str | os.PathLike, options: Options | None = None
     import pandas as pd
 
     from brainfm.data.windows import collate_windows
-    from brainfm.extract import _children, _has_split, window_dataset, write_csv
 
     opts = options or Options()
     opts.check()
@@ -585,7 +586,7 @@ def interpret(loaded, out_dir: str | os.PathLike, options: Options | None = None
     if opts.output == "head" and not has_head(task):
         scores(task, "head")  # raises the explanation
     out_dir = Path(out_dir)
-    children = [(n, dm) for n, dm in _children(loaded.datamodule) if _has_split(dm, opts.split)]
+    children = [(n, dm) for n, dm in datamodules_of(loaded.datamodule) if has_split(dm, opts.split)]
     if not children:
         raise ConfigError(f"split={opts.split!r} has no windows in {getattr(loaded.datamodule, 'path', 'the data')}"
                           " (a time split has only train and val). Fix: split=val")
@@ -750,13 +751,12 @@ def _write_subject_rois(path: Path, maps: list, roi_names: Sequence[str]) -> Non
 def interpret_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                          options: Options | None = None, data_overrides: Mapping[str, Any] | Sequence[str] | None = None,
                          trainer=None) -> tuple[Path, Any]:
-    """``brainfm-interpret``: load a checkpoint and its data (:func:`brainfm.extract.load_run`), check the
+    """``brainfm-interpret``: load a checkpoint and its data (:func:`brainfm.runs.load_run`), check the
     options first (before any data are read), and write the maps (:func:`interpret`) to ``out_dir``
     (default ``<run_dir>/interpret/<method>``). Returns ``(out_dir, index frame)``.
 
-    Raises as :func:`brainfm.extract.load_run` and :func:`interpret`.
+    Raises as :func:`brainfm.runs.load_run` and :func:`interpret`.
     """
-    from brainfm.extract import _categories, load_run
 
     opts = options or Options()
     opts.check()
@@ -765,6 +765,6 @@ def interpret_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike | N
         scores(loaded.task, "head")  # the explanation, before any window is read
     out = Path(out_dir) if out_dir else loaded.run_dir / "interpret" / opts.method
     target = getattr(loaded.task, "target", None)
-    categories = _categories(loaded, target) if isinstance(target, str) else None
+    categories = loaded.label_categories(target) if isinstance(target, str) else None
     frame = interpret(loaded, out, opts, trainer=trainer, categories=categories)
     return out, frame

@@ -138,8 +138,7 @@ def run_labelled(cfg: DictConfig, name: str = "logistic") -> dict | None:
     """
     from brainfm.errors import ConfigError
     from brainfm.eval.protocol import write_json
-    from brainfm.extract import run_dir_of
-    from brainfm.runs import find_checkpoint
+    from brainfm.runs import find_checkpoint, run_dir_of
 
     if name == "probe":
         from brainfm.eval.brainmarks_probe import print_table, run_probe as protocol

@@ -22,8 +22,8 @@ def data_overrides(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig) -> Path | None:
-    from brainfm.extract import export, run_dir_of
-    from brainfm.runs import find_checkpoint
+    from brainfm.extract import export
+    from brainfm.runs import find_checkpoint, run_dir_of
 
     fmt = cfg.get("format")
     out = cfg.get("out")

@@ -16,8 +16,8 @@ from brainfm.config import config_dir
 
 
 def run(cfg: DictConfig) -> Path | None:
-    from brainfm.extract import predict_to_csv, run_dir_of
-    from brainfm.runs import find_checkpoint
+    from brainfm.extract import predict_to_csv
+    from brainfm.runs import find_checkpoint, run_dir_of
 
     out = cfg.get("out") or run_dir_of(find_checkpoint(cfg.ckpt)) / "predict" / "predictions.csv"
     splits = list(cfg.splits) if cfg.get("splits") else None

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from brainfm.errors import ConfigError, DataError
+from brainfm.runs import build_task_from_checkpoint, find_checkpoint, load_checkpoint, open_windows
 
 SOURCES = ("trial", "run")
 BASELINES = ("random_init",)
@@ -107,9 +108,8 @@ def run_few_subject(
         CheckpointError: unloadable checkpoint, data with another TR / ROI count / ROI order.
     """
     from brainfm.eval.probe import few_subject_curve
-    from brainfm.eval.protocol import _embed_groups, _windows_and_store, progress
+    from brainfm.eval.protocol import embed_groups, progress
     from brainfm.inference import Group
-    from brainfm.runs import build_task_from_checkpoint, load_checkpoint
 
     if source not in SOURCES:
         raise ConfigError(f"few_subject.source={source!r} must be one of {SOURCES}")
@@ -119,8 +119,8 @@ def run_few_subject(
     ckpt = load_checkpoint(ckpt_path)
     pretrained = build_task_from_checkpoint(ckpt)
     meta = ckpt["hyper_parameters"].get("data_meta") or {}
-    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path, any_tr=pretrained.model.any_tr,
-                                             data_overrides=data_overrides)
+    store, make, volume = open_windows(ckpt_path, ckpt, data_path, any_tr=pretrained.model.any_tr,
+                                       data_overrides=data_overrides)
     if volume:
         raise ConfigError("protocol=few_subject runs on ROI time series; this checkpoint's data are volumes")
     if shift_s is None and source == "trial":
@@ -147,7 +147,7 @@ def run_few_subject(
              n_subj, n_test, ", ".join(models), int(repeats), ", ".join(map(str, sizes)), logger=log)
     for name, task in models.items():
         progress("%s: embedding %d windows", name, len(labels), logger=log)
-        embedded = _embed_groups(task, [Group("few_subject", ds, int(batch_size))], trainer, shard_dir)
+        embedded = embed_groups(task, [Group("few_subject", ds, int(batch_size))], trainer, shard_dir)
         if embedded is None:
             return None  # not the global rank 0
         features, subjects = embedded[0]
@@ -267,7 +267,6 @@ def run_from_config(cfg) -> dict | None:
     from omegaconf import OmegaConf
 
     from brainfm.eval.protocol import write_json
-    from brainfm.runs import find_checkpoint
 
     fs = cfg.get("few_subject") or {}
     ckpt = find_checkpoint(cfg.ckpt)

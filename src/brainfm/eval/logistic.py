@@ -326,7 +326,7 @@ def checkpoint_sample_features(task, ckpt: dict, store, runs: Sequence[int], *, 
                                representation: str, batch_size: int, trainer, shard_dir: Path,
                                pool_tokens: bool = True, setting: str = "logistic") -> np.ndarray | None:
     """A checkpoint's embedding of each sample: the first ``window_length`` TRs (the checkpoint's window by
-    default), normalised as the checkpoint was trained (:func:`brainfm.eval.protocol.normalizer_for`) and
+    default), normalised as the checkpoint was trained (:func:`brainfm.runs.normalizer_for`) and
     resampled to its TR when the model needs its TR (not ``any_tr``), embedded on the configured trainer
     (:func:`brainfm.inference.run_inference`). ``representation``: ``cls`` (the task's :meth:`embed`, ``(N, D)``)
     or ``patch`` (the mean of its :meth:`tokens`; with ``pool_tokens=False`` the tokens themselves, ``(N, L, D)``,
@@ -338,9 +338,8 @@ def checkpoint_sample_features(task, ckpt: dict, store, runs: Sequence[int], *, 
         DataError: a sample shorter than the window (the shortest named, with the fix).
     """
     from brainfm.data.datasets.roi import ROIWindowDataset
-    from brainfm.eval.protocol import normalizer_for
     from brainfm.inference import Group, run_inference
-    from brainfm.runs import check_data_compatible
+    from brainfm.runs import check_compatible, normalizer_for
 
     meta = ckpt["hyper_parameters"].get("data_meta") or {}
     where = f"checkpoint {ckpt['_path']}"
@@ -353,7 +352,7 @@ def checkpoint_sample_features(task, ckpt: dict, store, runs: Sequence[int], *, 
         log.info("%s: resampled from TR %g s to the checkpoint's %g s (the model needs its training TR)",
                  store.location, float(store.tr), float(trained_tr))
         store = ResampledStore(store, float(trained_tr))
-    check_data_compatible(meta, store, where=where, any_tr=bool(task.model.any_tr))
+    check_compatible(meta, store, where=where, any_tr=bool(task.model.any_tr))
     length = int(window_length or meta.get("window_length") or 0)
     if length < 2:
         raise CheckpointError(f"{where} records no window length; pass {setting}.window_length=<TRs>")

@@ -27,10 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from brainfm.data.datasets.roi import ROIWindowDataset
-from brainfm.data.normalization import ROINormalizer
 from brainfm.data.splits import time_split
-from brainfm.data.stores import open_store
-from brainfm.data.stores.roi import ROIStore
 from brainfm.data.windows import collate_windows
 from brainfm.eval.fingerprinting import fc_features
 from brainfm.eval.probe import fit_predict_sklearn
@@ -38,11 +35,11 @@ from brainfm.eval.reidentification import reidentification
 from brainfm.errors import ConfigError
 from brainfm.runs import (
     build_task_from_checkpoint,
-    check_data_compatible,
+    check_compatible,
     find_checkpoint,
     load_checkpoint,
+    open_windows,
 )
-from brainfm.tasks.base import CHECKPOINT_KEY
 
 BASELINES = ("random_init", "fc_fingerprint")
 #: method names in progress lines (the table's labels)
@@ -76,44 +73,10 @@ def window_array(dataset: ROIWindowDataset) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([s["bold"].numpy() for s in items]), np.array([s["subject"] for s in items])
 
 
-def normalizer_for(ckpt: dict, store: ROIStore) -> ROINormalizer:
-    """The checkpoint's z-scoring applied to ``store``: ``global`` statistics travel with the
-    checkpoint, ``run`` statistics are recomputed on the data."""
-    state = ckpt[CHECKPOINT_KEY].get("normalization") or {}
-    mode = state.get("mode") or ckpt["hyper_parameters"]["data_meta"].get("normalization", {}).get("mode", "run")
-    if mode == "global":
-        return ROINormalizer.from_state(state, store=store)
-    return ROINormalizer.fit(store, mode=mode, eps=float(state.get("eps", 1e-6)))
-
-
-def _windows_and_store(ckpt_path, ckpt: dict, data_path, any_tr: bool = False, data_overrides: dict | None = None):
-    """The store to evaluate on and how to cut it: ``(store, make(segments, length, step) -> dataset,
-    volume?)``. From the run's ``config.yaml`` when there is one (every family: ROI windows, volume
-    clips), else (a checkpoint file on its own) from the ROI store the checkpoint names."""
-    from brainfm.extract import load_run, run_dir_of
-
-    meta = ckpt["hyper_parameters"]["data_meta"]
-    if (run_dir_of(find_checkpoint(ckpt_path)) / "config.yaml").is_file():
-        overrides = {**({"path": str(data_path)} if data_path else {}), **(data_overrides or {})}
-        dm = load_run(ckpt_path, overrides or None).datamodule
-        store = dm.store
-        if store.kind in ("roi", "grayordinate"):
-            norm = dm.normalizer or ROINormalizer(mode="none", store=store)
-            return store, (lambda seg, length, step: ROIWindowDataset(store, norm, seg, length, step)), False
-        from brainfm.data.datasets.volume import VolumeClipDataset
-
-        load = (getattr(dm, "normalization", None) or {}).get("load", "stored")
-        frame_stride = int(dm.window.get("frame_stride") or 1)
-        return store, (lambda seg, length, step: VolumeClipDataset(store, seg, length, frame_stride, clip_stride=step,
-                                                                   normalisation=load, return_mask=False)), True
-    store = open_store("roi", data_path or meta["path"], atlas=meta.get("atlas"))
-    check_data_compatible(meta, store, where=f"checkpoint {ckpt['_path']}", any_tr=any_tr)
-    norm = normalizer_for(ckpt, store)
-    return store, (lambda seg, length, step: ROIWindowDataset(store, norm, seg, length, step)), False
-
-
-def _embed_groups(task, groups: list, trainer, shard_dir: Path) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """``(features (N, D), subject indices (N,))`` of each group, in window order, on the global rank 0."""
+def embed_groups(task, groups: list, trainer, shard_dir: Path) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """``(features (N, D), subject indices (N,))`` of each :class:`~brainfm.inference.Group` of windows, in window
+    order, embedded by ``task`` (:meth:`embed`) on the ``trainer``'s ranks (:func:`brainfm.inference.run_inference`,
+    shards under ``shard_dir``); None on the ranks other than the global rank 0."""
     from brainfm.inference import run_inference
 
     shards = run_inference(task, lambda t, b: t.embed(b), groups, shard_dir, trainer)
@@ -188,8 +151,8 @@ def run_reidentification(
         raise ValueError(f"unknown baseline(s) {unknown}; available: {list(BASELINES)}")
     ckpt = load_checkpoint(ckpt_path)
     pretrained = build_task_from_checkpoint(ckpt)
-    store, make, volume = _windows_and_store(ckpt_path, ckpt, data_path, any_tr=pretrained.model.any_tr,
-                                             data_overrides=data_overrides)
+    store, make, volume = open_windows(ckpt_path, ckpt, data_path, any_tr=pretrained.model.any_tr,
+                                       data_overrides=data_overrides)
     if volume:
         window_lengths = [int(ckpt["hyper_parameters"]["data_meta"].get("window_length")
                               or ckpt["hyper_parameters"]["model"]["img_size"][3])]
@@ -243,7 +206,7 @@ def run_reidentification(
     rank0 = True
     for name, task in models.items():
         progress("%s: embedding %d windows", _LABELS.get(name, name), n_windows)
-        embedded = _embed_groups(task, groups, trainer, shard_dir)
+        embedded = embed_groups(task, groups, trainer, shard_dir)
         if embedded is None:
             rank0 = False
             continue
@@ -301,7 +264,7 @@ def _compared_task(path: str | Path, ckpt: dict, store):
     other = load_checkpoint(find_checkpoint(path))
     task = build_task_from_checkpoint(other)
     meta = other["hyper_parameters"]["data_meta"]
-    check_data_compatible(meta, store, where=f"checkpoint {other['_path']}", any_tr=task.model.any_tr)
+    check_compatible(meta, store, where=f"checkpoint {other['_path']}", any_tr=task.model.any_tr)
     mode = (meta.get("normalization") or {}).get("mode", "run")
     ours = (ckpt["hyper_parameters"]["data_meta"].get("normalization") or {}).get("mode", "run")
     if mode != ours or mode == "global":
