@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from brainfm.errors import ConfigError, DataError
+from brainfm.eval.protocol import embed_groups, progress, write_json
 from brainfm.runs import build_task_from_checkpoint, find_checkpoint, load_checkpoint, open_windows
 
 SOURCES = ("trial", "run")
@@ -108,7 +109,6 @@ def run_few_subject(
         CheckpointError: unloadable checkpoint, data with another TR / ROI count / ROI order.
     """
     from brainfm.eval.probe import few_subject_curve
-    from brainfm.eval.protocol import embed_groups, progress
     from brainfm.inference import Group
 
     if source not in SOURCES:
@@ -266,7 +266,6 @@ def run_from_config(cfg) -> dict | None:
     run, write ``few_subject.json|csv|png`` into ``out_dir`` and print the table."""
     from omegaconf import OmegaConf
 
-    from brainfm.eval.protocol import write_json
 
     fs = cfg.get("few_subject") or {}
     ckpt = find_checkpoint(cfg.ckpt)
