@@ -29,7 +29,11 @@ import numpy as np
 import torch
 
 from brainfm.errors import ConfigError, DataError
+from brainfm.inference import Group, run_inference
 from brainfm.runs import LoadedRun, datamodules_of, has_split, load_run, window_dataset
+from brainfm.tasks.base import CHECKPOINT_KEY
+from brainfm.tasks.r2t import R2TTask
+from brainfm.tasks.supervised import SupervisedTask
 
 KINDS = ("embedding", "signature")
 FORMATS = ("h5", "parquet")
@@ -115,8 +119,6 @@ def _pair_rows(pairs, split: str, name: str) -> "Any":
 def groups_of(loaded: LoadedRun, kind: str, splits: Sequence[str], batch_size: int | None = None) -> list:
     """The :class:`~brainfm.inference.Group` of each (data set, split) with windows: its evaluation
     windows (``embedding``) or its fixed rest/task pairs (``signature``)."""
-    from brainfm.inference import Group
-
     out = []
     for name, dm in datamodules_of(loaded.datamodule):
         bs = int(batch_size or getattr(dm, "eval_batch_size", 16))
@@ -134,8 +136,6 @@ def groups_of(loaded: LoadedRun, kind: str, splits: Sequence[str], batch_size: i
 
 
 def _output_fn(task, kind: str):
-    from brainfm.tasks.r2t import R2TTask
-
     if kind not in KINDS:
         raise ConfigError(f"kind={kind!r} must be one of {KINDS}")
     if kind == "signature":
@@ -183,8 +183,6 @@ def extract(loaded: LoadedRun, kind: str = "embedding", splits: Sequence[str] = 
 def _stream(loaded: LoadedRun, kind: str, splits: Sequence[str], batch_size: int | None, trainer,
             shard_dir) -> Iterator[tuple[np.ndarray, dict[str, list]]]:
     """Run the inference and yield ``(features chunk, columns chunk)`` in window order (rank 0 only)."""
-    from brainfm.inference import run_inference
-
     fn = _output_fn(loaded.task, kind)
     groups = groups_of(loaded, kind, _check_splits(loaded.datamodule, splits), batch_size)
     if not groups:
@@ -204,8 +202,6 @@ def _stream(loaded: LoadedRun, kind: str, splits: Sequence[str], batch_size: int
 # -- writing ----------------------------------------------------------------------------------------------
 def _attrs(loaded: LoadedRun, kind: str, dim: int) -> dict[str, Any]:
     import brainfm
-    from brainfm.tasks.base import CHECKPOINT_KEY
-
     meta = loaded.ckpt["hyper_parameters"].get("data_meta") or {}
     return {
         "kind": kind,
@@ -428,10 +424,6 @@ def predict(loaded: LoadedRun, splits: Sequence[str] | None = None, batch_size: 
     Raises:
         ConfigError: a checkpoint without a trained prediction head (self-supervised tasks).
     """
-    from brainfm.inference import run_inference
-    from brainfm.tasks.r2t import R2TTask
-    from brainfm.tasks.supervised import SupervisedTask
-
     task = loaded.task.eval()
     if not isinstance(task, (R2TTask, SupervisedTask)):
         raise ConfigError(f"{type(task).__name__} checkpoints have no prediction head; brainfm-predict takes an R2T "

@@ -49,9 +49,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from brainfm.data.stores.volume import CropPad
+from brainfm.data.windows import collate_windows
 from brainfm.errors import ConfigError, DataError
 from brainfm.extract import write_csv
 from brainfm.runs import datamodules_of, has_split, load_run, window_dataset
+from brainfm.tasks.supervised import pooled_embedding
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +112,6 @@ def scores(task, output: str = "head") -> Callable[..., torch.Tensor]:
     Raises:
         ConfigError: ``output`` unknown, or ``head`` for a task without a prediction head.
     """
-    from brainfm.tasks.supervised import pooled_embedding
-
     if output not in OUTPUTS:
         raise ConfigError(f"output={output!r} must be one of {OUTPUTS}")
     keys = tuple(task.model.input_keys)
@@ -287,8 +288,6 @@ def original_grid(store, run: int) -> tuple[np.ndarray, tuple[int, int, int], An
     """``(affine (4, 4), original (X, Y, Z), CropPad)`` of run ``run`` of a volume store: the scan's grid
     before brainfm-preprocess cropped/padded it (``meta.json``'s ``original_shape`` and ``crop_pad``), and
     its voxel-to-world affine. A run without an affine gets the identity (a warning says so)."""
-    from brainfm.data.stores.volume import CropPad
-
     meta = store.meta(run)
     cp = CropPad.from_axis_order([v for pair in (meta.get("crop_pad") or [[0, 0]] * 3) for v in pair])
     grid = tuple(int(s) for s in meta["shape"])
@@ -571,8 +570,6 @@ def interpret(loaded, out_dir: str | os.PathLike, options: Options | None = None
             in the split, a split without windows. DataError: non-finite attributions.
     """
     import pandas as pd
-
-    from brainfm.data.windows import collate_windows
 
     opts = options or Options()
     opts.check()
