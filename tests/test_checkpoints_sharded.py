@@ -103,7 +103,7 @@ def test_fsdp_saves_a_sharded_last_checkpoint_on_a_wall_clock_interval_and_resum
 
 def test_sharded_checkpoint_consolidates_into_one_file_that_evaluate_and_load_checkpoint_read(runs, tmp_path):
     from brainfm.errors import CheckpointError
-    from brainfm.cli.consolidate import main
+    from brainfm.runs.__main__ import main
     from brainfm.runs import build_task_from_checkpoint, load_checkpoint
 
     last = runs["last"]

@@ -54,10 +54,7 @@ KNOWN: set[tuple[str, str]] = {
     ("brainfm.bench.fingerprint", "brainfm.cli.train"),
     ("brainfm.bench.objectives", "brainfm.cli.train"),
     ("brainfm.search.study", "brainfm.cli.train"),
-    # a trained run and extract use cli/common's helpers (issue 21, item 1)
-    ("brainfm.extract", "brainfm.cli.common"),
-    ("brainfm.runs", "brainfm.cli.common"),
-    # a model converter on the weights module that imports the models
+    # the model converter reads and writes through the weights module (which no longer imports the models: no cycle)
     ("brainfm.models.convert", "brainfm.checkpoints"),
     # cycle: brainfm.data.stores (open_store, detect_kind) imports the stores, which import it back
     ("brainfm.data.stores.brainmarks", "brainfm.data.stores"),

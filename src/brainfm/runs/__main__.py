@@ -1,8 +1,41 @@
-"""``python -m brainfm.runs consolidate <checkpoint> <out.ckpt> [--weights-only]``: an entry point (run as a
-script, imported by nothing); the command line lives in :mod:`brainfm.cli.consolidate`, the one layer that
-turns errors into exit codes."""
+"""``python -m brainfm.runs consolidate <checkpoint> <out.ckpt> [--weights-only]``: any brainfm checkpoint
+(FSDP2/DCP or DeepSpeed directory, file, run directory) -> one Lightning checkpoint file without optimizer
+state (:func:`brainfm.runs.consolidate`).
 
-from brainfm.cli.consolidate import main
+An entry point (run as a script, imported by no module). It turns a brainfm error into
+``brainfm.runs: error: <message>`` and exit status 2 as the ``brainfm-*`` commands do
+(:func:`brainfm.cli.common.exit_on_brainfm_error`), without importing ``cli/`` (imports only point down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from brainfm.errors import brainfm_cause
+from brainfm.runs.checkpoint import consolidate
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m brainfm.runs consolidate <checkpoint> <out.ckpt> [--weights-only]``."""
+    parser = argparse.ArgumentParser(prog="python -m brainfm.runs", description="checkpoint utilities")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("consolidate", help="any checkpoint (FSDP2/DCP or DeepSpeed directory, file, run dir) -> "
+                                           "one Lightning checkpoint file without optimizer state")
+    p.add_argument("checkpoint", help="DCP or DeepSpeed checkpoint directory, checkpoint file, or run directory")
+    p.add_argument("output_file")
+    p.add_argument("--weights-only", action="store_true",
+                   help="keep only weights, hyper-parameters and brainfm's metadata (no loop/callback/scheduler state)")
+    args = parser.parse_args(argv)
+    try:
+        print(f"wrote {consolidate(args.checkpoint, args.output_file, weights_only=args.weights_only)}")
+    except Exception as exc:
+        cause = brainfm_cause(exc)
+        if cause is None:
+            raise
+        print(f"brainfm.runs: error: {cause}", file=sys.stderr)
+        sys.exit(2)
+
 
 if __name__ == "__main__":
     main()
