@@ -223,7 +223,7 @@ def test_eval_batches_partition_the_windows_over_the_ranks(monkeypatch):
 
     seen = []
     for rank in range(3):
-        monkeypatch.setattr(windows, "_dist_rank_world", lambda r=rank: (r, 3))
+        monkeypatch.setattr(windows, "dist_rank_world", lambda r=rank: (r, 3))
         sampler = windows.WindowBatchSampler(17, 4, 10, shuffle=False, drop_last=False)
         batches = [[i for i, _ in b] for b in sampler]
         assert len(batches) == len(sampler)

@@ -7,7 +7,7 @@ import pytest
 
 from brainfm.eval.reidentification import (
     _reidentification_blockwise,
-    _reidentification_dense,
+    reidentification_dense,
     reidentification,
     split_by_session,
 )
@@ -53,7 +53,7 @@ def _assert_same(dense: dict, block: dict) -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_blockwise_equals_dense_with_exact_ties(metric, seed):
     g, g_ids, q, q_ids = _tied_embeddings(np.random.default_rng(seed), metric)
-    dense = _reidentification_dense(g, g_ids, q, q_ids, metric)
+    dense = reidentification_dense(g, g_ids, q, q_ids, metric)
     assert 0.0 < dense["mAP"] < 1.0  # neither trivial nor hopeless
     # counting the ranks (the default here: few items per subject) with the top-128 shortcut, a
     # top 3 (most relevant items counted over the whole row), none; and sorting each row
@@ -80,7 +80,7 @@ def test_blockwise_equals_dense_on_random_embeddings(metric):
     g_ids, q_ids = np.repeat(np.arange(40), 5), np.repeat(np.arange(40), 4)
     g = (centres[g_ids] + 1.5 * rng.normal(size=(len(g_ids), 32))).astype(np.float32)
     q = centres[q_ids] + 1.5 * rng.normal(size=(len(q_ids), 32)) + 2.0  # offsets: pearson removes them
-    dense = _reidentification_dense(g, g_ids, q, q_ids, metric)
+    dense = reidentification_dense(g, g_ids, q, q_ids, metric)
     assert 0.05 < dense["rank1"] < 0.95
     for block_size in BLOCKS:
         _assert_same(dense, reidentification(g, g_ids, q, q_ids, metric, block_size=block_size))
@@ -93,7 +93,7 @@ def test_many_relevant_items_per_subject_are_ranked_by_sorting():
     g_ids, q_ids = np.repeat(np.arange(3), 100), np.arange(3).repeat(5)
     g, q = rng.normal(size=(300, 8)), rng.normal(size=(15, 8))
     g[:150:3] = g[0]  # exact ties (duplicated rows)
-    dense = _reidentification_dense(g, g_ids, q, q_ids)
+    dense = reidentification_dense(g, g_ids, q, q_ids)
     for block_size in (1, 4, None):
         _assert_same(dense, reidentification(g, g_ids, q, q_ids, block_size=block_size))
 
@@ -102,13 +102,13 @@ def test_string_subject_ids_and_torch_device():
     torch = pytest.importorskip("torch")
     g, g_ids, q, q_ids = _tied_embeddings(np.random.default_rng(5), "cosine")
     names = np.array([f"sub-{i:03d}" for i in range(20)])
-    dense = _reidentification_dense(g, g_ids, q, q_ids)
+    dense = reidentification_dense(g, g_ids, q, q_ids)
     _assert_same(dense, reidentification(g, names[g_ids], q, names[q_ids], device=torch.device("cpu")))
 
 
 def test_query_subject_absent_from_gallery_is_an_error():
     g, q = np.eye(3), np.eye(3)
-    for fn in (reidentification, _reidentification_dense):
+    for fn in (reidentification, reidentification_dense):
         with pytest.raises(ValueError, match=r"query subjects \[7\] \(1 in all\) have no gallery item"):
             fn(g, [0, 1, 2], q, [0, 1, 7])
 

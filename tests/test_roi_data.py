@@ -164,7 +164,7 @@ def test_sampler_is_deterministic_resumable_and_sharded(monkeypatch):
 
     shards = []
     for rank in (0, 1):
-        monkeypatch.setattr(w, "_dist_rank_world", lambda r=rank: (r, 2))
+        monkeypatch.setattr(w, "dist_rank_world", lambda r=rank: (r, 2))
         shards.append({i for b in sampler for i, _ in b})
     assert not shards[0] & shards[1]
 

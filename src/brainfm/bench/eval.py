@@ -12,7 +12,7 @@ outside the 128 best-scoring items of their row (those are counted over the whol
 Each case runs in a fresh interpreter; its peak memory is the child's ``ru_maxrss`` (the whole
 process: interpreter, numpy/torch, the embeddings, the computation), with the resident memory just
 before the call beside it. Time is the wall time of the call alone. The dense reference
-(:func:`brainfm.eval.reidentification._reidentification_dense`: float64 matrix, stable argsort,
+(:func:`brainfm.eval.reidentification.reidentification_dense`: float64 matrix, stable argsort,
 cumulative sums) runs only where it fits; elsewhere its memory is predicted, at least
 ``16 x n_queries x n_gallery`` bytes (the float64 similarity matrix and the int64 argsort), and at the
 bytes per pair it took where it was measured.
@@ -68,7 +68,7 @@ def _rss_bytes() -> int:
 
 def _child(spec: str) -> None:
     """In a fresh interpreter: one case; prints its measurements as JSON on the last line."""
-    from brainfm.eval.reidentification import _reidentification_dense, reidentification
+    from brainfm.eval.reidentification import reidentification_dense, reidentification
 
     args = json.loads(spec)
     g, gid, q, qid = embeddings(args["n_windows"], args["windows_per_subject"], args["dim"], args["noise"],
@@ -76,7 +76,7 @@ def _child(spec: str) -> None:
     before = _rss_bytes()
     t0 = time.perf_counter()
     if args["method"] == "dense":
-        r = _reidentification_dense(g, gid, q, qid)
+        r = reidentification_dense(g, gid, q, qid)
     else:
         r = reidentification(g, gid, q, qid, block_size=args["block_size"], device=args["device"])
     seconds = time.perf_counter() - t0

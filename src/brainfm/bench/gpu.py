@@ -147,10 +147,10 @@ class TrainingStep:
         _sync(self.device)
 
     def state_bytes(self) -> int:
-        from brainfm.scaling.memory import _storage_bytes, optimizer_state_bytes
+        from brainfm.scaling.memory import storage_bytes, optimizer_state_bytes
 
         params = list(self.model.parameters())
-        return (_storage_bytes([*params, *(p.grad for p in params if p.grad is not None), *self.inputs])
+        return (storage_bytes([*params, *(p.grad for p in params if p.grad is not None), *self.inputs])
                 + optimizer_state_bytes(self.optimizer))
 
 

@@ -28,13 +28,13 @@ def run(cfg: DictConfig) -> None:
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    from brainfm.scaling.driver import _is_rank_zero
+    from brainfm.scaling.driver import is_rank_zero
     from brainfm.scaling.driver import run as run_scale
 
     hc = HydraConfig.get()
     rows, out_dir = run_scale(cfg, list(hc.overrides.task), dict(hc.runtime.choices),
                               lambda overrides: compose(config_name="scale", overrides=overrides))
-    if _is_rank_zero():
+    if is_rank_zero():
         md = out_dir / "scale.md"
         if md.is_file():
             print(md.read_text())

@@ -104,7 +104,7 @@ class LabelTable:
 
 
 # -- phenotype tables: the one reader ---------------------------------------------------------------------
-_TABLE_KEYS = {"file", "id_column", "columns", "categories"}
+TABLE_KEYS = {"file", "id_column", "columns", "categories"}
 
 
 def _read_table_file(path: Path, table: str):
@@ -161,9 +161,9 @@ def read_phenotype_tables(tables: Mapping[str, Mapping], keys: Sequence[str], id
     frames, categories, sources = [], {}, {}
     for name in dict.fromkeys(where.values()):
         table = tables[name]
-        unknown = set(table) - _TABLE_KEYS
+        unknown = set(table) - TABLE_KEYS
         if unknown:
-            raise ConfigError(f"{_key(name)} has unknown field(s) {sorted(unknown)}; allowed: {sorted(_TABLE_KEYS)}")
+            raise ConfigError(f"{_key(name)} has unknown field(s) {sorted(unknown)}; allowed: {sorted(TABLE_KEYS)}")
         if not table.get("file") or not table.get("id_column"):
             raise ConfigError(f"{_key(name)} needs 'file' and 'id_column'")
         mine = {k: table["columns"][k] for k in keys if where[k] == name}
@@ -208,7 +208,7 @@ def read_phenotype_tables(tables: Mapping[str, Mapping], keys: Sequence[str], id
 def build_label_table(config: dict | None, subjects: Sequence[str]) -> LabelTable | None:
     if not config:
         return None
-    unknown = set(config) - _TABLE_KEYS
+    unknown = set(config) - TABLE_KEYS
     if unknown:
         raise ConfigError(f"data.labels has unknown key(s) {sorted(unknown)}; allowed: file, id_column, columns, categories")
     return LabelTable(config["file"], config["id_column"], dict(config["columns"]), subjects, config.get("categories"))

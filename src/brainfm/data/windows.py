@@ -119,7 +119,7 @@ class WindowDataset(Dataset):
         return self.index.window(i)
 
 
-def _dist_rank_world() -> tuple[int, int]:
+def dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -128,7 +128,7 @@ def _dist_rank_world() -> tuple[int, int]:
 def partition(n_items: int) -> np.ndarray:
     """This rank's share of ``n_items`` evaluation windows: positions ``rank::world`` (every window on
     exactly one rank), or all of them when there are fewer windows than ranks (so no rank is idle)."""
-    rank, world = _dist_rank_world()
+    rank, world = dist_rank_world()
     return np.arange(n_items)[rank::world] if n_items >= world else np.arange(n_items)
 
 
@@ -198,11 +198,11 @@ class WindowBatchSampler(Sampler[list[WindowRequest]]):
         """This rank's positions in the epoch's order."""
         if not self.drop_last:  # evaluation: a partition of the windows over the ranks
             return partition(self.n_items)
-        rank, world = _dist_rank_world()
+        rank, world = dist_rank_world()
         return np.resize(np.arange(self.n_items), self._per_rank() * world)[rank::world]
 
     def _per_rank(self) -> int:
-        _, world = _dist_rank_world()
+        _, world = dist_rank_world()
         return -(-self.n_items // world)
 
     def __len__(self) -> int:
@@ -211,7 +211,7 @@ class WindowBatchSampler(Sampler[list[WindowRequest]]):
         return self._per_rank() // self.batch_size
 
     def __iter__(self) -> Iterator[list[WindowRequest]]:
-        rank, world = _dist_rank_world()
+        rank, world = dist_rank_world()
         if len(self) == 0:
             raise ConfigError(
                 f"the training set has {self._per_rank()} windows per rank, fewer than "

@@ -11,7 +11,7 @@ Pearson correlation.
 :func:`reidentification` works block by block of queries and never holds the
 ``(n_queries, n_gallery)`` similarity matrix, so it scales to UK Biobank-sized sets of windows
 (300,000 windows: a dense float64 matrix would take 180 GB, its argsort as much again);
-:func:`_reidentification_dense` is the direct reference implementation it is tested against.
+:func:`reidentification_dense` is the direct reference implementation it is tested against.
 :func:`split_by_session` builds the gallery and the queries from per-window session labels.
 """
 
@@ -87,7 +87,7 @@ def _check_inputs(gallery, gallery_ids, queries, query_ids, metric: str):
     return gallery, gallery_ids, queries, query_ids
 
 
-def _reidentification_dense(
+def reidentification_dense(
     gallery: np.ndarray,
     gallery_ids: np.ndarray,
     queries: np.ndarray,

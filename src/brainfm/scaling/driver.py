@@ -231,7 +231,7 @@ def maybe_measure(model_cfg: dict, cfg: DictConfig, row: dict, trainer_name: str
 
 
 # -- the whole test ---------------------------------------------------------------------------------
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
@@ -278,7 +278,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None, choices: dict | Non
         return [], out_dir
     trainer_name = group_choice("trainer", overrides, choices, "cpu")
     rows = []
-    rank_zero = _is_rank_zero()
+    rank_zero = is_rank_zero()
     for size, model_cfg in model_configs(cfg, overrides, compose_fn):
         row: dict[str, Any] = {"model": model_name, "size": size}
         acc, _ = account(model_cfg, cfg)

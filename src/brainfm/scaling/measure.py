@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from brainfm.scaling.families import family_of
-from brainfm.scaling.memory import _storage_bytes, optimizer_state_bytes
+from brainfm.scaling.memory import storage_bytes, optimizer_state_bytes
 from brainfm.tasks.base import BrainfmTask
 
 
@@ -148,7 +148,7 @@ class StepStats(Callback):
             states = [*pl_module.parameters(), *pl_module.buffers(),
                       *(p.grad for p in pl_module.parameters() if p.grad is not None),
                       *(pl_module.synthetic_batch(int(batch["index"].shape[0])))]
-            self.start_bytes = _storage_bytes(states) + sum(optimizer_state_bytes(o) for o in trainer.optimizers)
+            self.start_bytes = storage_bytes(states) + sum(optimizer_state_bytes(o) for o in trainer.optimizers)
             self._marker = torch.profiler.record_function(MEMORY_STEP)
             self._marker.__enter__()
         self._t0 = time.perf_counter()

@@ -156,7 +156,7 @@ def _autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractCo
     return contextlib.nullcontext()
 
 
-def _storage_bytes(tensors) -> int:
+def storage_bytes(tensors) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
         if isinstance(t, torch.Tensor):
@@ -166,7 +166,7 @@ def _storage_bytes(tensors) -> int:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return _storage_bytes(v for state in optimizer.state.values() for v in state.values())
+    return storage_bytes(v for state in optimizer.state.values() for v in state.values())
 
 
 def training_step(model: nn.Module, family: Family, inputs: tuple, optimizer: torch.optim.Optimizer,
@@ -246,11 +246,11 @@ def simulate_step_memory(model_cfg: dict[str, Any], batch_size: int, precision: 
                 training_step(model, family, warm, optimizer, precision, gradient_clip_val)
                 del warm
             inputs = family.make_inputs(model, batch_size, "cpu", inputs_cfg or {})
-            params = _storage_bytes(model.parameters())
-            buffers = _storage_bytes(model.buffers())
-            grads = _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
+            params = storage_bytes(model.parameters())
+            buffers = storage_bytes(model.buffers())
+            grads = storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
             opt = optimizer_state_bytes(optimizer)
-            inp = _storage_bytes(inputs)
+            inp = storage_bytes(inputs)
             live = tracker.current
             tracker.reset_peak()
             at_forward: list[int] = []

@@ -50,7 +50,7 @@ from brainfm.data.stores.lfb_tar import (
     expand_shards,
     iter_samples,
 )
-from brainfm.data.windows import _dist_rank_world, collate_windows
+from brainfm.data.windows import dist_rank_world, collate_windows
 from brainfm.errors import ConfigError, DataError
 
 NORMALIZATION_MODES = ("run", "none")
@@ -131,7 +131,7 @@ class LfBWindowStream(IterableDataset):
 
     # -- sizes ------------------------------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
-        return self.rank_world if self.rank_world is not None else _dist_rank_world()
+        return self.rank_world if self.rank_world is not None else dist_rank_world()
 
     def batches_per_stream(self) -> int:
         """Training batches each (rank, worker) stream yields per epoch."""

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from brainfm.data.datamodules.volume import VolumeDataModule
-from brainfm.data.phenotypes import _TABLE_KEYS, LabelTable, read_phenotype_tables
+from brainfm.data.phenotypes import TABLE_KEYS, LabelTable, read_phenotype_tables
 from brainfm.data.splits import SubjectSplit, resolve_subject_split
 from brainfm.data.stores import open_store
 from brainfm.data.stores.view import StoreView
@@ -225,9 +225,9 @@ class RecipeDataModule(VolumeDataModule):
                  missing_labels: str = "exclude", split: Mapping | None = None, **kwargs) -> None:
         labels = kwargs.pop("labels", None)  # the generic form (data.labels of VolumeDataModule), e.g. from an
         if labels:                            # experiment preset: one more table, preferred, and its keys as targets
-            unknown = set(labels) - _TABLE_KEYS
+            unknown = set(labels) - TABLE_KEYS
             if unknown:
-                raise ConfigError(f"data.labels has unknown key(s) {sorted(unknown)}; allowed: {sorted(_TABLE_KEYS)}")
+                raise ConfigError(f"data.labels has unknown key(s) {sorted(unknown)}; allowed: {sorted(TABLE_KEYS)}")
             phenotypes = {"labels": dict(labels), **dict(phenotypes or {})}
             targets = targets or list(labels.get("columns") or {})
         if layout not in LAYOUTS:

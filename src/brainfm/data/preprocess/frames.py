@@ -97,8 +97,8 @@ def convert_frames(
             ones stay, indexed).
         ConfigError: an invalid shard.
     """
-    from brainfm.data.preprocess.runner import _run_all, parse_shard
-    from brainfm.data.preprocess.volumes import _finished_runs
+    from brainfm.data.preprocess.runner import run_all, parse_shard
+    from brainfm.data.preprocess.volumes import finished_runs
     from brainfm.data.stores.index import IndexWriter
     from brainfm.data.stores.volume import VolumeStore
 
@@ -108,7 +108,7 @@ def convert_frames(
     Path(output).mkdir(parents=True, exist_ok=True)
     desc = "brainfm-preprocess frames" + (f" (shard {i_shard}/{n_shards})" if n_shards > 1 else "")
     with IndexWriter(output, VolumeStore.kind, every_rows=index_every) as index:
-        results = _finished_runs(mine, output, overwrite, index,
+        results = finished_runs(mine, output, overwrite, index,
                                  lambda s: (safe_name(s), "frames", str(store.root / s)))
         todo = [s for s, r in zip(mine, results) if r is None]
 
@@ -119,7 +119,7 @@ def convert_frames(
                 except DataError as exc:  # not expected for a run just written; report it with the run
                     r.status, r.error = "failed", str(exc)
 
-        done = _run_all(_convert_one, [(str(root), float(tr), s, str(output), crop_pad, target_shape, normalisation,
+        done = run_all(_convert_one, [(str(root), float(tr), s, str(output), crop_pad, target_shape, normalisation,
                                         overwrite) for s in todo], workers, progress, desc, False, on_result=indexed)
     it = iter(done)
     results = [r if r is not None else next(it) for r in results]

@@ -53,7 +53,7 @@ from brainfm.data.preprocess.discover import (
     repetition_time,
     strip_nifti,
 )
-from brainfm.data.preprocess.runner import _run_all, parse_shard
+from brainfm.data.preprocess.runner import run_all, parse_shard
 from brainfm.data.preprocess.volumes import NAN_POLICIES
 from brainfm.data.stores.index import temp_name
 from brainfm.data.stores.rundir import safe_name
@@ -525,7 +525,7 @@ def run_parcellation(
                 report.dropped += info["status"] != "ok"
         parts.mkdir(parents=True, exist_ok=True)
         desc = "brainfm-preprocess parcellate" + (f" (shard {i_shard}/{n_shards})" if n_shards > 1 else "")
-        results = _run_all(_parcellate_one, [(r, at, tr, use_brain_mask, nan,
+        results = run_all(_parcellate_one, [(r, at, tr, use_brain_mask, nan,
                                               str(part_path(parts, r.subject, r.run)), settings) for r in todo],
                            workers, progress, desc, False)
         failed = [r["error"] for r in results if not r["ok"]]

@@ -25,7 +25,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
 
 
-def _run_all(fn, items: list, workers: int, progress: bool, desc: str, fail_fast: bool,
+def run_all(fn, items: list, workers: int, progress: bool, desc: str, fail_fast: bool,
              on_result: Callable[[int, object], None] | None = None) -> list:
     """``[fn(*args) for args in items]`` in ``workers`` processes (forked), with a progress bar.
 

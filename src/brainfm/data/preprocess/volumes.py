@@ -31,7 +31,7 @@ from brainfm.data.preprocess.discover import (
     load_nifti,
     repetition_time,
 )
-from brainfm.data.preprocess.runner import _run_all, parse_shard
+from brainfm.data.preprocess.runner import run_all, parse_shard
 from brainfm.data.stores.index import IndexWriter, read_index
 from brainfm.data.stores.rundir import run_dir
 from brainfm.data.stores.volume import (
@@ -216,7 +216,7 @@ def preprocess_volumes(
     Path(output).mkdir(parents=True, exist_ok=True)
     desc = "brainfm-preprocess volumes" + (f" (shard {i_shard}/{n_shards})" if n_shards > 1 else "")
     with IndexWriter(output, VolumeStore.kind, every_rows=index_every) as index:
-        results = _finished_runs(runs, output, overwrite, index,
+        results = finished_runs(runs, output, overwrite, index,
                                  lambda src: (src.subject, src.run, str(src.path)))
         todo = [i for i, r in enumerate(results) if r is None]
 
@@ -227,7 +227,7 @@ def preprocess_volumes(
                 except DataError as exc:  # not expected for a run just written; report it with the run
                     r.status, r.error = "failed", str(exc)
 
-        done = _run_all(_preprocess_one, [(runs[i], str(output), options) for i in todo], workers, progress,
+        done = run_all(_preprocess_one, [(runs[i], str(output), options) for i in todo], workers, progress,
                         desc, fail_fast, on_result=indexed)
     for i, r in zip(todo, done):
         results[i] = r if r is not None else RunResult(runs[i].subject, runs[i].run, str(runs[i].path),
@@ -246,7 +246,7 @@ def preprocess_volumes(
     return results  # type: ignore[return-value]
 
 
-def _finished_runs(items: Sequence, output: str | os.PathLike, overwrite: bool, index: IndexWriter,
+def finished_runs(items: Sequence, output: str | os.PathLike, overwrite: bool, index: IndexWriter,
                    ids) -> list[RunResult | None]:
     """``skipped`` results for the items whose run folder is finished (None for the others, to do),
     adding the finished runs that ``<output>/index.parquet`` lacks to ``index``. ``ids(item)`` ->

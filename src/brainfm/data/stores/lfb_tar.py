@@ -272,7 +272,7 @@ class SampleRun(StoreBase):
     kind = "sample"
 
     def __init__(self, bold: np.ndarray, tr: float, key: str, subject: str, shard: str) -> None:
-        from brainfm.data.stores.roi import _run_moments
+        from brainfm.data.stores.roi import run_moments
 
         self.bold = bold
         self.key, self.shard = key, shard
@@ -282,7 +282,7 @@ class SampleRun(StoreBase):
         self.trs = np.asarray([tr], dtype=np.float64)
         self.frame_shape = (int(bold.shape[1]),)
         self.roi_names = None
-        self._moments = _run_moments
+        self._moments = run_moments
         self._stats: dict | None = None
 
     def read(self, run=0, start=0, stop=None, stride=1, out=None):

@@ -64,7 +64,7 @@ def _decode(values) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
-def _run_moments(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def run_moments(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-ROI mean and standard deviation (float64) of one run ``(n_rois, T)``."""
     x = np.asarray(data, dtype=np.float64)
     return x.mean(axis=1), x.std(axis=1)
@@ -161,7 +161,7 @@ class ROIStoreWriter:
                 ds.resize(t, axis=2)
             ds.resize(i + 1, axis=0)
             ds[i, :, :t] = np.asarray(arr, dtype=np.float32)
-            mean, std = _run_moments(arr)
+            mean, std = run_moments(arr)
             for store, value in ((self._mean, mean), (self._std, std)):
                 store[atlas].resize(i + 1, axis=0)
                 store[atlas][i] = value
@@ -292,7 +292,7 @@ def add_run_stats(path: str | os.PathLike, atlas: str | None = None, chunk_runs:
                         trs = np.unique(np.nonzero(~np.isfinite(valid))[1])
                         raise DataError(f"{path}: NaN/inf inside subject {ids[run]} (row {run}) of atlas {name!r} at "
                                         f"TR(s) {', '.join(map(str, trs[:8]))}. Fix: interpolate or censor these frames")
-                    tmp_mean[run], tmp_std[run] = _run_moments(valid)
+                    tmp_mean[run], tmp_std[run] = run_moments(valid)
             f.move(f"{STATS_GROUP}/{name}/.mean.tmp", f"{STATS_GROUP}/{name}/mean")
             f.move(f"{STATS_GROUP}/{name}/.std.tmp", f"{STATS_GROUP}/{name}/std")
             added += 1
@@ -655,7 +655,7 @@ class ROIStore(StoreBase):
             if len(self._parts) == 1 and not self.has_run_stats:
                 data = self.read(run).T
                 self.check_finite(run, data)
-                mean, std = _run_moments(data)
+                mean, std = run_moments(data)
                 return {"n": n, "mean": mean, "std": std}
             mean, std = np.zeros(self.n_rois), np.ones(self.n_rois)  # a missing atlas: mean 0, std 1
             for name, k, offset, here in self._parts:
@@ -669,7 +669,7 @@ class ROIStore(StoreBase):
                     data = self._read_part(name, run, slice(0, n))
                     if not np.isfinite(data).all():
                         self.check_finite(run)
-                    mean[offset:offset + k], std[offset:offset + k] = _run_moments(data)
+                    mean[offset:offset + k], std[offset:offset + k] = run_moments(data)
             return {"n": n, "mean": mean, "std": std}
 
         return self._stats.get(run, load)
@@ -745,7 +745,7 @@ class ROIStore(StoreBase):
             except DataError as exc:
                 problems.append(str(exc))
                 continue
-            mean, std = _run_moments(data)
+            mean, std = run_moments(data)
             read = np.ones(self.n_rois, dtype=bool) if self.roi_mask is None else self.roi_mask  # missing atlases: zeros
             if (read & (std < eps)).any():
                 roi = int(np.flatnonzero(read & (std < eps))[0])
