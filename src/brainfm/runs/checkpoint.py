@@ -27,7 +27,6 @@ and brainfm's metadata, without optimizer state.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from brainfm.checkpoints import (  # noqa: F401  (checkpoint_format, read_sharde
     read_sharded_state_dict,
 )
 from brainfm.errors import CheckpointError
+from brainfm.io import atomic_path
 from brainfm.tasks.base import CHECKPOINT_KEY
 
 #: the top-level keys :func:`consolidate` keeps with ``weights_only=True``
@@ -126,12 +126,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def _save_atomic(checkpoint: dict, output_file: Path) -> None:
-    tmp = output_file.with_name(f".{output_file.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(output_file) as tmp:
         torch.save(checkpoint, tmp)
-        os.replace(tmp, output_file)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _strip(checkpoint: dict, weights_only: bool) -> dict:
@@ -183,23 +179,15 @@ def consolidate(checkpoint: str | Path, output_file: str | Path, weights_only: b
         state["state_dict"] = read_sharded_state_dict(checkpoint)
         _save_atomic(_strip(state, weights_only), output_file)
     elif form == "deepspeed":
-        tmp = output_file.with_name(f".{output_file.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(output_file) as tmp:
             state = convert_zero_checkpoint_to_fp32_state_dict(str(checkpoint), str(tmp))
             if weights_only or "optimizer_states" in state:
-                _save_atomic(_strip(state, weights_only), tmp)
-            os.replace(tmp, output_file)
-        finally:
-            tmp.unlink(missing_ok=True)
+                torch.save(_strip(state, weights_only), tmp)
     else:
         state = read_checkpoint(checkpoint, mmap=True)
         if weights_only or "optimizer_states" in state:
             _save_atomic(_strip(state, weights_only), output_file)
         else:
-            tmp = output_file.with_name(f".{output_file.name}.tmp-{os.getpid()}")
-            try:
+            with atomic_path(output_file) as tmp:
                 shutil.copyfile(checkpoint, tmp)
-                os.replace(tmp, output_file)
-            finally:
-                tmp.unlink(missing_ok=True)
     return output_file
