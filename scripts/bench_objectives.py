@@ -1,7 +1,7 @@
 """Print training steps/s of every objective at its small CPU size (`make bench`)."""
 
 from brainfm.bench.objectives import main
-from brainfm.cli.common import tidy_logging
+from brainfm.logs import tidy_logging
 
 if __name__ == "__main__":
     tidy_logging()

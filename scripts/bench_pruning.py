@@ -6,7 +6,7 @@ and optimizer steps spent, wall time and best value, as a table.
 
 import logging
 
-from brainfm.cli.common import tidy_logging
+from brainfm.logs import tidy_logging
 from brainfm.search.bench import main
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -186,6 +187,18 @@ def test_decoding_learns_the_block_design(trained):
     _, metrics = trained
     assert metrics["val/acc"] >= 0.8 and metrics["val/balanced_acc"] >= 0.8
     assert metrics["val/n_windows"] > 100 and "train/acc" in metrics and "train/balanced_acc" in metrics
+
+
+def test_predict_refuses_a_head_that_predicts_per_window(trained, tmp_path):
+    """The task contract (``BrainfmTask.predicts == "window"``) decides, not the task's methods: brainfm-predict writes one
+    row per subject, so a decoding head is refused with the commands that do take it."""
+    from brainfm.cli import predict as predict_cli
+
+    cfg, _ = trained
+    run_dir = Path(cfg.paths.run_dir)
+    with pytest.raises(ConfigError, match=r"DecodingTask predicts a label per window, not per subject.*brainfm-interpret"):
+        predict_cli.run(compose("predict", [f"ckpt={run_dir}", f"out={tmp_path / 'p.csv'}"]))
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_decoding_init_from_and_freeze_backbone(trained):

@@ -280,7 +280,7 @@ def _has(node, dotted: str) -> bool:
 def test_every_suggested_key_exists_where_its_target_takes_it(group):
     """Every ``data.<key>=`` / ``model.<key>=`` / ``task.<key>=`` fix in brainfm's messages works as typed (no
     ``+``) in every config of that group whose ``_target_`` takes the key: the key is in the composed config."""
-    from brainfm.cli.common import accepted_arguments
+    from brainfm.instantiate import accepted_arguments
 
     suggested = _suggested_keys()[group]
     assert suggested

@@ -33,7 +33,6 @@ from brainfm.inference import Group, run_inference
 from brainfm.runs import LoadedRun, datamodules_of, has_split, load_run, window_dataset
 from brainfm.tasks.base import CHECKPOINT_KEY
 from brainfm.tasks.r2t import R2TTask
-from brainfm.tasks.supervised import SupervisedTask
 
 KINDS = ("embedding", "signature")
 FORMATS = ("h5", "parquet")
@@ -425,13 +424,17 @@ def predict(loaded: LoadedRun, splits: Sequence[str] | None = None, batch_size: 
         ConfigError: a checkpoint without a trained prediction head (self-supervised tasks).
     """
     task = loaded.task.eval()
-    if not isinstance(task, (R2TTask, SupervisedTask)):
+    r2t = isinstance(task, R2TTask)
+    if r2t and task.mode != "fine_tune":
+        task.predict({})  # raises R2T's explanation of an untrained head
+    if not task.has_prediction_head:  # the task contract's answer (BrainfmTask.predicts)
         raise ConfigError(f"{type(task).__name__} checkpoints have no prediction head; brainfm-predict takes an R2T "
                           "fine-tune (task=r2t task.mode=fine_tune) or a supervised (task=supervised) checkpoint. "
                           "Use brainfm-extract for embeddings")
-    r2t = isinstance(task, R2TTask)
-    if r2t and task.mode != "fine_tune":
-        task.predict({})  # raises the explanation of an untrained head
+    if task.predicts != "subject":
+        raise ConfigError(f"{type(task).__name__} predicts a label per {task.predicts}, not per subject; brainfm-predict "
+                          "writes one row per subject. Use brainfm-interpret (its head's outputs per window) or "
+                          "brainfm-extract for embeddings")
     if not splits:
         has_test = any(has_split(dm, "test") for _, dm in datamodules_of(loaded.datamodule))
         splits = ["test" if has_test else "val"]

@@ -21,7 +21,7 @@ Two protocols, never mixed:
   TRs (averaged over folds); the recipe of ``experiment=demo`` is the best one (README).
 
 Each training and evaluation goes through the same code as ``brainfm-train`` / ``brainfm-evaluate``
-(:func:`brainfm.cli.train.run`, :func:`brainfm.eval.protocol.run_reidentification`). Results are
+(:func:`brainfm.training.run`, :func:`brainfm.eval.protocol.run_reidentification`). Results are
 written as JSON and Markdown under ``<out>`` and printed.
 """
 
@@ -90,7 +90,7 @@ log = logging.getLogger("brainfm.bench")
 
 
 def _quiet() -> None:
-    from brainfm.cli.common import tidy_logging
+    from brainfm.logs import tidy_logging
 
     tidy_logging()
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
@@ -117,7 +117,7 @@ def train(name: str, overrides: Sequence[str], seed: int, data_path: Path, data_
     """Train one configuration on the time split ``train_fraction`` / ``val_fraction`` of every run of
     ``data_path``; return the run directory. A finished run (its ``summary.json`` exists, not marked
     ``interrupted`` by Ctrl-C) is skipped; an interrupted one resumes from its ``last.ckpt`` (``ckpt_path=auto``)."""
-    from brainfm.cli import train as train_cli
+    from brainfm import training
     from brainfm.config import compose
 
     run_dir = out / data_name / f"{name}_seed{seed}"
@@ -131,7 +131,7 @@ def train(name: str, overrides: Sequence[str], seed: int, data_path: Path, data_
             "trainer.enable_model_summary=false"]
     if steps:
         args += [f"trainer.max_steps={steps}", f"trainer.val_check_interval={max(1, steps // 2)}"]
-    train_cli.run(compose("train", args))
+    training.run(compose("train", args))
     return run_dir
 
 

@@ -21,7 +21,7 @@ class StepTimer(Callback):
 
 
 def measure(experiment: str, steps: int = 40, length: int = 60, batch_size: int = 16) -> dict:
-    from brainfm.cli.train import build
+    from brainfm.training import build
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose("train", [

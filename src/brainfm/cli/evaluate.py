@@ -14,7 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from brainfm.cli.common import exit_on_brainfm_error, tidy_logging
+from brainfm.cli.common import exit_on_brainfm_error
+from brainfm.logs import tidy_logging
 from brainfm.config import config_dir
 
 

@@ -18,7 +18,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from brainfm.cli.common import exit_on_brainfm_error, tidy_logging
+from brainfm.cli.common import exit_on_brainfm_error
+from brainfm.logs import tidy_logging
 from brainfm.config import config_dir
 
 MODES = ("run", "plan", "merge")

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from brainfm.cli.common import exit_on_brainfm_error, tidy_logging
+from brainfm.cli.common import exit_on_brainfm_error
+from brainfm.logs import tidy_logging
 from brainfm.config import config_dir
 from brainfm.errors import ConfigError
 

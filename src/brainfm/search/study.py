@@ -370,7 +370,7 @@ class Search:
 
     def run_trial(self, trial: optuna.Trial) -> float:
         """Train one trial; return its objective value (raises ``optuna.TrialPruned`` when pruned)."""
-        from brainfm.cli.train import build
+        from brainfm.training import build
         from brainfm.search.pruning import OptunaPruning
 
         params = self.space.suggest(trial)
