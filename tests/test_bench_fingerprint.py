@@ -151,10 +151,10 @@ def _fake_reid(run_dir, data_path, windows, gallery_fraction=0.5):
 @pytest.fixture(scope="module")
 def bench_configs(tmp_path_factory, hcp_h5):
     """Every training config both protocols would launch (``run_selection`` and ``run_final`` with
-    :func:`brainfm.cli.train.run` and the evaluation replaced: nothing is trained), by configuration name:
+    :func:`brainfm.training.run` and the evaluation replaced: nothing is trained), by configuration name:
     ``[(data set name, composed config), ...]``."""
     import brainfm.bench.fingerprint as bench
-    import brainfm.cli.train
+    import brainfm.training
 
     out = tmp_path_factory.mktemp("bench")
     launched: dict[str, list] = {}
@@ -165,7 +165,7 @@ def bench_configs(tmp_path_factory, hcp_h5):
         return {}
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(brainfm.cli.train, "run", capture)
+        mp.setattr(brainfm.training, "run", capture)
         mp.setattr(bench, "reid", _fake_reid)
         selection = bench.run_selection(list(CONFIGS), 0, out, hcp_h5, None)
         final = bench.run_final([n for n in CONFIGS if n not in SELECTION_ONLY], [0, 1], out, hcp_h5, hcp_h5, None)
@@ -242,10 +242,10 @@ def test_train_skips_a_finished_run_and_resumes_an_interrupted_one(monkeypatch, 
     """A run with ``summary.json`` is not trained again; one with only checkpoints is trained with
     ``ckpt_path=auto`` (resumed, not restarted over its own checkpoints)."""
     import brainfm.bench.fingerprint as bench
-    from brainfm.cli import train as train_cli
+    from brainfm import training
 
     calls = []
-    monkeypatch.setattr(train_cli, "run", lambda cfg: calls.append(cfg.ckpt_path))
+    monkeypatch.setattr(training, "run", lambda cfg: calls.append(cfg.ckpt_path))
     run_dir = tmp_path / "hcp" / "fc_learned_seed0"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
