@@ -424,7 +424,9 @@ def test_r2t_hcp_experiment_trains_reloads_and_predicts_from_rest(tmp_path):
     ckpt = load_checkpoint(Path(cfg.paths.run_dir))
     task = build_task_from_checkpoint(ckpt)
     assert type(task) is R2TTask and task.signature_dim == 2048
-    dm = train.instantiate(cfg.data, _convert_="all")
+    from hydra.utils import instantiate as hydra_instantiate
+
+    dm = hydra_instantiate(cfg.data, _convert_="all")
     dm.setup()
     stats = dm.label_stats("train")
     assert ckpt["hyper_parameters"]["label_mean"] == pytest.approx([stats[k]["mean"] for k in ("wm_0bk", "wm_2bk", "rel")])
