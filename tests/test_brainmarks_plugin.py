@@ -56,7 +56,7 @@ def _schaefer7_names() -> list[str]:
 
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory) -> Path:
-    """Sequence-BERT on 400 ROIs (schaefer400) at TR 0.8 s, global z-scoring (the un-normalising path)."""
+    """Sequence-BERT on 400 ROIs (schaefer400) at TR 0.8 s, global z-scoring (the un-normalizing path)."""
     from brainfm.data.stores.roi import write_roi_h5
 
     tmp = tmp_path_factory.mktemp("bm_bert")
@@ -107,7 +107,7 @@ def _sample(bold_raw: np.ndarray, tr: float, mean: np.ndarray | None = None, std
 
 
 def test_sequence_transformer_embeddings_equal_brainfm_extraction(bert_run):
-    """Global z-scoring: the plugin un-normalises Brainmarks' sample and applies the checkpoint's statistics, so
+    """Global z-scoring: the plugin un-normalizes Brainmarks' sample and applies the checkpoint's statistics, so
     ``cls`` is the task's embedding of the same window (what brainfm-extract exports), ``patch`` its TR states."""
     from torch.utils.data import default_collate
 

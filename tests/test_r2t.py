@@ -239,7 +239,7 @@ def test_grayordinate_store_reads_dtseries_and_checks_its_input(tmp_path):
     run = write_grayordinate_run(tmp_path / "store", "sub-01", "REST1_LR", src)
     store = GrayordinateStore(tmp_path / "store")
     meta = store.meta(0)
-    assert (meta["tr"], meta["n_frames"], meta["n_grayordinates"], meta["normalisation"]) == (0.8, 30, 40, "global")
+    assert (meta["tr"], meta["n_frames"], meta["n_grayordinates"], meta["normalization"]) == (0.8, 30, 40, "global")
     assert meta["global_mean"] == pytest.approx(data.astype(np.float64).mean()) and meta["source"] == str(src)
     z = (data.astype(np.float64) - data.mean()) / data.astype(np.float64).std()
     np.testing.assert_allclose(store.read(0, 5, 10), z[5:10], atol=2e-3)  # float16 storage
@@ -247,7 +247,7 @@ def test_grayordinate_store_reads_dtseries_and_checks_its_input(tmp_path):
     # per-grayordinate z-scoring; a constant grayordinate becomes 0 and is counted
     flat = data.copy()
     flat[:, 3] = 7.0
-    write_grayordinate_run(tmp_path / "store", "sub-02", "REST1_LR", flat, tr=0.8, normalisation="grayordinate")
+    write_grayordinate_run(tmp_path / "store", "sub-02", "REST1_LR", flat, tr=0.8, normalization="grayordinate")
     store = GrayordinateStore(tmp_path / "store")
     assert store.meta(1)["constant_grayordinates"] == 1 and (store.read(1)[:, 3] == 0).all()
     np.testing.assert_allclose(store.read(1).mean(axis=0)[:3], 0, atol=2e-3)

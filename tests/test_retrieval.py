@@ -18,7 +18,7 @@ BLOCKS = (1, 2, 7, None, 10_000)  # one query per block, a few, the default, mor
 def _tied_embeddings(rng, metric: str, n_subjects: int = 12, dim: int = 16):
     """Embeddings whose similarities are exact in float32 and float64 (multiples of 1/16), so that
     many scores tie exactly: +-1 entries (norm 4) scaled by powers of two; for pearson, rows with
-    as many +1 as -1 plus a dyadic offset, so that centring and normalising are exact too. Unequal
+    as many +1 as -1 plus a dyadic offset, so that centring and normalizing are exact too. Unequal
     numbers of gallery items per subject, and gallery subjects without queries."""
     protos = np.array([rng.permutation([1.0, -1.0] * (dim // 2)) for _ in range(n_subjects)])
     g_ids = np.concatenate([np.arange(n_subjects), rng.integers(0, n_subjects, 40)])

@@ -86,7 +86,7 @@ def _grayordinate_store(tmp_path):
     runs = []
     for s, r, t in (("s1", "REST1", 10), ("s2", "REST1", 12)):
         x = RNG.normal(size=(t, 16)).astype(np.float32)
-        write_grayordinate_run(root, s, r, x, tr=0.72, normalisation="none")
+        write_grayordinate_run(root, s, r, x, tr=0.72, normalization="none")
         runs.append(x.astype(np.float16))
     GrayordinateStore.build_index(root)
     return GrayordinateStore(root), runs

@@ -174,7 +174,7 @@ def test_perceptual_needs_a_weights_file_and_runs_with_one(tmp_path):
 # -- task checks and phase-1 -> phase-2 initialisation ------------------------------------------------------
 def test_data_mismatches_are_named():
     with pytest.raises(ConfigError, match="data.normalization.load=stored\\+voxel"):
-        TFFAutoencoder(TINY, data_meta={"in_chans": 1, "normalisation": {"load": "stored"}})
+        TFFAutoencoder(TINY, data_meta={"in_chans": 1, "normalization": {"load": "stored"}})
     with pytest.raises(ConfigError, match=r"model.img_size=\[8, 8, 4\] but the data's grid is \[10, 10, 18\]"):
         TFFAutoencoder(TINY, data_meta={"in_chans": 2, "shape": [10, 10, 18]})
     with pytest.raises(ConfigError, match="data.window.length=30"):

@@ -63,7 +63,7 @@ def test_ckpt_path_last_without_checkpoint_is_a_clear_error(cfg_for):
         train.run(cfg_for("ckpt_path=last", "run_name=never"))
 
 
-def test_checkpoint_is_plain_and_carries_tr_rois_and_normalisation(cfg_for):
+def test_checkpoint_is_plain_and_carries_tr_rois_and_normalization(cfg_for):
     cfg = cfg_for("experiment=gpt", "model.d_model=32", "trainer.max_steps=4", "trainer.val_check_interval=4", *FAST)
     train.run(cfg)
     path = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"

@@ -59,7 +59,7 @@ def _segments(store):
 
 
 # -- writer ------------------------------------------------------------------------------------------
-def test_writer_normalises_globally_and_fills_background_with_the_minimum(tmp_path):
+def test_writer_normalizes_globally_and_fills_background_with_the_minimum(tmp_path):
     data, mask = _run(0)
     path = write_volume_run(tmp_path, "sub-01", "rest", data, tr=0.72, mask=mask, affine=np.diag([2.0, 2, 2, 1]),
                             crop_pad=CropPad((1, 1), (0, 2), (0, 0)))
@@ -79,7 +79,7 @@ def test_writer_normalises_globally_and_fills_background_with_the_minimum(tmp_pa
     assert meta["fill"] == "min" and meta["fill_value"] == float(expected) == meta["min"] == float(z.min())
     assert (bold[:, ~out_mask] == expected).all()  # background and padding
     assert meta["tr"] == 0.72 and meta["n_frames"] == 30 and meta["original_shape"] == [6, 5, 4, 30]
-    assert meta["crop_pad"] == [[1, 1], [0, 2], [0, 0]] and meta["normalisation"] == "global"
+    assert meta["crop_pad"] == [[1, 1], [0, 2], [0, 0]] and meta["normalization"] == "global"
     np.testing.assert_allclose(meta["affine"], [[2, 0, 0, -2], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]])
     vm, vs = np.load(path / "voxel_mean.npy"), np.load(path / "voxel_std.npy")
     assert vm.dtype == vs.dtype == np.float32
@@ -88,14 +88,14 @@ def test_writer_normalises_globally_and_fills_background_with_the_minimum(tmp_pa
     assert (vs[~out_mask] == 0).all() and (vm[~out_mask] == expected).all()
 
 
-def test_writer_fill_zero_normalisation_none_and_fp16_overflow(tmp_path):
+def test_writer_fill_zero_normalization_none_and_fp16_overflow(tmp_path):
     data, mask = _run(1)
-    path = write_volume_run(tmp_path, "s", "r", data, tr=1.0, mask=mask, normalisation="none", fill="zero")
+    path = write_volume_run(tmp_path, "s", "r", data, tr=1.0, mask=mask, normalization="none", fill="zero")
     bold = np.load(path / "bold.npy")
     assert (bold[:, ~mask] == 0).all()
     np.testing.assert_array_equal(bold[:, mask], data[:, mask].astype(np.float16))
-    with pytest.raises(DataError, match="do not fit float16.*--normalisation global"):
-        write_volume_run(tmp_path, "s", "big", data * 100, tr=1.0, mask=mask, normalisation="none")
+    with pytest.raises(DataError, match="do not fit float16.*--normalization global"):
+        write_volume_run(tmp_path, "s", "big", data * 100, tr=1.0, mask=mask, normalization="none")
     assert not (tmp_path / "s" / "big").exists() and [p.name for p in (tmp_path / "s").iterdir()] == ["r"]
 
 
@@ -193,6 +193,23 @@ def test_store_index_and_clips(store_root):
         store.read_clip(3, 30, 2, stride=4)
 
 
+def test_store_written_with_the_old_spelling_still_reads(store_root):
+    """Stores written before the rename carry ``normalisation`` in meta.json and in the index."""
+    import pyarrow.parquet as pq
+
+    for meta_path in sorted(store_root.glob("*/*/meta.json")):
+        meta = json.loads(meta_path.read_text())
+        meta["normalisation"] = meta.pop("normalization")
+        meta_path.write_text(json.dumps(meta))
+    VolumeStore.build_index(store_root)  # write_volume_run alone leaves no index
+    table = pq.read_table(store_root / "index.parquet")
+    old = [n if n != "normalization" else "normalisation" for n in table.column_names]
+    pq.write_table(table.rename_columns(old).replace_schema_metadata(table.schema.metadata), store_root / "index.parquet")
+    store = VolumeStore(store_root)
+    assert store.column("normalization") == ["global"] * 4 and store.run_stats(0)["normalization"] == "global"
+    assert store.meta(0)["normalization"] == "global" and "normalisation" not in store.meta(0)
+
+
 def test_truncated_or_mismatched_files_are_named(store_root):
     bold = store_root / "sub-a" / "rest2" / "bold.npy"
     with open(bold, "r+b") as f:
@@ -254,21 +271,21 @@ def test_pair_clips_never_overlap(store_root):
         np.testing.assert_array_equal(s["volume2"][0].permute(3, 0, 1, 2).numpy(), store.read_clip(1, int(b), 5, 2))
 
 
-def test_load_time_normalisations(store_root):
+def test_load_time_normalizations(store_root):
     store = VolumeStore(store_root)
     seg = [(0, 0, 30)]
     mask = torch.from_numpy(store.mask(0))
-    vox = VolumeClipDataset(store, seg, length=30, normalisation="voxel")[0]["volume"][0].float()
+    vox = VolumeClipDataset(store, seg, length=30, normalization="voxel")[0]["volume"][0].float()
     brain = vox[mask]  # (voxels, T)
     assert brain.mean(dim=1).abs().max() < 0.01 and (brain.std(dim=1, unbiased=False) - 1).abs().max() < 0.01
     assert (vox[~mask] == 0).all()
-    mm = VolumeClipDataset(store, seg, length=30, normalisation="minmax")[0]["volume"][0].float()
+    mm = VolumeClipDataset(store, seg, length=30, normalization="minmax")[0]["volume"][0].float()
     assert mm[mask].min() == 0 and mm[mask].max() == pytest.approx(1, abs=1e-3) and (mm[~mask] == 0).all()
-    two = VolumeClipDataset(store, seg, length=30, normalisation="stored+voxel")[0]["volume"]
+    two = VolumeClipDataset(store, seg, length=30, normalization="stored+voxel")[0]["volume"]
     assert two.shape == (2, *SHAPE, 30)
     torch.testing.assert_close(two[1].float(), vox)
     with pytest.raises(ConfigError, match="not one of"):
-        VolumeClipDataset(store, seg, length=4, normalisation="robust")
+        VolumeClipDataset(store, seg, length=4, normalization="robust")
 
 
 def _batches(loader, epochs=2, hold=False):
@@ -318,7 +335,7 @@ def test_augmentation_moves_every_frame_alike(tmp_path):
     frame = np.zeros((1, 12, 12, 12))
     frame[0, 3:6, 4:9, 2:10] = 5.0
     data = np.repeat(frame, 6, axis=0) + np.arange(6)[:, None, None, None] * 1e-3 * (frame > 0)
-    write_volume_run(tmp_path, "s", "r", data, tr=1.0, mask="nonzero", normalisation="none", fill="zero")
+    write_volume_run(tmp_path, "s", "r", data, tr=1.0, mask="nonzero", normalization="none", fill="zero")
     store = VolumeStore(tmp_path)
     aug = build_augmentation({"affine": {"prob": 1.0, "rotate_range": [0.5, 0.5, 0.5], "translate_range": [2, 2, 2]}})
     plain = VolumeClipDataset(store, [(0, 0, 6)], length=6)[0]["volume"][0].float()
@@ -349,7 +366,7 @@ def test_datamodule_checks_and_meta(store_root, tmp_path):
         _dm(store_root, tr=0.72).setup()
     with pytest.raises(ConfigError, match=r"grid mismatch.*\(6, 5, 4\).*--target-shape 96 96 96"):
         _dm(store_root, shape=[96, 96, 96]).setup()
-    with pytest.raises(ConfigError, match="written with normalisation='global' but data.normalization.stored='none'"):
+    with pytest.raises(ConfigError, match="written with normalization='global' but data.normalization.stored='none'"):
         _dm(store_root, normalization={"stored": "none"}).setup()
     with pytest.raises(ConfigError, match="longer than every segment"):
         _dm(store_root, window={"length": 20}).setup()
@@ -395,7 +412,7 @@ def _swift_frames(root, subject, data):
         torch.save(torch.from_numpy(frame.astype(np.float16))[..., None].clone(), folder / f"frame_{t}.pt")
 
 
-def _normalised(seed, t=12):
+def _normalized(seed, t=12):
     data, mask = _run(seed, t=t)
     z = (data - data[:, mask].mean()) / data[:, mask].std()
     z[:, ~mask] = z[:, mask].min()
@@ -403,8 +420,8 @@ def _normalised(seed, t=12):
 
 
 def test_frames_count_every_tr_and_convert(tmp_path):
-    a, mask = _normalised(0)
-    b, _ = _normalised(1, t=9)
+    a, mask = _normalized(0)
+    b, _ = _normalized(1, t=9)
     _swift_frames(tmp_path / "swift", "100307", a)
     _swift_frames(tmp_path / "swift", "100408", b)
     fs = FrameStore(tmp_path / "swift", tr=0.72)
@@ -423,7 +440,7 @@ def test_frames_count_every_tr_and_convert(tmp_path):
     np.testing.assert_array_equal(store.read_clip(0, 0, 12), a.astype(np.float16))
     np.testing.assert_array_equal(store.mask(0), mask)
     meta = store.meta(0)
-    assert meta["normalisation"] == "global" and meta["fill"] == "min" and meta["tr"] == 0.72
+    assert meta["normalization"] == "global" and meta["fill"] == "min" and meta["tr"] == 0.72
     assert meta["fill_value"] == float(np.float16(a[:, mask].min()))
     assert [r.status for r in convert_frames(tmp_path / "swift", tmp_path / "store", tr=0.72, progress=False)] == ["skipped"] * 2
     os.remove(tmp_path / "swift" / "img" / "100408" / "frame_4.pt")
@@ -434,7 +451,7 @@ def test_frames_count_every_tr_and_convert(tmp_path):
 def test_frames_cli(tmp_path, capsys):
     from brainfm.cli.preprocess import main
 
-    a, _ = _normalised(3)
+    a, _ = _normalized(3)
     _swift_frames(tmp_path / "swift", "s1", a)
     main(["frames", "--input", str(tmp_path / "swift"), "--output", str(tmp_path / "store"), "--tr", "0.8",
           "--target-shape", "8", "8", "6", "--no-progress"])

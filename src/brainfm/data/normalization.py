@@ -80,7 +80,7 @@ class ROINormalizer:
         eps: float = 1e-6,
         train_segments: Iterable[tuple[int, int, int]] = (),
     ) -> "ROINormalizer":
-        """The normaliser of ``store`` (see the module docstring for what each mode computes).
+        """The normalizer of ``store`` (see the module docstring for what each mode computes).
 
         Args:
             store: an ROI store (or any store of feature vectors with ``run_stats`` mean/std).
@@ -132,7 +132,7 @@ class ROINormalizer:
         return norm
 
     def bind(self, store) -> "ROINormalizer":
-        """This normaliser applied to the runs of ``store`` (e.g. a checkpoint's on other data)."""
+        """This normalizer applied to the runs of ``store`` (e.g. a checkpoint's on other data)."""
         return ROINormalizer(self.mode, self.eps, self.mean, self.std, store)
 
     @staticmethod
@@ -156,7 +156,7 @@ class ROINormalizer:
             return x.astype(np.float32, copy=False)
         if self.mode == "run":
             if self.store is None:
-                raise ConfigError("a run-mode normaliser needs the store it reads from (ROINormalizer.bind(store))")
+                raise ConfigError("a run-mode normalizer needs the store it reads from (ROINormalizer.bind(store))")
             stats = self.store.run_stats(run)
             std = stats["std"]
             bad = np.flatnonzero(std < self.eps)
@@ -181,7 +181,7 @@ class ROINormalizer:
 
     @classmethod
     def from_state(cls, state: dict, store=None) -> "ROINormalizer":
-        """The normaliser of a checkpoint, applied to ``store``. Older checkpoints that also saved one row
+        """The normalizer of a checkpoint, applied to ``store``. Older checkpoints that also saved one row
         of statistics per training run in ``run`` mode are read the same way (those rows are unused)."""
         mode = state["mode"]
         mean = state.get("mean") if mode == "global" else None

@@ -326,7 +326,7 @@ def checkpoint_sample_features(task, ckpt: dict, store, runs: Sequence[int], *, 
                                representation: str, batch_size: int, trainer, shard_dir: Path,
                                pool_tokens: bool = True, setting: str = "logistic") -> np.ndarray | None:
     """A checkpoint's embedding of each sample: the first ``window_length`` TRs (the checkpoint's window by
-    default), normalised as the checkpoint was trained (:func:`brainfm.runs.normalizer_for`) and
+    default), normalized as the checkpoint was trained (:func:`brainfm.runs.normalizer_for`) and
     resampled to its TR when the model needs its TR (not ``any_tr``), embedded on the configured trainer
     (:func:`brainfm.inference.run_inference`). ``representation``: ``cls`` (the task's :meth:`embed`, ``(N, D)``)
     or ``patch`` (the mean of its :meth:`tokens`; with ``pool_tokens=False`` the tokens themselves, ``(N, L, D)``,

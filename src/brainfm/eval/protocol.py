@@ -136,11 +136,11 @@ def run_reidentification(
     ``compare``: other trained runs (name -> checkpoint or run directory), e.g. the baselines
     (``model=mean_mlp``, ``brainnetcnn``, ``fc``) trained on the same data, embedded on the same
     windows and reported beside the pretrained model; each is checked against the data (ROI count and
-    order; TR unless it takes any TR) and must normalise as the pretrained model does.
+    order; TR unless it takes any TR) and must normalize as the pretrained model does.
 
     Raises:
         CheckpointError: unloadable checkpoint, or data with another TR / ROI count / ROI order / grid.
-        ConfigError: a ``compare`` name that is taken, a compared run that normalises otherwise, a
+        ConfigError: a ``compare`` name that is taken, a compared run that normalizes otherwise, a
             ``run_fraction`` outside (0, 1], or ``gallery_fraction`` not below it.
         ValueError: unknown baseline name.
     """
@@ -255,11 +255,11 @@ def _compare_name(name: str, models: dict) -> str:
 
 
 def _compared_task(path: str | Path, ckpt: dict, store):
-    """Another trained run's task, checked against ``store`` and the pretrained model's normalisation.
+    """Another trained run's task, checked against ``store`` and the pretrained model's normalization.
 
     Raises:
         CheckpointError: its data contract does not fit ``store``.
-        ConfigError: it normalises its inputs otherwise than the pretrained model.
+        ConfigError: it normalizes its inputs otherwise than the pretrained model.
     """
     other = load_checkpoint(find_checkpoint(path))
     task = build_task_from_checkpoint(other)
@@ -268,7 +268,7 @@ def _compared_task(path: str | Path, ckpt: dict, store):
     mode = (meta.get("normalization") or {}).get("mode", "run")
     ours = (ckpt["hyper_parameters"]["data_meta"].get("normalization") or {}).get("mode", "run")
     if mode != ours or mode == "global":
-        raise ConfigError(f"compare: {other['_path']} normalises with mode={mode}, the evaluated checkpoint with "
+        raise ConfigError(f"compare: {other['_path']} normalizes with mode={mode}, the evaluated checkpoint with "
                           f"mode={ours}; compared runs are embedded on the same windows, so both must use "
                           "data.normalization.mode=run (or none)")
     return task

@@ -4,7 +4,7 @@ Each query (a window from one part of a run, or from another session) is matched
 (windows from another part or session) by similarity; Rank-1 is the fraction of queries whose most
 similar gallery item belongs to the same subject, and mAP the mean over queries of the average
 precision of the ranked gallery (relevant = same subject). Protocol as NeuroSTORM's
-re-identification (L2-normalised embeddings, nearest neighbour) and Finn et al. (2015),
+re-identification (L2-normalized embeddings, nearest neighbour) and Finn et al. (2015),
 "Functional connectome fingerprinting", Nature Neuroscience 18:1664, whose similarity is the
 Pearson correlation.
 
@@ -32,11 +32,11 @@ _COUNT_MAX_RELEVANT = 32
 # Relevant items among the T largest scores of their row are ranked from one torch.topk of the block
 # (~2.7 ns per score on a CPU, any T <= 128 costing the same) instead of two passes over the row each.
 _TOP = 128
-_NORMALISE_CHUNK = 65_536  # rows normalised at once (in float64) before the float32 cast
+_NORMALIZE_CHUNK = 65_536  # rows normalized at once (in float64) before the float32 cast
 
 
-def _normalise(x: np.ndarray, center: bool) -> np.ndarray:
-    """Rows L2-normalised in float64 (centred first when ``center``); zero rows stay zero."""
+def _normalize(x: np.ndarray, center: bool) -> np.ndarray:
+    """Rows L2-normalized in float64 (centred first when ``center``); zero rows stay zero."""
     x = np.asarray(x, dtype=np.float64)
     if center:
         x = x - x.mean(axis=1, keepdims=True)
@@ -100,7 +100,7 @@ def reidentification_dense(
     :func:`reidentification`."""
     gallery, gallery_ids, queries, query_ids = _check_inputs(gallery, gallery_ids, queries, query_ids, metric)
     center = metric == "pearson"
-    sim = _normalise(queries, center) @ _normalise(gallery, center).T
+    sim = _normalize(queries, center) @ _normalize(gallery, center).T
     order = np.argsort(-sim, axis=1, kind="stable")
     relevant = gallery_ids[order] == query_ids[:, None]
     frac = (gallery_ids[None, :] == query_ids[:, None]).mean(axis=1)
@@ -125,10 +125,10 @@ def _device(device) -> torch.device:
 
 
 def _to_device(x: np.ndarray, center: bool, dev: torch.device) -> torch.Tensor:
-    """``(n, D)`` rows normalised in float64, chunk by chunk, then cast to float32 on ``dev``."""
+    """``(n, D)`` rows normalized in float64, chunk by chunk, then cast to float32 on ``dev``."""
     out = torch.empty(x.shape, dtype=torch.float32, device=dev)
-    for a in range(0, len(x), _NORMALISE_CHUNK):
-        chunk = _normalise(x[a:a + _NORMALISE_CHUNK], center).astype(np.float32)
+    for a in range(0, len(x), _NORMALIZE_CHUNK):
+        chunk = _normalize(x[a:a + _NORMALIZE_CHUNK], center).astype(np.float32)
         out[a:a + len(chunk)] = torch.from_numpy(chunk).to(dev)
     return out
 
@@ -331,7 +331,7 @@ def reidentification(
     """Rank-1 accuracy and mAP of matching queries to the gallery, block by block of queries.
 
     Design (peak memory O(block_size x n_gallery) float32, never the full N x M matrix): the gallery
-    is L2-normalised once (float64, then cast to float32 on ``device``). For each block of
+    is L2-normalized once (float64, then cast to float32 on ``device``). For each block of
     ``block_size`` queries, ``S = queries_block @ gallery.T`` is one torch matmul in float32, a
     ``(block_size, M)`` block (a gallery row of 300,000 items is 1.2 MB, so the gallery is not
     split). Ranks are then exact without sorting the rows: the rank of a relevant item j of query q
@@ -355,7 +355,7 @@ def reidentification(
     row (O(M log M)), a few rows at a time. Queries are processed in order of their number of
     relevant items, so that a block is homogeneous; the means do not depend on the order.
 
-    Memory: the normalised gallery (``M x D x 4`` bytes), the similarity block and a comparison
+    Memory: the normalized gallery (``M x D x 4`` bytes), the similarity block and a comparison
     buffer (``2 x block_size x M x 4`` bytes; 512 MiB with the default ``block_size``), plus
     O(block_size x (K + D + 128)), and an eighth of a block for the rows where exact ties are
     scanned. Time: O(n_queries x M x D) for the matmul, which dominates
@@ -369,7 +369,7 @@ def reidentification(
     Args:
         gallery: ``(n_gallery, D)`` features. gallery_ids: ``(n_gallery,)`` subject labels.
         queries: ``(n_queries, D)`` features. query_ids: ``(n_queries,)`` subject labels.
-        metric: ``"cosine"`` (L2-normalised dot product) or ``"pearson"`` (rows centred first,
+        metric: ``"cosine"`` (L2-normalized dot product) or ``"pearson"`` (rows centred first,
             Finn et al. 2015).
         block_size: queries per block; ``None`` picks a 256 MiB similarity block
             (``auto_block_size(n_gallery)``: 447 queries against 150,000 gallery items).

@@ -29,7 +29,7 @@ class BinaryHead(nn.Sequential):
 class ProjectionHead(nn.Sequential):
     """The projection head of the embedding objectives: an MLP of ``n_layers`` Linear layers
     ``in_dim -> hidden_dim -> ... -> out_dim``, with ``norm`` (optional) and ``activation`` after every
-    hidden layer, then optionally L2 normalisation. ``(..., in_dim) -> (..., out_dim)``.
+    hidden layer, then optionally L2 normalization. ``(..., in_dim) -> (..., out_dim)``.
 
     - SimCLR's head (Chen et al. 2020; ``task=contrastive``): 2 layers, ``norm`` a BatchNorm
       (the task passes its global-batch ``GlobalBatchNorm1d``), ReLU, PyTorch's default initialisation:

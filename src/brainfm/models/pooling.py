@@ -12,10 +12,10 @@ it. The second-order readouts here keep it:
   input ROIs it *is* the FC of the window (``tests/test_pooling.py``: equal to
   :func:`brainfm.eval.fingerprinting.fc_features` within 1e-6), so a model trained from that
   initialisation starts at FC fingerprinting and can only move from there.
-- ``covariance``: the covariance of the projected channels with a matrix normalisation: ``log``
+- ``covariance``: the covariance of the projected channels with a matrix normalization: ``log``
   (the log-Euclidean map, Arsigny et al. 2006: the matrix logarithm of ``C + eps I``, so distances
   are those of the tangent space of SPD matrices), ``sqrt`` (iSQRT-COV, Li et al. CVPR 2018: the
-  matrix square root by Newton-Schulz iterations after trace normalisation, GPU-friendly, no
+  matrix square root by Newton-Schulz iterations after trace normalization, GPU-friendly, no
   eigendecomposition) or ``none``; upper triangle with the diagonal, off-diagonal entries times
   sqrt(2) so the vector's Euclidean norm is the matrix's Frobenius norm -> ``k (k + 1) / 2`` values.
 
@@ -37,7 +37,7 @@ from brainfm.errors import ConfigError
 #: ``model.pooling`` values; each backbone supports a subset (``Backbone.poolings``)
 POOLINGS = ("mean", "cls", "code", "correlation", "covariance")
 SECOND_ORDER = ("correlation", "covariance")
-#: matrix normalisations of ``pooling=covariance`` (``model.readout.matrix_norm``)
+#: matrix normalizations of ``pooling=covariance`` (``model.readout.matrix_norm``)
 MATRIX_NORMS = ("log", "sqrt", "none")
 #: ``model.readout`` and its defaults (conf/model/readout/default.yaml)
 READOUT_DEFAULTS = {"rank": None, "include_input": True, "init": "identity", "learn_projection": True,
@@ -70,7 +70,7 @@ def _matrix_log(c: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _matrix_sqrt(c: torch.Tensor, iterations: int, eps: float) -> torch.Tensor:
-    """iSQRT-COV (Li et al. 2018): pre-normalise by the trace, ``iterations`` coupled Newton-Schulz
+    """iSQRT-COV (Li et al. 2018): pre-normalize by the trace, ``iterations`` coupled Newton-Schulz
     steps ``Y <- Y (3I - ZY) / 2``, ``Z <- (3I - ZY) Z / 2``, post-compensate by ``sqrt(trace)``."""
     k = c.shape[-1]
     eye = torch.eye(k, dtype=c.dtype, device=c.device).expand_as(c)
@@ -98,7 +98,7 @@ class SecondOrderReadout(nn.Module):
         center: subtract each embedding's mean over its entries, so that the cosine similarity of two
             embeddings is the Pearson correlation of their edge vectors, FC fingerprinting's similarity
             (Finn et al. 2015).
-        matrix_norm: covariance normalisation, one of :data:`MATRIX_NORMS` (``log`` by default).
+        matrix_norm: covariance normalization, one of :data:`MATRIX_NORMS` (``log`` by default).
         eps: variance floor (a channel constant over the window gets zero correlations) and the
             eigenvalue floor of ``log``.
         sqrt_iterations: Newton-Schulz steps of ``matrix_norm=sqrt`` (iSQRT-COV uses 3-5).
@@ -167,7 +167,7 @@ class SecondOrderReadout(nn.Module):
         return x @ self.proj.weight.float().T
 
     def matrix(self, features: torch.Tensor | None, bold: torch.Tensor | None) -> torch.Tensor:
-        """The ``(B, k, k)`` correlation or (normalised) covariance matrix over time."""
+        """The ``(B, k, k)`` correlation or (normalized) covariance matrix over time."""
         device_type = (bold if bold is not None else features).device.type
         with torch.autocast(device_type, enabled=False):
             z = self.channels(features, bold)

@@ -132,7 +132,7 @@ class LongConv1d(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def kernel(self) -> torch.Tensor:
-        """The normalised kernel, ``(C * H, length)``; tap ``j`` weighs the input ``j`` steps back
+        """The normalized kernel, ``(C * H, length)``; tap ``j`` weighs the input ``j`` steps back
         (relative to the kernel's centre)."""
         return self._raw_kernel() / self.kernel_norm
 

@@ -12,7 +12,7 @@ this surface.
   normalization): :func:`check_compatible`, :func:`check_run_tr`, :func:`normalizer_for`,
   :func:`use_checkpoint_normalization`;
 - :mod:`brainfm.runs.load`: :func:`build_task_from_checkpoint` and :func:`load_run` (task + data from the run's
-  ``config.yaml``, checked and normalised: a :class:`LoadedRun`);
+  ``config.yaml``, checked and normalized: a :class:`LoadedRun`);
 - :mod:`brainfm.runs.windows`: the windows of a split (:func:`window_dataset`, :func:`has_split`) and
   :func:`open_windows` (the store and window maker of ``brainfm-evaluate``'s protocols).
 

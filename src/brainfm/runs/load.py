@@ -2,7 +2,7 @@
 
 :func:`build_task_from_checkpoint` rebuilds the task (weights loaded, or a fresh seeded initialisation: the
 random-init baseline); :func:`load_run` rebuilds the task and its datamodule, checked against the checkpoint's
-data contract (:mod:`brainfm.runs.contract`) and normalised as the training data were.
+data contract (:mod:`brainfm.runs.contract`) and normalized as the training data were.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ class Windows(NamedTuple):
     Attributes:
         store: the store (ROI, grayordinate or volume).
         make: ``make(segments, length, step) -> dataset``: windows of ``length`` TRs every ``step`` TRs of the
-            ``(run, start, stop)`` segments, normalised as the checkpoint was trained.
+            ``(run, start, stop)`` segments, normalized as the checkpoint was trained.
         volume: True for volume clips (the length is the model's clip length).
     """
 
@@ -53,7 +53,7 @@ def open_windows(ckpt_path: str | os.PathLike, ckpt: dict, data_path: str | os.P
     """The store a checkpoint is evaluated on and how to cut it. From the run's ``config.yaml`` when there is one
     (every family: ROI windows, volume clips; :func:`brainfm.runs.load_run`), else (a checkpoint file on its own)
     from the ROI store the checkpoint names (``data_meta["path"]``), checked against the checkpoint
-    (:func:`brainfm.runs.check_compatible`) and normalised as it was trained (:func:`brainfm.runs.normalizer_for`).
+    (:func:`brainfm.runs.check_compatible`) and normalized as it was trained (:func:`brainfm.runs.normalizer_for`).
 
     Args:
         ckpt_path: the checkpoint file or run directory ``ckpt`` was loaded from.
@@ -77,7 +77,7 @@ def open_windows(ckpt_path: str | os.PathLike, ckpt: dict, data_path: str | os.P
         load = (getattr(dm, "normalization", None) or {}).get("load", "stored")
         frame_stride = int(dm.window.get("frame_stride") or 1)
         return Windows(store, lambda seg, length, step: VolumeClipDataset(store, seg, length, frame_stride,
-                                                                          clip_stride=step, normalisation=load,
+                                                                          clip_stride=step, normalization=load,
                                                                           return_mask=False), True)
     store = open_store("roi", data_path or meta["path"], atlas=meta.get("atlas"))
     check_compatible(meta, store, where=f"checkpoint {ckpt['_path']}", any_tr=any_tr)

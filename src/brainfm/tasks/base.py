@@ -1,6 +1,6 @@
 """What every brainfm LightningModule shares: building the model from its config, AdamW with
 warm-up + cosine, logging, deterministic per-step randomness, the data facts a checkpoint
-must carry (TR, ROI order, normalisation), FSDP2 sharding and ``torch.compile`` of the backbone.
+must carry (TR, ROI order, normalization), FSDP2 sharding and ``torch.compile`` of the backbone.
 
 Hyper-parameters are saved as plain containers, so checkpoints load with
 ``torch.load(path, weights_only=True)`` and the task is rebuilt from the checkpoint alone.
@@ -125,7 +125,7 @@ class BrainfmTask(L.LightningModule):
         model: model config with ``_target_`` (plain dict).
         optimizer: ``{lr, weight_decay, betas, eps}`` for AdamW.
         scheduler: ``{warmup_fraction | warmup_steps, min_lr_ratio}``.
-        data_meta: facts about the training data (TR, ROI names, normalisation, ...), saved in
+        data_meta: facts about the training data (TR, ROI names, normalization, ...), saved in
             the checkpoint and checked against any data the model is later applied to.
         seed: base seed of the per-step random streams.
 

@@ -2,7 +2,7 @@
 where a loss needs them) and batch statistics over all ranks, on any backend (NCCL or gloo).
 
 With ``N`` ranks of batch ``b`` each, a loss that compares samples with each other (NT-Xent's
-negatives, SimDINO's coding rate) or normalises them by batch statistics (BatchNorm in a projection
+negatives, SimDINO's coding rate) or normalizes them by batch statistics (BatchNorm in a projection
 head) must see the global batch of ``N * b`` to equal one rank with batch ``N * b``:
 
 - :func:`gather` concatenates a tensor from every rank in rank order; with ``grad=True`` the gradient

@@ -10,7 +10,7 @@ from brainfm.tasks.distributed import gather, gather_rows
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, groups: torch.Tensor | None = None,
             global_negatives: bool = True) -> torch.Tensor:
-    """Normalised temperature-scaled cross-entropy (NT-Xent; Chen et al. 2020, SimCLR).
+    """Normalized temperature-scaled cross-entropy (NT-Xent; Chen et al. 2020, SimCLR).
 
     Row ``i`` of ``z1`` and row ``i`` of ``z2`` are two views of one item (a positive pair); the
     other ``2N - 2`` views of the batch are negatives. Each of the ``2N`` views contributes
@@ -24,7 +24,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, groups
     negatives from each GPU's own batch only).
 
     Args:
-        z1, z2: ``(n, D)`` projections of this rank (L2-normalised here).
+        z1, z2: ``(n, D)`` projections of this rank (L2-normalized here).
         temperature: ``t`` (SwiFT 0.1, R2T-Net 0.07).
         groups: optional ``(n,)`` labels; views of the same group other than the positive are
             removed from the denominator (they are not negatives: e.g. two windows of one run).

@@ -12,7 +12,7 @@ and README of Dec 2025, and the plain-PyTorch ``r2tnet/model.py`` of 2026), and 
 - **Encoder**: any zoo backbone; a learned *modality embedding* (rest = 0, task = 1) is added to
   the backbone's input tokens (the reference's ``modality_emb``); the pooled backbone state goes
   through LayerNorm + Linear to the ``embed_dim``-wide embedding (1024, the reference's
-  ``signature_dim``/``latent_dim``) and is L2-normalised (as the reference's encoders).
+  ``signature_dim``/``latent_dim``) and is L2-normalized (as the reference's encoders).
 - **NT-Xent** (:func:`brainfm.tasks.losses.nt_xent`, SimCLR) between rest and task embeddings,
   temperature 0.07; windows of the same subject other than the positive are not counted as
   negatives (the reference has one pair per subject per batch, so nothing changes there).
@@ -92,7 +92,7 @@ class R2TTask(BrainfmTask):
         kind: ``regression``, ``binary`` or ``multiclass`` (``num_classes``).
         head: ``mlp`` (Linear -> ReLU -> Dropout -> Linear, ``head_hidden``, ``head_dropout``) or
             ``linear``. loss: regression loss on standardised targets (``huber``, ``mse``, ``l1``).
-        supervised_view: head input in training: ``average`` (normalised mean of the two
+        supervised_view: head input in training: ``average`` (normalized mean of the two
             embeddings), ``rest`` or ``task``. Evaluation and inference always use rest.
         label_mean, label_std: standardisation of regression targets (one value or one per
             target); None: the training subjects' statistics, taken from the datamodule when fitting
@@ -304,7 +304,7 @@ class R2TTask(BrainfmTask):
         return m.pool_tokens(tokens)
 
     def embedding(self, x: torch.Tensor, t: torch.Tensor | None, modality: int | torch.Tensor) -> torch.Tensor:
-        """L2-normalised embedding ``(B, embed_dim)`` of one view."""
+        """L2-normalized embedding ``(B, embed_dim)`` of one view."""
         if not torch.is_tensor(modality):
             modality = torch.full((x.shape[0],), int(modality), dtype=torch.long, device=x.device)
         return F.normalize(self.projection(self.encode(x, t, modality)), dim=-1)

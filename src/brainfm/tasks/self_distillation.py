@@ -5,7 +5,7 @@ tokenizer + transformer (Gijsen, Schulz & Ritter, ICLR 2026; SamGijsen/Brain-Sem
 
 A student and an EMA teacher (same architecture) encode two views of one scan; here the views are
 two non-overlapping windows of the same run (``data.pairs=true``; the reference takes two random
-100-TR crops of the same scan). Projections are L2-normalised by a 2-layer head without DINO's
+100-TR crops of the same scan). Projections are L2-normalized by a 2-layer head without DINO's
 prototype layer. Instead of DINO's centring, sharpening and softmax, the loss is
 
     L(views) = -coeff * mean_{i != j} mean_b <t_i[b], s_j[b]>  -  mean_v gamma * R((s_v + t_v) / 2)
@@ -96,12 +96,12 @@ def simdino_loss(
     with ``no_diag=True, expa_type=1``).
 
     ``alignment = mean_{i != j} mean_b <t_i[b], s_j[b]>`` (teacher view ``i`` against the student's
-    *other* views; features L2-normalised), ``expansion = mean_v gamma * R((s_v + t_v) / 2)`` with
+    *other* views; features L2-normalized), ``expansion = mean_v gamma * R((s_v + t_v) / 2)`` with
     ``gamma = (d + n) / (d n)`` and :func:`coding_rate` ``R``; ``loss = -coeff * alignment -
     expansion``. (With unit vectors, ``-<t, s> = ||t - s||^2 / 2 - 1``: SimDINO's squared distance.)
 
     Args:
-        student, teacher: ``V >= 2`` tensors ``(n, d)`` each, L2-normalised; teacher detached.
+        student, teacher: ``V >= 2`` tensors ``(n, d)`` each, L2-normalized; teacher detached.
         eps: coding-rate precision (:func:`coding_rate`; reference 0.05).
         coeff: weight of the alignment term (reference 1).
         rate_rows: indices of the rows the coding rate is computed on (``None``: all ``n``; then
@@ -220,7 +220,7 @@ def augment_views(bold: torch.Tensor, roi_dropout: Sequence[float] | None = (0.0
 def simdino_head(in_dim: int, hidden_dim: int = 1024, bottleneck_dim: int = 128, n_layers: int = 2) -> ProjectionHead:
     """SimDINO's head (DINOHead without the prototype layer): :class:`~brainfm.models.heads.ProjectionHead`
     with ``n_layers`` Linear layers (GELU between) ``d -> hidden_dim -> ... -> bottleneck_dim``,
-    truncated-normal weights (std 0.02), then L2 normalisation. Brain-Semantoks: 2 layers, hidden 1024,
+    truncated-normal weights (std 0.02), then L2 normalization. Brain-Semantoks: 2 layers, hidden 1024,
     bottleneck 128. ``(..., d) -> (..., bottleneck_dim)``.
 
     Raises:

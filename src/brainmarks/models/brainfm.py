@@ -45,10 +45,10 @@ class BrainfmTransform:
     Brainmarks gives ``bold`` ``(T, dim)`` z-scored over time per dimension, its ``mean`` / ``std``
     ``(1, dim)`` and ``tr`` in seconds. In turn:
 
-    1. normalisation as the checkpoint recorded it (``data.normalization.mode``): ``run`` keeps the
-       z-scored series (a run's own statistics, as Brainmarks'); ``global`` un-normalises
+    1. normalization as the checkpoint recorded it (``data.normalization.mode``): ``run`` keeps the
+       z-scored series (a run's own statistics, as Brainmarks'); ``global`` un-normalizes
        (``bold * std + mean``) and applies the training data's statistics saved in the checkpoint;
-       ``none`` un-normalises;
+       ``none`` un-normalizes;
     2. a model that assumes its training TR (``any_tr`` False: Semantoks' patches of TRs) gets the series
        resampled to it (polyphase filtering, :func:`~brainfm.data.stores.resample.resample_run`), then, in
        ``run`` mode, z-scored again over the resampled TRs; models that embed time in seconds keep the TR;

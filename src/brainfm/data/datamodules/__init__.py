@@ -1,1 +1,1 @@
-"""LightningDataModules: a store opened, checked, split and normalised, and its loaders."""
+"""LightningDataModules: a store opened, checked, split and normalized, and its loaders."""

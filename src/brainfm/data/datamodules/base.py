@@ -1,5 +1,5 @@
 """The one datamodule base: open a store, check it against the recipe (TR, ROI count, grid), split
-it, carry the labels and normalisation state, and build resumable loaders.
+it, carry the labels and normalization state, and build resumable loaders.
 
 The ROI, volume (and data set recipe), R2T and multi-data-set datamodules are thin subclasses: they
 say which store to open (:meth:`StoreDataModule.open_store`), what else to check
@@ -203,10 +203,10 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         raise NotImplementedError
 
     def check_store(self, store) -> None:
-        """Checks beyond the TR (ROI count, grid, normalisation); raise ConfigError/DataError."""
+        """Checks beyond the TR (ROI count, grid, normalization); raise ConfigError/DataError."""
 
     def after_setup(self) -> None:
-        """Work once the store, TR, segments and labels are set (normaliser, dataset checks)."""
+        """Work once the store, TR, segments and labels are set (normalizer, dataset checks)."""
 
     # -- setup ----------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

@@ -3,7 +3,7 @@ columns as labels.
 
 A thin :class:`~brainfm.data.datamodules.roi.ROIDataModule`: the store is a
 :class:`~brainfm.data.stores.brainmarks.BrainmarksStore` (one run per sample); everything else
-(windows, normalisation, loaders, checkpoint metadata) is the ROI datamodule's. What differs:
+(windows, normalization, loaders, checkpoint metadata) is the ROI datamodule's. What differs:
 
 - split: ``data.split.kind=given`` (the default) uses Brainmarks' ``train``/``validation``/``test`` as
   brainfm's ``train``/``val``/``test``, whole samples, never re-drawn (``time`` and ``subject`` still work,
@@ -18,7 +18,7 @@ A thin :class:`~brainfm.data.datamodules.roi.ROIDataModule`: the store is a
   fixes the order), floats numbers. ``data.labels.file`` reads a phenotype table instead
   (:mod:`brainfm.data.phenotypes`). Every scalar column is also a per-run label of the store
   (``callbacks.probe.label=<column>``).
-- normalisation: ``run`` (the default) is Brainmarks' ``bold`` as stored; ``global`` and ``none`` work on
+- normalization: ``run`` (the default) is Brainmarks' ``bold`` as stored; ``global`` and ``none`` work on
   the signal before Brainmarks' scaling (``bold * std + mean``).
 """
 

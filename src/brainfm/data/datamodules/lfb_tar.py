@@ -331,7 +331,7 @@ class LfBTarDataModule(StoreDataModule):
             DiFuMo-1024).
 
     Raises:
-        ConfigError: a time split, ``global`` normalisation, resampling, an ROI-count or TR mismatch, too few
+        ConfigError: a time split, ``global`` normalization, resampling, an ROI-count or TR mismatch, too few
             shards for the ranks x workers. DataError: unreadable shards, a subject in both the training and
             validation shards, bad samples (when read).
     """

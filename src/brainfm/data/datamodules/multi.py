@@ -115,7 +115,7 @@ class MultiDataModule(ResumableTrainPosition, L.LightningDataModule):
     Args:
         datasets: name -> datamodule (instantiated recipes, e.g. :class:`brainfm.data.datamodules.recipes.RecipeDataModule`;
             any :class:`~brainfm.data.datamodules.volume.VolumeDataModule`). Every one keeps its own split files.
-        weights: name -> sampling weight (normalised to probabilities; a data set not named, or 0, is left out of
+        weights: name -> sampling weight (normalized to probabilities; a data set not named, or 0, is left out of
             training but not out of validation), or None: proportional to each data set's training
             clips (SwiFT v2's concatenation).
         seed: seed of the per-step data set choice.
@@ -190,7 +190,7 @@ class MultiDataModule(ResumableTrainPosition, L.LightningDataModule):
 
     @property
     def meta(self) -> dict[str, Any]:
-        """The children's metas, the normalised weights and the shared grid (plain containers)."""
+        """The children's metas, the normalized weights and the shared grid (plain containers)."""
         self.setup()
         first = next(iter(self._metas.values()))
         trs = sorted({t for m in self._metas.values() for t in m.get("trs", [])})

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from brainfm.data.datamodules.base import StoreDataModule, plain, resolve_tr
 from brainfm.data.datasets.pairs import ROLES, R2TPairDataset, assign_roles
 from brainfm.data.datasets.roi import ROIWindowDataset
-from brainfm.data.datasets.volume import LOAD_NORMALISATIONS, VolumeClipDataset
+from brainfm.data.datasets.volume import LOAD_NORMALIZATIONS, VolumeClipDataset
 from brainfm.data.normalization import ROINormalizer
 from brainfm.data.stores import open_store
 from brainfm.data.windows import WindowBatchSampler, WindowIndex, collate_windows
@@ -76,7 +76,7 @@ class R2TDataModule(StoreDataModule):
         n_rois: expected values per TR for ``roi`` (ROIs) and ``grayordinate`` (91282 for HCP); checked.
         atlas: ROI atlas under ``/timeseries`` (``roi``). preload: ROI store preload.
         normalization: ``roi``: ``{"mode": "run"|"global"|"none", "eps"}`` (per store). ``volume``:
-            ``{"load": one of LOAD_NORMALISATIONS}``. ``grayordinate``: None (the store is normalised
+            ``{"load": one of LOAD_NORMALIZATIONS}``. ``grayordinate``: None (the store is normalized
             when written).
         layout, shape: ``volume``: ``volumes``|``frames`` and the expected grid ``[X, Y, Z]``.
         window: ``{"length": TRs per window (Swin4D: the model's img_size[3]), "frame_stride": TRs between
@@ -206,7 +206,7 @@ class R2TDataModule(StoreDataModule):
         return 1
 
     def _fit_normalizers(self, stores: dict[str, Any], train: dict[str, list[tuple[int, int, int]]]) -> None:
-        """Fit the per-store normalisation on the training segments (default: none, the store is normalised)."""
+        """Fit the per-store normalization on the training segments (default: none, the store is normalized)."""
 
     def _role_dataset(self, role: str, segments: list[tuple[int, int, int]], stride: int | None = None):
         """The window (or clip) dataset of ``role``'s store over ``segments``, windows every ``stride`` TRs."""
@@ -466,7 +466,7 @@ class ROIR2TDataModule(_SeriesR2TDataModule):
 
 class GrayordinateR2TDataModule(_SeriesR2TDataModule):
     """R2T pairs of grayordinate series (CIFTI, 91282 values per TR for HCP) from grayordinate stores
-    (``data=r2t_grayordinate``), normalised when written. Arguments: :class:`R2TDataModule`."""
+    (``data=r2t_grayordinate``), normalized when written. Arguments: :class:`R2TDataModule`."""
 
     kind = "grayordinate"
     values = "grayordinates"
@@ -476,7 +476,7 @@ class VolumeR2TDataModule(R2TDataModule):
     """R2T pairs of 4-D volume clips (``data=r2t_volume``) from a volume store or SwiFT/R2T frame folders
     (``layout=frames``: ``path`` rest, ``task_path`` task): frames ``[1, X, Y, Z]``, clips of ``window.length``
     frames every ``window.frame_stride`` TRs, batch view ``volume`` ``(B, 1, X, Y, Z, L)`` float16; the grid
-    checked against ``shape``; ``normalization.load`` one of ``LOAD_NORMALISATIONS``. Arguments:
+    checked against ``shape``; ``normalization.load`` one of ``LOAD_NORMALIZATIONS``. Arguments:
     :class:`R2TDataModule`."""
 
     kind = "volume"
@@ -489,8 +489,8 @@ class VolumeR2TDataModule(R2TDataModule):
         return "volume" if self.layout == "volumes" else "frames"
 
     def _check_options(self) -> None:
-        if self.normalization.get("load", "stored") not in LOAD_NORMALISATIONS:
-            raise ConfigError(f"data.normalization.load={self.normalization['load']!r} is not one of {LOAD_NORMALISATIONS}")
+        if self.normalization.get("load", "stored") not in LOAD_NORMALIZATIONS:
+            raise ConfigError(f"data.normalization.load={self.normalization['load']!r} is not one of {LOAD_NORMALIZATIONS}")
 
     @property
     def frames(self) -> bool:
@@ -515,7 +515,7 @@ class VolumeR2TDataModule(R2TDataModule):
 
     def _role_dataset(self, role: str, segments: list[tuple[int, int, int]], stride: int | None = None):
         return VolumeClipDataset(self.stores[role], segments, int(self.window["length"]), self.frame_stride,
-                                 clip_stride=stride or 1, normalisation=self.normalization.get("load", "stored"),
+                                 clip_stride=stride or 1, normalization=self.normalization.get("load", "stored"),
                                  return_mask=False, subject_index=self.subject_index)
 
     def _kind_meta(self, rest) -> dict[str, Any]:

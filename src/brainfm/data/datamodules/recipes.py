@@ -196,7 +196,7 @@ class RecipeDataModule(VolumeDataModule):
         subjects: :class:`SubjectIds` arguments (``patterns``, ``id_patterns``, ``canonical``, ``ignore``,
             ``duplicates``).
         frames: ``{"glob": subject folders under img/ (default "*"; ABIDE "ABIDE*/*")}``. What the
-            frames hold is ``normalisation.stored`` (``global``: SwiFT's z-norm; ``minmax``: ABCD task).
+            frames hold is ``normalization.stored`` (``global``: SwiFT's z-norm; ``minmax``: ABCD task).
         runs: ``{"include": regex, "exclude": regex}`` on store run ids (e.g. ``task-rest``).
         bad_subjects: ``{"file": one id per line, "ids": [...]}``, removed before splitting.
         phenotypes: tables (:func:`read_phenotype_tables`). targets: label keys batches carry
@@ -251,9 +251,9 @@ class RecipeDataModule(VolumeDataModule):
         unknown = set(self.frames) - {"glob"}
         if unknown:
             raise ConfigError(f"data.frames has unknown key(s) {sorted(unknown)}; allowed: glob")
-        # frames record nothing about their normalisation: data.normalization.stored says what they hold
+        # frames record nothing about their normalization: data.normalization.stored says what they hold
         # (SwiFT: global z-norm; ABCD task: minmax), and there is nothing to check it against
-        self.frames_normalisation = self.normalization.get("stored") or "global"
+        self.frames_normalization = self.normalization.get("stored") or "global"
         if layout == "frames":
             self.normalization["stored"] = self.normalization["fill"] = None
         self.runs_filter = {"include": None, "exclude": None, **dict(runs or {})}
@@ -309,7 +309,7 @@ class RecipeDataModule(VolumeDataModule):
                     keep.append(f)
             if not keep:
                 raise DataError(f"{img}: no subject folder left (found {len(folders)}; {self._summary(excluded)})")
-            base = FrameStore(img, tr=float(self.expected_tr), subjects=keep, normalisation=self.frames_normalisation,
+            base = FrameStore(img, tr=float(self.expected_tr), subjects=keep, normalization=self.frames_normalization,
                               cache=self.cache)
         else:
             base = open_store("volume", self.path, cache=self.cache)

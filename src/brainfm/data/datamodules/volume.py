@@ -7,7 +7,7 @@ from typing import Any
 
 from brainfm.data.datamodules.base import StoreDataModule
 from brainfm.data.datasets.volume import (
-    LOAD_NORMALISATIONS,
+    LOAD_NORMALIZATIONS,
     PooledBatchSampler,
     VolumeClipDataset,
     VolumeClipLoader,
@@ -32,7 +32,7 @@ class VolumeDataModule(StoreDataModule):
         layout: ``volumes`` (the store) or ``frames`` (``img/<subject>/frame_<t>.pt``, read as is).
         shape: expected grid ``[X, Y, Z]`` (checked; the model's ``img_size`` follows it).
         normalization: ``{"stored": "global"|"none"|None (checked against every run's index row),
-            "fill": "min"|"zero"|None (checked), "load": one of LOAD_NORMALISATIONS}``.
+            "fill": "min"|"zero"|None (checked), "load": one of LOAD_NORMALIZATIONS}``.
         window: ``{"length": TRs per clip, "frame_stride": TRs between a clip's frames, "min_length":
             shortest random crop in training (None: always length), "train_stride": TRs between
             training clip starts (None: length * frame_stride, SwiFT's default; 1: every start once per
@@ -46,7 +46,7 @@ class VolumeDataModule(StoreDataModule):
 
     Raises:
         DataError / ConfigError: from :meth:`setup`: missing or inconsistent store, TR, grid or
-        normalisation mismatch, clips longer than a split's runs, invalid split.
+        normalization mismatch, clips longer than a split's runs, invalid split.
     """
 
     window_defaults = {"length": 20, "min_length": None, "frame_stride": 1, "train_stride": None,
@@ -87,7 +87,7 @@ class VolumeDataModule(StoreDataModule):
                 f"{list(self.expected_shape)}. Fix: set data.shape={list(store.frame_shape)} (and the model's "
                 f"img_size), or preprocess again with --target-shape {' '.join(map(str, self.expected_shape))}"
             )
-        for key, field_ in (("stored", "normalisation"), ("fill", "fill")):
+        for key, field_ in (("stored", "normalization"), ("fill", "fill")):
             want = self.normalization.get(key)
             if want is None:
                 continue
@@ -96,15 +96,15 @@ class VolumeDataModule(StoreDataModule):
                     raise ConfigError(
                         f"{store.describe_run(i)} was written with {field_}={got!r} but "
                         f"data.normalization.{key}={want!r}. Fix: set data.normalization.{key}={got!r}, or "
-                        f"preprocess again with --{'normalisation' if key == 'stored' else 'fill'} {want}"
+                        f"preprocess again with --{'normalization' if key == 'stored' else 'fill'} {want}"
                     )
         length, min_length = int(self.window["length"]), self.window.get("min_length")
         if length < 2 or (min_length is not None and not 2 <= int(min_length) <= length):
             raise ConfigError(f"data.window.length={length} must be >= 2 and data.window.min_length={min_length} "
                               f"in [2, length] (or null)")
-        if self.normalization["load"] not in LOAD_NORMALISATIONS:
+        if self.normalization["load"] not in LOAD_NORMALIZATIONS:
             raise ConfigError(f"data.normalization.load={self.normalization['load']!r} is not one of "
-                              f"{LOAD_NORMALISATIONS}")
+                              f"{LOAD_NORMALIZATIONS}")
 
     def after_setup(self) -> None:
         for name in ("train", "val"):  # fail here, not in the first validation
@@ -117,7 +117,7 @@ class VolumeDataModule(StoreDataModule):
         key = "train_stride" if split == "train" else "eval_stride"
         return VolumeClipDataset(
             self.store, self.segments[split], int(self.window["length"]), int(self.window["frame_stride"]),
-            clip_stride=clip_stride or self.window.get(key), normalisation=self.normalization["load"],
+            clip_stride=clip_stride or self.window.get(key), normalization=self.normalization["load"],
             transform=build_augmentation(self.augment) if augment else None, return_mask=self.return_mask,
         )
 
@@ -135,7 +135,7 @@ class VolumeDataModule(StoreDataModule):
             "in_chans": 2 if self.normalization["load"] == "stored+voxel" else 1,
             "frame_stride": int(self.window["frame_stride"]),
             "normalization": {
-                "stored": sorted({str(v) for v in self.store.column("normalisation")}),
+                "stored": sorted({str(v) for v in self.store.column("normalization")}),
                 "fill": sorted({str(v) for v in self._fills()}),
                 "load": self.normalization["load"],
             },

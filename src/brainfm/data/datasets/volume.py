@@ -47,8 +47,8 @@ from brainfm.data.stores.frames import FrameStore
 from brainfm.data.windows import WindowDataset, WindowRequest, collate_windows
 from brainfm.errors import ConfigError, DataError
 
-#: Load-time normalisations of the stored clip (the store's own one is ``stored``).
-LOAD_NORMALISATIONS = ("stored", "voxel", "minmax", "stored+voxel")
+#: Load-time normalizations of the stored clip (the store's own one is ``stored``).
+LOAD_NORMALIZATIONS = ("stored", "voxel", "minmax", "stored+voxel")
 _ALIGN = 64
 
 
@@ -174,7 +174,7 @@ class VolumeClipDataset(WindowDataset):
         segments: ``(run, first TR, stop TR)`` ranges clips are taken from (a split).
         length: TRs per clip. stride: TRs between a clip's frames.
         clip_stride: TRs between grid clip starts (default ``length * stride``: non-overlapping).
-        normalisation: at load time: ``stored`` (as written: SwiFT's global z-norm), ``voxel``
+        normalization: at load time: ``stored`` (as written: SwiFT's global z-norm), ``voxel``
             (per-voxel z-norm over time from the stored statistics, TFF; 0 outside the brain),
             ``minmax`` (the run's brain [min, max] -> [0, 1]), ``stored+voxel`` (two channels, TFF).
         transform: callable on one clip ``(C * L, X, Y, Z)`` float32 (frames as channels, so
@@ -190,7 +190,7 @@ class VolumeClipDataset(WindowDataset):
     ``volume2``, ``t2``, ``onset2``.
 
     Raises:
-        ConfigError: no segment long enough for one clip, bad strides or normalisation.
+        ConfigError: no segment long enough for one clip, bad strides or normalization.
     """
 
     def __init__(
@@ -200,7 +200,7 @@ class VolumeClipDataset(WindowDataset):
         length: int,
         stride: int = 1,
         clip_stride: int | None = None,
-        normalisation: str = "stored",
+        normalization: str = "stored",
         transform=None,
         return_mask: bool = True,
         subject_index: dict[str, int] | None = None,
@@ -213,10 +213,10 @@ class VolumeClipDataset(WindowDataset):
         self.clip_stride = int(clip_stride or self.length * self.stride)
         if self.clip_stride < 1:
             raise ConfigError(f"clip_stride {clip_stride} must be >= 1 TR")
-        if normalisation not in LOAD_NORMALISATIONS:
-            raise ConfigError(f"data.normalization.load={normalisation!r} is not one of {LOAD_NORMALISATIONS}")
-        self.normalisation = normalisation
-        self.channels = 2 if normalisation == "stored+voxel" else 1
+        if normalization not in LOAD_NORMALIZATIONS:
+            raise ConfigError(f"data.normalization.load={normalization!r} is not one of {LOAD_NORMALIZATIONS}")
+        self.normalization = normalization
+        self.channels = 2 if normalization == "stored+voxel" else 1
         self.transform = transform
         if store.frame_shape is None:
             raise DataError(f"{store.location} mixes grids {sorted({tuple(r) for r in store.shapes.tolist()})}; "
@@ -240,7 +240,7 @@ class VolumeClipDataset(WindowDataset):
             stats = self.store.voxel_stats(run)
             if stats is None:
                 raise ConfigError(f"{self.store.describe_run(run)} has no per-voxel statistics; "
-                                  f"data.normalization.load={self.normalisation!r} needs them")
+                                  f"data.normalization.load={self.normalization!r} needs them")
             mean, std = (np.asarray(a, dtype=np.float32) for a in stats)
             inv = np.zeros_like(std)
             np.divide(1.0, std, out=inv, where=std > 1e-6)
@@ -251,9 +251,9 @@ class VolumeClipDataset(WindowDataset):
     def _fill(self, run: int, start: int, length: int, out: np.ndarray) -> None:
         """Write a clip into ``out`` ``(C, length, X, Y, Z)`` float16."""
         self.store.read_clip(run, start, length, self.stride, out=out[0])
-        if self.normalisation == "stored":
+        if self.normalization == "stored":
             return
-        if self.normalisation == "minmax":
+        if self.normalization == "minmax":
             stats = self.store.run_stats(run)
             lo, hi = float(stats["min"]), float(stats["max"])
             scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)

@@ -2,7 +2,7 @@
 
 - :func:`preprocess_volumes`: every 4-D BOLD run -> one run of the volume store
   (:mod:`brainfm.data.stores.volume`): TR, brain mask, crop/pad to the model's grid, global
-  z-normalisation and background fill as SwiFT, float16. Runs in parallel and in shards
+  z-normalization and background fill as SwiFT, float16. Runs in parallel and in shards
   (``--shard I/N`` or a SLURM job array), resumable (finished runs are skipped; each run is written
   to a temporary folder and renamed), with the store's run index kept up to date
   (:mod:`brainfm.data.preprocess.volumes`).

@@ -32,11 +32,11 @@ class _FramesSource:
         return self.store.read_clip(self.i, t0, t1 - t0)
 
 
-def _convert_one(root: str, tr: float, subject: str, output: str, crop_pad, target_shape, normalisation: str,
+def _convert_one(root: str, tr: float, subject: str, output: str, crop_pad, target_shape, normalization: str,
                  overwrite: bool):
     from brainfm.data.preprocess.volumes import RunResult, resolve_crop_pad
 
-    store = FrameStore(root, tr, subjects=[subject], normalisation=normalisation)
+    store = FrameStore(root, tr, subjects=[subject], normalization=normalization)
     out_subject = safe_name(subject)
     result = RunResult(out_subject, "frames", str(store.path(0)), "failed")
     try:
@@ -48,7 +48,7 @@ def _convert_one(root: str, tr: float, subject: str, output: str, crop_pad, targ
         cp = resolve_crop_pad(crop_pad, target_shape, store.shape)
         path = write_volume_run(
             output, out_subject, "frames", _FramesSource(store, 0), tr=tr, affine=None, mask=background,
-            crop_pad=cp, normalisation="none", fill="zero" if bg == 0 else "min", applied_upstream=normalisation,
+            crop_pad=cp, normalization="none", fill="zero" if bg == 0 else "min", applied_upstream=normalization,
             source=str(store.path(0)), overwrite=overwrite,
             extra_meta={"input_kind": "frames", "frames_background": bg, "subject_folder": subject},
         )
@@ -65,7 +65,7 @@ def convert_frames(
     *,
     crop_pad: CropPad | Sequence[int] | str | None = None,
     target_shape: Sequence[int] | None = None,
-    normalisation: str = "global",
+    normalization: str = "global",
     subjects: Sequence[str] | None = None,
     workers: int = 1,
     overwrite: bool = False,
@@ -75,7 +75,7 @@ def convert_frames(
 ) -> list:
     """Convert SwiFT/TFF/R2T frame folders into a volume store (``<output>/<subject>/frames/``).
 
-    The values are copied as they are (they are normalised already: ``normalisation`` records
+    The values are copied as they are (they are normalized already: ``normalization`` records
     how, ``global`` for SwiFT's default); the brain mask is every voxel that differs from the
     background value at some TR (SwiFT's background value: voxel [0, 0, 0] of the first frame),
     and the background fill is ``zero`` when that value is 0, else ``min``. Every frame is
@@ -119,7 +119,7 @@ def convert_frames(
                 except DataError as exc:  # not expected for a run just written; report it with the run
                     r.status, r.error = "failed", str(exc)
 
-        done = run_all(_convert_one, [(str(root), float(tr), s, str(output), crop_pad, target_shape, normalisation,
+        done = run_all(_convert_one, [(str(root), float(tr), s, str(output), crop_pad, target_shape, normalization,
                                         overwrite) for s in todo], workers, progress, desc, False, on_result=indexed)
     it = iter(done)
     results = [r if r is not None else next(it) for r in results]

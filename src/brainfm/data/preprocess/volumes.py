@@ -1,4 +1,4 @@
-"""NIfTI runs -> the volume store (normalised float16, one array per run), sharded and resumable.
+"""NIfTI runs -> the volume store (normalized float16, one array per run), sharded and resumable.
 
 :func:`preprocess_volumes` does the runs of one shard (``runs[I::N]`` of the runs sorted by
 (subject, run); :mod:`brainfm.data.preprocess.runner`), skips finished runs, writes each run atomically
@@ -37,7 +37,7 @@ from brainfm.data.stores.rundir import run_dir
 from brainfm.data.stores.volume import (
     FILLS,
     MASK_RULES,
-    NORMALISATIONS,
+    NORMALIZATIONS,
     CropPad,
     NonFiniteError,
     VolumeStore,
@@ -124,7 +124,7 @@ def _preprocess_one(src: RunSource, root: str, options: dict) -> RunResult:
             cp = resolve_crop_pad(options["crop_pad"], options["target_shape"], frames.spatial_shape)
             path = write_volume_run(
                 root, src.subject, src.run, frames, tr=tr, affine=frames.affine, mask=mask, crop_pad=cp,
-                normalisation=options["normalisation"], fill=options["fill"], source=str(src.path),
+                normalization=options["normalization"], fill=options["fill"], source=str(src.path),
                 overwrite=options["overwrite"], nan="fill" if options["nan"] == "fill" else "error",
                 extra_meta={"tr_source": tr_source, "mask_file": mask_source, "input_kind": src.kind,
                             "sidecars": [str(p) for p in src.sidecar_paths],
@@ -155,7 +155,7 @@ def preprocess_volumes(
     tr: float | None = None,
     crop_pad: CropPad | Sequence[int] | str | None = None,
     target_shape: Sequence[int] | None = None,
-    normalisation: str = "global",
+    normalization: str = "global",
     fill: str = "min",
     mask: str = "auto",
     workers: int = 1,
@@ -177,7 +177,7 @@ def preprocess_volumes(
         crop_pad: 6 ints in axis order (x_before x_after y_before y_after z_before z_after;
             negative crops), a preset of :data:`CROP_PAD_PRESETS`, or a :class:`CropPad`.
         target_shape: (X, Y, Z) of the output grid (centred crop/pad unless ``crop_pad``).
-        normalisation: ``global`` or ``none``. fill: ``min`` or ``zero``.
+        normalization: ``global`` or ``none``. fill: ``min`` or ``zero``.
         mask: ``auto`` (fMRIPrep's brain mask when present, else a rule from the data), a rule of
             :data:`~brainfm.data.stores.volume.MASK_RULES`, or a NIfTI mask file for every run.
         workers: parallel processes (one run each).
@@ -199,8 +199,8 @@ def preprocess_volumes(
             indexed); an unreadable run index.
         ConfigError: an invalid option or shard.
     """
-    if normalisation not in NORMALISATIONS:
-        raise ConfigError(f"--normalisation {normalisation!r} is not one of {NORMALISATIONS}")
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(f"--normalization {normalization!r} is not one of {NORMALIZATIONS}")
     if fill not in FILLS:
         raise ConfigError(f"--fill {fill!r} is not one of {FILLS}")
     if mask not in MASK_RULES and not Path(mask).is_file():
@@ -211,7 +211,7 @@ def preprocess_volumes(
         raise ConfigError(f"--nan {nan!r} is not one of {NAN_POLICIES}")
     i_shard, n_shards = parse_shard(shard)
     runs = sorted(discover_runs(input, pattern, space), key=lambda r: (r.subject, r.run))[i_shard::n_shards]
-    options = {"tr": tr, "crop_pad": crop_pad, "target_shape": target_shape, "normalisation": normalisation,
+    options = {"tr": tr, "crop_pad": crop_pad, "target_shape": target_shape, "normalization": normalization,
                "fill": fill, "mask": mask, "overwrite": overwrite, "nan": nan}
     Path(output).mkdir(parents=True, exist_ok=True)
     desc = "brainfm-preprocess volumes" + (f" (shard {i_shard}/{n_shards})" if n_shards > 1 else "")

@@ -22,7 +22,7 @@ KINDS = ("roi", "volume", "frames", "grayordinate")
 
 
 def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None, atlas: str | None = None,
-               preload: bool | str = "auto", tr: float | str | None = None, normalisation: str = "global",
+               preload: bool | str = "auto", tr: float | str | None = None, normalization: str = "global",
                atlas_key: str = "data.atlas"):
     """Open the store of ``kind`` at ``path`` (the one place datamodules and tools open stores).
 
@@ -31,7 +31,7 @@ def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None,
             opened as an ROI store).
         path: the file (``roi``) or folder.
         cache: per-process cache sizes (``data.cache``).
-        atlas, preload: ``roi`` only. tr, normalisation: ``frames`` only (frames record neither; ``tr`` is
+        atlas, preload: ``roi`` only. tr, normalization: ``frames`` only (frames record neither; ``tr`` is
             required). atlas_key: how ``atlas`` is set, for messages (``data.atlas``, ``--atlas``).
 
     Raises:
@@ -58,7 +58,7 @@ def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None,
 
         if isinstance(tr, bool) or not isinstance(tr, (int, float)):
             raise ConfigError(f"frame folders ({path}) carry no TR: set data.tr=<seconds>")
-        return FrameStore(path, tr=float(tr), normalisation=normalisation, cache=cache)
+        return FrameStore(path, tr=float(tr), normalization=normalization, cache=cache)
     raise ConfigError(f"store kind {kind!r} is not one of {(*KINDS, 'brainmarks')}")
 
 

@@ -8,7 +8,7 @@ Layout (Transconnectome/SwiFT ``preprocessing.py`` and ``datasets.py``)::
     <root>/img/<subject>/voxel_mean.pt, voxel_std.pt   optional per-voxel statistics (TFF)
 
 SwiFT's preprocessing z-scores each run over its non-zero voxels x TRs and fills the background
-with the minimum (or 0), so the frames are already normalised; they carry no TR, no mask and no
+with the minimum (or 0), so the frames are already normalized; they carry no TR, no mask and no
 affine. SwiFT's dataset counts a subject's frames as ``len(os.listdir(folder)) - 2``, assuming the
 two statistics files exist; its own preprocessing does not write them, so the last 2 TRs of every
 subject are silently dropped. :class:`FrameStore` counts the ``frame_<t>.pt`` files themselves and
@@ -58,7 +58,7 @@ class FrameStore(StoreBase):
         root: the data set folder holding ``img/``, or the ``img`` folder itself.
         tr: repetition time in seconds (frames do not record it).
         subjects: subject folders to use (default: every folder with frames).
-        normalisation: what the frames hold (``global`` for SwiFT's default preprocessing).
+        normalization: what the frames hold (``global`` for SwiFT's default preprocessing).
         cache: ``data.cache`` sizes (``run_stats``: subjects whose frame-0 facts a process keeps).
 
     Attributes as every store: ``subject_ids``, ``run_ids`` (``"frames"``), ``lengths``, ``trs``,
@@ -72,7 +72,7 @@ class FrameStore(StoreBase):
     kind = "frames"
 
     def __init__(self, root: str | os.PathLike, tr: float, subjects: Sequence[str] | None = None,
-                 normalisation: str = "global", cache: dict | None = None) -> None:
+                 normalization: str = "global", cache: dict | None = None) -> None:
         root = Path(root)
         self.root = self.location = root / "img" if (root / "img").is_dir() else root
         if not self.root.is_dir():
@@ -107,7 +107,7 @@ class FrameStore(StoreBase):
             raise DataError(f"{self.root} holds no <subject>/frame_<t>.pt folders")
         self.run_ids = ["frames"] * len(self.subject_ids)
         self.trs = np.full(len(self.subject_ids), float(tr))
-        self.normalisation = normalisation
+        self.normalization = normalization
         if index is None:
             self.shape = tuple(int(s) for s in self._frame(0, 0).shape)  # type: ignore[assignment]
         self.frame_shape = self.shape
@@ -213,31 +213,31 @@ class FrameStore(StoreBase):
         return out[0], out[1]
 
     def meta(self, i: int) -> dict:
-        """Normalisation and brain min/max (from frame 0: the background voxel [0, 0, 0], SwiFT's
+        """Normalization and brain min/max (from frame 0: the background voxel [0, 0, 0], SwiFT's
         own convention, and the extremes of the first frame's other voxels; read on first use)."""
         def load() -> dict:
             f0 = self._frame(i, 0).astype(np.float32)
             bg = float(f0.flat[0])
             brain = f0[f0 != bg]
             lo = float(brain.min()) if brain.size else bg
-            return {"normalisation": self.normalisation, "fill": "zero" if bg == 0 else "min", "fill_value": bg,
+            return {"normalization": self.normalization, "fill": "zero" if bg == 0 else "min", "fill_value": bg,
                     "min": lo, "max": float(brain.max()) if brain.size else bg, "tr": float(self.trs[i]),
                     "crop_pad": None}
 
         return self._meta_cache.get(i, load)
 
     def column(self, name: str) -> list:
-        """Per-subject facts as the volume store's index columns: ``normalisation`` (as given), and
+        """Per-subject facts as the volume store's index columns: ``normalization`` (as given), and
         ``fill``, ``fill_value``, ``min``, ``max`` from each subject's frame 0 (read on first use)."""
-        if name == "normalisation":
-            return [self.normalisation] * len(self)
+        if name == "normalization":
+            return [self.normalization] * len(self)
         return [self.meta(i)[name] for i in range(len(self))]
 
     def crop_pads(self) -> list:
         return [None] * len(self)
 
     def run_stats(self, run: int) -> dict:
-        """``n`` (frames) and :meth:`meta`'s normalisation, fill and brain min/max (frame 0 is read)."""
+        """``n`` (frames) and :meth:`meta`'s normalization, fill and brain min/max (frame 0 is read)."""
         return {"n": int(self.lengths[run]), **self.meta(run)}
 
     def __repr__(self) -> str:

@@ -5,9 +5,9 @@ Grayordinate store layout (one directory per subject run)::
 
     <root>/<subject>/<run>/
         bold.npy    float16 (T, N) C order (np.load(mmap_mode="r")): N grayordinates per TR
-                    (91282 in HCP's 32k_fs_LR space), normalised as meta.normalisation says
+                    (91282 in HCP's 32k_fs_LR space), normalized as meta.normalization says
         meta.json   layout "brainfm-grayordinate-run", subject, run, tr (s), n_frames,
-                    n_grayordinates, normalisation, global_mean/global_std (input units),
+                    n_grayordinates, normalization, global_mean/global_std (input units),
                     constant_grayordinates, structures ([name, kind, offset, count] of the CIFTI
                     brain models), source, brainfm_version
 
@@ -40,7 +40,7 @@ from brainfm.errors import ConfigError, DataError
 N_GRAYORDINATES_HCP = 91282
 GRAYORDINATE_LAYOUT = "brainfm-grayordinate-run"
 GRAYORDINATE_LAYOUT_VERSION = 1
-GRAYORDINATE_NORMALISATIONS = ("global", "grayordinate", "none")
+GRAYORDINATE_NORMALIZATIONS = ("global", "grayordinate", "none")
 _FP16_MAX = 65504.0
 _BOLD = "bold.npy"
 
@@ -90,7 +90,7 @@ def write_grayordinate_run(
     data: np.ndarray | str | os.PathLike,
     *,
     tr: float | None = None,
-    normalisation: str = "global",
+    normalization: str = "global",
     source: str | None = None,
     structures: list[dict] | None = None,
     extra_meta: dict[str, Any] | None = None,
@@ -103,8 +103,8 @@ def write_grayordinate_run(
         data: ``(T, N)`` array (TRs x grayordinates) or the path of a ``.dtseries.nii``.
         tr: repetition time in seconds; None takes it from the CIFTI series axis. Given both, they
             must agree.
-        normalisation: ``global`` (one mean and standard deviation over all grayordinates x TRs:
-            R2T-Net's ``prepare_data.py --normalise zscore``), ``grayordinate`` (each grayordinate
+        normalization: ``global`` (one mean and standard deviation over all grayordinates x TRs:
+            R2T-Net's ``prepare_data.py --normalize zscore``), ``grayordinate`` (each grayordinate
             z-scored over time; constant ones become 0 and are counted in ``meta.json``) or
             ``none`` (values must fit float16).
         source, structures, extra_meta: provenance for ``meta.json`` (``structures`` is read from the
@@ -117,10 +117,10 @@ def write_grayordinate_run(
     Raises:
         DataError: non-finite values (the TRs are named), a missing or mismatched TR, a constant
             run, values that do not fit float16, a non-2-D array.
-        ConfigError: unknown normalisation.
+        ConfigError: unknown normalization.
     """
-    if normalisation not in GRAYORDINATE_NORMALISATIONS:
-        raise ConfigError(f"normalisation={normalisation!r} is not one of {GRAYORDINATE_NORMALISATIONS}")
+    if normalization not in GRAYORDINATE_NORMALIZATIONS:
+        raise ConfigError(f"normalization={normalization!r} is not one of {GRAYORDINATE_NORMALIZATIONS}")
     root = Path(root)
     final = run_dir(root, subject, run)
     if (final / META).is_file() and not overwrite:
@@ -163,11 +163,11 @@ def write_grayordinate_run(
     g_mean = float(col_mean.mean())
     g_std = float(np.sqrt(max(float(col_var.mean() + ((col_mean - g_mean) ** 2).mean()), 0.0)))  # total variance
     constant = 0
-    if normalisation == "global":
+    if normalization == "global":
         if not g_std > 0:
             raise DataError(f"{where}: the run is constant; it cannot be z-scored")
         offset, scale = np.float64(g_mean), np.full(n_values, 1.0 / g_std)
-    elif normalisation == "grayordinate":
+    elif normalization == "grayordinate":
         col_std = np.sqrt(col_var)
         ok = col_std > 1e-8 * max(1.0, float(np.abs(col_mean).max()))
         constant = int((~ok).sum())
@@ -176,8 +176,8 @@ def write_grayordinate_run(
         offset, scale = col_mean, np.where(ok, 1.0 / np.where(ok, col_std, 1.0), 0.0)  # constant ones become 0
     else:
         if vmax > _FP16_MAX:
-            raise DataError(f"{where}: values up to {vmax:.6g} do not fit float16 with normalisation none. "
-                            "Fix: normalisation='global'")
+            raise DataError(f"{where}: values up to {vmax:.6g} do not fit float16 with normalization none. "
+                            "Fix: normalization='global'")
         offset, scale = np.float64(0.0), np.ones(n_values)
     with staged_run_dir(root, subject, run) as tmp:
         out = np.lib.format.open_memmap(tmp / _BOLD, mode="w+", dtype=np.float16, shape=(n_frames, n_values))
@@ -196,7 +196,7 @@ def write_grayordinate_run(
             "n_grayordinates": n_values,
             "dtype": "float16",
             "axes": "T G",
-            "normalisation": normalisation,
+            "normalization": normalization,
             "global_mean": g_mean,
             "global_std": g_std,
             "constant_grayordinates": constant,
@@ -222,7 +222,7 @@ class GrayordinateStore(RunDirStore):
         subject_ids, run_ids, lengths (TRs), trs (s): the run table. n_rois: grayordinates per TR (the
         same for every run). roi_names: None (grayordinates are identified by their index).
 
-    ``run_stats(run)``: ``n`` (TRs), ``normalisation``, ``global_mean``/``global_std`` (input units),
+    ``run_stats(run)``: ``n`` (TRs), ``normalization``, ``global_mean``/``global_std`` (input units),
     ``constant_grayordinates``.
 
     Raises:
@@ -235,7 +235,7 @@ class GrayordinateStore(RunDirStore):
     LAYOUT_VERSION = GRAYORDINATE_LAYOUT_VERSION
     ARRAY = _BOLD
     DTYPE = np.dtype(np.float16)
-    STATS = ("normalisation", "global_mean", "global_std", "constant_grayordinates")
+    STATS = ("normalization", "global_mean", "global_std", "constant_grayordinates")
 
     def __init__(self, root: str | os.PathLike, cache: dict | None = None, validate: bool = False) -> None:
         super().__init__(root, cache=cache, validate=validate)
@@ -258,7 +258,7 @@ class GrayordinateStore(RunDirStore):
 
     @classmethod
     def extra_row(cls, meta: dict) -> dict[str, Any]:
-        return {"normalisation": str(meta.get("normalisation")), "global_mean": float(meta.get("global_mean", "nan")),
+        return {"normalization": str(meta.get("normalization")), "global_mean": float(meta.get("global_mean", "nan")),
                 "global_std": float(meta.get("global_std", "nan")),
                 "constant_grayordinates": int(meta.get("constant_grayordinates", 0))}
 

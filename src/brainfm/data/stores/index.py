@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from brainfm.deprecations import current_columns
 from brainfm.errors import DataError
 
 INDEX = "index.parquet"
@@ -68,6 +69,7 @@ def read_index(root: str | os.PathLike, kind: str, as_table: bool = False) -> di
     if int(meta.get("brainfm_index_version", 0)) > INDEX_VERSION:
         raise DataError(f"{path}: index version {meta['brainfm_index_version']} is newer than this brainfm "
                         f"({INDEX_VERSION}); upgrade brainfm")
+    table = current_columns(table)
     if as_table:
         return table
     import pyarrow.types as pat

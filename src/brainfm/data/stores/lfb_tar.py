@@ -261,7 +261,7 @@ def iter_samples(shards: Sequence[str]) -> Iterator[dict[str, Any]]:
 
 
 class SampleRun(StoreBase):
-    """One decoded sample as a one-run store, so that brainfm's normaliser and finiteness checks apply
+    """One decoded sample as a one-run store, so that brainfm's normalizer and finiteness checks apply
     to it unchanged (:class:`~brainfm.data.normalization.ROINormalizer` ``run`` mode reads
     :meth:`run_stats`: the per-ROI mean and standard deviation over the sample's TRs).
 

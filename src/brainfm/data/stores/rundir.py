@@ -27,6 +27,7 @@ import numpy as np
 
 from brainfm.data.stores.base import LRUCache, StoreBase, cache_sizes, ensure_out
 from brainfm.data.stores.index import INDEX, read_index, write_index
+from brainfm.deprecations import current_keys
 from brainfm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ class RunDirStore(StoreBase):
         if int(meta.get("layout_version", 0)) > cls.LAYOUT_VERSION:
             raise DataError(f"{path}: layout version {meta['layout_version']} is newer than this brainfm "
                             f"({cls.LAYOUT_VERSION}); upgrade brainfm")
-        return meta, hashlib.sha1(raw).hexdigest()
+        return current_keys(meta), hashlib.sha1(raw).hexdigest()
 
     @classmethod
     def index_row(cls, rdir: Path) -> dict[str, Any]:
@@ -362,7 +363,7 @@ class RunDirStore(StoreBase):
         return self._metas.get(run, lambda: self.read_run_meta(self.path(run))[0])
 
     def column(self, name: str) -> list:
-        """One index column (one value per run), e.g. ``normalisation`` or ``global_std``.
+        """One index column (one value per run), e.g. ``normalization`` or ``global_std``.
 
         Raises:
             KeyError: a column this store kind does not record.

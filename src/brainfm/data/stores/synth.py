@@ -79,7 +79,7 @@ def _write_runs(args: tuple) -> list[dict]:
             "layout": LAYOUT, "layout_version": LAYOUT_VERSION, "subject": subject, "run": run, "tr": float(tr),
             "n_frames": int(n_trs), "shape": list(grid), "dtype": "float16", "axes": "T X Y Z",
             "affine": np.diag([2.0, 2.0, 2.0, 1.0]).tolist(), "original_shape": [*grid, int(n_trs)],
-            "crop_pad": [[0, 0], [0, 0], [0, 0]], "normalisation": "global", "global_mean": 1000.0,
+            "crop_pad": [[0, 0], [0, 0], [0, 0]], "normalization": "global", "global_mean": 1000.0,
             "global_std": 100.0, "min": float(np.float16(lo)), "max": float(np.float16(hi)), "fill": "min",
             "fill_value": float(np.float16(lo)), "mask": {"rule": "synthetic sphere", "brain_voxels": int(mask.sum()),
                                                           "brain_voxels_cropped": 0},

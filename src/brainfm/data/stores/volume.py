@@ -4,13 +4,13 @@ Layout (one directory per subject run)::
 
     <root>/<subject>/<run>/
         bold.npy        float16 (T, X, Y, Z), C order, numpy .npy format (np.load(mmap_mode="r")):
-                        already normalised (``meta.normalisation``) with the background filled
+                        already normalized (``meta.normalization``) with the background filled
                         (``meta.fill``), on the output grid (after crop/pad): ready for a model
         mask.npy        bool (X, Y, Z) brain mask on the output grid
         voxel_mean.npy  float32 (X, Y, Z) per-voxel mean over time of bold.npy (fill outside the brain)
         voxel_std.npy   float32 (X, Y, Z) per-voxel standard deviation over time (0 outside the brain)
         meta.json       subject, run, tr (s), n_frames, shape, affine (4x4 of the output grid),
-                        original_shape, crop_pad, normalisation, global_mean/global_std (raw units),
+                        original_shape, crop_pad, normalization, global_mean/global_std (raw units),
                         min/max (brain, as stored), fill, fill_value, mask rule, nan_policy and
                         nan_filled_voxels/nan_filled_values, source, version
 
@@ -18,11 +18,11 @@ A run is written into a hidden temporary directory beside its final place (``.<r
 renamed when complete, ``meta.json`` last: a run directory that exists with a readable
 ``meta.json`` is finished, and preprocessing skips it when resumed.
 
-Normalisation follows SwiFT (Kim et al., NeurIPS 2023; Transconnectome/SwiFT
+Normalization follows SwiFT (Kim et al., NeurIPS 2023; Transconnectome/SwiFT
 ``preprocessing.py``): ``global`` z-scores with one mean and standard deviation over all brain
 voxels x all TRs of the run, and the background is filled with the brain minimum after
-normalisation (``fill="min"``) or 0 (``fill="zero"``). The per-voxel statistics allow the
-per-voxel z-normalisation of TFF (Malkiel et al. 2022) and a min-max scaling at load time.
+normalization (``fill="min"``) or 0 (``fill="zero"``). The per-voxel statistics allow the
+per-voxel z-normalization of TFF (Malkiel et al. 2022) and a min-max scaling at load time.
 Unlike SwiFT (which takes every voxel equal to 0 at a given TR as background), the brain mask is one
 3-D mask per run, so a brain voxel that happens to be 0 at one TR is not filled.
 
@@ -55,12 +55,13 @@ from brainfm.data.stores.rundir import (
     save_npy,
     staged_run_dir,
 )
+from brainfm.deprecations import current_keys
 from brainfm.errors import ConfigError, DataError
 
 LAYOUT = "brainfm-volume-run"
 LAYOUT_VERSION = 1
 BOLD, MASK, VOXEL_MEAN, VOXEL_STD = "bold.npy", "mask.npy", "voxel_mean.npy", "voxel_std.npy"
-NORMALISATIONS = ("global", "none")
+NORMALIZATIONS = ("global", "none")
 FILLS = ("min", "zero")
 MASK_RULES = ("auto", "nonzero", "threshold", "epi", "all")
 FP16_MAX = 65504.0
@@ -223,7 +224,7 @@ def read_meta(path: Path) -> dict | None:
         meta = json.loads((path / META).read_text())
     except (OSError, ValueError):
         return None
-    return meta if isinstance(meta, dict) and meta.get("layout") == LAYOUT else None
+    return current_keys(meta) if isinstance(meta, dict) and meta.get("layout") == LAYOUT else None
 
 
 def run_is_finished(path: str | os.PathLike) -> bool:
@@ -279,7 +280,7 @@ def write_volume_run(
     affine: np.ndarray | None = None,
     mask: np.ndarray | str | Callable = "auto",
     crop_pad: CropPad | None = None,
-    normalisation: str = "global",
+    normalization: str = "global",
     fill: str = "min",
     source: str | None = None,
     applied_upstream: str | None = None,
@@ -288,10 +289,10 @@ def write_volume_run(
     chunk_frames: int | None = None,
     nan: str = "error",
 ) -> Path:
-    """Normalise one run and write it to ``<root>/<subject>/<run>/`` atomically.
+    """Normalize one run and write it to ``<root>/<subject>/<run>/`` atomically.
 
     Two passes over the frames: statistics (per-voxel sums, min/max, non-finite values), then
-    normalisation, crop/pad and the float16 write into a temporary directory that is renamed
+    normalization, crop/pad and the float16 write into a temporary directory that is renamed
     when complete. Memory stays bounded (chunks of frames), so HCP-size runs (91x109x91x1200)
     do not need to fit in memory.
 
@@ -310,19 +311,19 @@ def write_volume_run(
             description)`` of per-voxel statistics. Voxels that are NaN/inf at every TR are
             background (as are voxels outside the mask, whatever their values).
         crop_pad: crop/pad to the output grid (None: none); padding takes the fill value.
-        normalisation: ``global`` (z-score over brain voxels x TRs, as SwiFT) or ``none``
+        normalization: ``global`` (z-score over brain voxels x TRs, as SwiFT) or ``none``
             (values as given; they must fit float16).
-        fill: background value: ``min`` (brain minimum after normalisation, SwiFT's default) or
+        fill: background value: ``min`` (brain minimum after normalization, SwiFT's default) or
             ``zero``.
         source: provenance (input file) recorded in meta.json.
-        applied_upstream: normalisation already applied to ``frames`` (e.g. ``global`` for SwiFT
-            frames); recorded as the run's normalisation. Requires ``normalisation="none"``.
+        applied_upstream: normalization already applied to ``frames`` (e.g. ``global`` for SwiFT
+            frames); recorded as the run's normalization. Requires ``normalization="none"``.
         extra_meta: more provenance fields for meta.json.
         overwrite: replace a finished run (else it is kept and its path returned).
         chunk_frames: TRs per chunk (default: ~256 MB of float64).
         nan: brain voxels that are NaN/inf at some (not all) TRs: ``error`` (raise
             :class:`NonFiniteError`, nothing written) or ``fill`` (each non-finite value is replaced
-            by its voxel's temporal mean over the finite TRs before normalisation; the statistics
+            by its voxel's temporal mean over the finite TRs before normalization; the statistics
             are those of the filled data). Recorded in meta.json as ``nan_policy`` with
             ``nan_filled_voxels`` and ``nan_filled_values`` (voxel x TR values replaced).
 
@@ -334,16 +335,16 @@ def write_volume_run(
             the file, the 0-based TRs and the voxel count of each are named.
         DataError: an empty mask, a constant brain, values that overflow float16, a mask of the
             wrong shape, or an unreadable source.
-        ConfigError: unknown normalisation, fill or mask rule; a bad crop/pad.
+        ConfigError: unknown normalization, fill or mask rule; a bad crop/pad.
     """
-    if normalisation not in NORMALISATIONS:
-        raise ConfigError(f"normalisation={normalisation!r} is not one of {NORMALISATIONS}")
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
     if fill not in FILLS:
         raise ConfigError(f"fill={fill!r} is not one of {FILLS}")
     if nan not in NAN_HANDLING:
         raise ConfigError(f"nan={nan!r} is not one of {NAN_HANDLING}")
-    if applied_upstream is not None and normalisation != "none":
-        raise ConfigError("applied_upstream needs normalisation='none' (data normalised twice otherwise)")
+    if applied_upstream is not None and normalization != "none":
+        raise ConfigError("applied_upstream needs normalization='none' (data normalized twice otherwise)")
     if tr is None or not math.isfinite(float(tr)) or float(tr) <= 0:
         raise DataError(f"{source or subject}: repetition time must be a positive number of seconds, got {tr!r}")
     final = run_dir(root, subject, run)
@@ -429,7 +430,7 @@ def write_volume_run(
     g_mean = float(bm.mean())
     g_std = float(math.sqrt(max(float(bv.mean() + ((bm - g_mean) ** 2).mean()), 0.0)))
     raw_min, raw_max = float(vmin[brain].min()), float(vmax[brain].max())
-    if normalisation == "global":
+    if normalization == "global":
         if not g_std > 0:
             raise DataError(f"{where}: the brain is constant over voxels and TRs; it cannot be z-scored")
         scale, offset = 1.0 / g_std, g_mean
@@ -437,7 +438,7 @@ def write_volume_run(
         if max(abs(raw_min), abs(raw_max)) > FP16_MAX:
             raise DataError(
                 f"{where}: values up to {max(abs(raw_min), abs(raw_max)):.6g} do not fit float16 "
-                f"(max {FP16_MAX:g}) with normalisation none. Fix: --normalisation global"
+                f"(max {FP16_MAX:g}) with normalization none. Fix: --normalization global"
             )
         scale, offset = 1.0, 0.0
     lo, hi = (raw_min - offset) * scale, (raw_max - offset) * scale
@@ -493,7 +494,7 @@ def write_volume_run(
             "affine": None if affine is None else crop_pad.affine(affine).round(6).tolist(),
             "original_shape": [*in_shape, T],
             "crop_pad": crop_pad.as_list(),
-            "normalisation": applied_upstream or normalisation,
+            "normalization": applied_upstream or normalization,
             "global_mean": g_mean,
             "global_std": g_std,
             "min": float(np.float16(lo)),
@@ -529,8 +530,8 @@ class VolumeStore(RunDirStore):
         subject_ids, run_ids, lengths (TRs), trs (s), shapes ``(n_runs, 3)``: the run table.
         shape / frame_shape: the common grid (X, Y, Z), or None when runs differ. tr: the common TR or None.
 
-    ``run_stats(run)``: ``n`` (TRs), ``normalisation``, ``fill``, ``fill_value``, ``min``/``max`` (brain,
-    as stored), ``global_mean``/``global_std`` (raw units, before normalisation), ``brain_voxels``.
+    ``run_stats(run)``: ``n`` (TRs), ``normalization``, ``fill``, ``fill_value``, ``min``/``max`` (brain,
+    as stored), ``global_mean``/``global_std`` (raw units, before normalization), ``brain_voxels``.
 
     Raises:
         DataError: missing root, no runs, unreadable ``meta.json`` or index, a ``.npy`` whose header
@@ -543,7 +544,7 @@ class VolumeStore(RunDirStore):
     ARRAY = BOLD
     DTYPE = np.dtype(np.float16)
     FIX = _FIX
-    STATS = ("normalisation", "fill", "fill_value", "min", "max", "global_mean", "global_std", "brain_voxels")
+    STATS = ("normalization", "fill", "fill_value", "min", "max", "global_mean", "global_std", "brain_voxels")
 
     def __init__(self, root: str | os.PathLike, cache: dict | None = None, validate: bool = False) -> None:
         super().__init__(root, cache=cache, validate=validate)
@@ -562,7 +563,7 @@ class VolumeStore(RunDirStore):
     @classmethod
     def extra_row(cls, meta: dict) -> dict[str, Any]:
         mask = meta.get("mask") or {}
-        return {"normalisation": str(meta.get("normalisation")), "fill": str(meta.get("fill")),
+        return {"normalization": str(meta.get("normalization")), "fill": str(meta.get("fill")),
                 "fill_value": float(meta.get("fill_value") or 0.0), "min": float(meta.get("min", 0.0)),
                 "max": float(meta.get("max", 0.0)), "global_mean": float(meta.get("global_mean", float("nan"))),
                 "global_std": float(meta.get("global_std", float("nan"))),
