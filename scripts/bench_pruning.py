@@ -7,7 +7,7 @@ and optimizer steps spent, wall time and best value, as a table.
 import logging
 
 from brainfm.logs import tidy_logging
-from brainfm.search.bench import main
+from brainfm.bench.pruning import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)

@@ -6,7 +6,7 @@ allocator, MKL / oneDNN buffers, the Python heap), so it is expected a little ab
     python scripts/bench_scale.py --model swin4d_v9 --sizes 5m 51m
 """
 
-from brainfm.scaling.bench import main
+from brainfm.bench.scaling import main
 
 if __name__ == "__main__":
     main()

@@ -79,7 +79,7 @@ class PauseAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import time
 
-        from brainfm.callbacks import ResumeCheckpoint
+        from brainfm.training.callbacks import ResumeCheckpoint
 
         if trainer.global_step != self.step:
             return

@@ -167,7 +167,7 @@ def _fake_dcp(directory: Path, step: int) -> Path:
 
 
 def test_directory_checkpoints_are_replaced_atomically_and_a_killed_rename_resumes_from_the_previous(tmp_path):
-    from brainfm.callbacks import ResumeCheckpoint
+    from brainfm.training.callbacks import ResumeCheckpoint
     from brainfm.errors import CheckpointError
     from brainfm.runs import (
         checkpoint_format,
@@ -206,7 +206,7 @@ def test_directory_checkpoints_are_replaced_atomically_and_a_killed_rename_resum
 
 
 def test_resume_checkpoint_intervals(tmp_path):
-    from brainfm.callbacks import ResumeCheckpoint
+    from brainfm.training.callbacks import ResumeCheckpoint
     from brainfm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="every_minutes"):

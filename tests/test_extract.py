@@ -16,7 +16,7 @@ from brainfm.cli import extract as extract_cli
 from brainfm.cli import predict as predict_cli
 from brainfm.config import compose
 from brainfm.errors import CheckpointError, ConfigError
-from brainfm.extract import read_features
+from brainfm.eval.extract import read_features
 from brainfm.runs import load_run, window_dataset
 
 HCP_IDS = ["101309", "102311", "102816", "131217", "211619", "213522", "377451"]

@@ -15,7 +15,7 @@ from helpers import subprocess_env
 
 from brainfm.cli import train
 from brainfm.config import repo_root
-from brainfm.extract import read_features
+from brainfm.eval.extract import read_features
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="multi-process tests need POSIX")
 TWO = ["trainer=ddp_cpu", "trainer.devices=2"]

@@ -79,7 +79,7 @@ def swin_run(tmp_path_factory):
 
 
 def test_swin4d_integrated_gradients_are_complete(swin_run):
-    from brainfm.interpret import attribute
+    from brainfm.eval.interpret import attribute
 
     loaded = load_run(swin_run)
     ds = window_dataset(loaded.datamodule, "val")
@@ -146,7 +146,7 @@ def gpt_run(tmp_path_factory, hcp_h5):
 
 
 def test_sequence_integrated_gradients_are_complete_for_classes_and_regression(gpt_run):
-    from brainfm.interpret import attribute
+    from brainfm.eval.interpret import attribute
     from brainfm.runs import build_task_from_checkpoint
     from brainfm.tasks.supervised import SupervisedTask
 
@@ -173,7 +173,7 @@ def test_sequence_integrated_gradients_are_complete_for_classes_and_regression(g
 
 
 def test_sequence_roi_time_maps_with_roi_names(gpt_run, tmp_path):
-    from brainfm.interpret import read_roi_map
+    from brainfm.eval.interpret import read_roi_map
 
     rows = _interpret(gpt_run, tmp_path / "roi", f"n_steps={N_STEPS}", "windows=[0,3]")
     store = load_run(gpt_run).datamodule.store
@@ -194,7 +194,7 @@ def test_sequence_roi_time_maps_with_roi_names(gpt_run, tmp_path):
 
 
 def test_smoothgrad_runs_and_differs_from_integrated_gradients(gpt_run, tmp_path):
-    from brainfm.interpret import attribute, read_roi_map
+    from brainfm.eval.interpret import attribute, read_roi_map
 
     loaded = load_run(gpt_run)
     batch = _batch(window_dataset(loaded.datamodule, "val"), [0])
@@ -230,7 +230,7 @@ def test_bad_options_raise_config_errors_naming_the_key(gpt_run, tmp_path):
 def test_too_few_steps_are_reported_with_the_fix(gpt_run, tmp_path, caplog):
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="brainfm.interpret"):
+    with caplog.at_level(logging.WARNING, logger="brainfm.eval.interpret"):
         rows = _interpret(gpt_run, tmp_path / "few", "n_steps=4", "max_windows=2", "target=all")
     assert (rows["relative_delta"] > 0.01).any()
     assert any("miss completeness" in r.getMessage() and "n_steps=8" in r.getMessage() for r in caplog.records)

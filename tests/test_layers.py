@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("weights and parallelism", {"checkpoints", "strategies"}),
     ("tasks", {"tasks"}),
     ("trained runs", {"runs"}),
-    ("using a run, training services", {"eval", "extract", "interpret", "inference", "callbacks", "tracking", "training"}),
+    ("using a run, training", {"eval", "training"}),
     ("drivers", {"search", "scaling", "bench"}),
     ("entry points", {"cli"}),
 ]

@@ -162,7 +162,7 @@ def test_requeue_logs_its_outcome_before_the_sigterm_that_slurm_sends_on_requeue
     """slurmd signals every process of a job as soon as it is requeued, while brainfm-train is still logging
     "requeued SLURM job" (Lightning has restored the default SIGTERM action by then): the signal waits for the line."""
     code = ("import os, signal, sys\n"
-            "from brainfm.callbacks import _sigterm_deferred\n"
+            "from brainfm.training.callbacks import _sigterm_deferred\n"
             "with _sigterm_deferred():\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    print('requeued SLURM job 1', flush=True)\n"

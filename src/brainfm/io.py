@@ -12,7 +12,7 @@ error the temporary is deleted and the error propagates; the target keeps its ol
 The standard library has no atomic write (``tempfile`` makes temporaries, not the rename), and
 the small packages that do (``atomicwrites``, archived) do not cover directories; so it is here.
 
-Checkpoints written by several ranks (``brainfm.callbacks``) keep their own ``.<name>.tmp-<step>``
+Checkpoints written by several ranks (``brainfm.training.callbacks``) keep their own ``.<name>.tmp-<step>``
 names: every rank must agree on the temporary without exchanging a pid.
 """
 

@@ -1,6 +1,6 @@
 """``brainfm-extract ckpt=<checkpoint or run dir> [out=<file.h5|.parquet>] [kind=embedding|signature]
 [splits=[val]] [data_path=...] [+data.<key>=...]``: one embedding or R2T signature per evaluation
-window, with subject id, run, window start (TRs and seconds), TR and split (:mod:`brainfm.extract`)."""
+window, with subject id, run, window start (TRs and seconds), TR and split (:mod:`brainfm.eval.extract`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def data_overrides(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig) -> Path | None:
-    from brainfm.extract import export
+    from brainfm.eval.extract import export
     from brainfm.runs import find_checkpoint, run_dir_of
 
     fmt = cfg.get("format")

@@ -1,6 +1,6 @@
 """``brainfm-interpret ckpt=<checkpoint or run dir> [method=integrated_gradients|smoothgrad] [target=predicted|all|<k>]
 [split=val] [windows=[0,3]] [subjects=[...]] [out_dir=...] [data_path=...] [+data.<key>=...]``: attribution maps of
-a fine-tuned checkpoint (captum Integrated Gradients or SmoothGrad; :mod:`brainfm.interpret`): NIfTI maps in the
+a fine-tuned checkpoint (captum Integrated Gradients or SmoothGrad; :mod:`brainfm.eval.interpret`): NIfTI maps in the
 scan's space for volume models, ROI x time HDF5 + PNG for sequence models, and ``attributions_<method>.csv``."""
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from brainfm.logs import tidy_logging
 from brainfm.cli.extract import data_overrides
 from brainfm.config import config_dir
 
-#: the keys of conf/interpret.yaml that are :class:`brainfm.interpret.Options`
+#: the keys of conf/interpret.yaml that are :class:`brainfm.eval.interpret.Options`
 OPTION_KEYS = ("method", "target", "n_steps", "internal_batch_size", "nt_samples", "nt_samples_batch_size", "stdevs",
                "nt_type", "baseline", "output", "split", "windows", "subjects", "max_windows", "batch_size", "grid",
                "seed", "tolerance")
 
 
 def options(cfg: DictConfig):
-    """The :class:`~brainfm.interpret.Options` of a CLI config (its keys as given, checked by ``Options.check``)."""
-    from brainfm.interpret import Options
+    """The :class:`~brainfm.eval.interpret.Options` of a CLI config (its keys as given, checked by ``Options.check``)."""
+    from brainfm.eval.interpret import Options
 
     values = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
               for k in OPTION_KEYS if k in cfg and cfg[k] is not None}
@@ -31,7 +31,7 @@ def options(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> Path:
-    from brainfm.interpret import interpret_checkpoint
+    from brainfm.eval.interpret import interpret_checkpoint
 
     opts = options(cfg)
     opts.check()  # a bad key fails before the checkpoint and its data are read

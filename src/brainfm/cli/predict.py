@@ -1,7 +1,7 @@
 """``brainfm-predict ckpt=<checkpoint or run dir> [out=<file.csv>] [splits=[test]] [data_path=...]
 [+data.<key>=...]``: per-subject predictions as CSV ``subject_id,prediction[,...]`` from an R2T
 fine-tune checkpoint (rest windows only, R2T-Net's inference) or a supervised checkpoint
-(:func:`brainfm.extract.predict`)."""
+(:func:`brainfm.eval.extract.predict`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from brainfm.config import config_dir
 
 
 def run(cfg: DictConfig) -> Path | None:
-    from brainfm.extract import predict_to_csv
+    from brainfm.eval.extract import predict_to_csv
     from brainfm.runs import find_checkpoint, run_dir_of
 
     out = cfg.get("out") or run_dir_of(find_checkpoint(cfg.ckpt)) / "predict" / "predictions.csv"

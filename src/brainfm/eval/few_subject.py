@@ -109,7 +109,7 @@ def run_few_subject(
         CheckpointError: unloadable checkpoint, data with another TR / ROI count / ROI order.
     """
     from brainfm.eval.probe import few_subject_curve
-    from brainfm.inference import Group
+    from brainfm.eval.inference import Group
 
     if source not in SOURCES:
         raise ConfigError(f"few_subject.source={source!r} must be one of {SOURCES}")

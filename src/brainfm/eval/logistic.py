@@ -328,7 +328,7 @@ def checkpoint_sample_features(task, ckpt: dict, store, runs: Sequence[int], *, 
     """A checkpoint's embedding of each sample: the first ``window_length`` TRs (the checkpoint's window by
     default), normalized as the checkpoint was trained (:func:`brainfm.runs.normalizer_for`) and
     resampled to its TR when the model needs its TR (not ``any_tr``), embedded on the configured trainer
-    (:func:`brainfm.inference.run_inference`). ``representation``: ``cls`` (the task's :meth:`embed`, ``(N, D)``)
+    (:func:`brainfm.eval.inference.run_inference`). ``representation``: ``cls`` (the task's :meth:`embed`, ``(N, D)``)
     or ``patch`` (the mean of its :meth:`tokens`; with ``pool_tokens=False`` the tokens themselves, ``(N, L, D)``,
     as ``protocol=probe`` trains on them). ``setting``: the config section named in errors (``logistic``,
     ``probe_heads``). None on ranks other than the global rank 0.
@@ -338,7 +338,7 @@ def checkpoint_sample_features(task, ckpt: dict, store, runs: Sequence[int], *, 
         DataError: a sample shorter than the window (the shortest named, with the fix).
     """
     from brainfm.data.datasets.roi import ROIWindowDataset
-    from brainfm.inference import Group, run_inference
+    from brainfm.eval.inference import Group, run_inference
     from brainfm.runs import check_compatible, normalizer_for
 
     meta = ckpt["hyper_parameters"].get("data_meta") or {}

@@ -74,10 +74,10 @@ def window_array(dataset: ROIWindowDataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def embed_groups(task, groups: list, trainer, shard_dir: Path) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """``(features (N, D), subject indices (N,))`` of each :class:`~brainfm.inference.Group` of windows, in window
-    order, embedded by ``task`` (:meth:`embed`) on the ``trainer``'s ranks (:func:`brainfm.inference.run_inference`,
+    """``(features (N, D), subject indices (N,))`` of each :class:`~brainfm.eval.inference.Group` of windows, in window
+    order, embedded by ``task`` (:meth:`embed`) on the ``trainer``'s ranks (:func:`brainfm.eval.inference.run_inference`,
     shards under ``shard_dir``); None on the ranks other than the global rank 0."""
-    from brainfm.inference import run_inference
+    from brainfm.eval.inference import run_inference
 
     shards = run_inference(task, lambda t, b: t.embed(b), groups, shard_dir, trainer)
     if shards is None:
@@ -144,7 +144,7 @@ def run_reidentification(
             ``run_fraction`` outside (0, 1], or ``gallery_fraction`` not below it.
         ValueError: unknown baseline name.
     """
-    from brainfm.inference import Group
+    from brainfm.eval.inference import Group
 
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:

@@ -382,7 +382,7 @@ class Search:
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", self.worker_name)
         trial.set_user_attr("overrides", [*self.train_overrides, *param_overrides])
-        from brainfm.callbacks import slurm_job_ref
+        from brainfm.training.callbacks import slurm_job_ref
 
         if slurm_job_ref():
             trial.set_user_attr("slurm_job", slurm_job_ref())

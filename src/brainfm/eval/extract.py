@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from brainfm.errors import ConfigError, DataError
-from brainfm.inference import Group, run_inference
+from brainfm.eval.inference import Group, run_inference
 from brainfm.runs import LoadedRun, datamodules_of, has_split, load_run, window_dataset
 from brainfm.tasks.base import CHECKPOINT_KEY
 from brainfm.tasks.r2t import R2TTask
@@ -116,7 +116,7 @@ def _pair_rows(pairs, split: str, name: str) -> "Any":
 
 
 def groups_of(loaded: LoadedRun, kind: str, splits: Sequence[str], batch_size: int | None = None) -> list:
-    """The :class:`~brainfm.inference.Group` of each (data set, split) with windows: its evaluation
+    """The :class:`~brainfm.eval.inference.Group` of each (data set, split) with windows: its evaluation
     windows (``embedding``) or its fixed rest/task pairs (``signature``)."""
     out = []
     for name, dm in datamodules_of(loaded.datamodule):

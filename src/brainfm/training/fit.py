@@ -6,7 +6,7 @@ Run directories: ``outputs/<experiment>/<run_name>`` (``paths.run_dir``), ``<run
 each job of a multirun (``-m``). One that holds checkpoints is resumed (``ckpt_path=auto``), replaced
 (``overwrite=true``) or refused (:func:`run`). Ctrl-C saves ``last.ckpt``, writes ``summary.json``,
 prints the command that resumes and raises :class:`TrainingInterrupted`
-(:class:`brainfm.callbacks.ResumeCheckpoint`).
+(:class:`brainfm.training.callbacks.ResumeCheckpoint`).
 
 ``trainer.compile=true`` (``trainer.compile_mode``) compiles the backbone with ``torch.compile``.
 The two keys are brainfm's, not Lightning's: the ``trainer`` group's ``_target_``,
@@ -57,7 +57,7 @@ def build(cfg: DictConfig):
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     if has_bar and (not cfg.trainer.get("enable_progress_bar", True) or not sys.stdout.isatty()):
         # no terminal (SLURM, CI): a log line every validation interval instead of a live bar
-        from brainfm.tracking import ProgressLog
+        from brainfm.training.tracking import ProgressLog
 
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         if cfg.trainer.get("enable_progress_bar", True):

@@ -52,7 +52,7 @@ import torch
 from brainfm.data.stores.volume import CropPad
 from brainfm.data.windows import collate_windows
 from brainfm.errors import ConfigError, DataError
-from brainfm.extract import write_csv
+from brainfm.eval.extract import write_csv
 from brainfm.runs import datamodules_of, has_split, load_run, window_dataset
 from brainfm.tasks.supervised import pooled_embedding
 
