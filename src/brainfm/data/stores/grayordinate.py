@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from brainfm.data.stores.kinds import GRAYORDINATE_LAYOUT, META
 from brainfm.data.stores.rundir import (
-    META,
     RunDirStore,
     brainfm_version,
     fsync_path,
@@ -38,7 +38,6 @@ from brainfm.errors import ConfigError, DataError
 
 #: grayordinates of HCP's CIFTI space (32k_fs_LR surfaces + 2 mm subcortical voxels)
 N_GRAYORDINATES_HCP = 91282
-GRAYORDINATE_LAYOUT = "brainfm-grayordinate-run"
 GRAYORDINATE_LAYOUT_VERSION = 1
 GRAYORDINATE_NORMALIZATIONS = ("global", "grayordinate", "none")
 _FP16_MAX = 65504.0

@@ -45,6 +45,7 @@ import numpy as np
 
 from brainfm.data.stores.base import LRUCache, StoreBase, cache_sizes, ensure_out
 from brainfm.data.stores.index import temp_name
+from brainfm.data.stores.kinds import wrong_kind_message
 from brainfm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -420,8 +421,6 @@ class ROIStore(StoreBase):
         self.path = self.location = Path(path)
         self.atlas_key = atlas_key
         if self.path.is_dir():
-            from brainfm.data.stores import wrong_kind_message
-
             raise DataError(wrong_kind_message(self.path, "roi")
                             or f"{self.path} is a folder, not an ROI HDF5 file. Fix: data.path=<file.h5>")
         if not self.path.is_file():

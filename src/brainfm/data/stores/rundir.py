@@ -27,12 +27,12 @@ import numpy as np
 
 from brainfm.data.stores.base import LRUCache, StoreBase, cache_sizes, ensure_out
 from brainfm.data.stores.index import INDEX, read_index, write_index
+from brainfm.data.stores.kinds import META, wrong_kind_message
 from brainfm.deprecations import current_keys
 from brainfm.errors import DataError
 
 log = logging.getLogger(__name__)
 
-META = "meta.json"
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 #: An index-less store with more runs than this logs a warning (every meta.json is read at open).
 SCAN_WARN_RUNS = 1000
@@ -217,8 +217,6 @@ class RunDirStore(StoreBase):
                  validate: bool = False) -> None:
         self.root = self.location = Path(root)
         if not self.root.is_dir():
-            from brainfm.data.stores import wrong_kind_message
-
             raise DataError(wrong_kind_message(self.root, self.kind) or self.missing_message())
         import pyarrow as pa
 

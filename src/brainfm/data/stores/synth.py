@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from brainfm.data.stores.index import write_index
+from brainfm.data.stores.kinds import META
 from brainfm.data.stores.volume import (
     BOLD,
     LAYOUT,
@@ -32,8 +33,6 @@ from brainfm.data.stores.volume import (
     VolumeStore,
 )
 from brainfm.errors import ConfigError
-
-META = "meta.json"
 
 
 def _sphere(shape: Sequence[int]) -> np.ndarray:

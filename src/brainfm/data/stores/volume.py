@@ -45,7 +45,6 @@ import numpy as np
 
 from brainfm.data.stores.base import LRUCache, cache_sizes
 from brainfm.data.stores.rundir import (
-    META,
     RunDirStore,
     brainfm_version,
     fsync_path,
@@ -55,10 +54,11 @@ from brainfm.data.stores.rundir import (
     save_npy,
     staged_run_dir,
 )
+from brainfm.data.stores.kinds import META, VOLUME_LAYOUT
 from brainfm.deprecations import current_keys
 from brainfm.errors import ConfigError, DataError
 
-LAYOUT = "brainfm-volume-run"
+LAYOUT = VOLUME_LAYOUT
 LAYOUT_VERSION = 1
 BOLD, MASK, VOXEL_MEAN, VOXEL_STD = "bold.npy", "mask.npy", "voxel_mean.npy", "voxel_std.npy"
 NORMALIZATIONS = ("global", "none")
