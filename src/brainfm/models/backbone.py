@@ -169,6 +169,47 @@ class Backbone:
         no-op for backbones without any."""
 
 
+class TRTokenBackbone(Backbone):
+    """Mixin of the backbones with one token per TR (windows ``(B, T, n_rois)`` with times ``(B, T)`` s):
+    the subclass implements ``embed_trs(bold, t) -> (B, T, d_model)`` and ``encode(tokens) -> (B, T,
+    d_model)`` and sets ``d_model``; the token hook (:meth:`embed_inputs` / :meth:`pool_tokens`, for
+    attribution), :meth:`features` and :attr:`token_dim` follow from them. Sequence transformers
+    (:class:`~brainfm.models.sequence.SequenceTransformer`) and R2T's temporal MLP
+    (:class:`~brainfm.models.r2t_encoders.TemporalMLPEncoder`)."""
+
+    d_model: int
+
+    @property
+    def token_dim(self) -> int | None:
+        """``d_model``; None when the readout reads the input BOLD (``model.readout.include_input``),
+        which a token hook does not carry."""
+        readout = self.pooling_readout
+        return None if readout is not None and readout.include_input else self.d_model
+
+    def features(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Windows ``(B, T, n_rois)``, ``t`` ``(B, T)`` s -> encoded states per TR ``(B, T, d_model)``
+        (the module's ``forward``: ``encode(embed_trs(bold, t))``, through ``__call__`` so hooks run)."""
+        return self(bold, t)
+
+    def embed_inputs(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """TR tokens ``(B, T, d_model)``.
+
+        Raises:
+            ConfigError: no token-level hook (:attr:`token_dim` is None: the readout reads the input BOLD).
+        """
+        if self.token_dim is None:
+            raise ConfigError(f"model {type(self).__name__} has no token-level hook with model.pooling={self.pooling} "
+                              "and model.readout.include_input=true (the readout reads the input BOLD)")
+        return self.embed_trs(bold, t)
+
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """TR tokens ``(B, T, d_model)`` -> the pooled encoded states ``(B, out_dim)`` (``model.pooling``:
+        the readout, else the mean over TRs)."""
+        states = self.encode(tokens)
+        readout = self.pooling_readout
+        return readout(states, None) if readout is not None else states.mean(dim=1)
+
+
 def require(model: Any, task: str, what: str, fix: str, *methods: str, **attributes: Any) -> None:
     """Check that ``model`` has what the objective ``task`` needs (``what``, in words): the
     ``methods`` and the ``attributes`` with these values.

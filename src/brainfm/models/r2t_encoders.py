@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from brainfm.errors import ConfigError
-from brainfm.models.backbone import Backbone
+from brainfm.models.backbone import TRTokenBackbone
 from brainfm.models.embedding import TREmbedding
 from brainfm.models.transformer import checkpointed
 
@@ -37,7 +36,7 @@ class _TemporalBlock(nn.Module):
         return x + self.drop(self.act(y))
 
 
-class TemporalMLPEncoder(nn.Module, Backbone):
+class TemporalMLPEncoder(nn.Module, TRTokenBackbone):
     """Per-frame MLP + dilated temporal convolutions over ROI or grayordinate frames.
 
     Args:
@@ -126,30 +125,3 @@ class TemporalMLPEncoder(nn.Module, Backbone):
     # -- the backbone contract (brainfm.models.backbone) --------------------------------------------------
     any_tr = True  # TREmbedding: any TR
     poolings = ("mean", "correlation", "covariance")
-
-    @property
-    def token_dim(self) -> int | None:
-        """``d_model``; None when the readout reads the input BOLD (not carried by a token hook)."""
-        readout = self.pooling_readout
-        return None if readout is not None and readout.include_input else self.d_model
-
-    def features(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Windows ``(B, T, n_rois)``, ``t`` ``(B, T)`` s -> states per TR ``(B, T, d)``."""
-        return self(bold, t)
-
-    def embed_inputs(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """TR tokens ``(B, T, d_model)``.
-
-        Raises:
-            ConfigError: no token-level hook (:attr:`token_dim` is None: the readout reads the input BOLD).
-        """
-        if self.token_dim is None:
-            raise ConfigError(f"model {type(self).__name__} has no token-level hook with model.pooling={self.pooling} "
-                              "and model.readout.include_input=true (the readout reads the input BOLD)")
-        return self.embed_trs(bold, t)
-
-    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(B, T, d)`` -> the pooled states ``(B, out_dim)`` (``model.pooling``)."""
-        states = self.encode(tokens)
-        readout = self.pooling_readout
-        return readout(states, None) if readout is not None else states.mean(dim=1)

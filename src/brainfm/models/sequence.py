@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from brainfm.errors import ConfigError
-from brainfm.models.backbone import Backbone
+from brainfm.models.backbone import TRTokenBackbone
 from brainfm.models.embedding import TREmbedding
 from brainfm.models.transformer import TransformerEncoder
 
 
-class SequenceTransformer(nn.Module, Backbone):
+class SequenceTransformer(nn.Module, TRTokenBackbone):
     """Embed TRs, add learned positions (and segments), run a transformer encoder.
 
     Args:
@@ -122,29 +122,6 @@ class SequenceTransformer(nn.Module, Backbone):
     any_tr = True  # TREmbedding: any TR
     poolings = ("mean", "cls", "correlation", "covariance")
 
-    @property
-    def token_dim(self) -> int | None:
-        """``d_model``; None when the pooling reads the input BOLD (``model.readout.include_input``),
-        which a token hook does not carry."""
-        readout = self.pooling_readout
-        return None if readout is not None and readout.include_input else self.d_model
-
-    def features(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Windows ``(B, T, n_rois)``, ``t`` ``(B, T)`` s -> hidden states per TR ``(B, T, d_model)``
-        (no special tokens)."""
-        return self(bold, t)
-
-    def embed_inputs(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """TR tokens ``(B, T, d_model)``.
-
-        Raises:
-            ConfigError: no token-level hook (:attr:`token_dim` is None: the readout reads the input BOLD).
-        """
-        if self.token_dim is None:
-            raise ConfigError(f"model {type(self).__name__} has no token-level hook with model.pooling={self.pooling} "
-                              "and model.readout.include_input=true (the readout reads the input BOLD)")
-        return self.embed_trs(bold, t)
-
     def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """TR tokens ``(B, T, d_model)`` -> the pooled encoded states ``(B, out_dim)`` (``model.pooling``).
 
@@ -153,9 +130,7 @@ class SequenceTransformer(nn.Module, Backbone):
         """
         if self.pooling == "cls":
             return self.encode(torch.cat([self.special("cls", tokens.shape[0]).to(tokens.dtype), tokens], dim=1))[:, 0]
-        states = self.encode(tokens)
-        readout = self.pooling_readout
-        return readout(states, None) if readout is not None else states.mean(dim=1)
+        return super().pool_tokens(tokens)
 
     def pool_first_order(self, bold: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``mean`` of the TR states, or the state of a CLS token put before the TRs (``cls``)."""
