@@ -269,6 +269,27 @@ def test_recipe_split_is_written_once_stratified_and_read_back(tmp_path):
     assert len(set(dm_age.strata(sorted(info["subjects"])).values())) == 3
 
 
+def test_recipe_family_split_reads_an_added_table_and_stays_stratified(tmp_path):
+    info = fx.make_hcp(tmp_path / "hcp", n=12)
+    s = info["subjects"]
+    family = dict(zip(s, ["A", "A", "A", "B", "B", "C", "C", "D", "D", "E", "F", "G"]))  # twins, siblings, singletons
+    table = tmp_path / "RESTRICTED_user.csv"  # HCP's restricted table: Subject, Family_ID, ...
+    table.write_text("Subject,Family_ID,ZygositySR\n" + "".join(f"{x},{family[x]},NotTwin\n" for x in s))
+    args = [*_data(info, "frames"), "data.targets=[sex]", "data.split.fractions=[0.5,0.25,0.25]",
+            "data.split.groups=family"]
+    with pytest.raises(ConfigError, match=r"no phenotype table has a family column 'Family_ID' or 'rel_family_id' or "
+                                          r"'family_id': .*HCP_1200_gender.csv \(data.phenotypes.unrestricted.*\+data."
+                                          r"phenotypes.family='\{file: <table.csv>, id_column: <subject column>\}'"):
+        _dm(tmp_path, "hcp", *args)
+    dm = _dm(tmp_path, "hcp", *args, f"+data.phenotypes.family={{file: {table}, id_column: Subject}}")
+    assert dm.split_file.name.startswith("rest_seed0_sex_family_12subjects_")
+    where = {x: k for k, v in dm.subject_split.items() for x in v}
+    assert all(len({where[x] for x in s if family[x] == f}) == 1 for f in set(family.values()))
+    assert [len(dm.subject_split[k]) for k in ("train", "val", "test")] == [6, 3, 3]
+    males = [sum(info["sex"][x] for x in dm.subject_split[k]) for k in ("train", "val", "test")]
+    assert males[0] == 3 and sorted(males[1:]) == [1, 2]  # 6 of 12 male, as the split by subject
+
+
 # -- one pretraining and one downstream step through every recipe ----------------------------------------------
 def _fixture(recipe: str, root: Path) -> tuple[dict, str]:
     info = fx.MAKERS[recipe](root)

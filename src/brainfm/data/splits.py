@@ -27,6 +27,12 @@ data, and so is any split file of the same stem that lists them all (the same da
 out since). A new split is written only once the datamodule has been built and checked
 (:meth:`SubjectSplit.write`, atomically), and a split without a training or a validation subject is
 refused (:func:`check_split_sizes`).
+
+Family splits (``data.split.groups=family``): relatives (HCP's twins and siblings, ABCD's ``rel_family_id``) stay
+in one split (:func:`family_subject_split`). Their files are keyed apart (``<stem>_family_<n>subjects_<fingerprint>
+.txt``), keep SwiFT's three sections, and are written with a record of the families beside them
+(:func:`families_path`, ``<split file stem>.families.tsv``); a split file read for a family split that puts
+relatives on different sides is refused (:func:`check_family_split`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import numpy as np
 
 from brainfm.data.stores.index import temp_name
 from brainfm.errors import ConfigError, DataError
+from brainfm.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +109,24 @@ def _apportion(n: int, fractions: Sequence[float]) -> list[int]:
     return counts
 
 
+def _check_fractions(fractions: Sequence[float]) -> list[float]:
+    """``fractions`` as three floats; ConfigError unless they are non-negative and sum to 1."""
+    fractions = [float(f) for f in fractions]
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ConfigError(f"data.split.fractions={fractions} must be three non-negative numbers summing to 1")
+    return fractions
+
+
+def _strata_of(subjects: Sequence[str], strata: Mapping[str, str] | None) -> Mapping[str, str]:
+    """``strata`` (None: one stratum); ConfigError naming subjects without one."""
+    if not strata:
+        return {s: "all" for s in subjects}
+    absent = [s for s in subjects if s not in strata]
+    if absent:
+        raise ConfigError(f"subjects {absent[:5]} have no stratum")
+    return strata
+
+
 def stratified_subject_split(subjects: Sequence[str], strata: Mapping[str, str] | None,
                              fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
     """Seeded, subject-level train/val/test split that keeps every stratum's proportions.
@@ -127,15 +152,9 @@ def stratified_subject_split(subjects: Sequence[str], strata: Mapping[str, str] 
         ConfigError: fractions that are not three non-negative numbers summing to 1; a subject
             without a stratum.
     """
-    fractions = [float(f) for f in fractions]
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ConfigError(f"data.split.fractions={fractions} must be three non-negative numbers summing to 1")
+    fractions = _check_fractions(fractions)
     subjects = sorted(set(subjects))
-    if not strata:
-        strata = {s: "all" for s in subjects}
-    absent = [s for s in subjects if s not in strata]
-    if absent:
-        raise ConfigError(f"subjects {absent[:5]} have no stratum")
+    strata = _strata_of(subjects, strata)
     rng = np.random.default_rng(seed)
     groups: dict[str, list[str]] = {}
     for s in subjects:
@@ -167,6 +186,225 @@ def stratified_subject_split(subjects: Sequence[str], strata: Mapping[str, str] 
         for k, name in enumerate(SPLITS):
             out[name].extend(groups[g][bounds[k]:bounds[k + 1]])
     return {name: sorted(v) for name, v in out.items()}
+
+
+# -- family-aware splits ----------------------------------------------------------------------------------
+#: what ``data.split.groups=family`` adds to a split file's stem: a family split never reads a by-subject split file
+#: of the same data (nor the reverse), so turning the grouping on draws a new split instead of reusing one
+FAMILY_STEM = "family"
+
+
+@dataclass(frozen=True)
+class Families:
+    """The family of every subject (twins, siblings and half-siblings share one id), for family-aware splits.
+
+    Attributes:
+        of: ``{subject id: family id}``. source: where the ids come from (``"<table file>:<column>"``), for messages.
+    """
+
+    of: Mapping[str, str]
+    source: str = "the family table"
+
+    def members(self, subjects: Sequence[str]) -> dict[str, list[str]]:
+        """``{family id: its subjects among subjects, sorted}``, families sorted.
+
+        Raises:
+            DataError: a subject without a family id.
+        """
+        absent = sorted({str(s) for s in subjects if str(s) not in self.of})
+        if absent:
+            raise DataError(f"{len(absent)} subject(s) have no family id in {self.source} (e.g. {absent[:5]})")
+        out: dict[str, list[str]] = {}
+        for s in sorted({str(s) for s in subjects}):
+            out.setdefault(str(self.of[s]), []).append(s)
+        return dict(sorted(out.items()))
+
+
+def family_subject_split(subjects: Sequence[str], families: Families, strata: Mapping[str, str] | None,
+                         fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
+    """Seeded train/val/test split that keeps every family in one split (HCP's twins and siblings, ABCD's
+    ``rel_family_id``), stratified like :func:`stratified_subject_split`.
+
+    Relatives share genes and environment: with twins or siblings on both sides of a split, the test subjects are
+    not strangers to the model and a heritable trait's result can be inflated (non-independence between training
+    and test data: Rosenblatt et al., "Data leakage inflates prediction performance in connectome-based machine
+    learning models", Nature Communications 2024). HCP prediction studies keep family members in one fold for this
+    reason (e.g. Greene et al., "Brain-phenotype models fail for individuals who defy sample stereotypes", Nature
+    2022).
+
+    The draw works on families: they are shuffled with ``numpy.random.default_rng(seed)`` and placed one at a time,
+    largest first (same-size families in the shuffled order), each into the split where it lowers most a
+    chi-square-like error of the split sizes and of every stratum's count in every split against their targets
+    (``fraction x n``), relative to the split's target size; moves of a family to another split and swaps of two
+    same-size families between splits that lower the error are then made until none does. The split sizes come out
+    as close to ``fractions`` as whole families allow (exact when enough small families remain to fill the last
+    places), each stratum's share of every split close to its share of the data, and a split with a positive
+    fraction is never empty when there are families enough.
+
+    Written here because scikit-learn has no fitting splitter: ``GroupShuffleSplit`` sizes its splits in *groups*,
+    not subjects, splits two ways and does not stratify; ``StratifiedGroupKFold`` makes K equal folds, not 70/15/15.
+
+    Args:
+        subjects: subject ids. families: their families (every subject must have one). strata: subject -> stratum
+            label (None: unstratified). fractions: train/val/test. seed: seed.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``, each sorted; every family in exactly one.
+
+    Raises:
+        ConfigError: fractions that are not three non-negative numbers summing to 1; a subject without a stratum.
+        DataError: a subject without a family id.
+    """
+    fractions = np.asarray(_check_fractions(fractions))
+    subjects = sorted({str(s) for s in subjects})
+    strata = _strata_of(subjects, strata)
+    members = families.members(subjects)
+    names = list(members)
+    labels = {label: i for i, label in enumerate(sorted({str(strata[s]) for s in subjects}))}
+    counts = np.zeros((len(names), len(labels)))  # families x strata
+    for f, name in enumerate(names):
+        for s in members[name]:
+            counts[f, labels[str(strata[s])]] += 1
+    sizes = counts.sum(axis=1)
+    active = fractions > 0
+    target_cells = counts.sum(axis=0)[:, None] * fractions[None, :]  # strata x splits
+    target_sizes = len(subjects) * fractions
+    scale = np.where(active, target_sizes, 1.0)  # errors relative to the split's size: a small split counts as much
+    weight = float(len(labels))  # the split sizes weigh as much as all strata cells together
+    cells = np.zeros_like(target_cells)
+    totals = np.zeros(3)
+
+    def gain(c: np.ndarray, m: float, sign: float) -> np.ndarray:
+        """Change of the error, per split, when a family (stratum counts c, size m) is added (+1) or removed (-1)."""
+        cells_change = c @ c + 2 * sign * (c @ (cells - target_cells))
+        return (cells_change + weight * (m * m + 2 * sign * m * (totals - target_sizes))) / scale
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(names))
+    order = order[np.argsort(-sizes[order], kind="stable")]
+    where = np.full(len(names), -1)
+    for f in order:
+        add = np.where(active, gain(counts[f], sizes[f], 1.0), np.inf)
+        k = int(np.argmin(add))
+        where[f], cells[:, k], totals[k] = k, cells[:, k] + counts[f], totals[k] + sizes[f]
+
+    def move(f: int, b: int) -> None:
+        a = where[f]
+        cells[:, a] -= counts[f]
+        totals[a] -= sizes[f]
+        cells[:, b] += counts[f]
+        totals[b] += sizes[f]
+        where[f] = b
+
+    def best_move() -> bool:
+        """One pass of single moves that lower the error."""
+        moved = False
+        for f in order:
+            a = where[f]
+            delta = gain(counts[f], sizes[f], 1.0) + gain(counts[f], sizes[f], -1.0)[a]
+            delta[a] = 0.0
+            delta[~active] = np.inf
+            b = int(np.argmin(delta))
+            if delta[b] < -1e-9:
+                move(f, b)
+                moved = True
+        return moved
+
+    def best_swap() -> bool:
+        """The swap of two same-size families of different strata between two splits that lowers the error most
+        (sizes unchanged; families of one composition are interchangeable, so compositions are compared)."""
+        best = (-1e-9, None)
+        for a, b in ((0, 1), (0, 2), (1, 2)):
+            ta = np.unique(counts[where == a], axis=0)
+            tb = np.unique(counts[where == b], axis=0)
+            if not len(ta) or not len(tb):
+                continue
+            d = tb[None, :, :] - ta[:, None, :]  # composition change of split a when a's type u and b's type v swap
+            same = ta.sum(axis=1)[:, None] == tb.sum(axis=1)[None, :]
+            delta = ((d * d).sum(-1) + 2 * d @ (cells[:, a] - target_cells[:, a])) / scale[a] + \
+                    ((d * d).sum(-1) - 2 * d @ (cells[:, b] - target_cells[:, b])) / scale[b]
+            delta = np.where(same, delta, np.inf)
+            u, v = np.unravel_index(int(np.argmin(delta)), delta.shape)
+            if delta[u, v] < best[0]:
+                best = (float(delta[u, v]), (a, ta[u], b, tb[v]))
+        if best[1] is None:
+            return False
+        a, tu, b, tv = best[1]
+        fu = next(f for f in order if where[f] == a and np.array_equal(counts[f], tu))
+        fv = next(f for f in order if where[f] == b and np.array_equal(counts[f], tv))
+        move(fu, b)
+        move(fv, a)
+        return True
+
+    for _ in range(10 * len(names) + 10):  # moves and swaps that lower the error, until none does (each lowers it)
+        if not (best_move() | best_swap()):
+            break
+    rank = np.empty(len(names), dtype=int)
+    rank[order] = np.arange(len(names))
+    for k in np.flatnonzero(active):  # a requested split left empty (a few large families): the smallest family of
+        held = [np.flatnonzero(where == j) for j in range(3)]  # the split holding most families moves there
+        donor = max(range(3), key=lambda j: len(held[j]))
+        if len(held[k]) == 0 and len(held[donor]) >= 2:
+            move(min(held[donor], key=lambda i: (sizes[i], rank[i])), int(k))
+    out = {name: [] for name in SPLITS}
+    for f, name in enumerate(names):
+        out[SPLITS[where[f]]].extend(members[name])
+    return {name: sorted(v) for name, v in out.items()}
+
+
+def check_split_groups(split: Mapping) -> bool:
+    """Whether ``data.split`` asks for a family split (``groups: family``).
+
+    ``family_column`` without ``groups: family`` is unused (a split by subject): logged as a warning, so that a user who
+    set only the column learns that the split is still by subject.
+
+    Raises:
+        ConfigError: ``groups`` other than null or ``family``; ``family`` with a split that is not by subject (a split
+            in time puts every subject on both sides; a given or file-pattern split is not drawn here).
+    """
+    groups = split.get("groups")
+    if groups not in (None, FAMILY_STEM):
+        raise ConfigError(f"data.split.groups={groups!r} must be null (a split by subject) or family (every family in "
+                          "one split: twins and siblings never on two sides)")
+    if groups and split.get("kind") != "subject":
+        raise ConfigError(f"data.split.groups=family keeps families together in a split by subject, and "
+                          f"data.split.kind={split.get('kind')!r}. Fix: data.split.kind=subject, or "
+                          "data.split.groups=null")
+    if not groups and split.get("family_column"):
+        log.warning("data.split.family_column=%s is used only with data.split.groups=family; this split is by subject",
+                    split["family_column"])
+    return groups == FAMILY_STEM
+
+
+def families_crossing(split: Mapping[str, Sequence[str]], families: Families) -> dict[str, dict[str, str]]:
+    """The families with members in more than one split: ``{family id: {subject: split}}`` (subjects without a
+    family id are not counted)."""
+    sides: dict[str, dict[str, str]] = {}
+    for name in SPLITS:
+        for s in split.get(name, []):
+            if s in families.of:
+                sides.setdefault(str(families.of[s]), {})[s] = name
+    return {f: dict(sorted(m.items())) for f, m in sorted(sides.items()) if len(set(m.values())) > 1}
+
+
+def families_path(split_file: str | os.PathLike) -> Path:
+    """``<split file stem>.families.tsv`` beside the split file: the families a family split was drawn with.
+
+    The record is a sidecar file, not lines in the split file: SwiFT (Transconnectome/SwiFT ``data_module.py``,
+    ``load_split``) finds its sections as the first line *containing* ``train``, ``val`` and ``test`` and reads every
+    line after the ``test`` header as a test subject, so any line added to the file would become a test subject or
+    move a section. SwiFT never opens the sidecar, and brainfm's split-file search (``<stem>*.txt``) skips it.
+    """
+    path = Path(split_file)
+    return path.with_name(f"{path.stem}.families.tsv")
+
+
+def write_families_file(split_file: str | os.PathLike, split: Mapping[str, Sequence[str]], families: Families) -> Path:
+    """Write :func:`families_path` of ``split_file`` atomically: a TSV with a header ``subject family split`` and one
+    row per subject of ``split`` (split order, then subject), for audits and for the people who read the split."""
+    rows = ["subject\tfamily\tsplit"]
+    rows += [f"{s}\t{families.of.get(s, '')}\t{name}" for name in SPLITS for s in split.get(name, [])]
+    return atomic_write_text(families_path(split_file), "\n".join(rows) + "\n")
 
 
 def write_split_file(path: str | os.PathLike, split: dict[str, Sequence[str]]) -> Path:
@@ -252,19 +490,25 @@ class SubjectSplit:
         split: ``{"train": [...], "val": [...], "test": [...]}`` of subjects present in the data.
         path: its split file. new: drawn now and not yet written (:meth:`write` writes it).
         legacy: read from a split file of an earlier brainfm without the subject key (``<stem>.txt``).
+        families: the families a family split keeps together (``data.split.groups=family``), else None; a new family
+            split is written with its :func:`families_path` record.
     """
 
     split: dict[str, list[str]]
     path: Path
     new: bool = False
     legacy: bool = False
+    families: Families | None = None
 
     def counts(self) -> dict[str, int]:
         return {name: len(self.split.get(name, [])) for name in SPLITS}
 
     def write(self, what: str = "") -> Path:
-        """Write a new split to :attr:`path` (atomically); nothing for a split read from its file."""
+        """Write a new split to :attr:`path` (atomically; a family split's :func:`families_path` record first, so a
+        split file is never there without it); nothing for a split read from its file."""
         if self.new:
+            if self.families is not None:
+                write_families_file(self.path, self.split, self.families)
             write_split_file(self.path, self.split)
             self.new = False
             log.info("%s: wrote a new split to %s (%s)", what or "data", self.path,
@@ -317,8 +561,14 @@ def resolve_subject_split(
     canonical: Callable[[str, str], str] | None = None,
     unlisted: str = "error",
     what: str = "",
+    families: Families | Callable[[list[str]], Families] | None = None,
 ) -> SubjectSplit:
     """The subject split of ``subjects``: read from its file, or drawn (and not yet written).
+
+    With ``families`` (``data.split.groups=family``) the split keeps every family on one side: the stem becomes
+    ``<stem>_family`` (a by-subject split file is never reused for a family split, nor the reverse), a new split is
+    drawn by :func:`family_subject_split`, and a split read from a file (given, keyed or covering) is checked: a family
+    with members on two sides is refused (:func:`check_family_split`).
 
     Which file (module docstring):
 
@@ -348,22 +598,37 @@ def resolve_subject_split(
         unlisted: data subjects an existing file does not list: ``error`` (brainfm never regenerates a
             split silently) or ``drop`` (left out, as SwiFT).
         what: the data set's name, for messages.
+        families: the subjects' families (:class:`Families`), or a function of the sorted subjects giving them;
+            None: a split by subject.
 
     Raises:
         DataError: an existing file that does not cover the data's subjects (``unlisted=error``), or a subject
-            in two splits. ConfigError: invalid fractions or ``unlisted``.
+            in two splits; a subject without a family id. ConfigError: invalid fractions or ``unlisted``; a split file
+            that puts relatives on different sides (with ``families``).
     """
     if unlisted not in ("error", "drop"):
         raise ConfigError(f"data.split.unlisted={unlisted!r} must be 'error' or 'drop'")
     present = sorted({str(s) for s in subjects})
+    if callable(families):
+        families = families(present)
+    if families is not None:
+        stem = f"{stem}_{FAMILY_STEM}"
+
+    def read(split_file: Path, policy: str, given: bool = False, legacy: bool = False) -> SubjectSplit:
+        split = _read_covering(split_file, present, canonical, policy, what)
+        if families is not None:
+            check_family_split(split, families, split_file, given=given,
+                               keyed=keyed_split_path(split_dir, stem, present), what=what)
+        return SubjectSplit(split, split_file, legacy=legacy, families=families)
+
     if file:
         path = Path(file)
         if path.is_file():
-            return SubjectSplit(_read_covering(path, present, canonical, unlisted, what), path)
+            return read(path, unlisted, given=True)
     else:
         path = keyed_split_path(split_dir, stem, present)
         if path.is_file():
-            return SubjectSplit(_read_covering(path, present, canonical, unlisted, what), path)
+            return read(path, unlisted)
         # the other split files of this stem: an earlier brainfm's <stem>.txt and the keyed files of other subjects
         pattern = re.compile(rf"{re.escape(stem)}(_\d+subjects_[0-9a-f]{{8}})?\.txt")
         others = sorted(p for p in Path(split_dir).glob(f"{stem}*.txt") if pattern.fullmatch(p.name))
@@ -374,11 +639,13 @@ def resolve_subject_split(
             old = covering[0]
             log.info("%s: reading the split file %s, which lists every subject of the data (%d of its %d)",
                      what or "data", old, len(present), len(listed[old]))
-            return SubjectSplit(_read_covering(old, present, canonical, "error", what), old,
-                                legacy=pattern.fullmatch(old.name).group(1) is None)
+            return read(old, "error", legacy=pattern.fullmatch(old.name).group(1) is None)
     if callable(strata):
         strata = strata(present)
-    split = stratified_subject_split(present, strata, fractions, seed)
+    if families is not None:
+        split = family_subject_split(present, families, strata, fractions, seed)
+    else:
+        split = stratified_subject_split(present, strata, fractions, seed)
     if not file:
         for other in [p for p in others if set(present) & listed[p]][:3]:
             log.warning(
@@ -387,7 +654,45 @@ def resolve_subject_split(
                 "old split may now be in the new validation or test split: keep the old assignments with "
                 "data.split.file=%s (and add the new subjects to it by hand, or data.split.unlisted=drop)",
                 what or "data", other, len(set(present) & listed[other]), len(present), path.name, other)
-    return SubjectSplit(split, path, new=True)
+    return SubjectSplit(split, path, new=True, families=families)
+
+
+def check_family_split(split: Mapping[str, Sequence[str]], families: Families, path: str | os.PathLike,
+                       given: bool = False, keyed: str | os.PathLike | None = None, what: str = "") -> None:
+    """Refuse a split read from ``path`` that puts members of one family on different sides.
+
+    Args:
+        split: the split of the data's subjects. families: their families. path: the split file.
+        given: ``path`` is ``data.split.file`` (the fix is a new file there, not deleting the user's file).
+        keyed: where a new family split of these subjects is drawn without ``data.split.file``. what: the data set.
+
+    Raises:
+        ConfigError: naming every crossing family (up to 5) with its subjects and their sides, and fixes that work as
+            typed: a new family split (delete the cached file, or ``data.split.file=<new file>``), or
+            ``data.split.groups=null`` to use this split knowing that relatives cross it.
+    """
+    crossing = families_crossing(split, families)
+    if not crossing:
+        return
+    path = Path(path)
+    shown = "; ".join(f"family {f}: " + ", ".join(f"{s} ({side})" for s, side in members.items())
+                      for f, members in list(crossing.items())[:5])
+    new_file = path.with_name(f"{path.stem}_{FAMILY_STEM if given else 'redrawn'}.txt")
+    if given:
+        redo = f"draw a family split into a new file, data.split.file={new_file}"
+        if keyed:
+            redo += f" (or data.split.file=null: the keyed family split {keyed})"
+    else:
+        redo = (f"delete {path} and a family split is drawn into {keyed or path} on the next run (the family table may "
+                f"have changed since this file was written), or draw one into a new file, data.split.file={new_file}")
+    raise ConfigError(
+        f"{what + ': ' if what else ''}the split file {path} puts relatives on different sides: {len(crossing)} "
+        f"{'family' if len(crossing) == 1 else 'families'} of {families.source} "
+        f"{'crosses' if len(crossing) == 1 else 'cross'} it ({shown}"
+        f"{'; ...' if len(crossing) > 5 else ''}). With data.split.groups=family every family must be in one split "
+        f"(otherwise a relative of a test subject trains the model). Fix: {redo}; or data.split.groups=null to use "
+        "this split as it is, knowing that relatives cross it"
+    )
 
 
 def check_split_sizes(split: SubjectSplit, where: str, val_fraction: float = 0.1) -> None:
@@ -425,6 +730,10 @@ def check_split_sizes(split: SubjectSplit, where: str, val_fraction: float = 0.1
         fix = ("more subjects in the store, or data.split.kind=time to split every run in time "
                "(data.split.train_fraction=0.8: the first 80% of each run trains, the rest validates)")
     source = f"a new draw for {split.path}, not written" if split.new else f"read from {split.path}"
+    if split.families is not None:  # whole families: fewer units to place than subjects
+        n_families = len(split.families.members([s for name in SPLITS for s in split.split.get(name, [])]))
+        fix += (f". This split keeps whole families ({n_families} in these {n} subjects, data.split.groups=family); "
+                "data.split.groups=null splits by subject")
     raise DataError(
         f"the subject split of {where} ({source}) has train {counts['train']}, val {counts['val']}, test "
         f"{counts['test']} subject(s): no {' and no '.join(empty)} subject. Training needs at least one "

@@ -7,7 +7,8 @@ say which store to open (:meth:`StoreDataModule.open_store`), what else to check
 must remember (:attr:`meta`).
 
 Configuration keys are the same in every ``conf/data/*.yaml``: ``path``, ``tr``, ``split``
-(``kind: time|subject``, ``train_fraction``, ``val_fraction``, ``fractions``, ``seed``, ``file``, ``unlisted``), ``window``
+(``kind: time|subject``, ``train_fraction``, ``val_fraction``, ``fractions``, ``seed``, ``file``, ``unlisted``,
+``groups``, ``family_column``), ``window``
 (``length``, ``min_length``, ``frame_stride``, ``train_stride``, ``eval_stride``), ``normalization``,
 ``batch_size``, ``eval_batch_size``, ``num_workers``, ``seed``, ``labels``, ``cache`` (sizes of the
 per-process store caches: ``open_runs``, ``masks``, ``voxel_stats``, ``run_stats``).
@@ -23,9 +24,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 
-from brainfm.data.phenotypes import build_label_table
+from brainfm.data.phenotypes import build_label_table, read_families
 from brainfm.data.splits import (
+    Families,
     SubjectSplit,
+    check_split_groups,
     check_split_sizes,
     resolve_subject_split,
     segments_for_subjects,
@@ -36,7 +39,7 @@ from brainfm.data.windows import ResumableTrainPosition, WindowBatchSampler
 from brainfm.errors import ConfigError
 
 SPLIT_DEFAULTS = {"kind": "time", "train_fraction": 0.5, "val_fraction": None, "fractions": [0.8, 0.1, 0.1], "seed": 0,
-                  "file": None, "unlisted": "error"}
+                  "file": None, "unlisted": "error", "groups": None, "family_column": None}
 WINDOW_KEYS = ("length", "min_length", "frame_stride", "train_stride", "eval_stride")
 
 
@@ -137,7 +140,8 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
             "unlisted": "error"}`` (a seeded subject split, written once to ``split_dir`` after the datamodule was
             built and checked, keyed by the data's subjects (:func:`brainfm.data.splits.resolve_subject_split`), then
             read back; ``file``: an explicit split file; ``unlisted``: data subjects that file does not list,
-            ``error`` or ``drop``).
+            ``error`` or ``drop``; ``groups``: null (by subject) or ``family`` (whole families in one split, their
+            ids from ``family_column`` of a phenotype table, :meth:`families`)).
         split_dir: folder of this data set's split files (``data_splits/<dataset>``).
         window: ``length``, ``min_length`` (shortest random crop in training, None: always ``length``),
             ``frame_stride`` (TRs between a window's frames), ``train_stride`` / ``eval_stride`` (TRs
@@ -153,7 +157,8 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
 
     Raises:
         ConfigError: unknown window keys or cache sizes, ``batch_size`` or ``eval_batch_size`` below 1, a
-            ``tr`` or ``resample_tr`` that is not a positive number of seconds. From :meth:`setup` as the
+            ``tr`` or ``resample_tr`` that is not a positive number of seconds, ``split.groups`` that is not null
+            or ``family``, or ``family`` on a split that is not by subject. From :meth:`setup` as the
             subclasses say, and DataError: a subject split without a training or validation subject (when
             set up for training, ``stage`` fit or None).
     """
@@ -172,6 +177,7 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         self.expected_tr = tr
         self.resample_tr = None if resample_tr is None else float(resample_tr)
         self.split = {**SPLIT_DEFAULTS, **(split or {})}
+        self.family_split = check_split_groups(self.split)
         self.split_dir = Path(split_dir)
         unknown = set(window or {}) - set(WINDOW_KEYS)
         if unknown:
@@ -280,7 +286,28 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         override it with label-stratified draws."""
         return resolve_subject_split(self.split_dir, f"seed{int(self.split['seed'])}", subject_ids,
                                      self.split["fractions"], int(self.split["seed"]), file=self.split.get("file"),
-                                     unlisted=self.split.get("unlisted") or "error", what=self.name)
+                                     unlisted=self.split.get("unlisted") or "error", what=self.name,
+                                     families=self.families if self.family_split else None)
+
+    def family_tables(self) -> tuple[dict[str, dict], Any, str]:
+        """Where ``data.split.groups=family`` finds family ids: ``(phenotype tables, subject-id rules or None, how to
+        add a table)``. Here the ``data.labels`` table (it may have no label ``columns``: a table read only for its
+        family ids); data set recipes use their ``data.phenotypes`` tables."""
+        if self.labels_config:
+            return ({"labels": dict(self.labels_config)}, None,
+                    f"add the family column to the data.labels table {self.labels_config.get('file')}")
+        return {}, None, "data.labels={file: <table.csv>, id_column: <subject column>, columns: {}}"
+
+    def families(self, subjects: Sequence[str]) -> Families:
+        """The family of each of ``subjects`` (:func:`~brainfm.data.phenotypes.read_families` over
+        :meth:`family_tables`, column ``data.split.family_column`` or found).
+
+        Raises:
+            ConfigError: no table with the family column. DataError: a subject without a family id.
+        """
+        tables, ids, add_table = self.family_tables()
+        of, source = read_families(tables, subjects, self.split.get("family_column"), ids=ids, add_table=add_table)
+        return Families(of, source)
 
     def _label_table(self, subjects: Sequence[str]):
         """Phenotype labels of ``subjects`` (in subject-index order), or None."""

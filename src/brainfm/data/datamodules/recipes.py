@@ -423,7 +423,14 @@ class RecipeDataModule(VolumeDataModule):
         else a stratified draw written after the checks; :func:`~brainfm.data.splits.resolve_subject_split`)."""
         return resolve_subject_split(self.split_dir, self.split_stem(), subject_ids, self.split["fractions"],
                                      int(self.split["seed"]), file=self.split.get("file"), strata=self.strata,
-                                     canonical=self.ids.canonical_id, unlisted=self.split["unlisted"], what=self.name)
+                                     canonical=self.ids.canonical_id, unlisted=self.split["unlisted"], what=self.name,
+                                     families=self.families if self.family_split else None)
+
+    def family_tables(self) -> tuple[dict[str, dict], SubjectIds, str]:
+        """The recipe's phenotype tables (``data.phenotypes``, ``data.labels``), its subject ids, and how to add the
+        table that holds the family ids (HCP's restricted table, ABCD's acspsw03)."""
+        add = "add the table that holds it: +data.phenotypes.family='{file: <table.csv>, id_column: <subject column>}'"
+        return self.phenotype_tables, self.ids, add
 
     def _label_table(self, subjects: Sequence[str]):
         if not self.targets:
