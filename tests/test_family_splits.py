@@ -117,6 +117,10 @@ def test_family_column_is_found_in_order_and_missing_ids_are_refused(tmp_path):
     abcd = {"file": str(write_table(tmp_path / "acspsw03.csv", family, sex, column="rel_family_id")),
             "id_column": "Subject"}
     assert read_families({"main": abcd}, list(family))[1].endswith("acspsw03.csv:rel_family_id")
+    both = tmp_path / "both.tsv"  # the first of the columns looked for wins, wherever it stands in the table
+    both.write_text("Subject\tfamily_id\tFamily_ID\n" + "".join(f"{s}\tother\t{family[s]}\n" for s in family))
+    assert read_families({"main": abcd, "x": {"file": str(both), "id_column": "Subject"}}, list(family)) == (
+        family, f"{both}:Family_ID")
     with pytest.raises(ConfigError, match=r"no phenotype table has a family column 'family': .*restricted.csv "
                                           r"\(data.labels: \['Subject', 'Gender', 'Family_ID'\]\)\. Fix: "
                                           r"data.split.family_column=<one of the columns above>"):
