@@ -13,11 +13,16 @@ batch; evaluation uses a fixed grid. The order and the lengths are a pure functi
 a checkpoint in the middle of an epoch sees exactly the batches an uninterrupted run would have
 seen. Each sample carries the time of every frame in seconds from the window's onset (as the TR
 embedding of Thomas, Ré & Poldrack (2022) expects) and the onset in seconds from the run start.
+
+Censored TRs (motion censoring, recorded by the store: ``store.censored_trs(run)``) are never seen: the
+grid windows that hold one are skipped where every dataset numbers its windows
+(:meth:`WindowDataset._index_windows`, :func:`skip_censored`), with one log line saying how many.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +30,7 @@ from torch.utils.data import Dataset, Sampler
 
 from brainfm.errors import ConfigError
 
+log = logging.getLogger(__name__)
 #: A training request: (grid window index, crop length in TRs at most the dataset's length) and,
 #: for contrastive pairs, a seed that places the second view.
 WindowRequest = tuple[int, int] | tuple[int, int, int]
@@ -93,20 +99,91 @@ class WindowIndex:
         return [(int(r), int(o), int(c)) for (r, _, _), o, c in zip(self.segments, self.offsets[:-1], self.counts)]
 
 
+def skip_censored(segments: Sequence[tuple[int, int, int]], span: int, stride: int,
+                  censored_trs: Callable[[int], np.ndarray]) -> tuple[list[tuple[int, int, int]], np.ndarray, int, int]:
+    """The grid windows of ``segments`` (as :class:`WindowIndex` numbers them) that hold no censored TR, as
+    segments: each maximal stretch of clean consecutive windows of a segment becomes one segment whose own grid
+    is exactly those windows (its first start, and its last start + ``span``), so the windows kept are the
+    original grid minus the skipped ones, and a second (contrastive) view stays inside clean TRs too.
+
+    Args:
+        segments: ``(run, first TR, stop TR)``. span: TRs one window covers. stride: TRs between window starts.
+        censored_trs: ``run -> sorted TR indices`` (``store.censored_trs``).
+
+    Returns:
+        ``(segments, origin, windows before, windows kept)``; ``origin`` ``(n_segments,)`` int64: the input segment
+        each output segment comes from (e.g. to carry a label per segment).
+    """
+    out, origin, before, kept = [], [], 0, 0
+    span, stride = int(span), int(stride)
+    for k, (run, lo, hi) in enumerate(segments):
+        run, lo, hi = int(run), int(lo), int(hi)
+        n = max(0, (hi - span - lo) // stride + 1)
+        before += n
+        c = np.asarray(censored_trs(run), dtype=np.int64)
+        c = c[(c >= lo) & (c < hi)]
+        if not len(c) or n == 0:
+            out.append((run, lo, hi))
+            origin.append(k)
+            kept += n
+            continue
+        # window j (start lo + j * stride) holds TR c when start <= c < start + span
+        first = np.maximum(0, -((span - 1 - (c - lo)) // stride))  # ceil((c - lo - span + 1) / stride)
+        last = np.minimum(n - 1, (c - lo) // stride)
+        hit = np.zeros(n + 1, dtype=np.int64)
+        valid = first <= last
+        np.add.at(hit, first[valid], 1)
+        np.add.at(hit, last[valid] + 1, -1)
+        clean = np.cumsum(hit[:n]) == 0
+        kept += int(clean.sum())
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], clean.astype(np.int8), [0]])))
+        for a, b in zip(edges[::2], edges[1::2]):  # clean windows a .. b - 1
+            out.append((run, lo + int(a) * stride, lo + int(b - 1) * stride + span))
+            origin.append(k)
+    return out, np.asarray(origin, dtype=np.int64), before, kept
+
+
+def clean_windows(store, segments: Sequence[tuple[int, int, int]], span: int, stride: int
+                  ) -> tuple[WindowIndex, np.ndarray, int]:
+    """The window grid of ``segments`` less the windows that hold a censored TR of ``store``
+    (``store.has_censoring``, ``store.censored_trs``; :func:`skip_censored`): the one numbering of windows that the
+    datasets (:meth:`WindowDataset._index_windows`) and the pairings built on them (R2T) share.
+
+    Returns:
+        ``(index, origin, skipped)``: the :class:`WindowIndex`, the input segment of each of its segments
+        ``(n_segments,)`` int64, and the number of windows skipped.
+    """
+    if getattr(store, "has_censoring", False):
+        segments, origin, before, kept = skip_censored(segments, span, stride, store.censored_trs)
+        return WindowIndex(segments, span, stride), origin, before - kept
+    segments = list(segments)
+    return WindowIndex(segments, span, stride), np.arange(len(segments), dtype=np.int64), 0
+
+
 class WindowDataset(Dataset):
     """Base of the window datasets: the grid of windows of ``segments`` (a :class:`WindowIndex`) and the
     subject index (subject id -> integer label; default: the store's sorted unique ids)."""
 
     def _index_windows(self, store, segments: Sequence[tuple[int, int, int]], span: int, stride: int,
                        subject_index: dict[str, int] | None, what: str, fix: str) -> None:
-        """Set ``index``, ``segments`` and ``subject_index``.
+        """Set ``index``, ``segments`` and ``subject_index``; windows that hold a censored TR of the store are
+        skipped (:func:`clean_windows`; ``censored_skipped``: how many; ``segment_origin``: the input segment of each
+        of ``segments``, which are the input ones, cut around censored TRs).
 
         Raises:
             ConfigError: no segment holds one window (``what``: the window in words, ``fix``: the key to lower).
         """
         self.subject_index = subject_index or {s: i for i, s in enumerate(store.subjects())}
-        self.index = WindowIndex(segments, span, stride)
+        self.index, self.segment_origin, self.censored_skipped = clean_windows(store, segments, span, stride)
+        if self.censored_skipped:
+            total = self.censored_skipped + len(self.index)
+            log.info("%s: skipped %d of %d windows (%s, every %d TRs) that hold a censored TR",
+                     store.location, self.censored_skipped, total, what, int(stride))
         self.segments = self.index.segments  # (n_segments, 3) int64: run, first TR, stop TR
+        if len(self.index) == 0 and self.censored_skipped:
+            raise ConfigError(f"every window ({what}) of these segments of {store.location} holds a censored TR "
+                              f"({self.censored_skipped} skipped); lower {fix}, or censor less (brainfm-data import "
+                              "--fd-threshold)")
         if len(self.index) == 0:
             raise ConfigError(f"{what}, longer than every segment of {store.location} (longest: "
                               f"{self.index.longest_segment()} TRs); lower {fix}")

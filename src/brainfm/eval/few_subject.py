@@ -70,6 +70,7 @@ def _labelled_windows(store, make, source: str, label: str, length: int, step: i
         segments, shift = runs, None
     ds = make(segments, int(length), int(step))
     seg_of = np.searchsorted(ds.index.offsets, np.arange(len(ds)), side="right") - 1
+    seg_of = ds.segment_origin[seg_of]  # the input segment of each window (segments are cut around censored TRs)
     return ds, seg_labels[seg_of], list(classes), shift
 
 

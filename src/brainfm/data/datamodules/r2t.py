@@ -50,7 +50,7 @@ from brainfm.data.datasets.roi import ROIWindowDataset
 from brainfm.data.datasets.volume import LOAD_NORMALIZATIONS, VolumeClipDataset
 from brainfm.data.normalization import ROINormalizer
 from brainfm.data.stores import open_store
-from brainfm.data.windows import WindowBatchSampler, WindowIndex, collate_windows
+from brainfm.data.windows import WindowBatchSampler, clean_windows, collate_windows
 from brainfm.errors import ConfigError, DataError
 
 KINDS = ("volume", "grayordinate", "roi")
@@ -297,7 +297,7 @@ class R2TDataModule(StoreDataModule):
         for role in ROLES:
             store, segs = self.stores[role], self.segments[split].get(role, [])
             windows[role] = {}
-            for run, first, count in WindowIndex(segs, span, 1).run_windows():
+            for run, first, count in clean_windows(store, segs, span, 1)[0].run_windows():  # as the datasets number them
                 if count:
                     windows[role].setdefault(store.subject_ids[run], []).append((first, count))
             present[role] = {store.subject_ids[run] for run, _, _ in segs}

@@ -62,8 +62,10 @@ class ROIWindowDataset(WindowDataset):
         self._index_windows(store, segments, self.length, self.stride, subject_index,
                             f"a window of {self.length} TRs", "data.window.length")
         self.segment_labels = None if segment_labels is None else np.asarray(segment_labels, dtype=np.int64)
-        if self.segment_labels is not None and len(self.segment_labels) != len(self.segments):
-            raise ConfigError(f"{len(self.segment_labels)} segment labels for {len(self.segments)} segments")
+        if self.segment_labels is not None:
+            if len(self.segment_labels) != len(segments):
+                raise ConfigError(f"{len(self.segment_labels)} segment labels for {len(segments)} segments")
+            self.segment_labels = self.segment_labels[self.segment_origin]  # segments cut around censored TRs
 
     def _label(self, sample: dict, i: int) -> dict:
         if self.segment_labels is not None:

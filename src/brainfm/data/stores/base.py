@@ -190,6 +190,14 @@ class StoreBase:
             raise DataError(f"{self.location}: NaN/inf inside {self.describe_run(run)} at TR(s) {shown}. Fix: "
                             "interpolate or censor these frames and write the run again")
 
+    #: whether some TRs are censored (motion); the window datasets skip windows that hold one
+    has_censoring: bool = False
+
+    def censored_trs(self, run: int) -> np.ndarray:
+        """Sorted indices ``(n,)`` int64 of the censored TRs of one run (the ROI store records them:
+        :func:`brainfm.data.stores.roi.write_censored_trs`); none here."""
+        return np.empty(0, dtype=np.int64)
+
     def subjects(self) -> list[str]:
         """The unique subject ids, sorted (the datasets' subject index order)."""
         return sorted(set(self.subject_ids))

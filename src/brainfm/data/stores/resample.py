@@ -25,6 +25,7 @@ import numpy as np
 
 from brainfm.data.stores.base import LRUCache, StoreBase, ensure_out
 from brainfm.errors import ConfigError
+from brainfm.io import atomic_path
 
 #: the largest ``up`` / ``down`` of a rational TR ratio (0.72 s -> 0.8 s is 9 / 10)
 MAX_DENOMINATOR = 1000
@@ -116,6 +117,22 @@ class ResampledStore(StoreBase):
     def frame_shape(self):
         return self.base.frame_shape
 
+    @property
+    def has_censoring(self) -> bool:
+        return bool(getattr(self.base, "has_censoring", False))
+
+    def censored_trs(self, run: int) -> np.ndarray:
+        """The base run's censored TRs on the new grid: every new TR less than one source TR away from a
+        censored source TR (whose value the resampling filter spreads over its neighbours), sorted ``(n,)`` int64."""
+        src = np.asarray(self.base.censored_trs(run), dtype=np.float64) if self.has_censoring else np.empty(0)
+        if not len(src):
+            return np.empty(0, dtype=np.int64)
+        tr_in, tr_out, n = float(self.source_trs[run]), self.target_tr, int(self.lengths[run])
+        first = np.floor((src * tr_in - tr_in) / tr_out).astype(np.int64) + 1  # j * tr_out > t - tr_in
+        last = np.ceil((src * tr_in + tr_in) / tr_out).astype(np.int64) - 1    # j * tr_out < t + tr_in
+        out = np.concatenate([np.arange(max(a, 0), min(b, n - 1) + 1) for a, b in zip(first, last)])
+        return np.unique(out).astype(np.int64)
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name == "base":
             raise AttributeError(name)
@@ -167,16 +184,21 @@ def write_resampled_roi_h5(src: str | Path, dst: str | Path, tr: float, atlas: s
         ConfigError / DataError: unreadable input, bad TRs, NaN inside a run (named).
     """
     from brainfm.data.stores import open_store
-    from brainfm.data.stores.roi import ROIStoreWriter
+    from brainfm.data.stores.roi import ROIStoreWriter, write_censored_trs
 
     store = ResampledStore(open_store("roi", Path(src), atlas=atlas, preload=False), tr, cache_runs=1)
     labels = _run_labels(Path(src))
     names = list(store.roi_names) if store.roi_names else [f"roi{i}" for i in range(store.n_rois)]
-    with ROIStoreWriter(Path(dst), tr=float(tr), roi_names={store.atlas: names},
-                        attrs={"resampled_from": str(src)}) as writer:
-        for run in range(len(store)):
-            writer.append(store.subject_ids[run], store.run_ids[run], {store.atlas: store.read(run).T},
-                          labels={k: v[run] for k, v in labels.items()})
+    with atomic_path(Path(dst)) as tmp:  # the censored TRs are added before the file takes its name
+        with ROIStoreWriter(tmp, tr=float(tr), roi_names={store.atlas: names},
+                            attrs={"resampled_from": str(src)}) as writer:
+            for run in range(len(store)):
+                writer.append(store.subject_ids[run], store.run_ids[run], {store.atlas: store.read(run).T},
+                              labels={k: v[run] for k, v in labels.items()})
+        if store.has_censoring:
+            write_censored_trs(tmp, [store.censored_trs(run) for run in range(len(store))], attrs={
+                "fd_threshold_mm": store.base.censoring.get("fd_threshold_mm", np.nan),
+                "source": f"{src}, resampled: the TRs less than one source TR from a censored one"})
     return Path(dst)
 
 

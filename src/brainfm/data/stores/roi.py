@@ -12,6 +12,12 @@ Layout (one row per subject run)::
                           TR, -1 = no label (and after the run's end); attrs: classes (class names, in
                           class-index order), shift_s (haemodynamic shift in seconds already applied;
                           brainfm.data.trial_labels writes them from BIDS events.tsv tables)
+    /censored_trs/tr, /offsets
+                          int32 (n_censored,), int64 (n_runs + 1,): the censored TRs of every run (row ``r``:
+                          ``tr[offsets[r]:offsets[r + 1]]``, sorted TR indices), optional; windows holding one
+                          are skipped when read (brainfm.data.windows.skip_censored). attrs: fd_threshold_mm
+                          (NaN: none), n_above_fd_threshold, n_removed_by_pipeline, source. Written by
+                          ``brainfm-data import`` (motion censoring, brainfm.data.preprocess.bids_timeseries)
     /run_stats/<atlas>/mean, /std
                           float64 (n_runs, n_rois) per-run mean and standard deviation of every ROI
                           over the run's TRs (brainfm; optional: ``brainfm-data index`` adds them)
@@ -59,6 +65,8 @@ KNOWN_ATLAS_ROIS = {**{f"schaefer{n}": n for n in range(100, 1001, 100)},
                     "tian1": 16, "tian2": 32, "tian3": 50, "tian4": 54, "buckner7": 7, "buckner17": 17}
 #: the group of per-TR labels, ``/trial_labels/<name>`` (n_runs, T_max) int64, -1 = no label
 TRIAL_LABELS_GROUP = "trial_labels"
+#: the group of censored TRs (module docstring): ``tr`` and ``offsets``, one sorted list of TR indices per run
+CENSORED_GROUP = "censored_trs"
 
 
 def _decode(values) -> list[str]:
@@ -351,6 +359,45 @@ def write_trial_labels(path: str | os.PathLike, name: str, labels: Sequence[np.n
     return path
 
 
+def write_censored_trs(path: str | os.PathLike, censored: Sequence[np.ndarray],
+                       attrs: Mapping[str, object] | None = None) -> Path:
+    """Add (or replace) the censored TRs ``/censored_trs`` of an ROI store (module docstring).
+
+    Args:
+        path: the ``.h5`` store. censored: one array of TR indices per row (store row order; any order,
+            repeats allowed), e.g. the TRs whose framewise displacement exceeds a threshold.
+        attrs: recorded with them (``fd_threshold_mm``, counts, ``source``).
+
+    The group is written under a temporary name in the file and moved into place when complete.
+
+    Raises:
+        DataError: not one array per row, TR indices outside a row's run.
+    """
+    path = Path(path)
+    with h5py.File(path, "a") as f:
+        ds = f[f"timeseries/{min(f['timeseries'].keys())}"]
+        lengths = _lengths(f, ds, path)
+        if len(censored) != len(lengths):
+            raise DataError(f"{path}: censored TRs of {len(censored)} runs for {len(lengths)} runs in the file; "
+                            "give one array per row, in row order")
+        runs = [np.unique(np.asarray(c, dtype=np.int64).reshape(-1)) for c in censored]
+        for row, trs in enumerate(runs):
+            if len(trs) and (trs[0] < 0 or trs[-1] >= lengths[row]):
+                raise DataError(f"{path}: censored TRs of row {row} lie outside its {int(lengths[row])} TRs")
+        tmp = f".{CENSORED_GROUP}.tmp"
+        if tmp in f:
+            del f[tmp]
+        g = f.create_group(tmp)
+        g.create_dataset("tr", data=np.concatenate([np.empty(0, np.int64), *runs]).astype(np.int32))
+        g.create_dataset("offsets", data=np.concatenate([[0], np.cumsum([len(r) for r in runs])]).astype(np.int64))
+        for key, value in (attrs or {}).items():
+            g.attrs[key] = value
+        if CENSORED_GROUP in f:
+            del f[CENSORED_GROUP]
+        f.move(tmp, CENSORED_GROUP)
+    return path
+
+
 def _lengths(f: h5py.File, ds: h5py.Dataset, path) -> np.ndarray:
     n_t = int(ds.shape[2])
     if "ts_len" in f:
@@ -399,7 +446,8 @@ class ROIStore(StoreBase):
     ``read(run, start, stop, stride)`` returns ``(n, n_rois)`` float32 (time-first). ``run_stats(run)``
     returns ``n`` (TRs), ``mean`` and ``std`` ``(n_rois,)`` float64 over the run's TRs: from
     ``/run_stats`` when the file has them, else computed from the run (which is then checked to be
-    finite).
+    finite). ``censored_trs(run)``: the run's censored TRs (``/censored_trs``; ``has_censoring``,
+    ``censoring``: its attributes and counts), whose windows the datasets skip.
 
     Raises:
         DataError: missing or unreadable file (e.g. truncated), missing atlas (for a list: an atlas of
@@ -465,6 +513,7 @@ class ROIStore(StoreBase):
                                 for name, _, _, here in self._parts if here}
             self.trial_label_names = sorted(f[TRIAL_LABELS_GROUP].keys()) if TRIAL_LABELS_GROUP in f else []
             self.run_label_names = sorted(f["labels"].keys()) if "labels" in f else []
+            self._read_censoring(f)
             self.attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in f.attrs.items()}
             size_mb = self.n_runs * self.n_rois * self.n_timepoints * 4 / 2**20
         self.frame_shape = (self.n_rois,)
@@ -700,6 +749,31 @@ class ROIStore(StoreBase):
             DataError: the file has no such labels.
         """
         return np.asarray(self._trial_dataset(name)[run, : int(self.lengths[run])], dtype=np.int64)
+
+    # -- censored TRs (/censored_trs) -----------------------------------------------------------------
+    def _read_censoring(self, f: h5py.File) -> None:
+        """Load ``/censored_trs`` (small: one int per censored TR) at open."""
+        self.has_censoring = CENSORED_GROUP in f
+        self.censoring: dict[str, Any] = {}
+        self._censored: tuple[np.ndarray, np.ndarray] | None = None
+        if not self.has_censoring:
+            return
+        g = f[CENSORED_GROUP]
+        trs, offsets = np.asarray(g["tr"][:], dtype=np.int64), np.asarray(g["offsets"][:], dtype=np.int64)
+        if len(offsets) != self.n_runs + 1 or offsets[-1] != len(trs):
+            raise DataError(f"{self.path}:/{CENSORED_GROUP} has offsets for {len(offsets) - 1} runs and {len(trs)} TRs; "
+                            f"the file has {self.n_runs} runs. Write it again (brainfm-data import)")
+        self._censored = (trs, offsets)
+        self.censoring = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in g.attrs.items()}
+        self.censoring["n_censored"] = int(len(trs))
+        self.censoring["runs_with_censored"] = int((np.diff(offsets) > 0).sum())
+
+    def censored_trs(self, run: int) -> np.ndarray:
+        """Sorted indices ``(n,)`` int64 of the censored TRs of one run (empty in a store without censoring)."""
+        if self._censored is None:
+            return np.empty(0, dtype=np.int64)
+        trs, offsets = self._censored
+        return trs[offsets[run]:offsets[run + 1]]
 
     def run_labels(self, name: str) -> np.ndarray:
         """``/labels/<name>``: one value per run ``(n_runs,)`` (strings decoded).

@@ -77,6 +77,13 @@ class StoreView(StoreBase):
     def run_stats(self, i: int) -> Mapping[str, Any]:
         return self.base.run_stats(self._j(i))
 
+    @property
+    def has_censoring(self) -> bool:
+        return bool(getattr(self.base, "has_censoring", False))
+
+    def censored_trs(self, i: int) -> np.ndarray:
+        return self.base.censored_trs(self._j(i))
+
     def column(self, name: str) -> list:
         """An index column of the base store, for the kept runs."""
         values = self.base.column(name)
