@@ -12,6 +12,9 @@
     brainfm-data resample <in.h5> <out.h5> --tr S [--atlas NAME]   every run resampled to TR S (polyphase)
     brainfm-data tar-to-h5 <pattern> <out.h5> [--atlas NAME] [--tr S] [--shift-s S]   Thomas et al.'s .tar -> ROI HDF5
     brainfm-data h5-to-tar <in.h5> <out_dir> [--shard-size N] [--atlas NAME]   ROI HDF5 -> .tar shards
+    brainfm-data import <derivatives> --atlas SEG --out FILE.h5 [--space NAME] [--task T ...] [--tr S]
+        [--events-dir BIDS] [--confounds-dir DIR] [--participants TSV] [--labels COL ...] [--fd-threshold MM]
+        [--shift-s S]   XCP-D / nilearn BIDS time series (*_seg-<atlas>_stat-mean_timeseries.tsv) -> ROI HDF5
     brainfm-data to-brainmarks <store> <out> [--space NAME] [--name NAME] [--seed S] [--fractions F F F]
         [--split-file FILE] [--dtype float16|float32] [--atlas NAME] [--tr S]
         an ROI store with its /labels -> a Brainmarks data set <out> = <name>.<space>.arrow (or a folder to put it in)
@@ -63,6 +66,13 @@ def _info(args: argparse.Namespace) -> None:
     if store.kind == "roi":
         print(f"  ROI names: {store.roi_names[:4] if store.roi_names else None} ...")
         print(f"  per-run statistics: {'yes' if store.has_run_stats else 'no (brainfm-data index adds them)'}")
+        if store.has_censoring:
+            c = store.censoring
+            fd = c.get("fd_threshold_mm")
+            print(f"  censored TRs: {c['n_censored']} of {int(store.lengths.sum())} in {c['runs_with_censored']} run(s)"
+                  f" (FD threshold: {'none' if fd is None or fd != fd else f'{fd:g} mm'}; above it: "
+                  f"{c.get('n_above_fd_threshold', '?')}, removed by the pipeline: {c.get('n_removed_by_pipeline', '?')});"
+                  " windows holding one are skipped")
         for key, value in sorted(store.attrs.items()):
             print(f"  {key}: {value}")
 
@@ -141,6 +151,17 @@ def _h5_to_tar(args: argparse.Namespace) -> None:
     print(f"wrote {len(shards)} shard(s) to {args.out_dir}: {shards[0].name} .. {shards[-1].name}")
 
 
+def _import(args: argparse.Namespace) -> None:
+    # imported here, as every command's module: `brainfm-data --help` stays free of pandas/pybids/h5py
+    from brainfm.data.preprocess.bids_timeseries import import_bids_timeseries
+
+    report = import_bids_timeseries(args.derivatives, args.atlas, args.out, space=args.space, tasks=args.task,
+                                    tr=args.tr, events_dir=args.events_dir, confounds_dir=args.confounds_dir,
+                                    participants=args.participants, labels=args.labels, fd_threshold=args.fd_threshold,
+                                    shift_s=args.shift_s)
+    print(report.summary())
+
+
 def _to_brainmarks(args: argparse.Namespace) -> None:
     from brainfm.data.stores.brainmarks import BrainmarksStore, write_brainmarks
 
@@ -208,6 +229,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
     p.add_argument("--atlas", default=None, help="the atlas (default: the only one)")
     p.set_defaults(func=_h5_to_tar)
+    p = sub.add_parser("import", help="BIDS-derivatives ROI time series (XCP-D, nilearn pipelines) -> one ROI HDF5 store",
+                       description="Import the parcellated time series of one atlas "
+                                   "(sub-*_[ses-*_]task-*_[run-*_]space-*_seg-<atlas>_stat-mean_timeseries.tsv, or atlas-<atlas>) "
+                                   "with their TR (sidecars), participants.tsv labels, events.tsv trial labels and "
+                                   "optional motion censoring into one ROI store. docs/data.md")
+    p.add_argument("derivatives", type=Path, help="the derivatives folder (e.g. XCP-D's output, holding sub-*/)")
+    p.add_argument("--atlas", required=True, help="the atlas: the seg-<atlas> (or atlas-<atlas>) value of the file names")
+    p.add_argument("--out", type=Path, required=True, help="the .h5 file to create (an existing one is not overwritten)")
+    p.add_argument("--space", default=None, help="the space- to import when the atlas comes in several (volume and CIFTI)")
+    p.add_argument("--task", nargs="+", default=None, help="import these tasks only (default: all)")
+    p.add_argument("--tr", type=float, default=None, help="seconds, for runs whose sidecars record no RepetitionTime")
+    p.add_argument("--events-dir", type=Path, default=None,
+                   help="the raw BIDS data set: *_events.tsv, participants.tsv and BOLD sidecars (default: the derivatives)")
+    p.add_argument("--confounds-dir", type=Path, default=None,
+                   help="where the runs' *_motion.tsv / *_desc-confounds_timeseries.tsv are (default: the derivatives)")
+    p.add_argument("--participants", type=Path, default=None,
+                   help="participants.tsv (default: the one of --events-dir, else of the derivatives)")
+    p.add_argument("--labels", nargs="+", default=None, help="participants.tsv columns to store (default: all)")
+    p.add_argument("--fd-threshold", type=float, default=None, metavar="MM",
+                   help="censor TRs with framewise displacement above MM mm (windows holding one are skipped)")
+    p.add_argument("--shift-s", type=float, default=0.0,
+                   help="haemodynamic shift (s) applied to the trial labels now (default 0: shifted when read, "
+                        "data.trial_labels.shift_s)")
+    p.set_defaults(func=_import)
     p = sub.add_parser("to-brainmarks", help="an ROI store with its labels -> a Brainmarks data set (Hugging Face Arrow)",
                        description="Write an ROI store (HDF5, with its /labels) as a Brainmarks data set "
                                    "<name>.<space>.arrow/{train,validation,test}: one row per run, bold z-scored over the "
