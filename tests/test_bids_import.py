@@ -170,6 +170,24 @@ def test_fd_censoring_records_the_trs_and_skips_exactly_their_windows(tree, tmp_
         ROIWindowDataset(dm.store, dm.normalizer, [(0, c - 2, c + 3)], length=5)
 
 
+def test_fd_from_fmriprep_confounds_in_another_folder(tree, tmp_path):
+    """nilearn-based pipelines: the time series in one derivatives folder, fMRIPrep's confounds in another."""
+    for k, (sub, ses, run) in enumerate(RUNS):
+        src = source(sub, ses, run)
+        (folder(tree["xcp"], sub, ses) / f"{src}_motion.tsv").unlink()
+        fd = tree["fd"][src] if k else tree["fd"][src][:-1]  # the first run's table one row short
+        write_tsv(folder(tmp_path / "fmriprep", sub, ses) / f"{src}_desc-confounds_timeseries.tsv",
+                  pd.DataFrame({"global_signal": np.ones(len(fd)), FD: [np.nan, *fd[1:]]}))
+    with pytest.raises(DataError, match=rf"{source(*RUNS[0])}_desc-confounds_timeseries.tsv has 95 rows but .* 96 TRs"):
+        imported(tree, tmp_path / "a.h5", fd_threshold=0.5, confounds_dir=tmp_path / "fmriprep")
+    src = source(*RUNS[0])
+    write_tsv(folder(tmp_path / "fmriprep", "01", "1") / f"{src}_desc-confounds_timeseries.tsv",
+              pd.DataFrame({FD: [np.nan, *tree["fd"][src][1:]]}))
+    store = imported(tree, tmp_path / "b.h5", fd_threshold=0.5, confounds_dir=tmp_path / "fmriprep")
+    for row, r in enumerate(RUNS):
+        np.testing.assert_array_equal(store.censored_trs(row), np.flatnonzero(tree["fd"][source(*r)] > 0.5))
+
+
 def test_skip_censored_keeps_the_grid_windows_without_a_censored_tr():
     rng = np.random.default_rng(0)
     for _ in range(200):

@@ -177,7 +177,7 @@ class WindowDataset(Dataset):
         self.index, self.segment_origin, self.censored_skipped = clean_windows(store, segments, span, stride)
         if self.censored_skipped:
             total = self.censored_skipped + len(self.index)
-            log.info("%s: skipped %d of %d windows (%s, every %d TRs) that hold a censored TR",
+            log.info("%s: skipped %d of %d windows that hold a censored TR (%s, stride %d TR(s))",
                      store.location, self.censored_skipped, total, what, int(stride))
         self.segments = self.index.segments  # (n_segments, 3) int64: run, first TR, stop TR
         if len(self.index) == 0 and self.censored_skipped:
