@@ -94,8 +94,8 @@ def run_checkpoints(run_dir: str | Path) -> list[Path]:
 
 #: what brainfm-train and the commands that read a run write into its run directory; ``overwrite=true``
 #: removes them (Hydra's own ``.hydra/`` and ``train.log`` of the new run stay)
-RUN_OUTPUTS = ("checkpoints", "summary.json", "config.yaml", "csv", "tensorboard", "mlflow_run_id", "eval", "export",
-               "predict", "interpret")
+RUN_OUTPUTS = ("checkpoints", "summary.json", "config.yaml", "csv", "tensorboard", "mlflow_run_id", "wandb",
+               "wandb_run_id", "eval", "export", "predict", "interpret")
 
 
 def refuse_fresh_start(run_dir: str | Path) -> None:

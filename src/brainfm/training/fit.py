@@ -127,7 +127,8 @@ def _finished_already(cfg: DictConfig, resume: str | None) -> int | None:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train; return the final logged metrics. Writes ``config.yaml`` and ``summary.json`` into the run
-    directory (``paths.run_dir``).
+    directory (``paths.run_dir``); after an offline W&B run (``logger=wandb``) the summary's ``wandb_sync_command``
+    and the last line printed are the command that uploads it.
 
     A run directory that holds checkpoints is never trained over from scratch: without a checkpoint to
     resume (``ckpt_path``, :func:`brainfm.runs.resolve_resume`) the run is refused before anything in it
@@ -201,16 +202,21 @@ def run(cfg: DictConfig) -> dict[str, float]:
     command = resume_command(cfg, run_dir) if interrupted else None
     if command:
         summary["resume_command"] = command
+    # an offline W&B run (logger=wandb): the command that uploads it from a machine with internet
+    sync = next((c for c in (getattr(lg, "sync_command", None) for lg in trainer.loggers) if c), None)
+    if sync:
+        summary["wandb_sync_command"] = sync
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         shown = "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("train/loss", "val/")))
+        synced = f"\n  W&B (offline), upload from a login node with: {sync}" if sync else ""
         if interrupted:
             print(f"brainfm-train: {name} interrupted (Ctrl-C) at step {trainer.global_step}: {shown}\n"
                   f"  checkpoint: {summary['last_checkpoint']}\n"
-                  f"  resume with: {command}", flush=True)
+                  f"  resume with: {command}{synced}", flush=True)
         else:
             print(f"brainfm-train: {name} finished at step {trainer.global_step}: {shown}\n"
-                  f"  checkpoint: {summary['last_checkpoint']}")
+                  f"  checkpoint: {summary['last_checkpoint']}{synced}")
     if interrupted:
         raise TrainingInterrupted(run_dir, int(trainer.global_step), command)
     return metrics

@@ -2,6 +2,8 @@
 
 - :class:`ResumableCSVLogger`: CSV metrics that a resumed run extends instead of overwriting.
 - :class:`ResumableMLFlowLogger`: MLflow (``logger=mlflow``); a resumed run continues the same MLflow run.
+- :class:`WandbLogger`: Weights & Biases (``logger=wandb``), offline inside SLURM jobs; a resumed run continues
+  the same W&B run.
 - :class:`TensorBoardLogger`: Lightning's, with brainfm's step convention.
 - :class:`ProgressLog`, :class:`StepProgressBar`: progress in a log file, and in a terminal.
 - :func:`neptune_removed`: what ``logger=neptune`` raises.
@@ -13,7 +15,7 @@ when training resumes from a checkpoint at global step ``G``, drops the rows of 
 that were logged after that checkpoint was written: the file then holds every optimizer step
 exactly once.
 
-One step convention everywhere (log lines, ``metrics.csv``, TensorBoard, MLflow, checkpoint names
+One step convention everywhere (log lines, ``metrics.csv``, TensorBoard, MLflow, W&B, checkpoint names
 ``best-step<N>.ckpt``, "saved ... at step N"): ``step`` is the number of optimizer steps completed,
 ``trainer.global_step``; 1 for the first step, ``max_steps`` for the last; validation rows carry the
 step they validated (``val_check_interval``, ``2 * val_check_interval``, ...). Lightning's loggers
@@ -27,16 +29,24 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
+import secrets
+import shlex
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter as _FabricWriter
+from lightning.fabric.utilities.logger import _add_prefix, _convert_params
 from lightning.pytorch.callbacks import Callback, RichProgressBar, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import OmegaConf
 
 from brainfm.errors import ConfigError
 from brainfm.io import atomic_path, atomic_write_text
@@ -232,6 +242,192 @@ class ResumableMLFlowLogger(StepsCompleted, MLFlowLogger):
         return client
 
 
+#: what W&B accepts in a run id: it refuses ``:;,#?/'`` and the URL of a run carries its id, so brainfm keeps letters,
+#: digits, ``-`` and ``_``; at most 64 characters
+_WANDB_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_WANDB_ID_MAX = 64
+_WANDB_MODES = ("online", "offline", "disabled")
+
+
+def wandb_mode(mode: str | None = None) -> str:
+    """The W&B mode of a run (``online``, ``offline`` or ``disabled``): ``mode`` (``logger.wandb.mode``) when set,
+    else ``$WANDB_MODE`` when set, else ``offline`` inside a SLURM job (``$SLURM_JOB_ID`` set: Perlmutter's compute
+    nodes have no outbound internet; ``wandb sync`` uploads the run from a login node) and ``online`` elsewhere.
+    W&B's older names ``dryrun`` and ``run`` read as ``offline`` and ``online``.
+
+    Raises:
+        ConfigError: a mode other than those three, named with where it came from.
+    """
+    if mode is not None:
+        source = f"logger.wandb.mode={mode}"
+    elif os.environ.get("WANDB_MODE"):
+        mode = os.environ["WANDB_MODE"]
+        source = f"WANDB_MODE={mode}"
+    else:
+        return "offline" if os.environ.get("SLURM_JOB_ID") else "online"
+    value = str(mode).strip().lower()
+    value = {"dryrun": "offline", "run": "online"}.get(value, value)
+    if value not in _WANDB_MODES:
+        raise ConfigError(f"{source}: the W&B mode is online, offline or disabled. Fix: logger.wandb.mode=offline "
+                          "(or online, disabled; null picks offline inside a SLURM job, online elsewhere)")
+    return value
+
+
+def wandb_run_id(identity: str, token: str) -> str:
+    """A W&B run id for the brainfm run ``identity`` (``<experiment>/<run_name>[/<job number>]``, its run directory
+    under ``paths.output_dir``): ``<identity>-<token>`` with every run of characters W&B does not take in an id
+    replaced by ``-``, at most 64 characters (a longer identity loses its end, the token stays):
+    ``wandb_run_id("gpt/123_4/0", "9f3a61c2") == "gpt-123_4-0-9f3a61c2"``.
+
+    ``token`` is drawn once, when the run starts from scratch, and kept in the run directory
+    (:class:`WandbLogger`): the id stays the same for every resume of the run, and two runs with the same
+    identity (``overwrite=true``, another ``paths.output_dir``, ``run_name=local`` on two machines) never write into
+    one W&B run.
+    """
+    base = _WANDB_ID_UNSAFE.sub("-", identity).strip("-") or "run"
+    return f"{base[:_WANDB_ID_MAX - len(token) - 1]}-{token}"
+
+
+class _WandbAtStep(_LightningWandbLogger):
+    """Lightning's ``WandbLogger`` sending each row at its step as W&B's own step (``run.log(..., step=N)``), and
+    continuing the W&B run of the brainfm run (the arguments are :class:`WandbLogger`'s)."""
+
+    def __init__(self, run_dir: str, name: str, project: str = "brainfm", entity: str | None = None,
+                 group: str | None = None, tags: list[str] | None = None, mode: str | None = None,
+                 settings: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        try:  # optional dependency (the extra brainfm[wandb]): imported only by logger=wandb
+            import wandb
+        except ImportError as e:
+            raise ConfigError("logger=wandb needs the wandb package: pip install 'brainfm[wandb]'") from e
+        self._id_file = Path(run_dir) / "wandb_run_id"
+        run_id = kwargs.pop("id", None)
+        if run_id is None and self._id_file.is_file():
+            run_id = self._id_file.read_text().strip()
+        mode = wandb_mode(mode)
+        # Quiet: brainfm prints the run directory and, for an offline run, the one `wandb sync` command that uploads
+        # every part of a resumed run; W&B's own banner names only the last part and its offline notes, sparklines and
+        # sync hint would repeat them. Offline: nothing on the screen (silent; W&B's warnings go to its debug.log in
+        # <run_dir>/wandb). Online: quiet keeps the run's URL and W&B's upload warnings and errors. console="off":
+        # W&B does not capture stdout/stderr (train.log in the run directory and the SLURM job log hold them).
+        quiet = {"silent": True} if mode == "offline" else {"quiet": True}
+        super().__init__(name=name, save_dir=str(run_dir), id=run_id or wandb_run_id(name, secrets.token_hex(4)),
+                         project=project, entity=entity, group=group, tags=list(tags) if tags else None, mode=mode,
+                         settings=wandb.Settings(**{"console": "off", **quiet, **(settings or {})}), **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # Lightning passes anonymous=None; W&B warns that it is deprecated
+            self._wandb_init.pop("anonymous", None)
+        self._next_step = 0
+        self._dropped = False
+        self._offline_run = False
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            import wandb  # optional dependency, imported in __init__ already
+
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+            self._wandb_init["config"] = self._run_config()
+            try:
+                run = super().experiment
+            except wandb.errors.Error as e:
+                raise ConfigError(
+                    f"logger=wandb could not start W&B run {self._wandb_init['id']} ({e}). Fix: log in once with "
+                    "`wandb login` (or set WANDB_API_KEY), or log offline with logger.wandb.mode=offline and upload "
+                    f"the run later with `wandb sync {os.path.join(self.save_dir, 'wandb')}`") from e
+            self._started(run)
+        return self._experiment
+
+    def _run_config(self) -> dict[str, Any] | None:
+        """The composed config, as :func:`brainfm.training.run` wrote it to ``<run_dir>/config.yaml`` before training."""
+        path = Path(self.save_dir) / "config.yaml"
+        return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
+
+    def _started(self, run) -> None:
+        if getattr(run, "disabled", False):
+            return
+        if not self._id_file.is_file():
+            atomic_write_text(self._id_file, run.id)
+        self._offline_run = bool(run.offline)
+        # online, a resumed W&B run already holds the steps before run.step; W&B drops rows at lower steps (its steps
+        # only increase), each with a warning: brainfm leaves them out with one line
+        self._next_step = int(run.step) if run.resumed else 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        """The task's saved hyper-parameters, under ``hparams`` in the W&B config (its top level is the composed
+        config)."""
+        super().log_hyperparams({"hparams": _convert_params(params)})
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if step is None:
+            return super().log_metrics(metrics, None)
+        if step < self._next_step:
+            if not self._dropped:
+                self._dropped = True
+                _log.info(f"W&B run {self.version} holds steps up to {self._next_step - 1} already (logged before the "
+                          f"checkpoint this run resumed from): this run's rows of those steps are in metrics.csv, not "
+                          f"in W&B")
+            return
+        metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
+        self.experiment.log({**metrics, "trainer/global_step": step}, step=int(step))
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._experiment is None:
+            return
+        import wandb  # optional dependency, imported in __init__ already
+
+        super().finalize(status)
+        self._experiment.finish(exit_code=0 if status in ("success", "finished") else 1)
+        self._experiment = None
+        # finish() returns before W&B's service has closed the run's file (offline, it writes 32 KiB blocks): teardown
+        # waits for it, so the files are complete when brainfm-train prints the sync command, and before a requeued
+        # SLURM job is killed (ResumeCheckpoint finalizes the loggers before `scontrol requeue`)
+        wandb.teardown()
+
+    @property
+    def sync_command(self) -> str | None:
+        """``wandb sync <run_dir>/wandb`` (absolute) for a run that logged offline, else ``None``: it uploads every part
+        of the run (each resume adds one) in order, skipping parts uploaded already."""
+        if not self._offline_run:
+            return None
+        return f"wandb sync {shlex.quote(os.path.abspath(os.path.join(self.save_dir, 'wandb')))}"
+
+
+class WandbLogger(StepsCompleted, _WandbAtStep):
+    """Weights & Biases (``logger=wandb``, https://wandb.ai): Lightning's ``WandbLogger`` with brainfm's run rules.
+
+    - Steps: W&B's step of a row is brainfm's step (optimizer steps completed, :class:`StepsCompleted`), the ``step``
+      of ``metrics.csv`` for the same values; ``trainer/global_step`` (Lightning's x-axis) holds the same number.
+    - Files: in ``<run_dir>/wandb`` (``offline-run-<time>-<id>`` or ``run-<time>-<id>``, one per start of the run).
+    - Run id: :func:`wandb_run_id` of the run's identity, kept in ``<run_dir>/wandb_run_id``, with
+      ``resume="allow"``: a requeued SLURM job or a ``ckpt_path=auto`` resume continues the same W&B run; every job
+      of a multirun has its own; ``overwrite=true`` starts a new one.
+    - Mode: :func:`wandb_mode` (offline inside a SLURM job unless ``mode`` or ``$WANDB_MODE`` say otherwise). An
+      offline run ends with :attr:`sync_command`, which ``brainfm-train`` prints and writes to ``summary.json``.
+    - Config: the composed config (``<run_dir>/config.yaml``) is the W&B run's config, the task's saved
+      hyper-parameters under ``hparams``.
+    - Quiet: W&B prints nothing offline, only the run's URL and its warnings online, and does not capture the
+      console.
+
+    A run resumed from a checkpoint older than the last step W&B holds (after a crash: a requeue and Ctrl-C save the
+    step they stop at) keeps W&B's first values of the steps in between; ``metrics.csv`` holds the resumed run's.
+
+    Args:
+        run_dir: the brainfm run directory.
+        name: the run's identity, ``<experiment>/<run_name>[/<job number>]``: the W&B run name and the base of its id.
+        project, entity, group, tags: W&B's (``entity=None``: the W&B account's default entity).
+        mode: ``online``, ``offline``, ``disabled`` or ``None`` (:func:`wandb_mode`).
+        settings: more ``wandb.Settings`` fields, over brainfm's quiet ones (``{console: wrap}`` uploads the console).
+        **kwargs: the rest of Lightning's ``WandbLogger`` / ``wandb.init`` arguments (``notes``, ``job_type``, ...).
+
+    Raises:
+        ConfigError: wandb is not installed; a mode that is not one of the three; W&B could not start the run
+            (online without a login or without internet), with the fixes.
+    """
+
+
 def neptune_removed(**_: Any):
     """``logger=neptune``: Neptune's hosted service is gone; say so and name the replacements.
 
@@ -240,7 +436,8 @@ def neptune_removed(**_: Any):
     """
     raise ConfigError(
         "logger=neptune is not available: Neptune's hosted service was shut down on 2026-03-05 (hosted data "
-        "deleted) and Lightning >= 2.6.4 removed its NeptuneLogger. Use logger=mlflow (a local SQLite "
+        "deleted) and Lightning >= 2.6.4 removed its NeptuneLogger. Use logger=wandb (Weights & Biases, offline "
+        "inside a SLURM job), logger=mlflow (a local SQLite "
         "database by default, or logger.mlflow.tracking_uri=http://<server>:5000 for a shared server) or "
         "logger=tensorboard (logger=default writes TensorBoard and CSV)."
     )
