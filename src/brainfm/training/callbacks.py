@@ -5,10 +5,10 @@ preemption signal.
 ``every_minutes`` of wall-clock time (whichever comes first; both reset after any save), at the end
 of training, and when the job receives the preemption signal (SLURM sends it ``--signal=USR1@<s>``
 seconds before the time limit). On the signal it finishes the current optimizer step, saves,
-stops training, flushes the loggers and then asks SLURM to requeue the job (``scontrol requeue``). The requeued
-job keeps its job id, hence its run directory, and resumes from ``last.ckpt`` (``ckpt_path=auto``,
-the default under SLURM). Lightning's own SLURM auto-requeue is switched off by ``brainfm-train`` so
-that exactly one handler owns the signal. Under DDP/FSDP every rank may see the signal, and its own
+stops training, finalizes (flushes and closes) the loggers and then asks SLURM to requeue the job
+(``scontrol requeue``). The requeued job keeps its job id, hence its run directory, and resumes from
+``last.ckpt`` (``ckpt_path=auto``, the default under SLURM). Lightning's own SLURM auto-requeue is
+switched off by ``brainfm-train`` so that exactly one handler owns the signal. Under DDP/FSDP every rank may see the signal, and its own
 clock pass the wall-clock interval, at a slightly different step; the ranks agree on the step to
 stop or save at through one all-reduce per step of both flags (any rank decides for all).
 
@@ -159,8 +159,8 @@ class ResumeCheckpoint(Callback):
         self._restore_handlers()
         if self._requeue_pending:  # after the loop logged its last step: requeueing kills this job
             self._requeue_pending = False
-            for logger in trainer.loggers:
-                logger.save()
+            for logger in trainer.loggers:  # closed now, not after teardown: SLURM's SIGTERM may come first (W&B
+                logger.finalize("success")  # writes the end of an offline run's file only when it is finished)
             job = slurm_job_ref()
             if self.requeue and job and trainer.is_global_zero:
                 with _sigterm_deferred():  # SLURM sends SIGTERM as soon as it requeues: log the outcome first
