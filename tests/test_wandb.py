@@ -1,15 +1,18 @@
 """``logger=wandb``: offline run files in the run directory at brainfm's steps (the values of ``metrics.csv``), quiet
 output and the ``wandb sync`` command; a run stopped with Ctrl-C and resumed with ``ckpt_path=auto`` continues its W&B
-run, ``overwrite=true`` starts another; the mode rule, the run id, and the error without wandb installed. No network:
-every run is offline and W&B's folders are under ``tmp_path``.
+run, ``overwrite=true`` starts another; a requeued job's files are complete before ``scontrol requeue``; the mode rule,
+the run id, and the errors without wandb installed and online without a login. No network: every run is offline and
+W&B's folders are under ``tmp_path``.
 
-W&B 0.31 ships no reader of its offline run files (``run-<id>.wandb``): :func:`wandb_records` reads them in their
-documented layout (LevelDB's log format behind a 7-byte W&B header, records of ``wandb_internal_pb2.Record``)."""
+W&B 0.31 ships no reader of its offline run files (``run-<id>.wandb``): :func:`wandb_records` reads the layout W&B's
+core writes (LevelDB's log format behind a 7-byte W&B header, ``core/pkg/leveldb/record.go`` in wandb/wandb), whose
+records are ``wandb_internal_pb2.Record``."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import signal
 import struct
 import subprocess
@@ -17,16 +20,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import wandb
 from helpers import subprocess_env, train_command
 from lightning.pytorch.callbacks import Callback
+from wandb.proto import wandb_internal_pb2
 
+import brainfm.callbacks
 from brainfm.cli.train import run
 from brainfm.config import repo_root
 from brainfm.errors import ConfigError
 from brainfm.tracking import WandbLogger, wandb_mode, wandb_run_id
 from brainfm.training import TrainingInterrupted
-
-pytest.importorskip("wandb")
 
 SMALL = ("experiment=gpt", "model.d_model=32", "model.depth=1", "data.window.length=30", "data.window.min_length=null",
          "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "run_name=t",
@@ -60,8 +64,6 @@ def wandb_records(path: Path) -> list:
     """The records of a W&B transaction log (``run-<id>.wandb``): 32 KiB blocks of chunks ``crc32c (4) length (2,
     little-endian) type (1: full, 2: first, 3: middle, 4: last) payload``, the first block 7 bytes short (W&B's header
     ``:W&B``, magic, version)."""
-    from wandb.proto import wandb_internal_pb2
-
     data, block = path.read_bytes(), 32 * 1024
     assert data[:4] == b":W&B", path
     records, payload, pos = [], b"", 7
@@ -180,8 +182,6 @@ def test_ctrl_c_and_ckpt_path_auto_continue_the_same_wandb_run_and_overwrite_sta
 def test_a_requeued_job_has_finished_its_offline_wandb_files_before_scontrol_requeue(cfg_for, tmp_path, monkeypatch):
     """SLURM kills a job as soon as it is requeued: W&B's offline file must hold every step already (W&B writes the
     end of the file only when the run is finished), as metrics.csv does."""
-    import brainfm.callbacks
-
     run_dir, seen = tmp_path / "outputs" / "gpt" / "t", {}
 
     def scontrol(args, **_):
@@ -231,8 +231,6 @@ def test_missing_wandb_is_a_config_error_naming_the_extra(cfg_for, monkeypatch):
 
 
 def test_online_without_a_login_names_the_fixes(tmp_path, monkeypatch):
-    import wandb
-
     def no_key(**_):
         raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
 
@@ -257,8 +255,6 @@ class _ResumedOnline:
 def test_a_resumed_online_run_leaves_out_the_steps_wandb_holds_with_one_line(tmp_path, caplog):
     """After a crash the run resumes from an older checkpoint (step 3) while W&B holds steps up to 5: W&B would drop
     the rows of steps 4 and 5 with a warning each; brainfm leaves them out with one line."""
-    import logging
-
     caplog.set_level(logging.INFO, logger="brainfm")
     logger = WandbLogger(run_dir=str(tmp_path / "r"), name="gpt/r", mode="offline")
     logger._experiment = run = _ResumedOnline()
