@@ -25,11 +25,11 @@ from helpers import subprocess_env, train_command
 from lightning.pytorch.callbacks import Callback
 from wandb.proto import wandb_internal_pb2
 
-import brainfm.callbacks
+import brainfm.training.callbacks
 from brainfm.cli.train import run
 from brainfm.config import repo_root
 from brainfm.errors import ConfigError
-from brainfm.tracking import WandbLogger, wandb_mode, wandb_run_id
+from brainfm.training.tracking import WandbLogger, wandb_mode, wandb_run_id
 from brainfm.training import TrainingInterrupted
 
 SMALL = ("experiment=gpt", "model.d_model=32", "model.depth=1", "data.window.length=30", "data.window.min_length=null",
@@ -190,8 +190,8 @@ def test_a_requeued_job_has_finished_its_offline_wandb_files_before_scontrol_req
         seen["csv"] = csv_by_step(run_dir)
         return subprocess.CompletedProcess(args, 0, "", "")
 
-    monkeypatch.setattr(brainfm.callbacks, "slurm_job_ref", lambda: "42")
-    monkeypatch.setattr(brainfm.callbacks.subprocess, "run", scontrol)
+    monkeypatch.setattr(brainfm.training.callbacks, "slurm_job_ref", lambda: "42")
+    monkeypatch.setattr(brainfm.training.callbacks.subprocess, "run", scontrol)
     run(cfg_for(*SMALL, "trainer.max_steps=8", "+callbacks.stop._target_=test_wandb.SignalAtStep",
                 "+callbacks.stop.step=2", "+callbacks.stop.name=SIGUSR1"))
     stopped = json.loads((run_dir / "summary.json").read_text())["global_step"]
