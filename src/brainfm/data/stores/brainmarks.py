@@ -53,8 +53,8 @@ import numpy as np
 
 from brainfm.data.atlases import BRAINMARKS_SPACES, brainmarks_space
 from brainfm.data.stores.base import LRUCache, StoreBase, cache_sizes, ensure_out
-from brainfm.data.stores.index import temp_name
 from brainfm.errors import ConfigError, DataError
+from brainfm.io import temp_path
 
 log = logging.getLogger(__name__)
 
@@ -605,7 +605,7 @@ def write_brainmarks(store_path: str | os.PathLike, out: str | os.PathLike, *, a
     runs = {b: [r for r, s in enumerate(store.subject_ids) if split_of.get(s) == k] for b, k in SPLITS.items()}
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(target)
+    tmp = temp_path(target)  # holds datasets' cache beside the data set, so not brainfm.io.PendingDir
     tmp.mkdir()
     try:
         with quiet_datasets() as hf:
@@ -628,7 +628,7 @@ def write_brainmarks(store_path: str | os.PathLike, out: str | os.PathLike, *, a
             hf.DatasetDict(parts).save_to_disk(str(tmp / "data"))
             del parts
         try:
-            os.rename(tmp / "data", target)  # refuses a non-empty folder created meanwhile
+            os.rename(tmp / "data", target)  # not brainfm.io, which replaces: refuses a non-empty folder made meanwhile
         except OSError:
             raise DataError(f"{target} appeared while it was written; nothing was overwritten. Remove it or choose "
                             "another output") from None

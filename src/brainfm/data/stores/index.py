@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 
 from brainfm.deprecations import current_columns
 from brainfm.errors import DataError
+from brainfm.io import atomic_path
 
 INDEX = "index.parquet"
 LOCK = ".index.lock"
@@ -38,11 +37,6 @@ KEYS = ("subject", "run")
 
 def index_path(root: str | os.PathLike) -> Path:
     return Path(root) / INDEX
-
-
-def temp_name(path: Path) -> Path:
-    """A temporary sibling of ``path`` unique across hosts and processes (``.<name>.tmp-<host>-<pid>-<rand>``)."""
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def read_index(root: str | os.PathLike, kind: str, as_table: bool = False) -> dict[str, Any] | Any | None:
@@ -95,15 +89,10 @@ def _write(root: Path, rows: list[Mapping[str, Any]], kind: str) -> Path:
     import pyarrow.parquet as pq
 
     path = index_path(root)
-    tmp = temp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(_table(rows, kind), tmp, compression="zstd")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

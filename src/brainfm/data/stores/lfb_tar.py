@@ -33,7 +33,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,9 +41,9 @@ from typing import Any
 import numpy as np
 
 from brainfm.data.stores.base import StoreBase, common_tr
-from brainfm.data.stores.index import temp_name
 from brainfm.data.stores.roi import TRIAL_LABELS_GROUP
 from brainfm.errors import ConfigError, DataError
+from brainfm.io import PendingFile, atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +390,9 @@ def tar_to_h5(pattern: str | Sequence[str], out: str | os.PathLike, atlas: str =
     shards = expand_shards(pattern, "pattern")
     out = Path(out)
     pattern_rx = re.compile(subject_pattern)
-    tmp = temp_name(out)  # the writer renames to here; the trial labels are added, then it moves to ``out``
+    # the writer renames its file to here (and makes the folder); the trial labels are added, then it moves to ``out``
+    pending = PendingFile(out, mkdir=False)
+    tmp = pending.tmp
     writer = None
     label_names: set[str] | None = None
     trial: list[tuple[int, int]] = []  # (TRs, label) per row, as ROIStoreWriter keeps one label per row
@@ -427,15 +428,13 @@ def tar_to_h5(pattern: str | Sequence[str], out: str | os.PathLike, atlas: str =
         if n_classes > 0:
             classes = [class_names.get(i, str(i)) for i in range(n_classes)]
             write_trial_labels(tmp, TRIAL_LABEL_NAME, _RowLabels(trial), classes, shift_s=float(shift_s))
-        os.replace(tmp, out)
-        return out
+        return pending.commit()
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        pending.discard()
 
 
 def _trial_segments(labels: np.ndarray) -> list[tuple[int, int, int]]:
@@ -507,12 +506,9 @@ def h5_to_tar(path: str | os.PathLike, out_dir: str | os.PathLike, shard_size: i
     labels = {k: v for k, v in labels.items() if np.issubdtype(v.dtype, np.integer)}
     has_trials = TRIAL_LABEL_NAME in getattr(store, "trial_label_names", [])
     pattern = re.compile(SUBJECT_PATTERN)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(out_dir)
-    tmp.mkdir()
     t_r = np.float32(store.tr)
     seen: set[str] = set()
-    try:
+    with atomic_dir(out_dir) as tmp:  # makes the parent folder
         with wds.ShardWriter(str(tmp / f"{prefix}-%06d.tar"), maxcount=int(shard_size), verbose=0) as sink:
             for run in range(len(store)):
                 base = sample_key(store.subject_ids[run], store.run_ids[run], pattern)
@@ -539,11 +535,7 @@ def h5_to_tar(path: str | os.PathLike, out_dir: str | os.PathLike, shard_size: i
                         sample[TASK_LABEL] = int(label)
                     sink.write(sample)
         if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            out_dir.rmdir()  # the empty folder checked above: refuses one filled meanwhile
     return sorted(out_dir.glob(f"{prefix}-*.tar"))
 
 

@@ -50,9 +50,9 @@ import h5py
 import numpy as np
 
 from brainfm.data.stores.base import LRUCache, StoreBase, cache_sizes, ensure_out
-from brainfm.data.stores.index import temp_name
 from brainfm.data.stores.kinds import wrong_kind_message
 from brainfm.errors import DataError
+from brainfm.io import PendingFile
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class ROIStoreWriter:
             raise DataError(f"{self.path}: give the ROI names of at least one atlas")
         self.tr = float(tr)
         self.roi_names = {a: [str(n) for n in names] for a, names in roi_names.items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = temp_name(self.path)
+        self._pending = PendingFile(self.path)  # makes the parent folder
+        self.tmp = self._pending.tmp
         self._file = h5py.File(self.tmp, "w")
         f = self._file
         f.attrs["tr"] = self.tr
@@ -203,13 +203,12 @@ class ROIStoreWriter:
                     raise DataError(f"{self.path}: label {name!r} is missing for some runs")
                 f.create_dataset(f"labels/{name}", data=_label_array(values))
             f.close()
-            os.replace(self.tmp, self.path)
+            self._pending.commit()
         finally:
             self._closed = True
             if f.id.valid:
                 f.close()
-            if self.tmp.exists():
-                self.tmp.unlink()
+            self._pending.discard()
         return self.path
 
     def abort(self) -> None:
@@ -217,8 +216,7 @@ class ROIStoreWriter:
         self._closed = True
         if self._file.id.valid:
             self._file.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
+        self._pending.discard()
 
     def __enter__(self) -> "ROIStoreWriter":
         return self

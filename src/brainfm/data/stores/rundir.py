@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import shutil
-import socket
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +28,7 @@ from brainfm.data.stores.index import INDEX, read_index, write_index
 from brainfm.data.stores.kinds import META, wrong_kind_message
 from brainfm.deprecations import current_keys
 from brainfm.errors import DataError
+from brainfm.io import remove_stale_temps, replace_dir, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +103,12 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def temp_run_dir(root: str | os.PathLike, subject: str, run: str) -> Path:
-    """A new hidden temporary folder beside ``<root>/<subject>/<run>`` (``.<run>.tmp-<host>-<pid>-<rand>``),
-    after removing the ones killed writers on this host left behind."""
+    """A new hidden temporary folder beside ``<root>/<subject>/<run>`` (:func:`brainfm.io.temp_path`:
+    ``.<run>.tmp-<host>-<pid>-<rand>``), after removing the ones killed writers on this host left behind."""
     final = run_dir(root, subject, run)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temp(root, subject, run)
-    tmp = final.parent / f".{run}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_path(final)
     tmp.mkdir()
     return tmp
 
@@ -129,44 +128,20 @@ def staged_run_dir(root: str | os.PathLike, subject: str, run: str) -> Iterator[
 def publish_run_dir(tmp: Path, final: Path, meta: dict, meta_name: str = META) -> None:
     """Finish a run folder written under the temporary name ``tmp``: write its ``meta_name`` (the
     file whose presence marks a complete run) durably, then move it to ``final`` in one rename,
-    replacing an existing folder (an overwrite, or a folder left without a complete meta file)."""
+    replacing an existing folder (an overwrite, or a folder left without a complete meta file;
+    :func:`brainfm.io.replace_dir`)."""
     with open(tmp / meta_name, "w") as f:
         json.dump(meta, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    if final.exists():
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)
     fsync_path(final.parent)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_temp(root: str | os.PathLike, subject: str, run: str) -> list[Path]:
-    """Remove temporary directories of ``run`` left by killed writers on this host."""
-    parent = Path(root) / subject
-    removed: list[Path] = []
-    if not parent.is_dir():
-        return removed
-    host = socket.gethostname()
-    for p in parent.glob(f".{run}.tmp-*"):
-        parts = p.name[len(f".{run}.tmp-"):].rsplit("-", 2)
-        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+    """Remove temporary directories of ``run`` left by killed writers on this host
+    (:func:`brainfm.io.remove_stale_temps`)."""
+    return remove_stale_temps(Path(root) / subject / run)
 
 
 def brainfm_version() -> str:
