@@ -25,7 +25,6 @@ Raises :class:`brainfm.errors.CheckpointError` naming the file for anything that
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import warnings
 from collections.abc import Mapping, Sequence
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from brainfm.errors import CheckpointError, ConfigError
+from brainfm.io import atomic_path
 
 StateDict = dict[str, torch.Tensor]
 
@@ -176,18 +176,13 @@ def write_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> Pat
     """Write ``state`` to ``path`` atomically: ``.safetensors`` (contiguous CPU copies) or, for any
     other suffix, ``torch.save``. Returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
         else:
             torch.save(dict(state), tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -98,13 +98,13 @@ def metadata_ops(root: Path, without_index: bool = False) -> dict[str, int] | No
             "os.path.exists('/__brainfm_end__')\n")
     with tempfile.NamedTemporaryFile("r", suffix=".strace") as log:
         if without_index:
-            os.replace(index, hidden)
+            os.replace(index, hidden)  # hidden for the measurement and put back below: a move, not a write
         try:
             subprocess.run(["strace", "-f", "-qq", "-e", "trace=%file,getdents64", "-o", log.name, sys.executable, "-c",
                             code], check=True, capture_output=True)
         finally:
             if without_index:
-                os.replace(hidden, index)
+                os.replace(hidden, index)  # put back
         lines = Path(log.name).read_text().splitlines()
     begin = next(i for i, line in enumerate(lines) if "__brainfm_begin__" in line)
     end = next(i for i, line in enumerate(lines) if "__brainfm_end__" in line)

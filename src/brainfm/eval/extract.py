@@ -30,6 +30,7 @@ import torch
 
 from brainfm.errors import ConfigError, DataError
 from brainfm.eval.inference import Group, run_inference
+from brainfm.io import PendingFile, atomic_path
 from brainfm.runs import LoadedRun, datamodules_of, has_split, load_run, window_dataset
 from brainfm.tasks.base import CHECKPOINT_KEY
 from brainfm.tasks.r2t import R2TTask
@@ -238,10 +239,6 @@ def feature_format(path: str | os.PathLike, fmt: str | None = None) -> str:
     return by_suffix
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 class FeatureWriter:
     """Write features and their per-row columns chunk by chunk, atomically (a temporary file renamed by
     :meth:`close`; :meth:`abort` leaves nothing).
@@ -260,8 +257,8 @@ class FeatureWriter:
         if fmt not in FORMATS:
             raise ConfigError(f"format={fmt!r} for {path} must be one of {FORMATS} (or use a .h5/.parquet file name)")
         self.path, self.fmt, self.attrs = Path(path), fmt, dict(attrs or {})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = _tmp(self.path)
+        self._pending = PendingFile(self.path)  # makes the parent folder
+        self.tmp = self._pending.tmp
         self.rows, self.dim = 0, None
         self._file = None
 
@@ -322,17 +319,17 @@ class FeatureWriter:
                 raise ConfigError(f"no rows to write to {self.path}")
             self._file.close()
             self._file = None
-            os.replace(self.tmp, self.path)
+            self._pending.commit()
         finally:
             self.abort()
         return self.path
 
     def abort(self) -> None:
+        """Close and delete the temporary file (nothing is written at ``path``; after :meth:`close`: nothing)."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self.tmp.exists():
-            self.tmp.unlink()
+        self._pending.discard()
 
 
 def write_features(path: str | os.PathLike, features: np.ndarray, columns: Mapping[str, Sequence],
@@ -494,14 +491,8 @@ def _classes(ids: list[str], probs: torch.Tensor, categories: list[str] | None):
 def write_csv(path: str | os.PathLike, frame) -> Path:
     """Write a DataFrame as CSV atomically (temporary file, rename); floats with 6 significant digits."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
+    with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

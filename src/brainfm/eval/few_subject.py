@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from brainfm.errors import ConfigError, DataError
 from brainfm.eval.protocol import embed_groups, progress, write_json
+from brainfm.io import atomic_path
 from brainfm.runs import build_task_from_checkpoint, find_checkpoint, load_checkpoint, open_windows
 
 SOURCES = ("trial", "run")
@@ -181,27 +181,18 @@ def run_few_subject(
     }
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_csv(report: dict, path: Path) -> None:
     """One row per method and training-set size: mean and sd of accuracy and balanced accuracy."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["method", "n_train_subjects", "repeats", "acc_mean", "acc_std", "balanced_acc_mean",
-                        "balanced_acc_std", "chance", "n_test_subjects"])
-            for method, rows in report["results"].items():
-                for r in rows:
-                    stats = [r["metrics"].get(k, {}).get(s, float("nan")) for k in ("acc", "balanced_acc")
-                             for s in ("mean", "std")]
-                    w.writerow([method, r["n_subjects"], len(r["values"]), *stats, report["protocol"]["chance"],
-                                r["n_test_subjects"]])
-
-    _atomic(path, write)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "n_train_subjects", "repeats", "acc_mean", "acc_std", "balanced_acc_mean",
+                    "balanced_acc_std", "chance", "n_test_subjects"])
+        for method, rows in report["results"].items():
+            for r in rows:
+                stats = [r["metrics"].get(k, {}).get(s, float("nan")) for k in ("acc", "balanced_acc")
+                         for s in ("mean", "std")]
+                w.writerow([method, r["n_subjects"], len(r["values"]), *stats, report["protocol"]["chance"],
+                            r["n_test_subjects"]])
 
 
 def plot_curve(report: dict, path: Path) -> None:
@@ -234,8 +225,11 @@ def plot_curve(report: dict, path: Path) -> None:
     ax.set_title(f"{len(p['classes'])}-way decoding of {p['label']}, {p['n_test_subjects']} held-out subjects",
                  fontsize=9)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
+    try:
+        with atomic_path(path, keep_suffix=True) as tmp:  # savefig picks the format from the suffix
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def print_table(report: dict) -> None:

@@ -53,6 +53,7 @@ from brainfm.data.stores.volume import CropPad
 from brainfm.data.windows import collate_windows
 from brainfm.errors import ConfigError, DataError
 from brainfm.eval.extract import write_csv
+from brainfm.io import atomic_path
 from brainfm.runs import datamodules_of, has_split, load_run, window_dataset
 from brainfm.tasks.supervised import pooled_embedding
 
@@ -314,19 +315,6 @@ def to_original_grid(volume: np.ndarray, store, run: int) -> tuple[np.ndarray, n
     return out, affine
 
 
-def _tmp(path: Path) -> Path:
-    # keeps the suffixes: nibabel picks the format (.nii.gz) from the name
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    try:
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, tr: float | None = None,
                 description: str = "") -> Path:
     """Write ``data`` ``(X, Y, Z)`` or ``(X, Y, Z, T)`` float32 as NIfTI-1 (mm; ``tr`` seconds between frames in
@@ -334,20 +322,14 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, t
     import nibabel as nib
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm", "sec")
     if description:
         img.header["descrip"] = description.encode("ascii", "replace")[:79]
     if data.ndim == 4 and tr:
         img.header.set_zooms((*img.header.get_zooms()[:3], float(tr)))
-    tmp = _tmp(path)
-    try:
+    with atomic_path(path, keep_suffix=True) as tmp:  # nibabel picks the format (.nii.gz) from the name
         nib.save(img, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _replace(tmp, path)
     return path
 
 
@@ -365,21 +347,14 @@ def write_roi_map(path: str | os.PathLike, attributions: np.ndarray, roi_names: 
     path = Path(path)
     if len(roi_names) != attributions.shape[1]:
         raise DataError(f"{len(roi_names)} ROI names for a map of {attributions.shape[1]} ROIs ({path})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("attribution", data=np.asarray(attributions, dtype=np.float32))
-            f.create_dataset("roi_names", data=[str(n) for n in roi_names], dtype=h5py.string_dtype("utf-8"))
-            f.create_dataset("time_s", data=np.asarray(times, dtype=np.float32))
-            if bold is not None:
-                f.create_dataset("bold", data=np.asarray(bold, dtype=np.float32))
-            for k, v in (attrs or {}).items():
-                f.attrs[k] = v
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _replace(tmp, path)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("attribution", data=np.asarray(attributions, dtype=np.float32))
+        f.create_dataset("roi_names", data=[str(n) for n in roi_names], dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("time_s", data=np.asarray(times, dtype=np.float32))
+        if bold is not None:
+            f.create_dataset("bold", data=np.asarray(bold, dtype=np.float32))
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
     return path
 
 
@@ -402,7 +377,6 @@ def plot_roi_map(path: str | os.PathLike, attributions: np.ndarray, roi_names: S
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     a = np.asarray(attributions, dtype=np.float32).T  # (n_rois, T)
     lim = float(np.abs(a).max()) or 1.0
     n = a.shape[0]
@@ -419,13 +393,8 @@ def plot_roi_map(path: str | os.PathLike, attributions: np.ndarray, roi_names: S
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, label="attribution")
         fig.tight_layout()
-        tmp = _tmp(path)
-        try:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _replace(tmp, path)
     finally:
         plt.close(fig)
     return path
@@ -732,17 +701,10 @@ def _write_subject_volume(path: Path, maps: list) -> None:
 def _write_subject_rois(path: Path, maps: list, roi_names: Sequence[str]) -> None:
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("roi_importance", data=np.mean(np.stack(maps), axis=0).astype(np.float32))
-            f.create_dataset("roi_names", data=[str(n) for n in roi_names], dtype=h5py.string_dtype("utf-8"))
-            f.attrs["n_windows"] = len(maps)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _replace(tmp, path)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("roi_importance", data=np.mean(np.stack(maps), axis=0).astype(np.float32))
+        f.create_dataset("roi_names", data=[str(n) for n in roi_names], dtype=h5py.string_dtype("utf-8"))
+        f.attrs["n_windows"] = len(maps)
 
 
 def interpret_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike | None = None,

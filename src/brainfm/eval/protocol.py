@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from brainfm.eval.fingerprinting import fc_features
 from brainfm.eval.probe import fit_predict_sklearn
 from brainfm.eval.reidentification import reidentification
 from brainfm.errors import ConfigError
+from brainfm.io import atomic_path, atomic_write_text
 from brainfm.runs import (
     build_task_from_checkpoint,
     check_compatible,
@@ -275,9 +275,8 @@ def _compared_task(path: str | Path, ckpt: dict, store):
 
 
 def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    """Write ``payload`` as indented JSON, atomically (:func:`brainfm.io.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def plot_reidentification(report: dict, path: Path) -> None:
@@ -305,7 +304,8 @@ def plot_reidentification(report: dict, path: Path) -> None:
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"Subject re-identification, {report['data']['n_subjects']} subjects")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, keep_suffix=True) as tmp:  # savefig picks the format from the suffix
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)

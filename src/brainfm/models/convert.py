@@ -18,6 +18,7 @@ from pathlib import Path
 
 from brainfm.checkpoints import LIGHTNING_SAFE_GLOBALS, StateDict, read_state_dict, write_state_dict
 from brainfm.errors import CheckpointError
+from brainfm.io import atomic_write_text
 from brainfm.models.semantoks import semantoks_checkpoint_filter
 from brainfm.models.sequence import lfb_checkpoint_filter
 from brainfm.models.swin4d import swift_checkpoint_filter
@@ -108,10 +109,7 @@ def write_lfb_config(state: dict, src: Path, dst: Path, n_heads: int | None = No
             f"# by python -m brainfm.models.convert lfb (task={cfg['task']}). Train or fine-tune from it with\n"
             f"#   brainfm-train experiment={experiment}{sizes} task.init_from={dst} data.path=<ROI store>\n"
             + OmegaConf.to_yaml(OmegaConf.create({"model": m})))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, text)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def set_aside_outputs(run_dir: str | Path) -> Path | None:
     aside = run_dir / f".replaced-{os.getpid()}"
     aside.mkdir(exist_ok=True)
     for path in present:
-        os.replace(path, aside / path.name)
+        os.replace(path, aside / path.name)  # a move of finished outputs, not a write: no brainfm.io temporary
     return aside
 
 
@@ -142,7 +142,7 @@ def restore_outputs(aside: Path | None) -> None:
         return
     for path in aside.iterdir():
         if not (aside.parent / path.name).exists():
-            os.replace(path, aside.parent / path.name)
+            os.replace(path, aside.parent / path.name)  # moved back, as set_aside_outputs moved it
     shutil.rmtree(aside, ignore_errors=True)
 
 

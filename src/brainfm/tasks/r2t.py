@@ -64,6 +64,7 @@ from torch import nn
 
 from brainfm.checkpoints import read_state_dict
 from brainfm.errors import ConfigError
+from brainfm.io import atomic_path
 from brainfm.tasks.base import BrainfmTask
 from brainfm.tasks.distributed import gather
 from brainfm.tasks.losses import nt_xent
@@ -527,18 +528,11 @@ def write_prediction_csv(path: str | os.PathLike, predictions: dict[str, torch.T
     (``columns``: e.g. the target names, default ``0, 1, ...``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     width = len(next(iter(predictions.values())).reshape(-1)) if predictions else 1
     names = ["prediction"] if width == 1 else [f"prediction_{c}" for c in (columns or range(width))]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["subject_id", *names])
-            for subject, pred in predictions.items():
-                writer.writerow([subject, *(f"{float(v):.6g}" for v in pred.reshape(-1))])
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subject_id", *names])
+        for subject, pred in predictions.items():
+            writer.writerow([subject, *(f"{float(v):.6g}" for v in pred.reshape(-1))])
     return path

@@ -266,6 +266,7 @@ def replace_checkpoint(tmp: Path, target: Path, step: int) -> None:
     ``.<name>.old-<step>``, renaming the new one in and deleting the old one."""
     from brainfm.runs import previous_checkpoint
 
+    # kept outside brainfm.io: all ranks agree on .<name>.tmp-<step> (no pid), resume finds .<name>.old-<step>
     if target.is_dir() or (tmp.is_dir() and target.exists()):  # rename(2) cannot replace a directory
         old = previous_checkpoint(target, step)
         remove_path(old)
