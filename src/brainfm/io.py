@@ -80,7 +80,10 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
         m = name.fullmatch(p.name)
         if m and m["host"] == host and not _pid_alive(int(m["pid"])):
-            remove_path(p)
+            try:
+                remove_path(p)
+            except FileNotFoundError:  # another writer on this host cleaned it first
+                continue
             removed.append(p)
     return removed
 
