@@ -190,6 +190,17 @@ class BrainfmTask(L.LightningModule):
         """Whether the task has a trained prediction head (:attr:`predicts` is not None)."""
         return self.predicts is not None
 
+    def head_output(self, batch: dict) -> torch.Tensor:
+        """The trained prediction head's output for each window of ``batch``, ``(B, K)``, with its gradient
+        (what brainfm-interpret attributes): class logits ``(B, n_classes)`` (``multiclass``, ``task=decoding``),
+        the logit of class 1 ``(B, 1)`` (``binary``), the prediction in the label's own units
+        ``(B, n_targets)`` (``regression``). Never a probability (softmax and sigmoid saturate).
+
+        Raises:
+            ConfigError: a task without a trained prediction head (:attr:`predicts` is None).
+        """
+        raise ConfigError(f"this {type(self).__name__} checkpoint has no trained prediction head")
+
     @torch.no_grad()
     def tokens(self, batch: dict) -> torch.Tensor | None:
         """The last-layer tokens of each window that :meth:`embed` pools, ``(B, L, D)`` (per-TR states of a

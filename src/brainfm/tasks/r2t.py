@@ -423,7 +423,7 @@ class R2TTask(BrainfmTask):
         if self.mode != "fine_tune" or self._last is None or not all(k in batch for k in self.targets):
             return
         z_rest, subjects = self._last
-        self._val.add(subjects, self._output(self.head(z_rest)), self._labels(batch))
+        self._val.add(subjects, self._probabilities(self._in_label_units(self.head(z_rest))), self._labels(batch))
 
     def on_validation_epoch_end(self) -> None:
         """``val/<loss>`` and the rest-only subject metrics over the windows of every rank (gathered)."""
@@ -439,20 +439,44 @@ class R2TTask(BrainfmTask):
             self.log(f"val/{name}", value, sync_dist=True)
 
     # -- inference ----------------------------------------------------------------------------------------------
-    def _output(self, out: torch.Tensor) -> torch.Tensor:
-        if self.kind == "regression":
-            mean, std = self._scaling(out.device)
-            return out * std + mean
+    def _in_label_units(self, out: torch.Tensor) -> torch.Tensor:
+        """Head outputs ``(B, n_out)``: regression targets in their own units (de-standardised), logits as they are."""
+        if self.kind != "regression":
+            return out
+        mean, std = self._scaling(out.device)
+        return out * std + mean
+
+    def _probabilities(self, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`head_output` -> :meth:`predict`: the positive-class probability (binary), class probabilities
+        (multiclass); regression unchanged."""
         if self.kind == "binary":
             return torch.sigmoid(out)
-        return out.softmax(dim=-1)
+        if self.kind == "multiclass":
+            return out.softmax(dim=-1)
+        return out
+
+    def head_output(self, batch: dict) -> torch.Tensor:
+        """R2T-Net's head on the rest embedding of each window, with its gradient (:meth:`BrainfmTask.head_output`):
+        targets in their own units ``(B, n_targets)`` (regression), the positive-class logit ``(B, 1)``
+        (binary), class logits ``(B, C)`` (multiclass).
+
+        Raises:
+            ConfigError: a task trained ``self_supervised`` (its head was never trained).
+        """
+        if self.mode != "fine_tune":
+            raise ConfigError("this R2T model was trained with task.mode=self_supervised: its prediction head is "
+                              "untrained. Fine-tune it with labels first (task.mode=fine_tune task.init_from=<ckpt>)")
+        return self._in_label_units(self.head(self._rest_embedding(batch)))
+
+    def _rest_embedding(self, batch: dict) -> torch.Tensor:
+        x, t = self._view(batch, REST)
+        return self.embedding(x.float() if x.ndim == 6 else x, t, REST)
 
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:
         """Rest embedding ``(B, embed_dim)`` of the batch's ``bold``/``volume`` windows (R2T-Net's
         rest-only signature)."""
-        x, t = self._view(batch, REST)
-        return self.embedding(x.float() if x.ndim == 6 else x, t, REST)
+        return self._rest_embedding(batch)
 
     @torch.no_grad()
     def tokens(self, batch: dict) -> None:
@@ -480,10 +504,7 @@ class R2TTask(BrainfmTask):
         Raises:
             ConfigError: a task trained ``self_supervised`` (its head was never trained).
         """
-        if self.mode != "fine_tune":
-            raise ConfigError("this R2T model was trained with task.mode=self_supervised: its prediction head is "
-                              "untrained. Fine-tune it with labels first (task.mode=fine_tune task.init_from=<ckpt>)")
-        return self._output(self.head(self.embed(batch)))
+        return self._probabilities(self.head_output(batch))
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return {"subject": batch["subject"], "prediction": self.predict(batch)}

@@ -101,6 +101,16 @@ class PooledHeadTask(BrainfmTask):
         """``(B, n_out)``: the head on :func:`pooled_embedding`."""
         return self.head(pooled_embedding(self.model, batch))
 
+    def head_output(self, batch: dict) -> torch.Tensor:
+        """:meth:`logits` (:meth:`BrainfmTask.head_output`).
+
+        Raises:
+            ConfigError: no head reachable through :meth:`logits` (:attr:`predicts` is None).
+        """
+        if not self.has_prediction_head:
+            return super().head_output(batch)
+        return self.logits(batch)
+
     @torch.no_grad()
     def embed(self, batch: dict) -> torch.Tensor:
         """``(B, D)``: :func:`pooled_embedding` (extraction, probes, re-identification)."""
@@ -144,6 +154,15 @@ class SupervisedTask(PooledHeadTask):
 
     def objective_hparams(self) -> dict:
         return dict(self._objective)
+
+    def head_output(self, batch: dict) -> torch.Tensor:
+        """:meth:`PooledHeadTask.head_output`; regression: ``logits * label_std + label_mean``, the label's units.
+
+        Raises:
+            ConfigError: no head reachable through :meth:`logits` (:attr:`predicts` is None).
+        """
+        z = super().head_output(batch)
+        return z * self.label_std + self.label_mean if self.kind == "regression" else z
 
     def _labels(self, batch: dict) -> torch.Tensor:
         if self.target not in batch:
