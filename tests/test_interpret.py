@@ -172,6 +172,42 @@ def test_sequence_integrated_gradients_are_complete_for_classes_and_regression(g
     _assert_complete(attribute(bare, batch, output="embedding_norm", n_steps=N_STEPS))
 
 
+def test_the_task_contract_says_what_has_a_head_as_for_brainfm_predict():
+    """interpret asks ``BrainfmTask.has_prediction_head`` / ``head_output``, as brainfm-predict asks ``predicts``: a
+    fine-tuned R2T model (a head, no ``logits``) is explained in the targets' units; R2T trained self-supervised is
+    refused; a decoding head (a label per window, which brainfm-predict refuses and sends here) is explained per window."""
+    from brainfm.eval.interpret import attribute, output_names
+    from brainfm.tasks.decoding import DecodingTask
+    from brainfm.tasks.r2t import R2TTask
+
+    torch.manual_seed(0)
+    seq = dict(_target_="brainfm.models.sequence.SequenceTransformer", n_rois=12, d_model=16, depth=1, n_heads=2)
+    batch = {"bold": torch.randn(3, 20, 12), "t": torch.arange(20.0).repeat(3, 1) * 0.72}
+    reg = R2TTask(seq, embed_dim=8, target=["wm", "gambling"], label_mean=[10.0, 20.0], label_std=[2.0, 3.0]).eval()
+    assert reg.has_prediction_head and not hasattr(reg, "logits")
+    names = output_names(reg)
+    assert names == ["prediction_wm", "prediction_gambling"]  # brainfm-predict's columns
+    res = attribute(reg, batch, target="prediction_gambling", n_steps=N_STEPS, names=names)
+    # R2T's projection starts with a LayerNorm: IG's path from the zero baseline needs more points than N_STEPS to
+    # be complete within 1 % (the tolerance warning), so the attributions are checked for existence here
+    assert res.target.tolist() == [1, 1, 1] and res.attributions.shape == batch["bold"].shape
+    assert torch.isfinite(res.attributions).all() and (res.attributions.flatten(1).abs().sum(1) > 0).all()
+    np.testing.assert_allclose(res.output.numpy(), reg.predict(batch)[:, 1].numpy(), rtol=1e-5)
+    binary = R2TTask(seq, embed_dim=8, target="sex", kind="binary").eval()
+    res = attribute(binary, batch, target=1, n_steps=N_STEPS)  # the log-odds of class 1, not predict's probability
+    np.testing.assert_allclose(torch.sigmoid(res.output).numpy(), binary.predict(batch)[:, 0].numpy(), rtol=1e-5)
+    ssl = R2TTask(seq, embed_dim=8, mode="self_supervised").eval()
+    with pytest.raises(ConfigError, match=r"R2TTask checkpoint has no trained prediction head.*output=embedding_norm"):
+        attribute(ssl, batch)
+    with pytest.raises(ConfigError, match="self_supervised"):  # brainfm-predict's refusal of the same checkpoint
+        ssl.predict(batch)
+    assert attribute(ssl, batch, output="embedding_norm", n_steps=N_STEPS).attributions.shape == batch["bold"].shape
+    dec = DecodingTask(seq, num_classes=3).eval()
+    res = attribute(dec, batch, target="predicted", n_steps=N_STEPS)
+    assert dec.predicts == "window" and res.target.tolist() == dec.logits(batch).argmax(1).tolist()
+    _assert_complete(res)
+
+
 def test_sequence_roi_time_maps_with_roi_names(gpt_run, tmp_path):
     from brainfm.eval.interpret import read_roi_map
 

@@ -21,11 +21,15 @@ subject; here the baseline is ``zeros`` (the mean of z-scored data) by default o
 run's stored background value, SwiFT's choice), and the maps are written as NIfTI in the scan's own
 space (volumes) or as ROI x time HDF5 with the ROI names and a PNG heatmap (sequences).
 
-What is explained (:func:`scores`) is the fine-tuned head's output, never a probability (softmax and
-sigmoid saturate, and IG's completeness is then about a flat function): the class logit
-(``multiclass``), the log-odds of the class (``binary``: class 1 is the logit, class 0 its negative),
-the prediction in the label's own units (``regression``: ``output * label_std + label_mean``). A
-checkpoint without a prediction head (self-supervised pretraining) is refused, unless
+What is explained (:func:`scores`) is the fine-tuned head's output (the task contract's
+:meth:`~brainfm.tasks.base.BrainfmTask.head_output`), never a probability (softmax and sigmoid saturate,
+and IG's completeness is then about a flat function): the class logit (``multiclass``), the log-odds of
+the class (``binary``: class 1 is the logit, class 0 its negative), the prediction in the label's own
+units (``regression``: ``output * label_std + label_mean``). Every task with a trained prediction head
+is explained, window by window: ``task=supervised``, ``task=decoding`` (whose per-window labels
+brainfm-predict refuses to average per subject) and a fine-tuned R2T model. A checkpoint without a
+trained prediction head (self-supervised pretraining, R2T trained ``task.mode=self_supervised``) is
+refused, as brainfm-predict refuses it (both ask :attr:`~brainfm.tasks.base.BrainfmTask.has_prediction_head`), unless
 ``output="embedding_norm"`` asks for the attribution of the L2 norm of the pooled embedding
 (:func:`brainfm.tasks.supervised.pooled_embedding`), which says what the backbone responds to but
 explains no prediction.
@@ -82,20 +86,16 @@ def _quiet_captum():
 
 
 # -- what is explained ---------------------------------------------------------------------------------------
-def has_head(task) -> bool:
-    """Whether ``task`` has a trained prediction head: a ``logits(batch)`` method (SupervisedTask,
-    DecodingTask)."""
-    return callable(getattr(task, "logits", None))
-
-
 def output_names(task, output: str = "head", categories: Sequence[str] | None = None) -> list[str]:
     """The name of every explained output index: class names (``categories`` when their count fits,
-    else ``class<k>``), ``prediction`` (regression) or ``embedding_norm``."""
+    else ``class<k>``), ``prediction`` (regression; ``prediction_<target>`` for each of several targets, as
+    brainfm-predict's columns) or ``embedding_norm``."""
     if output == "embedding_norm":
         return ["embedding_norm"]
     kind = getattr(task, "kind", "multiclass")
     if kind == "regression":
-        return ["prediction"]
+        targets = list(getattr(task, "targets", None) or [])  # R2T: one output per target
+        return [f"prediction_{t}" for t in targets] if len(targets) > 1 else ["prediction"]
     n = 2 if kind == "binary" else int(getattr(task, "num_classes", None) or task.objective_hparams()["num_classes"])
     if categories and len(categories) == n:
         return [str(c) for c in categories]
@@ -110,8 +110,13 @@ def scores(task, output: str = "head") -> Callable[..., torch.Tensor]:
     are not attributed. ``K``: classes (``binary``: 2, ``[-logit, logit]``, the log-odds of each class),
     1 for regression (the prediction in label units) and for ``embedding_norm``.
 
+    The head's output is the task contract's (:meth:`brainfm.tasks.base.BrainfmTask.head_output`), for any
+    task with a trained prediction head (:attr:`~brainfm.tasks.base.BrainfmTask.has_prediction_head`):
+    ``task=supervised``, ``task=decoding`` (a label per window: what brainfm-predict leaves to this command),
+    R2T fine-tuned (its head on the rest embedding).
+
     Raises:
-        ConfigError: ``output`` unknown, or ``head`` for a task without a prediction head.
+        ConfigError: ``output`` unknown, or ``head`` for a task without a trained prediction head.
     """
     if output not in OUTPUTS:
         raise ConfigError(f"output={output!r} must be one of {OUTPUTS}")
@@ -121,21 +126,17 @@ def scores(task, output: str = "head") -> Callable[..., torch.Tensor]:
             return pooled_embedding(task.model, dict(zip(keys, (x, *others)))).norm(dim=-1, keepdim=True)
 
         return embedding_norm
-    if not has_head(task):
+    if not task.has_prediction_head:  # the task contract's answer (BrainfmTask.predicts), as brainfm-predict asks
         raise ConfigError(
-            f"{type(task).__name__} checkpoints have no prediction head: attribution explains a fine-tuned head's "
-            "output. Fix: interpret a supervised (task=supervised) or decoding checkpoint, or pass "
-            "output=embedding_norm to attribute the L2 norm of the pooled embedding instead")
-    kind = getattr(task, "kind", "multiclass")
-    std, mean = float(getattr(task, "label_std", 1.0)), float(getattr(task, "label_mean", 0.0))
+            f"this {type(task).__name__} checkpoint has no trained prediction head: attribution explains a fine-tuned "
+            "head's output. Fix: interpret a supervised (task=supervised), decoding (task=decoding) or fine-tuned R2T "
+            "(task=r2t task.mode=fine_tune) checkpoint, or pass output=embedding_norm to attribute the L2 norm of the "
+            "pooled embedding instead")
+    binary = getattr(task, "kind", "multiclass") == "binary"
 
     def head(x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-        z = task.logits(dict(zip(keys, (x, *others)))).float()
-        if kind == "binary":
-            return torch.cat([-z, z], dim=-1)
-        if kind == "regression":
-            return z * std + mean
-        return z
+        z = task.head_output(dict(zip(keys, (x, *others)))).float()
+        return torch.cat([-z, z], dim=-1) if binary else z
 
     return head
 
@@ -549,7 +550,7 @@ def interpret(loaded, out_dir: str | os.PathLike, options: Options | None = None
         target_specs: list[Any] = list(range(len(names)))
     else:
         target_specs = [opts.target]
-    if opts.output == "head" and not has_head(task):
+    if opts.output == "head" and not task.has_prediction_head:
         scores(task, "head")  # raises the explanation
     out_dir = Path(out_dir)
     children = [(n, dm) for n, dm in datamodules_of(loaded.datamodule) if has_split(dm, opts.split)]
@@ -720,10 +721,11 @@ def interpret_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike | N
     opts = options or Options()
     opts.check()
     loaded = load_run(ckpt, data_overrides)
-    if opts.output == "head" and not has_head(loaded.task):
+    if opts.output == "head" and not loaded.task.has_prediction_head:
         scores(loaded.task, "head")  # the explanation, before any window is read
     out = Path(out_dir) if out_dir else loaded.run_dir / "interpret" / opts.method
-    target = getattr(loaded.task, "target", None)
+    targets = getattr(loaded.task, "targets", None)  # R2T: a list (a class label is its only one)
+    target = targets[0] if targets else getattr(loaded.task, "target", None)
     categories = loaded.label_categories(target) if isinstance(target, str) else None
     frame = interpret(loaded, out, opts, trainer=trainer, categories=categories)
     return out, frame
