@@ -233,7 +233,7 @@ def test_missing_path_and_missing_splits_name_the_fix(tmp_path):
 
 def test_to_brainmarks_refuses_to_overwrite_and_leaves_nothing_on_failure(arrow32, labelled_h5, tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"already exists.*rm -r"):
-        from brainfm.data.stores.brainmarks import write_brainmarks
+        from brainfm.data.stores.brainmarks_writer import write_brainmarks
 
         write_brainmarks(labelled_h5, arrow32)
     with pytest.raises(SystemExit) as info:  # the command: one line, exit status 2
@@ -254,7 +254,7 @@ def test_to_brainmarks_refuses_to_overwrite_and_leaves_nothing_on_failure(arrow3
 
 
 def test_spaces_and_output_names(labelled_h5, tmp_path):
-    from brainfm.data.stores.brainmarks import output_path
+    from brainfm.data.stores.brainmarks_writer import output_path
 
     assert brainmarks_space("schaefer400+tian3+buckner7", 457) == "schaefer400_tians3_buckner7"
     assert brainmarks_space("schaefer400+tian3", 450) == "schaefer400_tians3"
@@ -267,7 +267,7 @@ def test_spaces_and_output_names(labelled_h5, tmp_path):
     with pytest.raises(DataError, match=r"400 dimensions.*--space"):
         output_path(tmp_path, "aal2", 94, "ukb", space="schaefer400")
     with pytest.raises(DataError, match="leaves split"):
-        from brainfm.data.stores.brainmarks import write_brainmarks
+        from brainfm.data.stores.brainmarks_writer import write_brainmarks
 
         write_brainmarks(labelled_h5, tmp_path / "e.aal2.arrow", fractions=(1.0, 0.0, 0.0))
     assert not (tmp_path / "e.aal2.arrow").exists()

@@ -58,7 +58,7 @@ def _synthetic(root: Path, n_subjects: int = 60, n_rois: int = 12, n_trs: int = 
     """An ROI store with a learnable per-run label ``gender`` (class M: a latent signal shared by 8 ROIs, of random
     strength) and its ``to-brainmarks`` copy (float32); labels alternate inside each split of the subject draw, so
     every split holds both classes."""
-    from brainfm.data.stores.brainmarks import write_brainmarks
+    from brainfm.data.stores.brainmarks_writer import write_brainmarks
 
     rng = np.random.default_rng(seed)
     subjects = [f"s{i:03d}" for i in range(n_subjects)]

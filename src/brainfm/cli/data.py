@@ -163,7 +163,8 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _to_brainmarks(args: argparse.Namespace) -> None:
-    from brainfm.data.stores.brainmarks import BrainmarksStore, write_brainmarks
+    from brainfm.data.stores.brainmarks import BrainmarksStore
+    from brainfm.data.stores.brainmarks_writer import write_brainmarks
 
     out = write_brainmarks(args.path, args.out, atlas=args.atlas, space=args.space, name=args.name, seed=args.seed,
                            fractions=args.fractions, split_file=args.split_file, dtype=args.dtype, tr=args.tr)

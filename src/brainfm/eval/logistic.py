@@ -278,7 +278,7 @@ def open_labelled(path: str | Path, target: str | None, atlas: Any = None, split
         by_split = {k: np.asarray(v, dtype=np.int64) for k, v in store.split_runs().items()}
         source = "the data set's train / validation / test"
     else:
-        from brainfm.data.stores.brainmarks import subject_split_for
+        from brainfm.data.stores.brainmarks_writer import subject_split_for
 
         cfg = dict(split or {})
         seed, fractions = int(cfg.get("seed", 0)), list(cfg.get("fractions") or (0.8, 0.1, 0.1))
