@@ -240,7 +240,7 @@ def test_to_brainmarks_refuses_to_overwrite_and_leaves_nothing_on_failure(arrow3
         data_cli.main(["to-brainmarks", str(labelled_h5), str(arrow32)])
     assert info.value.code == 2
     # a failure while writing: nothing at the output, no temporary folder
-    import brainfm.data.stores.brainmarks as bm
+    import brainfm.data.stores.brainmarks_writer as bm
 
     def broken(*args, **kwargs):
         yield from []
