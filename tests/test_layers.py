@@ -53,6 +53,8 @@ KNOWN: set[tuple[str, str]] = set()
 
 def _layer_of(module: str) -> int:
     parts = module.split(".")
+    if parts[-1] == "__main__":  # ``python -m brainfm.x``: an entry point, which no module can import
+        return len(LAYERS) - 1
     top = parts[1] if len(parts) > 1 else "__init__"
     for i, (_, members) in enumerate(LAYERS):
         if top in members:

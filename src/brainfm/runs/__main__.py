@@ -2,17 +2,16 @@
 (FSDP2/DCP or DeepSpeed directory, file, run directory) -> one Lightning checkpoint file without optimizer
 state (:func:`brainfm.runs.consolidate`).
 
-An entry point (run as a script, imported by no module). It turns a brainfm error into
-``brainfm.runs: error: <message>`` and exit status 2 as the ``brainfm-*`` commands do
-(:func:`brainfm.cli.common.exit_on_brainfm_error`), without importing ``cli/`` (imports only point down).
+An entry point (run as a script, imported by no module: in the entry-point layer with ``cli/``). A brainfm error
+becomes ``python -m brainfm.runs: error: <message>`` and exit status 2, as in the ``brainfm-*`` commands
+(:func:`brainfm.cli.common.exit_on_brainfm_error`).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from brainfm.errors import brainfm_cause
+from brainfm.cli.common import exit_on_brainfm_error
 from brainfm.runs.checkpoint import consolidate
 
 
@@ -27,14 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weights-only", action="store_true",
                    help="keep only weights, hyper-parameters and brainfm's metadata (no loop/callback/scheduler state)")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_brainfm_error(parser.prog):
         print(f"wrote {consolidate(args.checkpoint, args.output_file, weights_only=args.weights_only)}")
-    except Exception as exc:
-        cause = brainfm_cause(exc)
-        if cause is None:
-            raise
-        print(f"brainfm.runs: error: {cause}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
