@@ -60,7 +60,8 @@ TR_RANGE_S = (0.1, 30.0)
 HEADER_TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
 _NIFTI = re.compile(r"\.nii(\.gz)?$")
-_UNREADABLE = (OSError, EOFError, ValueError, zlib.error, MemoryError)
+#: what reading a damaged or truncated NIfTI raises (nibabel, gzip, numpy), caught to name the file
+UNREADABLE_ERRORS = (OSError, EOFError, ValueError, zlib.error, MemoryError)
 
 
 # -- file names, entities, sidecars -------------------------------------------------------------------
@@ -324,7 +325,7 @@ class NiftiFrames:
     def _guard(self, fn):
         try:
             return fn()
-        except _UNREADABLE as exc:
+        except UNREADABLE_ERRORS as exc:
             raise DataError(
                 f"{self.path}: reading the image data failed ({type(exc).__name__}: {exc}). The file is "
                 "truncated or corrupt: copy or download it again"
@@ -357,7 +358,7 @@ def load_mask_file(path: Path, shape: tuple[int, ...], affine: np.ndarray, data_
     img = load_nifti(Path(path))
     try:
         m = np.asanyarray(img.dataobj)
-    except _UNREADABLE as exc:
+    except UNREADABLE_ERRORS as exc:
         raise DataError(f"{path}: the mask cannot be read ({exc}); copy it again") from exc
     m = m.reshape(m.shape[:3]) if m.ndim == 4 and m.shape[3] == 1 else m
     if m.shape != tuple(shape):

@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from brainfm.data.preprocess.discover import (
-    _UNREADABLE,
     DEFAULT_SPACE,
+    UNREADABLE_ERRORS,
     NiftiFrames,
     RunSource,
     discover_runs,
@@ -53,7 +53,7 @@ from brainfm.data.preprocess.discover import (
     repetition_time,
     strip_nifti,
 )
-from brainfm.data.preprocess.runner import run_all, parse_shard
+from brainfm.data.preprocess.runner import parse_shard, run_all
 from brainfm.data.preprocess.volumes import NAN_POLICIES
 from brainfm.data.stores.rundir import safe_name
 from brainfm.data.stores.volume import NonFiniteError, nonfinite_error
@@ -116,7 +116,7 @@ def load_atlas(atlas: str | os.PathLike, roi_names: str | os.PathLike | None = N
         img = load_nifti(path)
         try:
             data = np.asanyarray(img.dataobj)
-        except _UNREADABLE as exc:
+        except UNREADABLE_ERRORS as exc:
             raise DataError(f"atlas {path} cannot be read ({exc})") from exc
         if data.ndim == 4 and data.shape[3] > 1:
             img = nib.Nifti1Image(data, img.affine, img.header)
