@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -65,6 +66,28 @@ def slurm_job_ref() -> str | None:
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     return env.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job(job: str) -> tuple[bool, str]:
+    """``scontrol requeue <job>``: ``(True, note)`` when SLURM requeued the job, else ``(False, why)``.
+
+    SLURM signals every process of the job as it requeues it, and ``scontrol`` itself is one of them: on a busy
+    node it can be ended by that SIGTERM before it exits 0 (a negative return code, nothing on stderr). Then the
+    job's restart count (``scontrol show job``, against ``SLURM_RESTART_COUNT`` of this run) says whether the
+    requeue happened.
+    """
+    before = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        return True, ""
+    why = result.stderr.strip() or f"exit status {result.returncode}"
+    if result.returncode < 0:
+        show = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, check=False)
+        found = re.search(r"\bRestarts=(\d+)", show.stdout)
+        if found and int(found.group(1)) > before:
+            return True, f" (scontrol was ended by signal {-result.returncode}, SLURM's own as it requeued the job)"
+        why = f"scontrol was ended by signal {-result.returncode}; {show.stdout.strip() or show.stderr.strip()}"
+    return False, why
 
 
 class ResumeCheckpoint(Callback):
@@ -164,11 +187,11 @@ class ResumeCheckpoint(Callback):
             job = slurm_job_ref()
             if self.requeue and job and trainer.is_global_zero:
                 with _sigterm_deferred():  # SLURM sends SIGTERM as soon as it requeues: log the outcome first
-                    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
-                    if result.returncode == 0:
-                        _log.info(f"requeued SLURM job {job}")
+                    done, detail = requeue_slurm_job(job)
+                    if done:
+                        _log.info(f"requeued SLURM job {job}{detail}")
                     else:
-                        _log.warning(f"`scontrol requeue {job}` failed: {result.stderr.strip()}")
+                        _log.warning(f"`scontrol requeue {job}` failed: {detail}")
 
     # -- saving --------------------------------------------------------------------------------------
     def save(self, trainer, reason: str = "step interval") -> None:
