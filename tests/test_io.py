@@ -144,3 +144,21 @@ def test_stale_temporaries_of_dead_writers_on_this_host_are_removed(tmp_path):
     assert sorted(remove_stale_temps(target)) == sorted([dead_dir, dead_file])
     assert sorted(p.name for p in target.parent.iterdir()) == sorted([alive.name, other_host.name, other_run.name])
     assert remove_stale_temps(tmp_path / "no_folder" / "x") == []
+
+
+def test_save_figure_writes_by_suffix_closes_and_leaves_nothing_on_failure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from brainfm.io import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    out = save_figure(fig, tmp_path / "curve.png", dpi=50)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    fig, _ = plt.subplots()
+    with pytest.raises(ValueError):
+        save_figure(fig, tmp_path / "curve.unknownformat")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"] and not plt.fignum_exists(fig.number)

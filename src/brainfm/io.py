@@ -229,3 +229,20 @@ def atomic_dir(path: str | os.PathLike, *, mkdir: bool = True) -> Iterator[Path]
 
 __all__ = ["PendingDir", "PendingFile", "atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_text",
            "remove_path", "remove_stale_temps", "replace_dir", "temp_path"]
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure atomically (:func:`atomic_path`; the format from ``path``'s suffix, as
+    ``fig.savefig`` picks it) and close it, also when saving fails. Returns ``path``.
+
+    Raises:
+        whatever ``fig.savefig`` raises (nothing is left at ``path``'s temporary name).
+    """
+    import matplotlib.pyplot as plt  # only where a figure is saved: matplotlib is no import of the base layer
+
+    try:
+        with atomic_path(path, keep_suffix=True) as tmp:
+            fig.savefig(tmp, **savefig_kwargs)
+    finally:
+        plt.close(fig)
+    return Path(path)

@@ -32,7 +32,7 @@ import torch
 
 from brainfm.errors import ConfigError, DataError
 from brainfm.eval.protocol import embed_groups, progress, write_json
-from brainfm.io import atomic_path
+from brainfm.io import atomic_path, save_figure
 from brainfm.runs import build_task_from_checkpoint, find_checkpoint, load_checkpoint, open_windows
 
 SOURCES = ("trial", "run")
@@ -109,8 +109,8 @@ def run_few_subject(
             hold-out, a volume checkpoint. DataError: a store without the labels (named).
         CheckpointError: unloadable checkpoint, data with another TR / ROI count / ROI order.
     """
-    from brainfm.eval.probe import few_subject_curve
     from brainfm.eval.inference import Group
+    from brainfm.eval.probe import few_subject_curve
 
     if source not in SOURCES:
         raise ConfigError(f"few_subject.source={source!r} must be one of {SOURCES}")
@@ -225,11 +225,7 @@ def plot_curve(report: dict, path: Path) -> None:
     ax.set_title(f"{len(p['classes'])}-way decoding of {p['label']}, {p['n_test_subjects']} held-out subjects",
                  fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic_path(path, keep_suffix=True) as tmp:  # savefig picks the format from the suffix
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def print_table(report: dict) -> None:

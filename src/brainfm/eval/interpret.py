@@ -57,7 +57,7 @@ from brainfm.data.stores.volume import CropPad
 from brainfm.data.windows import collate_windows
 from brainfm.errors import ConfigError, DataError
 from brainfm.eval.extract import write_csv
-from brainfm.io import atomic_path
+from brainfm.io import atomic_path, save_figure
 from brainfm.runs import datamodules_of, has_split, load_run, window_dataset
 from brainfm.tasks.supervised import pooled_embedding
 
@@ -394,8 +394,7 @@ def plot_roi_map(path: str | os.PathLike, attributions: np.ndarray, roi_names: S
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, label="attribution")
         fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+        save_figure(fig, path, dpi=100)
     finally:
         plt.close(fig)
     return path

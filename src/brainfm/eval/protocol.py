@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader
 from brainfm.data.datasets.roi import ROIWindowDataset
 from brainfm.data.splits import time_split
 from brainfm.data.windows import collate_windows
+from brainfm.errors import ConfigError
 from brainfm.eval.fingerprinting import fc_features
 from brainfm.eval.probe import fit_predict_sklearn
 from brainfm.eval.reidentification import reidentification
-from brainfm.errors import ConfigError
-from brainfm.io import atomic_path, atomic_write_text
+from brainfm.io import atomic_write_text, save_figure
 from brainfm.runs import (
     build_task_from_checkpoint,
     check_compatible,
@@ -304,8 +304,4 @@ def plot_reidentification(report: dict, path: Path) -> None:
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"Subject re-identification, {report['data']['n_subjects']} subjects")
     fig.tight_layout()
-    try:
-        with atomic_path(path, keep_suffix=True) as tmp:  # savefig picks the format from the suffix
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from brainfm.io import atomic_path
+from brainfm.io import save_figure
 
 
 def _num(frame: pd.DataFrame, column: str) -> pd.Series:
@@ -78,9 +78,4 @@ def plot_scale(frame: pd.DataFrame, path: Path | str | None = None, fig=None):
     if path is None:
         return fig
     path = Path(path)
-    try:
-        with atomic_path(path, keep_suffix=True) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -24,7 +24,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from brainfm.io import atomic_path, atomic_write_text
+from brainfm.io import atomic_path, atomic_write_text, save_figure
 
 _log = logging.getLogger("brainfm.search")
 
@@ -111,7 +111,6 @@ def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,11 +125,7 @@ def write_plots(study: optuna.Study, folder: Path) -> list[Path]:
             if name == "intermediate_values":
                 first.set_xlabel("validation (one per trainer.val_check_interval steps)")
             fig = first.figure
-            try:
-                with atomic_path(path, keep_suffix=True) as tmp:
-                    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-            finally:
-                plt.close(fig)
+            save_figure(fig, path, dpi=120, bbox_inches="tight")
             written.append(path)
         except Exception as exc:  # e.g. importances need >= 2 complete trials with varying parameters
             _log.info("plot %s skipped: %s", name, exc)
