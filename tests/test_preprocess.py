@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
 from brainfm.config import repo_root
 from brainfm.data.preprocess.discover import discover_runs
@@ -21,6 +22,8 @@ from brainfm.data.stores.volume import VolumeStore
 from brainfm.errors import ConfigError, DataError
 
 TOY_RUNS = [("sub-nipy", "run-1"), ("sub-nitime", "run-1"), ("sub-nitime", "run-2")]
+#: the affine of the synthetic runs: 2 mm voxels in FSL's LAS orientation (stored as they lie by default)
+LAS_2MM = np.diag([-2.0, 2.0, 2.0, 1.0])
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +42,9 @@ def toy_store(toy_dir, tmp_path_factory) -> Path:
 
 
 def _nifti(path: Path, data: np.ndarray, tr: float = 2.0, unit: str = "sec", affine=None) -> Path:
-    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine)
+    """A NIfTI file of ``data``; the default affine is LAS, 2 mm (FSL's orientation, the one brainfm-preprocess
+    stores by default: its voxels stay where they are)."""
+    img = nib.Nifti1Image(data, LAS_2MM if affine is None else affine)
     img.header.set_xyzt_units("mm", unit)
     if data.ndim == 4:
         img.header["pixdim"][4] = tr
@@ -61,11 +66,13 @@ def test_toy_runs_preprocess_to_a_48_cube(toy_dir, toy_store):
     assert list(zip(store.subject_ids, store.run_ids)) == TOY_RUNS
     assert store.shape == (48, 48, 48) and store.lengths.tolist() == [20, 40, 40]
     assert store.trs.tolist() == [2.0, 1.35, 1.35]
-    for i, (orig, cp) in enumerate([([17, 21, 3, 20], [[15, 16], [13, 14], [22, 23]]),
-                                    ([10, 10, 18, 40], [[19, 19], [19, 19], [15, 15]]),
-                                    ([10, 10, 18, 40], [[19, 19], [19, 19], [15, 15]])]):
+    # nipy's run is LAS; nitime's are LSP (10, 10, 18), stored LAS (the default) on a (10, 18, 10) grid
+    for i, (orig, cp, source) in enumerate([([17, 21, 3, 20], [[15, 16], [13, 14], [22, 23]], "LAS"),
+                                            ([10, 18, 10, 40], [[19, 19], [15, 15], [19, 19]], "LSP"),
+                                            ([10, 18, 10, 40], [[19, 19], [15, 15], [19, 19]], "LSP")]):
         meta = store.meta(i)
         assert meta["original_shape"] == orig and meta["crop_pad"] == cp
+        assert meta["orientation"] == "LAS" and meta["source_orientation"] == source
         assert meta["tr_source"].startswith("header pixdim[4]") and meta["source_dtype"] == "int16"
         assert meta["normalization"] == "global" and meta["fill"] == "min"
         bold, mask = store.memmap(i), store.mask(i)
@@ -74,13 +81,16 @@ def test_toy_runs_preprocess_to_a_48_cube(toy_dir, toy_store):
         assert (bold[:, ~mask] == np.float16(meta["fill_value"])).all() and meta["fill_value"] == float(brain.min())
         assert 0.8 < meta["mask"]["brain_voxels"] / np.prod(orig[:3]) <= 1.0  # in-brain fields of view
     img = nib.load(str(toy_dir / "sub-nitime_run-1_bold.nii.gz"))
-    np.testing.assert_allclose(np.array(store.meta(1)["affine"]), img.affine @ np.array(
-        [[1, 0, 0, -19], [0, 1, 0, -19], [0, 0, 1, -15], [0, 0, 0, 1]]), atol=1e-4)
-    # the stored values are the raw BOLD, z-scored: check one voxel's time course
-    raw = np.asanyarray(img.dataobj).astype(np.float64)
+    las = img.as_reoriented(ornt_transform(io_orientation(img.affine), axcodes2ornt("LAS")))  # nibabel's own
+    np.testing.assert_allclose(np.array(store.meta(1)["affine"]), las.affine @ np.array(
+        [[1, 0, 0, -19], [0, 1, 0, -15], [0, 0, 1, -19], [0, 0, 0, 1]]), atol=1e-4)
+    # the stored values are the raw BOLD, reoriented and z-scored: check one voxel's time course (source voxel
+    # [4, 5, 9] of the LSP grid is [4, 17 - 9, 5] of the LAS one)
+    raw = np.asanyarray(las.dataobj).astype(np.float64)
+    np.testing.assert_array_equal(raw[4, 8, 5], np.asanyarray(img.dataobj)[4, 5, 9])
     meta = store.meta(1)
-    z = (raw[4, 5, 9, :] - meta["global_mean"]) / meta["global_std"]
-    np.testing.assert_allclose(store.memmap(1)[:, 4 + 19, 5 + 19, 9 + 15], z, atol=4e-3)
+    z = (raw[4, 8, 5, :] - meta["global_mean"]) / meta["global_std"]
+    np.testing.assert_allclose(store.memmap(1)[:, 4 + 19, 8 + 15, 5 + 19], z, atol=4e-3)
     assert "nitime" not in sys.modules and "nipy" not in sys.modules
 
 
@@ -245,7 +255,7 @@ def test_swift_hcp_padding_and_target_shape(tmp_path):
     data = np.zeros((75, 93, 81, 2), dtype=np.int16)
     data[5:70, 5:88, 5:76] = 1000 + np.arange(2, dtype=np.int16)
     data[5, 5, 5, 0] = 1500
-    _nifti(tmp_path / "in" / "100307_bold.nii.gz", data, tr=0.72)
+    _nifti(tmp_path / "in" / "100307_bold.nii.gz", data, tr=0.72)  # LAS, as HCP's
     preprocess_volumes(tmp_path / "in", tmp_path / "out", crop_pad="swift_hcp", progress=False)
     store = VolumeStore(tmp_path / "out")
     assert store.subject_ids == ["100307_bold"] and store.shape == (96, 96, 96)
@@ -504,7 +514,7 @@ def _grid_atlas(tmp_path: Path) -> Path:
     labels = np.zeros((8, 9, 7), dtype=np.int16)
     labels[2:4, 2:-2, 1:-1], labels[4:6, 2:-2, 1:-1] = 1, 2
     path = tmp_path / "grid.nii.gz"
-    nib.save(nib.Nifti1Image(labels, np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
+    nib.save(nib.Nifti1Image(labels, LAS_2MM), str(path))  # the runs' grid (_nifti)
     return path
 
 

@@ -4,12 +4,19 @@
         [--pattern GLOB] [--space MNI152NLin2009cAsym] [--tr S] [--crop-pad X0 X1 Y0 Y1 Z0 Z1 | PRESET]
         [--target-shape 96 96 96] [--normalization global|none] [--fill min|zero]
         [--mask auto|nonzero|threshold|epi|all|<mask.nii.gz>] [--nan error|fill|drop-run]
-        [--shard I/N] [--workers N] [--overwrite]
+        [--orientation LAS|RAS] [--shard I/N] [--workers N] [--overwrite]
     brainfm-preprocess frames --input <folder with img/> --output <store> --tr S [--crop-pad ...] [--shard I/N]
     brainfm-preprocess parcellate --input <folder|BIDS|fMRIPrep> --atlas <labels|maps NIfTI|schaefer400|difumo64>
         --output rois.h5 [--roi-names names.tsv] [--atlas-name NAME] [--tr S] [--nan error|fill|drop-run]
         [--shard I/N] [--merge-only] [--overwrite] [--workers N]
     brainfm-preprocess info <store>
+
+--orientation: the voxel orientation every run is stored in (axis codes as nibabel's aff2axcodes writes them).
+Default LAS, FSL's, which SwiFT (Kim et al., NeurIPS 2023; Transconnectome/SwiFT) and NeuroSTORM were trained on
+and their released weights expect; fMRIPrep writes RAS (Brainmarks PR #44 flips it for them). Each run is
+reoriented from its NIfTI affine before crop/pad; meta.json and the index record orientation and
+source_orientation, and a checkpoint refuses a store of another orientation. SwiFT frame folders (frames) are
+declared LAS.
 
 --crop-pad takes six integers in axis order (x_before x_after y_before y_after z_before z_after;
 negative values crop) or a SwiFT preset: swift_hcp (75x93x81 -> 96^3; SwiFT's torch pad
@@ -89,6 +96,7 @@ def _volumes(args: argparse.Namespace) -> None:
         crop_pad=_crop_pad(args.crop_pad), target_shape=args.target_shape, normalization=args.normalization,
         fill=args.fill, mask=args.mask, workers=args.workers, overwrite=args.overwrite,
         progress=not args.no_progress, fail_fast=args.fail_fast, nan=args.nan, shard=shard,
+        orientation=args.orientation,
     )
     _report(results, args.output, shard=shard)
     _info_line(args.output)
@@ -141,16 +149,25 @@ def _info_line(root: Path) -> None:
     print(VolumeStore(root))
 
 
+def _orientation(stored: str | None, source: str | None) -> str:
+    """``LAS (from RAS)``, ``LAS`` (not reoriented) or ``orientation unknown`` (a run indexed before orientations
+    were recorded: ``brainfm-data index <store>`` records it from the run's affine)."""
+    if stored is None:
+        return "orientation unknown"
+    return stored if source in (None, stored) else f"{stored} (from {source})"
+
+
 def _info(args: argparse.Namespace) -> None:
     from brainfm.data.stores.volume import VolumeStore
 
     store = VolumeStore(args.store)
     print(store)
     crops = store.crop_pads()
+    orientations, sources = store.column("orientation"), store.column("source_orientation")
     for i in range(len(store)):  # from the run index: no run folder is opened
         st = store.run_stats(i)
         print(f"  {store.subject_ids[i]}/{store.run_ids[i]}: {st['n']} TRs, TR {store.trs[i]:g} s, "
-              f"{st['normalization']}/{st['fill']}, crop/pad {crops[i]}")
+              f"{st['normalization']}/{st['fill']}, {_orientation(orientations[i], sources[i])}, crop/pad {crops[i]}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fill", choices=["min", "zero"], default="min", help="background value")
     p.add_argument("--mask", default="auto", help="auto | nonzero | threshold | epi | all | <mask NIfTI>")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    p.add_argument("--orientation", choices=["LAS", "RAS"], default="LAS",
+                   help="voxel orientation every run is stored in (reoriented from its NIfTI affine before crop/pad). "
+                        "Default LAS: FSL's, the one SwiFT's and NeuroSTORM's released weights expect (Kim et al., "
+                        "NeurIPS 2023, Transconnectome/SwiFT); RAS: fMRIPrep's")
     nan_policy(p)
     p.set_defaults(func=_volumes)
 

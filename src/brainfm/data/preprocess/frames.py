@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainfm.data.orientation import FRAMES_ORIENTATION
 from brainfm.data.stores.frames import FrameStore
 from brainfm.data.stores.rundir import safe_name
 from brainfm.data.stores.volume import CropPad, write_volume_run
@@ -49,7 +50,7 @@ def _convert_one(root: str, tr: float, subject: str, output: str, crop_pad, targ
         path = write_volume_run(
             output, out_subject, "frames", _FramesSource(store, 0), tr=tr, affine=None, mask=background,
             crop_pad=cp, normalization="none", fill="zero" if bg == 0 else "min", applied_upstream=normalization,
-            source=str(store.path(0)), overwrite=overwrite,
+            source=str(store.path(0)), overwrite=overwrite, orientation=FRAMES_ORIENTATION,
             extra_meta={"input_kind": "frames", "frames_background": bg, "subject_folder": subject},
         )
         result.status, result.path = "written", str(path)
@@ -79,7 +80,9 @@ def convert_frames(
     how, ``global`` for SwiFT's default); the brain mask is every voxel that differs from the
     background value at some TR (SwiFT's background value: voxel [0, 0, 0] of the first frame),
     and the background fill is ``zero`` when that value is 0, else ``min``. Every frame is
-    kept (SwiFT's loader drops the last 2). Resumable like :func:`brainfm.data.preprocess.volumes.preprocess_volumes`.
+    kept (SwiFT's loader drops the last 2). The runs are declared ``LAS`` (frames carry no affine; SwiFT's
+    are in FSL's orientation, :data:`brainfm.data.orientation.FRAMES_ORIENTATION`). Resumable like
+    :func:`brainfm.data.preprocess.volumes.preprocess_volumes`.
 
     Args:
         root: folder holding ``img/`` (or the ``img`` folder). output: store root.

@@ -11,6 +11,10 @@ combination of shards and resumes, the index lists every finished run.
 NaN/inf values inside the brain at some TRs: ``nan="error"`` (default: the run fails, naming the file
 and the TRs), ``"fill"`` (replaced by each voxel's temporal mean) or ``"drop-run"`` (the run is skipped
 with a warning and reported as ``skipped-nan``; nothing is written).
+
+Orientation: every run is reoriented to one declared voxel orientation (``orientation="LAS"``, the default,
+what SwiFT's and NeuroSTORM's weights expect; or ``"RAS"``, fMRIPrep's) before crop/pad, and records it
+(:mod:`brainfm.data.orientation`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from brainfm.data.preprocess.discover import (
     load_nifti,
     repetition_time,
 )
+from brainfm.data.orientation import DEFAULT_ORIENTATION, Reorientation, check_orientation_name, orientation_of_meta
 from brainfm.data.preprocess.runner import run_all, parse_shard
 from brainfm.data.stores.index import IndexWriter, read_index
 from brainfm.data.stores.rundir import run_dir
@@ -41,6 +46,7 @@ from brainfm.data.stores.volume import (
     CropPad,
     NonFiniteError,
     VolumeStore,
+    read_meta,
     run_is_finished,
     write_volume_run,
 )
@@ -121,11 +127,14 @@ def _preprocess_one(src: RunSource, root: str, options: dict) -> RunResult:
             elif mask == "auto" and src.mask_path is not None:
                 mask_source = str(src.mask_path)
                 mask = load_mask_file(src.mask_path, frames.spatial_shape, frames.affine, src.path)
-            cp = resolve_crop_pad(options["crop_pad"], options["target_shape"], frames.spatial_shape)
+            # crop/pad applies to the grid in the declared orientation (the writer reorients frames, mask, affine)
+            grid = Reorientation(frames.affine, frames.spatial_shape, options["orientation"]).shape
+            cp = resolve_crop_pad(options["crop_pad"], options["target_shape"], grid)
             path = write_volume_run(
                 root, src.subject, src.run, frames, tr=tr, affine=frames.affine, mask=mask, crop_pad=cp,
                 normalization=options["normalization"], fill=options["fill"], source=str(src.path),
                 overwrite=options["overwrite"], nan="fill" if options["nan"] == "fill" else "error",
+                orientation=options["orientation"],
                 extra_meta={"tr_source": tr_source, "mask_file": mask_source, "input_kind": src.kind,
                             "sidecars": [str(p) for p in src.sidecar_paths],
                             "source_dtype": str(img.get_data_dtype())},
@@ -165,6 +174,7 @@ def preprocess_volumes(
     nan: str = "error",
     shard: tuple[int, int] | str | None = None,
     index_every: int = 256,
+    orientation: str = DEFAULT_ORIENTATION,
 ) -> list[RunResult]:
     """Preprocess the BOLD runs under ``input`` (those of ``shard``) into the volume store at ``output``.
 
@@ -190,6 +200,12 @@ def preprocess_volumes(
             (None: every run; the CLI reads SLURM array variables, :func:`~brainfm.data.preprocess.runner.resolve_shard`).
         index_every: merge the rows of finished runs into ``<output>/index.parquet`` after this
             many runs (and every 60 s, and at the end).
+        orientation: the voxel orientation every run is stored in, ``LAS`` (default: FSL's, the one SwiFT's
+            and NeuroSTORM's released weights expect; Kim et al., NeurIPS 2023, Transconnectome/SwiFT) or ``RAS``
+            (fMRIPrep's). Each run is reoriented from its affine's axis codes before crop/pad (nibabel's
+            orientations module); ``meta.json`` and the index record ``orientation`` and ``source_orientation``
+            (:mod:`brainfm.data.orientation`). A finished run in another orientation is not rewritten unless
+            ``overwrite``.
 
     Returns:
         One :class:`RunResult` per run of the shard, in (subject, run) order.
@@ -209,15 +225,16 @@ def preprocess_volumes(
         raise ConfigError(f"unknown crop/pad preset {crop_pad!r}; presets: {sorted(CROP_PAD_PRESETS)}")
     if nan not in NAN_POLICIES:
         raise ConfigError(f"--nan {nan!r} is not one of {NAN_POLICIES}")
+    orientation = check_orientation_name(orientation)
     i_shard, n_shards = parse_shard(shard)
     runs = sorted(discover_runs(input, pattern, space), key=lambda r: (r.subject, r.run))[i_shard::n_shards]
     options = {"tr": tr, "crop_pad": crop_pad, "target_shape": target_shape, "normalization": normalization,
-               "fill": fill, "mask": mask, "overwrite": overwrite, "nan": nan}
+               "fill": fill, "mask": mask, "overwrite": overwrite, "nan": nan, "orientation": orientation}
     Path(output).mkdir(parents=True, exist_ok=True)
     desc = "brainfm-preprocess volumes" + (f" (shard {i_shard}/{n_shards})" if n_shards > 1 else "")
     with IndexWriter(output, VolumeStore.kind, every_rows=index_every) as index:
         results = finished_runs(runs, output, overwrite, index,
-                                 lambda src: (src.subject, src.run, str(src.path)))
+                                 lambda src: (src.subject, src.run, str(src.path)), orientation=orientation)
         todo = [i for i, r in enumerate(results) if r is None]
 
         def indexed(k: int, r: RunResult) -> None:
@@ -247,13 +264,15 @@ def preprocess_volumes(
 
 
 def finished_runs(items: Sequence, output: str | os.PathLike, overwrite: bool, index: IndexWriter,
-                   ids) -> list[RunResult | None]:
+                   ids, orientation: str | None = None) -> list[RunResult | None]:
     """``skipped`` results for the items whose run folder is finished (None for the others, to do),
     adding the finished runs that ``<output>/index.parquet`` lacks to ``index``. ``ids(item)`` ->
     ``(subject, run, source)``. A finished run whose files do not check out fails, named.
 
     Raises:
         DataError: an unreadable index (from :func:`~brainfm.data.stores.index.read_index`).
+        ConfigError: a finished run stored in another voxel orientation than ``orientation`` (skipping it would
+            leave a store of mixed orientations): the fix is ``--overwrite`` or another ``--output``.
     """
     out: list[RunResult | None] = []
     if overwrite:
@@ -267,6 +286,12 @@ def finished_runs(items: Sequence, output: str | os.PathLike, overwrite: bool, i
             out.append(None)
             continue
         result = RunResult(subject, run, source, "skipped", str(rdir))
+        found = orientation_of_meta(read_meta(rdir) or {})[0] if orientation is not None else None
+        if found is not None and found != orientation:
+            raise ConfigError(
+                f"{rdir} was stored in orientation {found}, not the --orientation {orientation} asked for; finished "
+                f"runs are skipped, so the store would mix orientations. Fix: add --overwrite to rewrite every run "
+                f"as {orientation}, or write the {orientation} store to another --output")
         if (subject, run) not in listed:
             try:
                 index.add(VolumeStore.index_row(rdir))

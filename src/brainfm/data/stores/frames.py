@@ -9,10 +9,11 @@ Layout (Transconnectome/SwiFT ``preprocessing.py`` and ``datasets.py``)::
 
 SwiFT's preprocessing z-scores each run over its non-zero voxels x TRs and fills the background
 with the minimum (or 0), so the frames are already normalized; they carry no TR, no mask and no
-affine. SwiFT's dataset counts a subject's frames as ``len(os.listdir(folder)) - 2``, assuming the
-two statistics files exist; its own preprocessing does not write them, so the last 2 TRs of every
-subject are silently dropped. :class:`FrameStore` counts the ``frame_<t>.pt`` files themselves and
-checks that they are numbered 0..T-1 without gaps.
+affine. They are taken to be in FSL's LAS orientation, the one SwiFT's preprocessing of HCP/UKB/ABCD
+(FSL outputs) keeps (:mod:`brainfm.data.orientation`). SwiFT's dataset counts a subject's frames as
+``len(os.listdir(folder)) - 2``, assuming the two statistics files exist; its own preprocessing does not
+write them, so the last 2 TRs of every subject are silently dropped. :class:`FrameStore` counts the
+``frame_<t>.pt`` files themselves and checks that they are numbered 0..T-1 without gaps.
 
 Reading a clip costs one ``torch.load`` per TR (20-40 file opens per sample);
 :func:`convert_frames` writes the same data as a volume store (one contiguous array per run, see
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainfm.data.orientation import FRAMES_ORIENTATION
 from brainfm.data.stores.base import LRUCache, StoreBase, cache_sizes, ensure_out
 from brainfm.data.stores.index import read_index, write_index
 from brainfm.errors import ConfigError, DataError
@@ -227,10 +229,14 @@ class FrameStore(StoreBase):
         return self._meta_cache.get(i, load)
 
     def column(self, name: str) -> list:
-        """Per-subject facts as the volume store's index columns: ``normalization`` (as given), and
-        ``fill``, ``fill_value``, ``min``, ``max`` from each subject's frame 0 (read on first use)."""
+        """Per-subject facts as the volume store's index columns: ``normalization`` (as given), ``orientation``
+        and ``source_orientation`` (``LAS``: SwiFT's frames carry no affine and are taken to be in FSL's
+        orientation, :data:`brainfm.data.orientation.FRAMES_ORIENTATION`), and ``fill``, ``fill_value``, ``min``,
+        ``max`` from each subject's frame 0 (read on first use)."""
         if name == "normalization":
             return [self.normalization] * len(self)
+        if name in ("orientation", "source_orientation"):
+            return [FRAMES_ORIENTATION] * len(self)
         return [self.meta(i)[name] for i in range(len(self))]
 
     def crop_pads(self) -> list:

@@ -80,7 +80,10 @@ def _table(rows: list[Mapping[str, Any]], kind: str):
     import pyarrow as pa
 
     rows = sorted(rows, key=lambda r: (str(r["subject"]), str(r["run"])))
-    table = pa.Table.from_pylist(list(rows))
+    # every row's columns (from_pylist takes the first row's): rows of an older index merged with new rows
+    # lack the new columns, which are null there
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows])
     meta = {"brainfm_kind": kind, "brainfm_index_version": str(INDEX_VERSION)}
     return table.replace_schema_metadata(meta)
 

@@ -208,6 +208,7 @@ class RunDirStore(StoreBase):
                             "data.path at the store root")
         # numbers as numpy arrays; other columns stay Arrow arrays (no Python object per run and column)
         self._columns = {name: table.column(name) for name in table.column_names}
+        self.complete_columns(self._columns, table.num_rows)
         self.subject_ids = table.column("subject").to_pylist()
         self.run_ids = table.column("run").to_pylist()
         self.lengths = table.column("n_frames").to_numpy().astype(np.int64)
@@ -235,6 +236,10 @@ class RunDirStore(StoreBase):
     def extra_row(cls, meta: dict) -> dict[str, Any]:
         """Index columns of one run beyond the common ones (its statistics), from its ``meta.json``."""
         return {}
+
+    @classmethod
+    def complete_columns(cls, columns: dict[str, Any], n_rows: int) -> None:
+        """Add (in place) the columns :meth:`extra_row` writes that an index of an older brainfm lacks."""
 
     @classmethod
     def frame_shape_of(cls, meta: dict) -> tuple[int, ...]:

@@ -10,8 +10,11 @@ Layout (one directory per subject run)::
         voxel_mean.npy  float32 (X, Y, Z) per-voxel mean over time of bold.npy (fill outside the brain)
         voxel_std.npy   float32 (X, Y, Z) per-voxel standard deviation over time (0 outside the brain)
         meta.json       subject, run, tr (s), n_frames, shape, affine (4x4 of the output grid),
-                        original_shape, crop_pad, normalization, global_mean/global_std (raw units),
-                        min/max (brain, as stored), fill, fill_value, mask rule, nan_policy and
+                        orientation (axis codes of the stored grid: LAS/RAS) and source_orientation
+                        (the input's), original_shape (the grid crop/pad applies to, after
+                        reorientation), crop_pad, normalization, source_offset/source_scale (stored =
+                        (source - offset) * scale), global_mean/global_std (source units), min/max (brain,
+                        as stored), fill, fill_value, mask rule, nan_policy and
                         nan_filled_voxels/nan_filled_values, source, version
 
 A run is written into a hidden temporary directory beside its final place (``.<run>.tmp-...``) and
@@ -43,6 +46,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from brainfm.data.orientation import (
+    Reorientation,
+    ReorientedFrames,
+    axcodes,
+    check_orientation_name,
+    orientation_of_meta,
+)
 from brainfm.data.stores.base import LRUCache, cache_sizes
 from brainfm.data.stores.rundir import (
     RunDirStore,
@@ -218,6 +228,16 @@ class ArrayFrames:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+def source_map(normalization: str, global_mean: float | None, global_std: float | None,
+               upstream: bool = False) -> tuple[float, float]:
+    """``(offset, scale)`` with which :func:`write_volume_run` stored a run (stored = (source - offset) * scale):
+    its global mean and 1 / standard deviation for ``normalization="global"`` applied by brainfm, else ``(0, 1)``
+    (``none``, or normalized ``upstream``: SwiFT frames are stored as they are)."""
+    if normalization == "global" and not upstream and global_std and float(global_std) > 0:
+        return float(global_mean or 0.0), 1.0 / float(global_std)
+    return 0.0, 1.0
+
+
 def read_meta(path: Path) -> dict | None:
     """``meta.json`` of a run directory, or None when missing/unreadable/not a brainfm volume run."""
     try:
@@ -288,6 +308,7 @@ def write_volume_run(
     overwrite: bool = False,
     chunk_frames: int | None = None,
     nan: str = "error",
+    orientation: str | None = None,
 ) -> Path:
     """Normalize one run and write it to ``<root>/<subject>/<run>/`` atomically.
 
@@ -301,6 +322,12 @@ def write_volume_run(
         frames: ``(T, X, Y, Z)`` array or a :class:`FrameSource` on the input grid.
         tr: repetition time in seconds.
         affine: 4x4 voxel-to-world affine of the input grid (None: unknown, recorded as null).
+        orientation: the voxel orientation to store the run in (``LAS`` or ``RAS``,
+            :mod:`brainfm.data.orientation`). With an ``affine`` the frames (and an array ``mask``) are
+            reoriented from the affine's axis codes to it before anything else (the stored affine follows, and
+            ``crop_pad`` applies to the reoriented grid); without one it is declared (SwiFT frames: ``LAS``).
+            None: the run is stored as it lies (recorded as the affine's axis codes, or unknown).
+            ``meta.json`` records ``orientation`` and ``source_orientation``.
         mask: bool ``(X, Y, Z)`` on the input grid, or a rule computed from the data: ``nonzero``
             (voxels not 0 at every TR: registered, skull-stripped data such as SwiFT's inputs),
             ``threshold`` (temporal mean above the 2nd percentile + 10 % of the 2nd-98th
@@ -310,7 +337,8 @@ def write_volume_run(
             every TR, else ``threshold``), or a callable ``(mean, min, max, valid) -> (mask,
             description)`` of per-voxel statistics. Voxels that are NaN/inf at every TR are
             background (as are voxels outside the mask, whatever their values).
-        crop_pad: crop/pad to the output grid (None: none); padding takes the fill value.
+        crop_pad: crop/pad to the output grid (None: none); padding takes the fill value. On the grid after
+            reorientation (``orientation``).
         normalization: ``global`` (z-score over brain voxels x TRs, as SwiFT) or ``none``
             (values as given; they must fit float16).
         fill: background value: ``min`` (brain minimum after normalization, SwiFT's default) or
@@ -335,7 +363,7 @@ def write_volume_run(
             the file, the 0-based TRs and the voxel count of each are named.
         DataError: an empty mask, a constant brain, values that overflow float16, a mask of the
             wrong shape, or an unreadable source.
-        ConfigError: unknown normalization, fill or mask rule; a bad crop/pad.
+        ConfigError: unknown normalization, fill, mask rule or orientation; a bad crop/pad.
     """
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"normalization={normalization!r} is not one of {NORMALIZATIONS}")
@@ -352,6 +380,19 @@ def write_volume_run(
         return final
     src: FrameSource = ArrayFrames(frames, source or f"{subject}/{run}") if isinstance(frames, np.ndarray) else frames
     name = source or src.name
+    source_orientation = axcodes(affine)
+    stored_orientation = source_orientation
+    if orientation is not None:
+        stored_orientation = check_orientation_name(orientation, "orientation")
+        if affine is not None:  # reorient the frames, an array mask and the affine (crop/pad follows)
+            reorientation = Reorientation(affine, src.spatial_shape, stored_orientation)
+            if not reorientation.identity:
+                src = ReorientedFrames(src, reorientation)
+                if not isinstance(mask, str) and not callable(mask) and np.ndim(mask) == 3:
+                    mask = reorientation.volume(np.asarray(mask))
+            affine = reorientation.affine
+        else:  # nothing to reorient by: declared (e.g. SwiFT frames, LAS)
+            source_orientation = stored_orientation
     where = f"{name} (subject {subject}, run {run})"
     T, in_shape = int(src.n_frames), tuple(int(s) for s in src.spatial_shape)
     if T < 1:
@@ -494,7 +535,11 @@ def write_volume_run(
             "affine": None if affine is None else crop_pad.affine(affine).round(6).tolist(),
             "original_shape": [*in_shape, T],
             "crop_pad": crop_pad.as_list(),
+            "orientation": stored_orientation,
+            "source_orientation": source_orientation,
             "normalization": applied_upstream or normalization,
+            "source_offset": float(offset),
+            "source_scale": float(scale),
             "global_mean": g_mean,
             "global_std": g_std,
             "min": float(np.float16(lo)),
@@ -544,7 +589,8 @@ class VolumeStore(RunDirStore):
     ARRAY = BOLD
     DTYPE = np.dtype(np.float16)
     FIX = _FIX
-    STATS = ("normalization", "fill", "fill_value", "min", "max", "global_mean", "global_std", "brain_voxels")
+    STATS = ("normalization", "fill", "fill_value", "min", "max", "global_mean", "global_std", "brain_voxels",
+             "source_offset", "source_scale")
 
     def __init__(self, root: str | os.PathLike, cache: dict | None = None, validate: bool = False) -> None:
         super().__init__(root, cache=cache, validate=validate)
@@ -563,12 +609,42 @@ class VolumeStore(RunDirStore):
     @classmethod
     def extra_row(cls, meta: dict) -> dict[str, Any]:
         mask = meta.get("mask") or {}
+        orientation, source_orientation = orientation_of_meta(meta)
+        if "source_scale" in meta:
+            offset, scale = float(meta["source_offset"]), float(meta["source_scale"])
+        else:  # written before they were recorded: what the writer applied (none for frames, normalized upstream)
+            offset, scale = source_map(str(meta.get("normalization")), meta.get("global_mean"), meta.get("global_std"),
+                                       meta.get("input_kind") == "frames")
         return {"normalization": str(meta.get("normalization")), "fill": str(meta.get("fill")),
                 "fill_value": float(meta.get("fill_value") or 0.0), "min": float(meta.get("min", 0.0)),
                 "max": float(meta.get("max", 0.0)), "global_mean": float(meta.get("global_mean", float("nan"))),
                 "global_std": float(meta.get("global_std", float("nan"))),
                 "brain_voxels": int(mask.get("brain_voxels", -1)),
-                "crop_pad": json.dumps(meta.get("crop_pad"))}
+                "crop_pad": json.dumps(meta.get("crop_pad")),
+                "orientation": orientation, "source_orientation": source_orientation,
+                "source_offset": offset, "source_scale": scale}
+
+    @classmethod
+    def complete_columns(cls, columns: dict[str, Any], n_rows: int) -> None:
+        """Index columns an older index lacks: ``orientation`` / ``source_orientation`` unknown (None; ``brainfm-data
+        index <store>`` records them from each run's affine), ``source_offset`` / ``source_scale`` from the
+        ``normalization``, ``global_mean`` and ``global_std`` columns (:func:`source_map`; frames converted by an
+        older ``brainfm-preprocess frames`` cannot be told apart there and are taken to be brainfm-normalized)."""
+        import pyarrow as pa
+
+        for name in ("orientation", "source_orientation"):
+            if name not in columns:
+                columns[name] = pa.array([None] * n_rows, type=pa.string())
+        have = columns.get("source_scale")
+        if have is None or have.null_count:  # a whole older index, or its rows merged with newer ones
+            offsets = columns["source_offset"].to_pylist() if have is not None else [None] * n_rows
+            scales = have.to_pylist() if have is not None else [None] * n_rows
+            for i, (n, m, sd) in enumerate(zip(columns["normalization"].to_pylist(), columns["global_mean"].to_pylist(),
+                                               columns["global_std"].to_pylist())):
+                if scales[i] is None:
+                    offsets[i], scales[i] = source_map(str(n), m, sd)
+            columns["source_offset"] = pa.array(offsets, type=pa.float64())
+            columns["source_scale"] = pa.array(scales, type=pa.float64())
 
     @classmethod
     def check_files(cls, rdir: Path, meta: dict) -> None:
@@ -618,5 +694,7 @@ class VolumeStore(RunDirStore):
 
     def __repr__(self) -> str:
         tr = f"{self.tr:g}s" if self.tr is not None else "mixed " + "/".join(f"{t:g}" for t in sorted(set(self.trs)))
+        orientations = sorted({str(v) if v is not None else "unknown" for v in self.column("orientation")})
         return (f"VolumeStore({self.root}, runs={len(self)}, subjects={len(set(self.subject_ids))}, "
-                f"shape={self.shape}, tr={tr}, TRs={int(self.lengths.sum())}, index={'yes' if self.indexed else 'no'})")
+                f"shape={self.shape}, tr={tr}, TRs={int(self.lengths.sum())}, orientation={'/'.join(orientations)}, "
+                f"index={'yes' if self.indexed else 'no'})")
