@@ -255,6 +255,8 @@ _NOT_OFFERED = {
     **{(f"data={c}", "data.window.min_length"): "offered by the volume datamodule only"
        for c in ("r2t_roi", "r2t_grayordinate", "r2t_volume")},
     ("data=r2t_roi", "data.layout"): "offered for volume stores and frame folders only",
+    **{(f"data={c}", "data.normalization.statistics"): "offered by the volume datamodule only (ROI: normalization.mode)"
+       for c in ("hcp_rest_roi", "gw_rest_roi", "r2t_roi", "r2t_grayordinate", "r2t_volume", "lfb_tar", "brainmarks")},
     **{(f"data={c}", "data.normalization.mode"): "offered for ROI stores only (volumes: normalization.stored/load)"
        for c in ("volumes", "nifti_toy", "r2t_volume", "r2t_grayordinate", "abcd", "abcd_task", "abide", "embarc",
                  "hcp", "hcp_task", "oasis3", "ukb", "ukb_task")},

@@ -357,7 +357,18 @@ def test_datamodule_checks_and_meta(store_root, tmp_path):
     dm.setup()
     meta = dm.meta
     assert meta["tr"] == 2.0 and meta["shape"] == list(SHAPE) and meta["in_chans"] == 1
-    assert meta["normalization"] == {"stored": ["global"], "fill": ["min"], "load": "stored"}
+    norm = meta["normalization"]
+    assert {k: norm[k] for k in ("stored", "fill", "load")} == {"stored": ["global"], "fill": ["min"], "load": "stored"}
+    assert meta["orientation"] == "RAS"  # the writer's affine (identity) without --orientation: stored as it lies
+    # the training runs' global statistics, pooled over brain voxels x training TRs (first half of each run)
+    stats, rows = norm["training_statistics"], [dm.store.run_stats(i) for i in range(4)]
+    w = np.array([r["n"] // 2 * r["brain_voxels"] for r in rows], float)
+    mu = np.array([r["global_mean"] for r in rows])
+    sd = np.array([r["global_std"] for r in rows])
+    assert stats["stored"] == "global" and stats["runs"] == 4 and stats["voxel"] is False
+    assert stats["global_mean"] == pytest.approx((w * mu).sum() / w.sum())
+    pooled_var = (w * (sd**2 + mu**2)).sum() / w.sum() - stats["global_mean"] ** 2
+    assert stats["global_std"] == pytest.approx(np.sqrt(pooled_var))
     assert meta["n_subjects"] == 2 and meta["window_length"] == 6
     json.dumps(meta)  # plain containers only
     batch = next(iter(dm.train_dataloader()))

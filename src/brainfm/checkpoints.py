@@ -9,7 +9,8 @@
 - :func:`checkpoint_format` and :func:`read_sharded_state_dict`: what a checkpoint path is (one file,
   a DCP directory, a DeepSpeed directory) and the full weights of a DCP directory without a process group.
 - :func:`write_state_dict`: ``.safetensors`` (or ``torch.save`` for other suffixes), atomically (a
-  temporary file renamed into place: a killed job never leaves half a file).
+  temporary file renamed into place: a killed job never leaves half a file), with the data contract the
+  weights need where one is known (converted SwiFT weights: ``LAS``); :func:`read_data_meta` reads a file's.
 - :func:`load_backbone`: ``task.init_from`` of every task (a brainfm checkpoint's ``model.*``
   weights, also FSDP2's sharded ``last.ckpt`` directory; converted weights, a plain state dict) into a backbone, with the keys a task may leave
   at their initialisation named by the caller.
@@ -25,6 +26,7 @@ Raises :class:`brainfm.errors.CheckpointError` naming the file for anything that
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import warnings
 from collections.abc import Mapping, Sequence
@@ -172,18 +174,65 @@ def read_state_dict(path: str | Path, *, prefix: str | None = None, safe_globals
     return state
 
 
-def write_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+#: the safetensors metadata key of a converted file's data contract (JSON of its ``data_meta``)
+DATA_META_KEY = "brainfm_data_meta"
+
+
+def write_state_dict(state: Mapping[str, torch.Tensor], path: str | Path, data_meta: Mapping | None = None) -> Path:
     """Write ``state`` to ``path`` atomically: ``.safetensors`` (contiguous CPU copies) or, for any
-    other suffix, ``torch.save``. Returns the path."""
+    other suffix, ``torch.save``. Returns the path.
+
+    ``data_meta``: the data contract the weights need (e.g. ``{"orientation": "LAS"}`` for SwiFT's), plain
+    values, read back by :func:`read_data_meta`: JSON in the safetensors metadata (:data:`DATA_META_KEY`); with
+    ``torch.save``, the file holds ``{"state_dict": state, "data_meta": data_meta}`` (Lightning's layout, which
+    :func:`read_state_dict` reads)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+            metadata = None if data_meta is None else {DATA_META_KEY: json.dumps(dict(data_meta))}
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
         else:
-            torch.save(dict(state), tmp)
+            torch.save(dict(state) if data_meta is None else {"state_dict": dict(state), "data_meta": dict(data_meta)},
+                       tmp)
     return path
+
+
+def read_data_meta(path: str | Path) -> dict | None:
+    """The data contract (``data_meta``) a weight file records, without reading its tensors: a brainfm checkpoint's
+    ``hyper_parameters["data_meta"]`` (a file, or Lightning's ``meta.pt`` of an FSDP2 sharded directory), or what
+    :func:`write_state_dict` stored with converted weights; None where the file records none (foreign or plain
+    state dicts, DeepSpeed directories).
+
+    Raises:
+        CheckpointError: as :func:`read_checkpoint` / a safetensors file that does not open.
+    """
+    path = Path(path)
+    form = checkpoint_format(path)
+    if form == "dcp":
+        path = path / DCP_META
+    elif form != "file":
+        return None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                text = (f.metadata() or {}).get(DATA_META_KEY)
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+        return json.loads(text) if text else None
+    try:  # memory-mapped: a large checkpoint's tensors are not read to look at its hyper-parameters
+        obj = read_checkpoint(path, mmap=True)
+    except CheckpointError:  # a file in torch's legacy (non-zip) format cannot be memory-mapped
+        obj = read_checkpoint(path)
+    if not isinstance(obj, Mapping):
+        return None
+    meta = (obj.get("hyper_parameters") or {}).get("data_meta") if isinstance(obj.get("hyper_parameters"), Mapping) \
+        else None
+    meta = meta if meta is not None else obj.get("data_meta")
+    return dict(meta) if isinstance(meta, Mapping) else None
 
 
 def load_backbone(model: torch.nn.Module, path: str | Path, *, may_be_missing: Sequence[str] = (),

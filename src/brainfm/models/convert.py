@@ -3,7 +3,8 @@ a brainfm state dict (``.safetensors`` or ``.pt``), through :mod:`brainfm.checkp
 ``weights_only=True``; the per-family adapters live with their models, :data:`ADAPTERS` names them here).
 
 Formats: ``swift`` (a SwiFT Lightning checkpoint -> the Swin4D backbone, which loads unchanged into
-``model=swin4d_v7`` with the checkpoint's sizes); ``lfb`` (Thomas et al.'s released GPT/CSM or
+``model=swin4d_v7`` with the checkpoint's sizes; the file records the ``LAS`` orientation SwiFT was trained on,
+so a run that starts from it refuses a store of another orientation); ``lfb`` (Thomas et al.'s released GPT/CSM or
 Sequence-BERT ``pytorch_model.bin`` -> a SequenceTransformer and its task heads; also writes
 ``<dst>.yaml``, the model config the weights need: ``brainfm-train experiment=lfb_gpt
 task.init_from=<dst>``); see ``--help`` for the others.
@@ -27,19 +28,24 @@ from brainfm.models.swin4d import swift_checkpoint_filter
 @dataclass(frozen=True)
 class Adapter:
     """A foreign checkpoint format: ``adapt(state) -> (brainfm_state, left_out)`` maps the reference
-    keys to the brainfm model's and returns what it does not carry over (heads, optimizer)."""
+    keys to the brainfm model's and returns what it does not carry over (heads, optimizer). ``data_meta``: the
+    data contract the weights need, written with them (:func:`brainfm.checkpoints.write_state_dict`) and checked
+    when a run starts from them (``task.init_from``)."""
 
     name: str
     description: str
     adapt: Callable[[StateDict], tuple[StateDict, StateDict]]
     prefix: str | None = None
     safe_globals: tuple = ()
+    data_meta: dict | None = None
 
 
 #: name -> adapter, for ``python -m brainfm.models.convert <name>``
 ADAPTERS: dict[str, Adapter] = {
-    "swift": Adapter("swift", "SwiFT Lightning checkpoint -> Swin4D backbone (model=swin4d_v7 with its sizes)",
-                     swift_checkpoint_filter, safe_globals=LIGHTNING_SAFE_GLOBALS),
+    # SwiFT was trained on FSL's LAS volumes (HCP/UKB/ABCD minimal preprocessing; Kim et al., NeurIPS 2023)
+    "swift": Adapter("swift", "SwiFT Lightning checkpoint -> Swin4D backbone (model=swin4d_v7 with its sizes; "
+                     "records LAS: data must be preprocessed with --orientation LAS)",
+                     swift_checkpoint_filter, safe_globals=LIGHTNING_SAFE_GLOBALS, data_meta={"orientation": "LAS"}),
     "lfb": Adapter("lfb", "Thomas et al. (learning-from-brains) GPT/CSM or Sequence-BERT pytorch_model.bin -> "
                    "SequenceTransformer + task heads (experiment=lfb_gpt / lfb_seq_bert; writes <dst>.yaml)",
                    lfb_checkpoint_filter),
@@ -66,7 +72,7 @@ def convert(name: str, src: str | Path, dst: str | Path | None = None) -> tuple[
     except CheckpointError as exc:
         raise CheckpointError(f"{src}: {exc}") from exc
     if dst is not None:
-        write_state_dict(out, dst)
+        write_state_dict(out, dst, data_meta=adapter.data_meta)
     return out, left_out
 
 

@@ -8,9 +8,9 @@ this surface.
   :func:`consolidate` (``python -m brainfm.runs consolidate <checkpoint> <out.ckpt> [--weights-only]``);
 - :mod:`brainfm.runs.resume`: a run directory across jobs (:func:`resolve_resume`, :func:`refuse_fresh_start`,
   ``overwrite=true``, :func:`check_resume_strategy`);
-- :mod:`brainfm.runs.contract`: the data contract (atlas and ROI order, TR or time in seconds, grid,
-  normalization): :func:`check_compatible`, :func:`check_run_tr`, :func:`normalizer_for`,
-  :func:`use_checkpoint_normalization`;
+- :mod:`brainfm.runs.contract`: the data contract (atlas and ROI order, TR or time in seconds, grid, voxel
+  orientation, normalization): :func:`check_compatible`, :func:`check_orientation`, :func:`check_run_tr`,
+  :func:`check_training_start`, :func:`normalizer_for`, :func:`use_checkpoint_normalization`;
 - :mod:`brainfm.runs.load`: :func:`build_task_from_checkpoint` and :func:`load_run` (task + data from the run's
   ``config.yaml``, checked and normalized: a :class:`LoadedRun`);
 - :mod:`brainfm.runs.windows`: the windows of a split (:func:`window_dataset`, :func:`has_split`) and
@@ -38,8 +38,10 @@ from brainfm.runs.checkpoint import (
 )
 from brainfm.runs.contract import (
     check_compatible,
+    check_orientation,
     check_rois,
     check_run_tr,
+    check_training_start,
     normalizer_for,
     stores_of,
     use_checkpoint_normalization,
@@ -61,7 +63,8 @@ from brainfm.runs.windows import Windows, has_split, open_windows, window_datase
 
 __all__ = [
     "DCP_INDEX", "DCP_META", "RUN_OUTPUTS", "WEIGHTS_ONLY_KEYS", "LoadedRun", "Windows",
-    "build_task_from_checkpoint", "check_compatible", "check_resume_strategy", "check_rois", "check_run_tr",
+    "build_task_from_checkpoint", "check_compatible", "check_orientation", "check_resume_strategy", "check_rois",
+    "check_run_tr", "check_training_start",
     "checkpoint_format", "checkpoint_step", "consolidate", "datamodules_of", "discard_outputs", "find_checkpoint",
     "has_split", "last_checkpoint", "load_checkpoint", "load_run", "normalizer_for", "open_windows",
     "previous_checkpoint", "read_sharded_state_dict", "refuse_fresh_start", "resolve_resume", "restore_outputs",

@@ -6,71 +6,99 @@ z-scoring, the statistics under its ``brainfm`` entry:
 - atlas and ROI order (``atlas``, ``n_rois``, ``roi_names``): a trained model's input layer is fixed;
 - TR in seconds (``tr``: a number, ``"mixed"`` or None), unless the model embeds time in seconds or has
   no time order (:attr:`brainfm.models.backbone.Backbone.any_tr`), which takes the data's TR;
-- the volume grid (``shape``) of volume models;
+- the volume grid (``shape``) and voxel orientation (``orientation``: ``LAS`` / ``RAS``,
+  :mod:`brainfm.data.orientation`) of volume models;
 - normalization (``normalization.mode``: ``global`` statistics travel with the checkpoint, ``run``
-  statistics are recomputed on the data).
+  statistics are recomputed on the data; volumes: each run's own statistics, or with
+  ``data.normalization.statistics=checkpoint`` the training runs' ones, which the checkpoint carries,
+  :class:`brainfm.data.normalization.VolumeStatistics`).
 
 :func:`check_compatible` checks a store or a datamodule against it (one TR check, :func:`check_run_tr`, built
-on :func:`brainfm.data.datamodules.base.check_tr`); :func:`normalizer_for` and
-:func:`use_checkpoint_normalization` apply the checkpoint's normalization to the data.
+on :func:`brainfm.data.datamodules.base.check_tr`; one orientation check, :func:`check_orientation`);
+:func:`normalizer_for` and :func:`use_checkpoint_normalization` apply the checkpoint's normalization to the data.
+
+Older checkpoints and stores without an orientation: a checkpoint trained on SwiFT frame folders is taken to be
+``LAS``, any other is unknown, as is a store indexed before orientations were recorded; an unknown side is
+warned about once and let through (:func:`check_orientation`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
 
+from brainfm.checkpoints import read_data_meta
 from brainfm.data.datamodules.base import check_tr
-from brainfm.data.normalization import ROINormalizer
+from brainfm.data.normalization import ROINormalizer, VolumeStatistics
+from brainfm.data.orientation import store_orientation, trained_orientation, warn_unknown_once
 from brainfm.errors import CheckpointError, ConfigError
 from brainfm.tasks.base import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
 
+#: what :func:`check_compatible` checks (its ``only``)
+CHECKS = ("tr", "rois", "grid", "orientation")
+
 
 def stores_of(data) -> list:
     """The distinct stores of ``data``: a store itself, a datamodule's ``store``, or every store of a datamodule
-    with several (R2T's ``stores`` per role)."""
+    with several (R2T's ``stores`` per role, the data sets of ``data=multi``)."""
     if not isinstance(data, LightningDataModule):
         return [data]
+    children = getattr(data, "children", None)  # data=multi: its data sets' stores
+    if isinstance(children, Mapping) and children:
+        return list({id(s): s for dm in children.values() for s in stores_of(dm)}.values())
     stores = getattr(data, "stores", None)
     if isinstance(stores, Mapping) and stores:
         return list({id(s): s for s in stores.values()}.values())
     return [data.store]
 
 
-def check_compatible(meta: Mapping[str, Any], data, where: str = "the checkpoint", any_tr: bool = False) -> None:
+def check_compatible(meta: Mapping[str, Any], data, where: str = "the checkpoint", any_tr: bool = False,
+                     only: Collection[str] | None = None) -> None:
     """Raise CheckpointError unless ``data`` (a store or a datamodule: each of its stores) has the checkpoint's
-    TR, ROI count and order (ROI/grayordinate data) or grid (volumes).
+    TR, ROI count and order (ROI/grayordinate data) or grid and voxel orientation (volumes).
 
     Args:
         meta: the checkpoint's ``data_meta``. A ``tr`` of ``"mixed"`` accepts any TR.
-        data: a store (``kind``, ``tr``/``trs``, ``n_rois``, ``roi_names`` / ``frame_shape``) or a datamodule.
+        data: a store (``kind``, ``tr``/``trs``, ``n_rois``, ``roi_names`` / ``frame_shape``, ``orientation``
+            column) or a datamodule.
         where: how messages name the checkpoint (e.g. ``checkpoint <path>``).
         any_tr: the model takes any TR (it embeds time in seconds, or has no time order): data at another TR
             are accepted and both TRs are logged. Otherwise a TR mismatch is refused with the fix
             (``data.resample_tr``).
+        only: check only these parts (of ``tr``, ``rois``, ``grid``, ``orientation``; None: all). Training
+            from a checkpoint (``task.init_from``, ``ckpt_path``) checks the orientation only: fine-tuning may
+            change the TR, and the model config fixes ROIs and grid.
 
     A ROI file that records no TR takes the checkpoint's (``store.tr`` is set).
 
     Raises:
-        CheckpointError: TR, ROI count, ROI order or grid differ; the message names the data, the checkpoint
-            and the fix.
+        CheckpointError: TR, ROI count, ROI order, grid or orientation differ; the message names the data, the
+            checkpoint and the fix.
+        DataError: a store that mixes orientations.
     """
+    parts = set(CHECKS if only is None else only)
     for store in stores_of(data):
+        if store.kind in ("volume", "frames") and "orientation" in parts:
+            check_orientation(meta, store, where)
+        if not parts & {"tr", "rois", "grid"}:
+            continue
         trained = meta.get("tr")
         if store.kind in ("roi", "grayordinate"):
-            if isinstance(trained, (int, float)) or trained is None:  # "mixed": every TR, no check
+            if "tr" in parts and (isinstance(trained, (int, float)) or trained is None):  # "mixed": every TR
                 tr = check_run_tr(trained, store.tr, str(store.location), where, any_tr=any_tr)
                 if store.kind == "roi" and tr is not None:  # a file that records no TR takes the checkpoint's
                     store.tr = tr
+            if "rois" in parts and (isinstance(trained, (int, float)) or trained is None):
                 check_rois(meta, store, where)
             continue
-        if isinstance(trained, (int, float)) and not any_tr:
+        if "tr" in parts and isinstance(trained, (int, float)) and not any_tr:
             trs = np.asarray(store.trs, dtype=float)
             bad = np.flatnonzero(~np.isclose(trs, float(trained), atol=1e-3))
             if len(bad):
@@ -79,11 +107,57 @@ def check_compatible(meta: Mapping[str, Any], data, where: str = "the checkpoint
                              fix=f"resample the data to {float(trained):g} s")
         shape = meta.get("shape")
         grid = store.frame_shape
-        if shape is not None and grid is not None and list(grid) != [int(s) for s in shape]:
+        if "grid" in parts and shape is not None and grid is not None and list(grid) != [int(s) for s in shape]:
             raise CheckpointError(
                 f"grid mismatch: {where} was trained on {list(shape)} volumes but the data hold "
                 f"{list(grid)}. Fix: preprocess with --target-shape {' '.join(map(str, shape))}"
             )
+
+
+def check_training_start(data, init_from: str | os.PathLike | None = None,
+                         resume: str | os.PathLike | None = None) -> None:
+    """Check the data of a training run that starts from a checkpoint against that checkpoint's data contract
+    (:func:`brainfm.checkpoints.read_data_meta`): ``task.init_from`` (weights to fine-tune: a brainfm checkpoint,
+    or converted weights such as SwiFT's, ``LAS``) and ``ckpt_path`` (the run being resumed). Only the voxel
+    orientation is checked (:func:`check_compatible` with ``only=("orientation",)``): fine-tuning may change
+    the TR, and the model config already fixes the ROIs and grid. A file without a contract counts as unknown.
+
+    Raises:
+        CheckpointError: the data's orientation differs from the checkpoint's (with the fix); an unreadable file.
+        DataError: a store of mixed orientations.
+    """
+    for key, path in (("task.init_from", init_from), ("ckpt_path", resume)):
+        if path:
+            meta = read_data_meta(path) or {}
+            check_compatible(meta, data, where=f"{key}={path}", only=("orientation",))
+
+
+def check_orientation(meta: Mapping[str, Any], store, where: str = "the checkpoint") -> None:
+    """Raise CheckpointError unless the volumes of ``store`` lie in the voxel orientation the checkpoint's model
+    was trained on (:func:`brainfm.data.orientation.trained_orientation` of ``meta``; the store's:
+    :func:`brainfm.data.orientation.store_orientation`). Where either is not recorded (older checkpoints and
+    stores, module docstring) a warning is logged once and the data are let through.
+
+    Raises:
+        CheckpointError: the orientations differ (a model would see every brain mirrored); the fix re-runs
+            ``brainfm-preprocess volumes`` with the checkpoint's ``--orientation``.
+        DataError: a store of mixed orientations.
+    """
+    want, have = trained_orientation(meta), store_orientation(store)
+    if want is not None and have is not None and want != have:
+        raise CheckpointError(
+            f"orientation mismatch: {where} was trained on {want} volumes but {store.location} holds {have} volumes; "
+            f"the model would see every brain mirrored (fMRIPrep writes RAS; SwiFT's and NeuroSTORM's weights expect "
+            f"LAS). Fix: preprocess the runs again in the model's orientation, `brainfm-preprocess volumes --input "
+            f"<NIfTI folder | BIDS | fMRIPrep> --output <new store> --orientation {want}`, and use that store")
+    if want is None or have is None:
+        unknown = "its training data's" if want is None else f"that of {store.location}"
+        warn_unknown_once(
+            (where, str(store.location)),
+            f"voxel orientation not recorded ({unknown}: written by an older brainfm): {where} (orientation "
+            f"{want or 'unknown'}) is applied to {store.location} (orientation {have or 'unknown'}) unchecked; "
+            "mirrored brains would go unnoticed. Fix: for an older store `brainfm-data index <store>` records each "
+            "run's orientation from its affine; `brainfm-preprocess volumes ... --orientation LAS|RAS` writes it")
 
 
 def check_run_tr(trained: float | None, found: float | None, data: str, where: str = "the checkpoint",
@@ -158,10 +232,39 @@ def normalizer_for(ckpt: dict, store) -> ROINormalizer:
 
 
 def use_checkpoint_normalization(ckpt: dict, dm) -> None:
-    """With ``global`` z-scoring, apply the statistics saved in the checkpoint (those of the
-    training data) to the datamodule ``dm``, not statistics refitted on the data now given; ``run`` statistics
-    are per run and always come from the data."""
+    """Normalize the datamodule ``dm`` (set up) as the checkpoint says, the one place every use of a trained model
+    (evaluate, extract, predict, interpret, few-subject curves: :func:`brainfm.runs.load_run`) does it.
+
+    ROI data: with ``global`` z-scoring, the statistics saved in the checkpoint (those of the training data), not
+    statistics refitted on the data now given; ``run`` statistics are per run and always come from the data.
+    Volume data: ``data.normalization.statistics=store`` (default) normalizes every run with its own statistics,
+    as in training; ``checkpoint`` with the training runs' statistics the checkpoint carries
+    (:class:`brainfm.data.normalization.VolumeStatistics`, given to the datamodule's ``use_statistics``).
+
+    Raises:
+        CheckpointError: ``statistics=checkpoint`` and a checkpoint without training statistics (written before
+            brainfm recorded them, or by a datamodule that records none).
+        ConfigError: ``data.normalization.statistics`` on data other than brainfm's volume datamodule, or
+            statistics without what ``data.normalization.load`` needs.
+    """
     state = (ckpt.get(CHECKPOINT_KEY) or {}).get("normalization") or {}
+    choice = (getattr(dm, "normalization", None) or {}).get("statistics")
+    if hasattr(dm, "use_statistics"):  # volumes
+        if choice != "checkpoint":
+            return
+        if not VolumeStatistics.is_state(state):
+            raise CheckpointError(
+                f"checkpoint {ckpt.get('_path', '')} carries no statistics of its training data (trained before "
+                "brainfm recorded them, or on data that record none), so data.normalization.statistics=checkpoint "
+                "cannot apply. Fix: +data.normalization.statistics=store (each run's own statistics, as it was "
+                "trained)")
+        dm.use_statistics(VolumeStatistics.from_state(state))
+        return
+    if choice is not None:
+        raise ConfigError(
+            f"data.normalization.statistics={choice!r} applies to volume data (data=volumes and the volume recipes); "
+            "ROI data follow data.normalization.mode (global: the checkpoint's statistics, run: each run's own). "
+            "Fix: drop data.normalization.statistics")
     if state.get("mode") != "global" or state.get("mean") is None:
         return
     norm = ROINormalizer.from_state(state)

@@ -8,7 +8,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from brainfm.data.datasets.roi import ROIWindowDataset
-from brainfm.data.datasets.volume import VolumeClipDataset
 from brainfm.data.normalization import ROINormalizer
 from brainfm.data.stores import open_store
 from brainfm.runs.checkpoint import find_checkpoint, run_dir_of
@@ -74,11 +73,10 @@ def open_windows(ckpt_path: str | os.PathLike, ckpt: dict, data_path: str | os.P
         if store.kind in ("roi", "grayordinate"):
             norm = dm.normalizer or ROINormalizer(mode="none", store=store)
             return Windows(store, lambda seg, length, step: ROIWindowDataset(store, norm, seg, length, step), False)
-        load = (getattr(dm, "normalization", None) or {}).get("load", "stored")
-        frame_stride = int(dm.window.get("frame_stride") or 1)
-        return Windows(store, lambda seg, length, step: VolumeClipDataset(store, seg, length, frame_stride,
-                                                                          clip_stride=step, normalization=load,
-                                                                          return_mask=False), True)
+        # the datamodule's clips: its load mode and whose statistics (data.normalization.statistics), as every
+        # other use of the run
+        return Windows(store, lambda seg, length, step: dm.clips(seg, clip_stride=step, return_mask=False,
+                                                                 length=length), True)
     store = open_store("roi", data_path or meta["path"], atlas=meta.get("atlas"))
     check_compatible(meta, store, where=f"checkpoint {ckpt['_path']}", any_tr=any_tr)
     norm = normalizer_for(ckpt, store)

@@ -38,12 +38,22 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def build(cfg: DictConfig):
-    """Build ``(datamodule, task, trainer)`` from a composed config (data set up and checked)."""
+    """Build ``(datamodule, task, trainer)`` from a composed config (data set up and checked, also against the
+    data contract of ``task.init_from``: :func:`brainfm.runs.check_training_start`).
+
+    Raises:
+        CheckpointError: data in another voxel orientation than ``task.init_from``'s. ConfigError / DataError:
+            from the data and the task.
+    """
     import lightning as L
+
+    from brainfm.runs import check_training_start
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
+    # weights to fine-tune carry the data contract they were trained with (voxel orientation)
+    check_training_start(datamodule, init_from=(cfg.get("task") or {}).get("init_from"))
     meta = datamodule.meta
     with open_dict(cfg):
         if cfg.data.get("n_rois") is None and "n_rois" in cfg.model:
@@ -146,6 +156,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """
     from brainfm.runs import (
         check_resume_strategy,
+        check_training_start,
         discard_outputs,
         refuse_fresh_start,
         resolve_resume,
@@ -178,6 +189,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         datamodule, task, trainer = build(cfg)
         if resume is not None:
             check_resume_strategy(resume, trainer.strategy)
+            check_training_start(datamodule, resume=resume)
     except BaseException:
         restore_outputs(aside)  # nothing of the earlier run is lost to a run that did not start
         raise

@@ -23,6 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from brainfm.data.orientation import common_orientation
 from brainfm.data.windows import ResumableTrainPosition
 from brainfm.errors import ConfigError
 
@@ -125,7 +126,8 @@ class MultiDataModule(ResumableTrainPosition, L.LightningDataModule):
 
     Raises:
         ConfigError: no data set, weights naming unknown data sets or negative/all-zero weights, or data
-            sets with different grids, clip lengths or channel counts (one model sees them all).
+            sets with different grids, clip lengths or channel counts (one model sees them all). DataError: data
+            sets of different voxel orientations.
     """
 
     def _train_loader_built(self) -> bool:
@@ -167,6 +169,7 @@ class MultiDataModule(ResumableTrainPosition, L.LightningDataModule):
                 what = {"shape": "shape", "window_length": "window.length", "in_chans": "normalization.load"}[key]
                 raise ConfigError(f"data sets of data=multi differ in {key}: {values}; one model sees every batch, "
                                   f"so set the same data.datasets.<name>.{what} for all (as {first}'s)")
+        common_orientation((m.get("orientation") for m in metas.values()), "the data sets of data=multi")
         if self.weights_config is None:
             clips = {n: len(dm.dataset("train")) for n, dm in self.children.items()}
             raw = {n: float(c) for n, c in clips.items()}
@@ -201,6 +204,8 @@ class MultiDataModule(ResumableTrainPosition, L.LightningDataModule):
             "tr": trs[0] if len(trs) == 1 else "mixed",
             "trs": trs,
             "shape": first.get("shape"),
+            "orientation": common_orientation((m.get("orientation") for m in self._metas.values()),
+                                              "the data sets of data=multi"),
             "in_chans": first.get("in_chans"),
             "window_length": first.get("window_length"),
             "n_subjects": int(sum(int(m.get("n_subjects", 0)) for m in self._metas.values())),

@@ -49,6 +49,7 @@ from brainfm.data.datasets.pairs import ROLES, R2TPairDataset, assign_roles
 from brainfm.data.datasets.roi import ROIWindowDataset
 from brainfm.data.datasets.volume import LOAD_NORMALIZATIONS, VolumeClipDataset
 from brainfm.data.normalization import ROINormalizer
+from brainfm.data.orientation import common_orientation, store_orientation
 from brainfm.data.stores import open_store
 from brainfm.data.windows import WindowBatchSampler, clean_windows, collate_windows
 from brainfm.errors import ConfigError, DataError
@@ -503,6 +504,7 @@ class VolumeR2TDataModule(R2TDataModule):
     def _check_values(self, store, path: Path) -> None:
         if store.frame_shape is None:
             raise DataError(f"{path} mixes grids; preprocess every run with one --target-shape")
+        store_orientation(store)  # one voxel orientation per store
         if self.expected_shape is not None and tuple(store.frame_shape) != self.expected_shape:
             raise ConfigError(f"grid mismatch: {path} holds {tuple(store.frame_shape)} volumes but data.shape="
                               f"{list(self.expected_shape)}. Fix: set data.shape={list(store.frame_shape)} (and the "
@@ -512,6 +514,8 @@ class VolumeR2TDataModule(R2TDataModule):
         if rest.frame_shape != task.frame_shape:
             raise ConfigError(f"{self.path} holds {rest.frame_shape} volumes but task_path {self.task_path} holds "
                               f"{task.frame_shape}")
+        common_orientation((store_orientation(rest), store_orientation(task)),
+                           f"{self.path} (rest) and task_path {self.task_path}")
 
     def _role_dataset(self, role: str, segments: list[tuple[int, int, int]], stride: int | None = None):
         return VolumeClipDataset(self.stores[role], segments, int(self.window["length"]), self.frame_stride,
@@ -520,6 +524,7 @@ class VolumeR2TDataModule(R2TDataModule):
 
     def _kind_meta(self, rest) -> dict[str, Any]:
         return {"shape": [int(s) for s in rest.frame_shape], "frame_stride": self.frame_stride,
+                "orientation": store_orientation(rest),
                 "in_chans": 2 if self.normalization.get("load") == "stored+voxel" else 1}
 
 

@@ -13,6 +13,8 @@ from brainfm.data.datasets.volume import (
     VolumeClipLoader,
     build_augmentation,
 )
+from brainfm.data.normalization import STATISTICS, VolumeStatistics
+from brainfm.data.orientation import store_orientation
 from brainfm.data.stores import open_store
 from brainfm.data.windows import WindowBatchSampler
 from brainfm.errors import ConfigError, DataError
@@ -32,7 +34,11 @@ class VolumeDataModule(StoreDataModule):
         layout: ``volumes`` (the store) or ``frames`` (``img/<subject>/frame_<t>.pt``, read as is).
         shape: expected grid ``[X, Y, Z]`` (checked; the model's ``img_size`` follows it).
         normalization: ``{"stored": "global"|"none"|None (checked against every run's index row),
-            "fill": "min"|"zero"|None (checked), "load": one of LOAD_NORMALIZATIONS}``.
+            "fill": "min"|"zero"|None (checked), "load": one of LOAD_NORMALIZATIONS, "statistics": "store" |
+            "checkpoint"}``. ``statistics`` (:mod:`brainfm.data.normalization`): ``store`` (default) normalizes
+            every run with its own statistics, as training does; ``checkpoint`` with a trained model's training
+            statistics, given by :meth:`use_statistics` (brainfm-evaluate/extract/predict/interpret set them from
+            the checkpoint; training refuses it).
         window: ``{"length": TRs per clip, "frame_stride": TRs between a clip's frames, "min_length":
             shortest random crop in training (None: always length), "train_stride": TRs between
             training clip starts (None: length * frame_stride, SwiFT's default; 1: every start once per
@@ -44,9 +50,15 @@ class VolumeDataModule(StoreDataModule):
         return_mask: batches carry ``brain_mask`` (SimMIM can restrict its loss to the brain).
         augment: :func:`build_augmentation` config for training batches (None: off).
 
+    Attributes (after :meth:`setup`):
+        normalizer: the training statistics of this data (:class:`~brainfm.data.normalization.VolumeStatistics`,
+            pooled over the training split when set up for training; None otherwise): the task saves them in the
+            checkpoint, which normalizes other data with them under ``statistics=checkpoint``.
+
     Raises:
         DataError / ConfigError: from :meth:`setup`: missing or inconsistent store, TR, grid or
-        normalization mismatch, clips longer than a split's runs, invalid split.
+        normalization mismatch, runs of several voxel orientations, clips longer than a split's runs, invalid
+        split, ``statistics=checkpoint`` when set up for training.
     """
 
     window_defaults = {"length": 20, "min_length": None, "frame_stride": 1, "train_stride": None,
@@ -66,13 +78,25 @@ class VolumeDataModule(StoreDataModule):
             raise ConfigError(f"data.layout={layout!r} must be one of {LAYOUTS}")
         self.layout = layout
         self.expected_shape = None if shape is None else tuple(int(s) for s in shape)
-        self.normalization = {"stored": None, "fill": None, "load": "stored", **(normalization or {})}
+        self.normalization = {"stored": None, "fill": None, "load": "stored", "statistics": "store",
+                              **(normalization or {})}
+        if self.normalization["statistics"] not in STATISTICS:
+            raise ConfigError(f"data.normalization.statistics={self.normalization['statistics']!r} is not one of "
+                              f"{STATISTICS} (store: each run's own statistics; checkpoint: a trained model's)")
+        self.normalizer: VolumeStatistics | None = None
+        self.checkpoint_statistics: VolumeStatistics | None = None
+        self._stage: str | None = None
         self.prefetch_factor = prefetch_factor
         self.pin_memory, self.pool_mb = bool(pin_memory), float(pool_mb)
         self.pairs, self.return_mask = bool(pairs), bool(return_mask)
         self.augment = augment
 
     # -- setup -----------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.store is None:
+            self._stage = stage
+        super().setup(stage)
+
     def open_store(self):
         kind = "volume" if self.layout == "volumes" else "frames"
         return open_store(kind, self.path, tr=self.expected_tr, cache=self.cache)
@@ -105,20 +129,60 @@ class VolumeDataModule(StoreDataModule):
         if self.normalization["load"] not in LOAD_NORMALIZATIONS:
             raise ConfigError(f"data.normalization.load={self.normalization['load']!r} is not one of "
                               f"{LOAD_NORMALIZATIONS}")
+        store_orientation(store)  # one orientation per store (DataError naming the runs otherwise)
 
     def after_setup(self) -> None:
+        training = self._stage in ("fit", None)
+        if training and self.normalization["statistics"] == "checkpoint":
+            raise ConfigError(
+                "data.normalization.statistics=checkpoint normalizes data with a trained model's statistics when it is "
+                "evaluated (brainfm-evaluate/extract/predict/interpret ... +data.normalization.statistics=checkpoint); "
+                "training normalizes every run with its own. Fix: data.normalization.statistics=store")
+        if training and self.segments.get("train"):
+            self.normalizer = VolumeStatistics.fit(self.store, self.segments["train"], self.normalization["load"])
+        if self.normalization["statistics"] == "checkpoint" and self.checkpoint_statistics is None:
+            return  # the datasets wait for the checkpoint's statistics (use_statistics)
         for name in ("train", "val"):  # fail here, not in the first validation
             if self.segments.get(name):
                 self.dataset(name)
+
+    def use_statistics(self, statistics: VolumeStatistics) -> None:
+        """Normalize with ``statistics`` (a trained model's) under ``data.normalization.statistics=checkpoint``
+        (:func:`brainfm.runs.use_checkpoint_normalization`); checked against the load mode and grid at once."""
+        self.checkpoint_statistics = statistics
+        if self.store is not None and self.segments.get("val"):
+            self.dataset("val")
 
     def dataset(self, split: str, clip_stride: int | None = None, augment: bool = False) -> VolumeClipDataset:
         """Grid clips of one split (``train``, ``val`` or ``test``)."""
         self.setup()
         key = "train_stride" if split == "train" else "eval_stride"
+        return self.clips(self.segments[split], clip_stride or self.window.get(key), augment=augment)
+
+    def clips(self, segments: Sequence[tuple[int, int, int]], clip_stride: int | None = None, augment: bool = False,
+              return_mask: bool | None = None, length: int | None = None) -> VolumeClipDataset:
+        """Clips of ``length`` TRs (default ``data.window.length``) of ``segments`` (``(run, start, stop)``) every
+        ``clip_stride`` TRs, normalized as this data's
+        ``data.normalization`` says (load mode and whose statistics): the one place the datasets of training and
+        of every use of a trained model (:func:`brainfm.runs.open_windows`) are built.
+
+        Raises:
+            ConfigError: ``statistics=checkpoint`` before :meth:`use_statistics` gave them, or statistics without
+                what the load mode needs.
+        """
+        self.setup()
+        statistics = None
+        if self.normalization["statistics"] == "checkpoint":
+            statistics = self.checkpoint_statistics
+            if statistics is None:
+                raise ConfigError("data.normalization.statistics=checkpoint but no checkpoint gave its statistics to "
+                                  f"data {self.name!r} (they are given when a trained model is evaluated). Fix: "
+                                  "data.normalization.statistics=store")
         return VolumeClipDataset(
-            self.store, self.segments[split], int(self.window["length"]), int(self.window["frame_stride"]),
-            clip_stride=clip_stride or self.window.get(key), normalization=self.normalization["load"],
-            transform=build_augmentation(self.augment) if augment else None, return_mask=self.return_mask,
+            self.store, segments, int(length or self.window["length"]), int(self.window["frame_stride"]),
+            clip_stride=clip_stride, normalization=self.normalization["load"],
+            transform=build_augmentation(self.augment) if augment else None,
+            return_mask=self.return_mask if return_mask is None else return_mask, statistics=statistics,
         )
 
     @property
@@ -134,10 +198,12 @@ class VolumeDataModule(StoreDataModule):
             "shape": [int(s) for s in self.store.frame_shape],
             "in_chans": 2 if self.normalization["load"] == "stored+voxel" else 1,
             "frame_stride": int(self.window["frame_stride"]),
+            "orientation": store_orientation(self.store),
             "normalization": {
                 "stored": sorted({str(v) for v in self.store.column("normalization")}),
                 "fill": sorted({str(v) for v in self._fills()}),
                 "load": self.normalization["load"],
+                "training_statistics": None if self.normalizer is None else self.normalizer.summary(),
             },
             "crop_pad": crops[0] if len(unique_crops) == 1 else "per run (see meta.json)",
         }

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from brainfm.data.normalization import VolumeStatistics, run_source_map
 from brainfm.data.stores.base import LRUCache
 from brainfm.data.stores.frames import FrameStore
 from brainfm.data.windows import WindowDataset, WindowRequest, collate_windows
@@ -182,6 +183,12 @@ class VolumeClipDataset(WindowDataset):
             :func:`build_augmentation`; randomisable transforms are re-seeded per clip.
         return_mask: add ``brain_mask`` ``(X, Y, Z)`` bool (stores without masks: omitted).
         subject_index: subject id -> integer label (default: sorted unique ids).
+        statistics: the statistics ``normalization`` uses: None (each run's own, ``data.normalization.statistics=
+            store``), or a model's training statistics (:class:`~brainfm.data.normalization.VolumeStatistics`,
+            ``statistics=checkpoint``): ``stored`` maps each run back to its source intensities (its recorded
+            offset and scale) and z-scores them with the training runs' global mean and standard deviation
+            (a ``zero`` background stays 0; a ``min`` one stays the brain minimum), ``voxel`` uses the training
+            runs' per-voxel mean and standard deviation, ``minmax`` their brain minimum and maximum.
 
     Returns (per item) a dict: ``volume`` ``(C, X, Y, Z, L)`` float16 (a permuted view of a
     ``(C, L, X, Y, Z)`` buffer), ``t`` ``(L,)`` float32 seconds from the clip onset (frame ``k`` at
@@ -190,7 +197,9 @@ class VolumeClipDataset(WindowDataset):
     ``volume2``, ``t2``, ``onset2``.
 
     Raises:
-        ConfigError: no segment long enough for one clip, bad strides or normalization.
+        ConfigError: no segment long enough for one clip, bad strides or normalization; ``statistics`` without
+            what ``normalization`` needs, or of another grid; (when a clip is read) a run whose source
+            intensities are unknown (normalized upstream) with ``stored`` and training statistics.
     """
 
     def __init__(
@@ -204,6 +213,7 @@ class VolumeClipDataset(WindowDataset):
         transform=None,
         return_mask: bool = True,
         subject_index: dict[str, int] | None = None,
+        statistics: VolumeStatistics | None = None,
     ) -> None:
         self.store = store
         self.length, self.stride = int(length), int(stride)
@@ -222,6 +232,9 @@ class VolumeClipDataset(WindowDataset):
             raise DataError(f"{store.location} mixes grids {sorted({tuple(r) for r in store.shapes.tolist()})}; "
                             "a clip dataset needs one grid. Fix: preprocess with one --target-shape")
         self.shape = tuple(int(s) for s in store.frame_shape)
+        self.statistics = statistics
+        if statistics is not None:
+            self._check_statistics(statistics)
         self.return_mask = bool(return_mask) and store.mask(0) is not None
         self._index_windows(store, segments, self.span, self.clip_stride, subject_index,
                             f"a clip of {self.length} TRs every {self.stride} spans {self.span} TRs",
@@ -233,28 +246,58 @@ class VolumeClipDataset(WindowDataset):
         """``(run, start TR)`` of grid clip ``i`` (as :meth:`window`)."""
         return self.index.window(i)
 
+    def _check_statistics(self, stats: VolumeStatistics) -> None:
+        fix = "Fix: data.normalization.statistics=store (each run's own statistics, as the model was trained)"
+        if self.normalization in ("voxel", "stored+voxel"):
+            if stats.voxel_mean is None:
+                raise ConfigError(f"the checkpoint's training statistics hold no per-voxel statistics (its training "
+                                  f"loaded data.normalization.load other than voxel), but data.normalization.load="
+                                  f"{self.normalization!r} with data.normalization.statistics=checkpoint needs "
+                                  f"them. {fix}")
+            if tuple(stats.voxel_mean.shape) != self.shape:
+                raise ConfigError(f"the checkpoint's per-voxel statistics are on a {tuple(stats.voxel_mean.shape)} "
+                                  f"grid but {self.store.location} holds {self.shape} volumes. {fix}")
+        if self.normalization in ("stored", "stored+voxel") and stats.source_scaling() is None:
+            raise ConfigError("the checkpoint does not know the source intensities of its training runs (normalized "
+                              "before brainfm, e.g. SwiFT frames, or a mix of normalizations), so "
+                              f"data.normalization.load={self.normalization!r} cannot use them. {fix}")
+        if self.normalization == "minmax" and (stats.min is None or stats.max is None):
+            raise ConfigError("the checkpoint's training statistics hold no brain minimum/maximum (its training loaded "
+                              f"data.normalization.load other than minmax). {fix}")
+
     # -- reading one clip into a buffer ----------------------------------------------------------
     def _voxel_stats(self, run: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-voxel mean and inverse standard deviation (float32) of a run (a small LRU)."""
+        """Per-voxel mean and inverse standard deviation (float32) of a run, or of the training runs with
+        ``statistics`` (a small LRU)."""
+        if self.statistics is not None:
+            return self._stats.get("training", lambda: self._inverse(self.statistics.voxel_mean,
+                                                                     self.statistics.voxel_std))
+
         def load() -> tuple[np.ndarray, np.ndarray]:
             stats = self.store.voxel_stats(run)
             if stats is None:
                 raise ConfigError(f"{self.store.describe_run(run)} has no per-voxel statistics; "
                                   f"data.normalization.load={self.normalization!r} needs them")
-            mean, std = (np.asarray(a, dtype=np.float32) for a in stats)
-            inv = np.zeros_like(std)
-            np.divide(1.0, std, out=inv, where=std > 1e-6)
-            return mean, inv
+            return self._inverse(*stats)
 
         return self._stats.get(run, load)
+
+    @staticmethod
+    def _inverse(mean, std) -> tuple[np.ndarray, np.ndarray]:
+        mean, std = (np.asarray(a, dtype=np.float32) for a in (mean, std))
+        inv = np.zeros_like(std)
+        np.divide(1.0, std, out=inv, where=std > 1e-6)
+        return mean, inv
 
     def _fill(self, run: int, start: int, length: int, out: np.ndarray) -> None:
         """Write a clip into ``out`` ``(C, length, X, Y, Z)`` float16."""
         self.store.read_clip(run, start, length, self.stride, out=out[0])
         if self.normalization == "stored":
+            if self.statistics is not None:
+                self._training_scale(run, out[0])
             return
         if self.normalization == "minmax":
-            stats = self.store.run_stats(run)
+            stats = self.store.run_stats(run) if self.statistics is None else vars(self.statistics)
             lo, hi = float(stats["min"]), float(stats["max"])
             scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
             for k in range(length):
@@ -264,6 +307,29 @@ class VolumeClipDataset(WindowDataset):
         dst = out[1] if self.channels == 2 else out[0]
         for k in range(length):
             dst[k] = (out[0, k].astype(np.float32) - mean) * inv
+        if self.channels == 2 and self.statistics is not None:  # channel 0 after channel 1 read it as stored
+            self._training_scale(run, out[0])
+
+    def _training_scale(self, run: int, clip: np.ndarray) -> None:
+        """``clip`` ``(L, X, Y, Z)`` (stored values of ``run``) in place: back to the run's source intensities,
+        z-scored with the training runs' global mean and standard deviation; a ``zero`` background stays 0."""
+        source = run_source_map(self.store, run)
+        if source is None:
+            raise ConfigError(
+                f"{self.store.describe_run(run)} was normalized before brainfm (e.g. SwiFT frames): its source "
+                "intensities are unknown, so the checkpoint's training statistics cannot be applied to it. Fix: "
+                "data.normalization.statistics=store, or preprocess the source NIfTI with brainfm-preprocess volumes")
+        offset, scale = source
+        mean, inv = self.statistics.source_scaling()
+        a, b = np.float32(inv / scale), np.float32((offset - mean) * inv)
+        zero = str(self.store.run_stats(run).get("fill")) == "zero"
+        mask = self.store.mask(run) if zero else None
+        for k in range(len(clip)):
+            z = clip[k].astype(np.float32)
+            frame = z * a + b
+            if zero:  # the background (outside the brain mask; a store without masks: its 0 voxels) stays 0
+                frame[~mask if mask is not None else z == 0] = 0.0
+            clip[k] = frame
 
     def _augment(self, clip: np.ndarray, seed: int) -> None:
         """Apply ``transform`` in place to one clip ``(C, L, X, Y, Z)`` float16."""

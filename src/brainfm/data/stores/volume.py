@@ -576,7 +576,9 @@ class VolumeStore(RunDirStore):
         shape / frame_shape: the common grid (X, Y, Z), or None when runs differ. tr: the common TR or None.
 
     ``run_stats(run)``: ``n`` (TRs), ``normalization``, ``fill``, ``fill_value``, ``min``/``max`` (brain,
-    as stored), ``global_mean``/``global_std`` (raw units, before normalization), ``brain_voxels``.
+    as stored), ``global_mean``/``global_std`` (raw units, before normalization), ``brain_voxels``,
+    ``source_offset``/``source_scale`` (stored = (source - offset) * scale). ``column("orientation")`` and
+    ``column("source_orientation")``: each run's axis codes (None: indexed before they were recorded).
 
     Raises:
         DataError: missing root, no runs, unreadable ``meta.json`` or index, a ``.npy`` whose header
