@@ -214,7 +214,8 @@ def test_tff_hcp_preset_is_the_paper_setup(tmp_path):
 
 
 def _nitime_store(tmp: Path) -> Path:
-    """The two nitime runs (real BOLD, 10x10x18 voxels, 40 TRs, TR 1.35 s) as a volume store on their own grid."""
+    """The two nitime runs (real BOLD, 10x10x18 voxels in LSP, stored LAS: 10x18x10; 40 TRs, TR 1.35 s) as a volume
+    store on their own grid."""
     from brainfm.data.embedded import fetch
     from brainfm.data.preprocess.volumes import preprocess_volumes
 
@@ -228,7 +229,7 @@ def _small_tff_hcp(tmp: Path, store: Path) -> list[str]:
     return [
         f"paths.output_dir={tmp}/outputs", f"paths.split_dir={tmp}/splits", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "logger=csv", "experiment=tff_hcp",
-        f"data.path={store}", "data.tr=1.35", "data.shape=[10,10,18]", "data.split.kind=time", "data.window.length=4",
+        f"data.path={store}", "data.tr=1.35", "data.shape=[10,18,10]", "data.split.kind=time", "data.window.length=4",
         "data.batch_size=2", "data.eval_batch_size=4", "data.num_workers=0", "data.pin_memory=false", "data.pool_mb=16",
         "model.hidden_size=32", "model.num_heads=4", "model.intermediate_size=64", "model.encoder_blocks=[1,1,1,1]",
         "task.optimizer.lr=3e-3", "trainer.log_every_n_steps=1",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import re
 import subprocess
 import sys
@@ -46,6 +47,8 @@ from brainfm.data.atlases import AAL2_CEREBRUM_94
 from brainfm.data.stores.roi import ROIStore, write_roi_h5
 from brainfm.errors import DataError
 from brainfm.io import atomic_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -344,11 +347,21 @@ def fetch_nifti_toy(data_dir: str | Path = "data", force: bool = False, wheel: s
 
 def build_nifti_toy_store(data_dir: str | Path = "data", force: bool = False, progress: bool = False) -> Path:
     """Preprocess ``<data_dir>/nifti_toy/`` into the volume store ``<data_dir>/nifti_toy_store/``
-    (48^3 grid, centred padding, global z-norm, background = brain minimum); return its root.
-    Finished runs are kept unless ``force``."""
+    (48^3 grid, centred padding, global z-norm, background = brain minimum, LAS); return its root.
+    Finished runs are kept unless ``force``, or unless the store was built by an older brainfm in another
+    orientation (its nitime runs lay as in their files, LSP): then it is rebuilt."""
+    # imported here, as the preprocessing was before: only building the toy volume store needs nibabel
+    from brainfm.data.orientation import DEFAULT_ORIENTATION, orientation_of_meta
     from brainfm.data.preprocess.volumes import preprocess_volumes
+    from brainfm.data.stores.volume import VolumeStore, read_meta
 
     folder = fetch_nifti_toy(data_dir)
     out = Path(data_dir) / f"{NIFTI_TOY_NAME}_store"
+    if not force and out.is_dir():
+        found = {orientation_of_meta(read_meta(r) or {})[0] for r in VolumeStore.run_folders(out)}
+        if found - {DEFAULT_ORIENTATION}:
+            log.info("%s was built in orientation(s) %s by an older brainfm: rebuilding it as %s", out,
+                     sorted(str(o) for o in found), DEFAULT_ORIENTATION)
+            force = True
     preprocess_volumes(folder, out, target_shape=NIFTI_TOY_GRID, overwrite=force, progress=progress)
     return out
