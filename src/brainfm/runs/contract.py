@@ -120,16 +120,18 @@ def check_training_start(data, init_from: str | os.PathLike | None = None,
     (:func:`brainfm.checkpoints.read_data_meta`): ``task.init_from`` (weights to fine-tune: a brainfm checkpoint,
     or converted weights such as SwiFT's, ``LAS``) and ``ckpt_path`` (the run being resumed). Only the voxel
     orientation is checked (:func:`check_compatible` with ``only=("orientation",)``): fine-tuning may change
-    the TR, and the model config already fixes the ROIs and grid. A file without a contract counts as unknown.
+    the TR, and the model config already fixes the ROIs and grid. Weights without a contract (foreign or plain state
+    dicts) count as unknown (warned about once, for volume data); a resumed checkpoint without one (a DeepSpeed
+    directory) is not checked.
 
     Raises:
         CheckpointError: the data's orientation differs from the checkpoint's (with the fix); an unreadable file.
         DataError: a store of mixed orientations.
     """
     for key, path in (("task.init_from", init_from), ("ckpt_path", resume)):
-        if path:
-            meta = read_data_meta(path) or {}
-            check_compatible(meta, data, where=f"{key}={path}", only=("orientation",))
+        meta = read_data_meta(path) if path else None
+        if meta is not None or (path and key == "task.init_from"):
+            check_compatible(meta or {}, data, where=f"{key}={path}", only=("orientation",))
 
 
 def check_orientation(meta: Mapping[str, Any], store, where: str = "the checkpoint") -> None:
