@@ -158,7 +158,7 @@ def exit_status(capsys, main: Callable, *args) -> tuple[int, str]:
 
 def train_in(tmp: Path, *overrides: str) -> tuple[Path, dict]:
     """``brainfm-train`` with ``overrides``, its outputs and splits under ``tmp``: ``(run directory, metrics)``."""
-    from brainfm.cli import train
+    from brainfm import training as train
     from brainfm.config import compose
 
     cfg = compose("train", [f"paths.output_dir={tmp}/outputs", f"paths.split_dir={tmp}/splits", *overrides])

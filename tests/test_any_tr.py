@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from brainfm.cli import train
+from brainfm import training as train
 from brainfm.config import compose
 from brainfm.data.datamodules.roi import ROIDataModule
 from brainfm.data.stores import open_store

@@ -123,7 +123,7 @@ def test_float16_data_set_reads_within_half_precision(arrow16, labelled_h5, tmp_
 
 
 def test_trains_20_steps_on_brainmarks_data(arrow16, tmp_path):
-    from brainfm.cli import train
+    from brainfm import training as train
 
     cfg = compose("train", _overrides(
         tmp_path, arrow16, "experiment=gpt", "task=supervised", "task.target=sex", "task.kind=binary",

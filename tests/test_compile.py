@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers import SimulatedCrash, train_losses
 
-from brainfm.cli import train
+from brainfm import training as train
 from brainfm.errors import ConfigError
 
 REL = 1e-4

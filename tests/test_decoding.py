@@ -90,7 +90,7 @@ def design(hcp_h5, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(design):
     """``task=decoding`` (GPT backbone, d_model 32, one layer) trained 60 steps on the design."""
-    from brainfm.cli import train
+    from brainfm import training as train
 
     root = design["root"]
     cfg = compose("train", [

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from brainfm.cli import train
+from brainfm import training as train
 from brainfm.data.embedded import fetch
 from brainfm.eval.protocol import run_reidentification
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from brainfm.cli import train
+from brainfm import training as train
 from brainfm.data.stores.roi import ROIStore, write_roi_h5
 from brainfm.errors import CheckpointError
 from brainfm.eval.fingerprinting import fc_features

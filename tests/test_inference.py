@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import subprocess_env
 
-from brainfm.cli import train
+from brainfm import training as train
 from brainfm.config import repo_root
 from brainfm.eval.extract import read_features
 

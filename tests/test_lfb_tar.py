@@ -19,7 +19,7 @@ import webdataset as wds
 from helpers import SimulatedCrash, train_losses
 from lightning.pytorch.callbacks import Callback
 
-from brainfm.cli import train
+from brainfm import training as train
 from brainfm.data.datamodules.lfb_tar import (
     LfBLoader,
     LfBTarDataModule,

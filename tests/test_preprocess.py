@@ -132,7 +132,7 @@ def test_toy_recipe_batches_feed_swin4d(toy_store):
 def test_toy_recipe_simmim_smoke_training(toy_store, tmp_path):
     if not (repo_root() / "conf" / "task" / "simmim.yaml").is_file():
         pytest.skip("task=simmim is not in this checkout")
-    from brainfm.cli import train
+    from brainfm import training as train
     from brainfm.config import compose
 
     cfg = compose("train", [

@@ -403,7 +403,7 @@ def test_self_supervised_loss_falls_on_grayordinates_and_volumes(kind, tmp_path)
 
 # -- the experiment preset, checkpoints and rest-only predictions ------------------------------------------------------
 def test_r2t_hcp_experiment_trains_reloads_and_predicts_from_rest(tmp_path):
-    from brainfm.cli import train
+    from brainfm import training as train
     from brainfm.runs import build_task_from_checkpoint, load_checkpoint
 
     store = write_grayordinate_pairs(tmp_path / "gray", n_subjects=8, n_grayordinates=64, rest_trs=40, task_trs=30)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).parent))
 import fixtures_recipes as fx  # noqa: E402
 
-from brainfm.cli import train  # noqa: E402
+from brainfm import training as train  # noqa: E402
 from brainfm.config import compose, repo_root  # noqa: E402
 from brainfm.data.datamodules.recipes import RecipeDataModule, SubjectIds  # noqa: E402
 from brainfm.data.splits import keyed_split_path, read_split_file, stratified_subject_split  # noqa: E402

@@ -116,7 +116,7 @@ def test_ctrl_c_saves_last_ckpt_and_a_summary_and_prints_the_command_that_resume
     assert summary["resume_command"] == command
     assert command.startswith("brainfm-train ") and command.endswith(" ckpt_path=auto") and "run_name=tty" in command
     # the printed command's overrides, as the shell splits them, resume the run to its end: every step logged once
-    from brainfm.cli import train
+    from brainfm import training as train
 
     metrics = train.run(compose("train", shlex.split(command)[1:]))
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8

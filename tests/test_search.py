@@ -313,7 +313,7 @@ def test_presets_compose_a_trial(preset):
 
 
 def test_subject_probe_starts_from_a_pretrained_backbone(tmp_path, hcp_h5, one_thread):
-    from brainfm.cli.train import build
+    from brainfm.training import build
 
     pre = compose("train", [f"paths.output_dir={tmp_path}/outputs", f"paths.split_dir={tmp_path}/splits",
                             f"data.path={hcp_h5}", "experiment=contrastive", *TINY, "trainer.max_steps=2",

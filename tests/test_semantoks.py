@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from brainfm.cli import train
+from brainfm import training as train
 from brainfm.data.atlases import AAL2_CEREBRUM_94
 from brainfm.models.network_maps import available_network_maps, load_network_map
 from brainfm.errors import ConfigError

@@ -211,7 +211,7 @@ def _cfg(tmp_path, path, *extra):
 
 
 def test_three_atlas_file_trains_experiment_semantoks(tmp_path, three_atlas_h5):
-    from brainfm.cli import train
+    from brainfm import training as train
 
     cfg = _cfg(tmp_path, three_atlas_h5, "trainer.max_steps=3", "trainer.val_check_interval=3",
                "trainer.limit_val_batches=1", "callbacks=none", "logger=csv")
@@ -234,7 +234,7 @@ def test_three_atlas_file_trains_experiment_semantoks(tmp_path, three_atlas_h5):
 
 
 def test_file_without_tian_trains_with_its_tokens_masked(tmp_path, no_tian_h5):
-    from brainfm.cli import train
+    from brainfm import training as train
 
     cfg = _cfg(tmp_path, no_tian_h5, "trainer.max_steps=3", "trainer.limit_val_batches=0", "callbacks=none",
                "logger=none")
@@ -292,7 +292,7 @@ def test_simdino_losses_skip_missing_tokens():
 def test_probe_callback_logs_a_finite_balanced_accuracy(tmp_path, three_atlas_h5):
     import csv
 
-    from brainfm.cli import train
+    from brainfm import training as train
     from brainfm.eval.probe_callback import LinearProbeCallback
 
     pheno = tmp_path / "pheno.csv"

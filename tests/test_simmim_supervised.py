@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from brainfm.cli import train
+from brainfm import training as train
 from brainfm.models.simmim import SimMIMDecoder, patch_mask
 from brainfm.tasks.volume_modeling import SimMIM
 

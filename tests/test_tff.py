@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from brainfm.cli import train
+from brainfm import training as train
 from brainfm.config import compose, repo_root
 from brainfm.errors import ConfigError
 from brainfm.models.tff import TFF, tff_grids

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from brainfm.cli.train import run
+from brainfm.training import run
 from brainfm.errors import ConfigError
 
 SMALL = ("experiment=gpt", "model.d_model=32", "model.depth=1", "data.window.length=30", "data.window.min_length=null",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import SimulatedCrash, logged_steps, train_losses
 
-from brainfm.cli import train
+from brainfm import training as train
 from brainfm.data.atlases import AAL2_CEREBRUM_94
 from brainfm.errors import CheckpointError, ConfigError
 from brainfm.runs import build_task_from_checkpoint, load_checkpoint

@@ -185,7 +185,7 @@ def test_converted_swift_weights_record_las_and_fine_tuning_checks_it(tmp_path):
     las.setup("fit")
     check_training_start(las, init_from=tmp_path / "swift.safetensors")
     # brainfm-train with task.init_from refuses the RAS store before building the model
-    from brainfm.cli import train
+    from brainfm import training as train
 
     cfg = compose("train", ["data=volumes", f"data.path={tmp_path / 'ras'}", "data.shape=[8,8,8]",
                             "data.window.length=4", "data.split.kind=time", "data.num_workers=0",
@@ -233,7 +233,7 @@ def test_a_trained_run_refuses_data_of_another_orientation(volume_run):
         load_run(volume_run.run, {"path": str(ras)})  # brainfm-extract / predict / interpret
     with pytest.raises(CheckpointError, match=f"trained on LAS volumes but .*ras_eval holds RAS.*{fix}"):
         open_windows(volume_run.run, ckpt, data_path=ras)  # brainfm-evaluate (and its few-subject protocol)
-    from brainfm.cli import train
+    from brainfm import training as train
 
     cfg = compose("train", ["data=volumes", f"data.path={ras}", "data.shape=[8,8,8]", "data.window.length=4",
                             "data.split.kind=time", "data.num_workers=0", "data.pin_memory=false", "model=swin4d_v7",

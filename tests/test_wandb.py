@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from wandb.proto import wandb_internal_pb2
 
 import brainfm.training.callbacks
-from brainfm.cli.train import run
+from brainfm.training import run
 from brainfm.config import repo_root
 from brainfm.errors import ConfigError
 from brainfm.training.tracking import WandbLogger, wandb_mode, wandb_run_id

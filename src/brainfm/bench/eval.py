@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from brainfm.eval.reidentification import auto_block_size, reidentification, reidentification_dense
+
 TARGET_BYTES = 2 * 10**9  # blockwise peak memory target (2 GB)
 DENSE_BYTES_PER_PAIR = 41  # dense peak: float64 sim, int64 order, bool, int64 cumsum, two float64 temporaries
 
@@ -68,8 +70,6 @@ def _rss_bytes() -> int:
 
 def _child(spec: str) -> None:
     """In a fresh interpreter: one case; prints its measurements as JSON on the last line."""
-    from brainfm.eval.reidentification import reidentification_dense, reidentification
-
     args = json.loads(spec)
     g, gid, q, qid = embeddings(args["n_windows"], args["windows_per_subject"], args["dim"], args["noise"],
                                 args["seed"])
@@ -114,8 +114,6 @@ def main(sizes=(100_000, 300_000), dense_sizes=(10_000, 30_000), windows_per_sub
          noise: float = 1.5, block_size: int | None = None, device: str = "cpu", seed: int = 0) -> int:
     """Run every case, print the Markdown table; returns 0, or 1 when blockwise misses the 2 GB target."""
     import torch
-
-    from brainfm.eval.reidentification import auto_block_size
 
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "

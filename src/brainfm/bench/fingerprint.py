@@ -36,7 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
+from brainfm import training
+from brainfm.config import compose
+from brainfm.data.embedded import fetch
+from brainfm.data.stores.roi import ROIStore, write_roi_h5
+from brainfm.errors import ConfigError
+from brainfm.eval.protocol import run_reidentification
 from brainfm.io import atomic_write_text
+from brainfm.logs import tidy_logging
 
 #: name -> (what it is, the overrides of ``brainfm-train``: an ``experiment=`` preset and its changes)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
@@ -90,8 +97,6 @@ log = logging.getLogger("brainfm.bench")
 
 
 def _quiet() -> None:
-    from brainfm.logs import tidy_logging
-
     tidy_logging()
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
@@ -99,7 +104,6 @@ def _quiet() -> None:
 def write_subset(store_path: Path, out: Path, subjects: Sequence[int] | None, stop_fraction: float) -> Path:
     """A copy of an ROI store with only ``subjects`` (indices of runs; None: all) and the first
     ``stop_fraction`` of every run (the selection stores)."""
-    from brainfm.data.stores.roi import ROIStore, write_roi_h5
 
     if out.is_file():
         return out
@@ -117,8 +121,6 @@ def train(name: str, overrides: Sequence[str], seed: int, data_path: Path, data_
     """Train one configuration on the time split ``train_fraction`` / ``val_fraction`` of every run of
     ``data_path``; return the run directory. A finished run (its ``summary.json`` exists, not marked
     ``interrupted`` by Ctrl-C) is skipped; an interrupted one resumes from its ``last.ckpt`` (``ckpt_path=auto``)."""
-    from brainfm import training
-    from brainfm.config import compose
 
     run_dir = out / data_name / f"{name}_seed{seed}"
     summary = run_dir / "summary.json"
@@ -140,7 +142,6 @@ def reid(run_dir: Path, data_path: Path | None, windows: Sequence[int], gallery_
 
     The result is kept in ``run_dir/bench_reid/<data>_<windows>_<gallery_fraction>.json`` (one file per
     protocol a run is evaluated with) and reused while it is newer than the run's ``last.ckpt``."""
-    from brainfm.eval.protocol import run_reidentification
 
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     key = f"{Path(data_path).stem if data_path else 'own'}_{'-'.join(map(str, windows))}_{gallery_fraction:.4f}"
@@ -190,8 +191,6 @@ def run_final(configs: Sequence[str], seeds: Sequence[int], out: Path, hcp: Path
 
 
 def run_selection(configs: Sequence[str], seed: int, out: Path, hcp: Path, steps: int | None) -> dict:
-    from brainfm.data.stores.roi import ROIStore
-
     sel = out / "selection"
     first_half = write_subset(hcp, sel / "hcp_first_half.h5", None, 0.5)
     n_subjects = ROIStore(hcp, preload=False).n_runs
@@ -262,8 +261,6 @@ def selection_table(results: dict) -> str:
 def main(protocol: str, configs: Sequence[str] | None, seeds: Sequence[int], out: str | Path,
          steps: int | None, data_dir: str | Path = "data") -> int:
     """Run ``protocol`` (``final``, ``selection`` or ``both``); print and write the tables."""
-    from brainfm.data.embedded import fetch
-    from brainfm.errors import ConfigError
 
     _quiet()
     names = list(configs or CONFIGS)

@@ -44,7 +44,16 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from brainfm.bench.swin4d import SWIFT_V7_RELEASED, load_swift_class
+from brainfm.config import compose
 from brainfm.io import atomic_write_text
+from brainfm.models import build_model
+from brainfm.models.swin4d import SwinTransformer4D
+from brainfm.scaling.accounting import build_on_meta, count_flops
+from brainfm.scaling.families import family_of
+from brainfm.scaling.measure import allocator_peak
+from brainfm.scaling.memory import make_optimizer, optimizer_state_bytes, storage_bytes, training_step
+from brainfm.tasks.base import compile_backbone
 
 #: dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device name: NVIDIA's data sheets
 PEAK_BF16_TFLOPS = (
@@ -82,8 +91,6 @@ class Case:
 
 
 def _model_and_inputs(overrides: list[str]) -> tuple[dict, dict]:
-    from brainfm.config import compose
-
     cfg = compose("scale", ["sizes=[]", *overrides])
     return OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.inputs, resolve=True)
 
@@ -99,8 +106,6 @@ def build_variant(model_cfg: dict, variant: str, device: torch.device):
     Raises:
         Unsupported: ``flex`` on a model without ``attention_backend``.
     """
-    from brainfm.models import build_model
-
     cfg = dict(model_cfg)
     if variant == "flex":
         if "attention_backend" not in cfg:
@@ -114,8 +119,6 @@ def build_variant(model_cfg: dict, variant: str, device: torch.device):
     except Exception as exc:  # Hydra wraps the model's own refusal of an unknown option
         raise Unsupported(f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}") from exc
     if variant == "compiled":
-        from brainfm.tasks.base import compile_backbone
-
         compile_backbone(model)
     return model.train()
 
@@ -131,8 +134,6 @@ class TrainingStep:
     gradients, AdamW's states, the batch)."""
 
     def __init__(self, model, inputs_cfg: dict, batch: int, device: torch.device) -> None:
-        from brainfm.scaling.families import family_of
-        from brainfm.scaling.memory import make_optimizer
 
         self.model, self.device = model, device
         self.family = family_of(model)
@@ -141,14 +142,10 @@ class TrainingStep:
         self.precision = "bf16-mixed" if device.type == "cuda" else "32-true"
 
     def __call__(self) -> None:
-        from brainfm.scaling.memory import training_step
-
         training_step(self.model, self.family, self.inputs, self.optimizer, self.precision, 1.0, self.device.type)
         _sync(self.device)
 
     def state_bytes(self) -> int:
-        from brainfm.scaling.memory import storage_bytes, optimizer_state_bytes
-
         params = list(self.model.parameters())
         return (storage_bytes([*params, *(p.grad for p in params if p.grad is not None), *self.inputs])
                 + optimizer_state_bytes(self.optimizer))
@@ -184,8 +181,6 @@ def _cpu_peak(step: TrainingStep) -> int:
     """Peak bytes above the start of one step from the CPU allocator's profile."""
     from torch.profiler import ProfilerActivity, profile
 
-    from brainfm.scaling.measure import allocator_peak
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     return allocator_peak(prof)
@@ -218,8 +213,6 @@ def measure(model, inputs_cfg: dict, batch: int, device: torch.device, steps: in
 
 def train_flops(model_cfg: dict, inputs_cfg: dict) -> int:
     """Model FLOPs per training sample (forward + backward) from the scale tool's counter."""
-    from brainfm.scaling.accounting import build_on_meta, count_flops
-
     model, _ = build_on_meta(model_cfg)
     return count_flops(model, inputs_cfg).train
 
@@ -287,8 +280,6 @@ def family_cases(cpu: bool) -> list[Case]:
 def swift_rows(repo: Path, device: torch.device, batch: int, args) -> list[dict[str, Any]]:
     """Table 2: SwiFT's ver7 code beside brainfm's v7 on SwiFT's released configuration, eager and
     compiled (the whole model: SwiFT's forward is its only entry)."""
-    from brainfm.bench.swin4d import SWIFT_V7_RELEASED, load_swift_class
-    from brainfm.models.swin4d import SwinTransformer4D
 
     ref_cls = load_swift_class(repo)
     cfg = {"_target_": "brainfm.models.swin4d.SwinTransformer4D", **SWIFT_V7_RELEASED}

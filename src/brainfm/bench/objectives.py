@@ -8,6 +8,7 @@ import time
 from lightning.pytorch.callbacks import Callback
 
 from brainfm.config import compose
+from brainfm.training import build
 
 EXPERIMENTS = ("gpt", "seq_bert", "net_bert", "lstm_ae", "contrastive")
 
@@ -21,8 +22,6 @@ class StepTimer(Callback):
 
 
 def measure(experiment: str, steps: int = 40, length: int = 60, batch_size: int = 16) -> dict:
-    from brainfm.training import build
-
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose("train", [
             f"experiment={experiment}", f"paths.output_dir={tmp}", "logger=none", "callbacks=none",

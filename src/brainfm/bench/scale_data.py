@@ -37,6 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+from brainfm.config import compose, repo_root
+from brainfm.data.datamodules.volume import VolumeDataModule
+from brainfm.data.embedded import fetch
+from brainfm.data.stores.synth import synth_volumes
+from brainfm.data.stores.volume import VolumeStore
+
 GRID = (8, 8, 8)
 SWIN = ["model=swin4d_v7", "model.img_size=[8,8,8,4]", "model.embed_dim=12", "model.depths=[1,1]",
         "model.num_heads=[2,2]", "model.window_size=[4,4,4,4]", "model.first_window_size=[4,4,4,4]",
@@ -57,8 +63,6 @@ def _cli(name: str) -> str:
 
 def make_stores(root: Path, names=tuple(STORES), data: str = "zeros", workers: int = 2) -> dict[str, float]:
     """Synthesise the stores missing under ``root``; returns seconds per store written."""
-    from brainfm.data.stores.synth import synth_volumes
-
     took = {}
     for name in names:
         out = root / name
@@ -73,8 +77,6 @@ def make_stores(root: Path, names=tuple(STORES), data: str = "zeros", workers: i
 
 
 def open_seconds(root: Path, repeats: int = 5) -> float:
-    from brainfm.data.stores.volume import VolumeStore
-
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -155,8 +157,6 @@ def _worker_rss(root: Path, clips: int, batch: int, out: Path) -> None:
     write the worker's peak RSS (VmHWM, kB) sampled after every batch, and the main process's."""
     import psutil
 
-    from brainfm.data.datamodules.volume import VolumeDataModule
-
     dm = VolumeDataModule("bench", str(root), shape=list(GRID), window={"length": 4, "train_stride": 1},
                           split={"kind": "time", "train_fraction": 0.99}, batch_size=batch, num_workers=1,
                           pool_mb=16, return_mask=True)
@@ -197,8 +197,6 @@ def multi_open_seconds(stores: Path, work: Path) -> float:
     """Seconds to set up ``data=multi`` over the three stores (60,000 runs): open, check, split, datasets."""
     from hydra.utils import instantiate
 
-    from brainfm.config import compose
-
     cfg = compose("train", [*_multi_data(stores), f"paths.split_dir={work}/splits_multi", *SWIN])
     t0 = time.perf_counter()
     dm = instantiate(cfg.data, _convert_="all")
@@ -211,8 +209,6 @@ def parcellation(work: Path, copies: int = 50) -> dict | None:
     NIfTI runs, with a 2-label atlas on their grid."""
     import nibabel as nib
 
-    from brainfm.config import repo_root
-    from brainfm.data.embedded import fetch
 
     src = Path(fetch("nifti_toy", data_dir=repo_root() / "data"))
     files = sorted(p for p in src.rglob("*.nii*") if len(nib.load(str(p)).shape) == 4)

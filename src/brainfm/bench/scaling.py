@@ -7,15 +7,16 @@ import argparse
 
 from omegaconf import OmegaConf
 
+from brainfm.config import compose
+from brainfm.scaling.driver import size_group
+from brainfm.scaling.measure import first_step_rss
+from brainfm.scaling.memory import GiB, simulate_step_memory
+
 
 def main(argv: list[str] | None = None) -> list[dict]:
     from rich.console import Console
     from rich.table import Table
 
-    from brainfm.config import compose
-    from brainfm.scaling.driver import size_group
-    from brainfm.scaling.measure import first_step_rss
-    from brainfm.scaling.memory import GiB, simulate_step_memory
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="swin4d_v9")

@@ -21,6 +21,8 @@ import torch
 from hydra.utils import instantiate
 
 from brainfm.config import compose
+from brainfm.models.swin4d import SwinTransformer4D
+from brainfm.tasks.base import compile_backbone
 
 SHAPE = (1, 1, 96, 96, 96, 20)
 SWIFT_V7_DEFAULT = dict(img_size=(96, 96, 96, 20), in_chans=1, embed_dim=24, window_size=(4, 4, 4, 4),
@@ -76,8 +78,6 @@ def compare_with_swift(repo: Path, reps: int = 5, compiled: bool = False) -> lis
     and released configurations: the median of ``reps`` interleaved steps each (``brainfm_s``,
     ``swift_s``; with ``compiled``, also ``compiled_s``: brainfm with ``trainer.compile``'s regional
     compile, warmed up (compiled) before the timed steps)."""
-    from brainfm.models.swin4d import SwinTransformer4D
-    from brainfm.tasks.base import compile_backbone
 
     Ref = load_swift_class(repo)
     x = torch.randn(*SHAPE)

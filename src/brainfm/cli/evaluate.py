@@ -15,9 +15,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from brainfm.cli.common import exit_on_brainfm_error
-from brainfm.logs import tidy_logging
 from brainfm.config import config_dir
+from brainfm.errors import ConfigError
+from brainfm.logs import tidy_logging
 
+# brainfm's library (torch, Lightning) is imported inside the command's functions, not here: `--help` and a
+# config error then return in under a second instead of 5-13 s (python -X importtime -m brainfm.cli.train --help, 2 busy
+# cores). The entry points are the one place where brainfm imports sit in functions (docs/architecture.md).
 
 #: row labels of the built-in methods (other rows: the ``compare`` names)
 LABELS = {"pretrained": "pretrained", "random_init": "random init (same model)", "fc_fingerprint": "FC fingerprinting"}
@@ -62,24 +66,18 @@ def print_table(report: dict) -> None:
 
 
 def run(cfg: DictConfig) -> dict | None:
+    from brainfm.eval.few_subject import run_from_config
+    from brainfm.eval.protocol import plot_reidentification, run_reidentification, write_json
+    from brainfm.runs import find_checkpoint
+
     protocol = cfg.get("protocol") or "reidentification"
     if protocol == "few_subject":  # decoding accuracy vs training subjects (brainfm.eval.few_subject)
-        from brainfm.eval.few_subject import run_from_config
-
         return run_from_config(cfg)
     if protocol in ("logistic", "probe"):
         return run_labelled(cfg, protocol)
     if protocol != "reidentification":
-        from brainfm.errors import ConfigError
-
         raise ConfigError(f"protocol={protocol!r} must be 'reidentification', 'few_subject', 'logistic' or 'probe'")
     _refuse_model(cfg, protocol)
-    from brainfm.eval.protocol import (
-        plot_reidentification,
-        run_reidentification,
-        write_json,
-    )
-    from brainfm.runs import find_checkpoint
 
     ckpt = find_checkpoint(cfg.ckpt)
     report = run_reidentification(
@@ -121,8 +119,6 @@ def _model_choice(cfg: DictConfig) -> str | None:
 
 def _refuse_model(cfg: DictConfig, protocol: str) -> None:
     if _model_choice(cfg) is not None:
-        from brainfm.errors import ConfigError
-
         raise ConfigError(f"model={_model_choice(cfg)} is for protocol=logistic or probe (model=fc: the FC baseline alone); "
                           f"protocol={protocol} evaluates ckpt=<run dir> and carries FC itself. Fix: drop model=")
 
@@ -137,17 +133,16 @@ def run_labelled(cfg: DictConfig, name: str = "logistic") -> dict | None:
         ConfigError: ``model=`` other than ``fc``; ``model=fc`` with a checkpoint; neither; as the protocol's
             ``run_*``.
     """
-    from brainfm.errors import ConfigError
+    from brainfm.eval import brainmarks_probe, logistic
     from brainfm.eval.protocol import write_json
     from brainfm.runs import find_checkpoint, run_dir_of
 
-    if name == "probe":
-        from brainfm.eval.brainmarks_probe import print_table, run_probe as protocol
 
+    if name == "probe":
+        protocol, print_report = brainmarks_probe.run_probe, brainmarks_probe.print_table
         section, keys = "probe_heads", ("atlas", "split", "window_length", "fc_length", "fc_classifier")
     else:
-        from brainfm.eval.logistic import print_table, run_logistic as protocol
-
+        protocol, print_report = logistic.run_logistic, logistic.print_table
         section, keys = "logistic", ("atlas", "split", "window_length", "fc_length", "representation")
     choice = _model_choice(cfg)
     has_ckpt = not OmegaConf.is_missing(cfg, "ckpt") and cfg.ckpt is not None
@@ -179,7 +174,7 @@ def run_labelled(cfg: DictConfig, name: str = "logistic") -> dict | None:
     config["model"] = choice  # the group's config interpolates the training data (${data.n_rois})
     report["config"] = config
     write_json(out / "metrics.json", report)
-    print_table(report)
+    print_report(report)
     print(f"wrote {out / 'metrics.json'}")
     return report
 

@@ -11,9 +11,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from brainfm.cli.common import exit_on_brainfm_error
-from brainfm.logs import tidy_logging
 from brainfm.cli.extract import data_overrides
 from brainfm.config import config_dir
+from brainfm.logs import tidy_logging
+
+# brainfm's library (torch, Lightning) is imported inside the command's functions, not here: `--help` and a
+# config error then return in under a second instead of 5-13 s (python -X importtime -m brainfm.cli.train --help, 2 busy
+# cores). The entry points are the one place where brainfm imports sit in functions (docs/architecture.md).
 
 #: the keys of conf/interpret.yaml that are :class:`brainfm.eval.interpret.Options`
 OPTION_KEYS = ("method", "target", "n_steps", "internal_batch_size", "nt_samples", "nt_samples_batch_size", "stdevs",

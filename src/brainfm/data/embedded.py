@@ -44,7 +44,10 @@ from pathlib import Path
 import numpy as np
 
 from brainfm.data.atlases import AAL2_CEREBRUM_94
+from brainfm.data.orientation import DEFAULT_ORIENTATION, orientation_of_meta
+from brainfm.data.preprocess.volumes import preprocess_volumes
 from brainfm.data.stores.roi import ROIStore, write_roi_h5
+from brainfm.data.stores.volume import VolumeStore, read_meta
 from brainfm.errors import DataError
 from brainfm.io import atomic_dir
 
@@ -351,9 +354,6 @@ def build_nifti_toy_store(data_dir: str | Path = "data", force: bool = False, pr
     Finished runs are kept unless ``force``, or unless the store was built by an older brainfm in another
     orientation (its nitime runs lay as in their files, LSP): then it is rebuilt."""
     # imported here, as the preprocessing was before: only building the toy volume store needs nibabel
-    from brainfm.data.orientation import DEFAULT_ORIENTATION, orientation_of_meta
-    from brainfm.data.preprocess.volumes import preprocess_volumes
-    from brainfm.data.stores.volume import VolumeStore, read_meta
 
     folder = fetch_nifti_toy(data_dir)
     out = Path(data_dir) / f"{NIFTI_TOY_NAME}_store"

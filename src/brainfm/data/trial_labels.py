@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainfm.data.stores.roi import ROIStore, write_trial_labels
 from brainfm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,6 @@ def add_trial_labels_from_events(path: str | os.PathLike, events: Mapping, name:
     Raises:
         DataError: a run key that is not in the store, a bad table, a store without a TR.
     """
-    from brainfm.data.stores.roi import ROIStore, write_trial_labels
-
     store = ROIStore(path, preload=False)
     if store.tr is None:
         raise DataError(f"{path} records no TR; trial labels from events need it (write the store with its TR)")

@@ -40,6 +40,17 @@ from typing import Any
 import numpy as np
 
 from brainfm.errors import ConfigError, DataError
+from brainfm.eval.logistic import (
+    bootstrap_std,
+    checkpoint_sample_features,
+    classification_metrics,
+    fc_sample_features,
+    labelled_report,
+    load_for_labelled,
+    open_labelled,
+    report_window_length,
+)
+from brainfm.models.heads import PROBE_HEADS
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +93,6 @@ def _scores(logits, y) -> dict[str, float]:
     """``loss`` (mean cross-entropy) and the metrics of one head's logits ``(N, C)`` on labels ``(N,)``."""
     import torch
 
-    from brainfm.eval.logistic import classification_metrics
-
     loss = float(torch.nn.functional.cross_entropy(logits, y))
     return {"loss": loss, **classification_metrics(y.numpy(), logits.argmax(dim=1).numpy())}
 
@@ -110,8 +119,6 @@ def train_head_grid(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.n
     """
     import torch
     from torch import nn
-
-    from brainfm.models.heads import PROBE_HEADS
 
     s = {**DEFAULTS, **settings}
     if s["classifier"] not in PROBE_HEADS:
@@ -258,8 +265,6 @@ def probe_protocol(features: Mapping[str, np.ndarray], labels: Mapping[str, np.n
     """
     import torch
 
-    from brainfm.eval.logistic import bootstrap_std
-
     s = {**DEFAULTS, **settings}
     classes = np.unique(np.concatenate([np.asarray(v) for v in labels.values()]))
     ids = {k: np.searchsorted(classes, np.asarray(v)) for k, v in labels.items()}
@@ -306,9 +311,6 @@ def run_probe(ckpt_path: str | Path | None, data_path: str | Path | None, target
         DataError / CheckpointError: as :func:`brainfm.eval.logistic.open_labelled` and
             :func:`brainfm.eval.logistic.checkpoint_sample_features`.
     """
-    from brainfm.eval.logistic import (checkpoint_sample_features, fc_sample_features, labelled_report,
-                                       load_for_labelled, open_labelled, report_window_length)
-    from brainfm.models.heads import PROBE_HEADS
 
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import brainfm
 from brainfm.errors import ConfigError, DataError
 from brainfm.eval.inference import Group, run_inference
 from brainfm.io import PendingFile, atomic_path
@@ -201,7 +202,6 @@ def _stream(loaded: LoadedRun, kind: str, splits: Sequence[str], batch_size: int
 
 # -- writing ----------------------------------------------------------------------------------------------
 def _attrs(loaded: LoadedRun, kind: str, dim: int) -> dict[str, Any]:
-    import brainfm
     meta = loaded.ckpt["hyper_parameters"].get("data_meta") or {}
     return {
         "kind": kind,

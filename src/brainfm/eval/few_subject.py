@@ -30,7 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from brainfm.data.trial_labels import labelled_blocks, shift_trs
 from brainfm.errors import ConfigError, DataError
+from brainfm.eval.inference import Group
+from brainfm.eval.probe import few_subject_curve
 from brainfm.eval.protocol import embed_groups, progress, write_json
 from brainfm.io import atomic_path, save_figure
 from brainfm.runs import build_task_from_checkpoint, find_checkpoint, load_checkpoint, open_windows
@@ -46,8 +49,6 @@ log = logging.getLogger(__name__)
 def _labelled_windows(store, make, source: str, label: str, length: int, step: int, shift_s: float | None,
                       where: str):
     """``(dataset, window labels (N,), classes, shift info)`` of every run of ``store``."""
-    from brainfm.data.trial_labels import labelled_blocks, shift_trs
-
     runs = [(r, 0, int(store.lengths[r])) for r in range(len(store.lengths))]
     if source == "trial":
         if not hasattr(store, "trial_label_info") or getattr(store, "base", None) is not None:
@@ -109,8 +110,6 @@ def run_few_subject(
             hold-out, a volume checkpoint. DataError: a store without the labels (named).
         CheckpointError: unloadable checkpoint, data with another TR / ROI count / ROI order.
     """
-    from brainfm.eval.inference import Group
-    from brainfm.eval.probe import few_subject_curve
 
     if source not in SOURCES:
         raise ConfigError(f"few_subject.source={source!r} must be one of {SOURCES}")

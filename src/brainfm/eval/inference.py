@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from brainfm.data.windows import PartitionSampler, collate_windows
 from brainfm.errors import ConfigError, DataError
 
 
@@ -195,8 +196,6 @@ def run_inference(task, fn: Callable[[Any, dict], torch.Tensor], groups: Sequenc
         ConfigError: no window in any group. DataError: non-finite outputs.
     """
     from torch.utils.data import DataLoader
-
-    from brainfm.data.windows import PartitionSampler, collate_windows
 
     groups = [g for g in groups if len(g.dataset)]
     if not groups:

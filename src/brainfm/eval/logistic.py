@@ -42,7 +42,15 @@ from typing import Any
 
 import numpy as np
 
+from brainfm.data.datasets.roi import ROIWindowDataset
+from brainfm.data.stores import detect_kind, open_store
+from brainfm.data.stores.brainmarks_writer import subject_split_for
+from brainfm.data.stores.resample import ResampledStore
 from brainfm.errors import CheckpointError, ConfigError, DataError
+from brainfm.eval.fingerprinting import fc_features
+from brainfm.eval.inference import Group, run_inference
+from brainfm.eval.probe import metrics
+from brainfm.runs import build_task_from_checkpoint, check_compatible, find_checkpoint, load_checkpoint, normalizer_for
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +68,6 @@ REPRESENTATIONS = ("cls", "patch")
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """``acc``, ``balanced_acc`` (:func:`brainfm.eval.probe.metrics`) and ``f1_macro`` (macro-averaged F1)."""
     from sklearn.metrics import f1_score
-
-    from brainfm.eval.probe import metrics
 
     out = metrics("classification", y_true, y_pred)
     out["f1_macro"] = float(f1_score(y_true, y_pred, average="macro"))
@@ -247,8 +253,6 @@ def open_labelled(path: str | Path, target: str | None, atlas: Any = None, split
             than two classes among the training samples, an empty split, float targets that are not classes.
         ConfigError: no ``target``, or one the store does not hold (the available labels are named).
     """
-    from brainfm.data.stores import detect_kind, open_store
-
     path = Path(path)
     kind = detect_kind(path)
     if kind not in ("roi", "brainmarks"):
@@ -278,8 +282,6 @@ def open_labelled(path: str | Path, target: str | None, atlas: Any = None, split
         by_split = {k: np.asarray(v, dtype=np.int64) for k, v in store.split_runs().items()}
         source = "the data set's train / validation / test"
     else:
-        from brainfm.data.stores.brainmarks_writer import subject_split_for
-
         cfg = dict(split or {})
         seed, fractions = int(cfg.get("seed", 0)), list(cfg.get("fractions") or (0.8, 0.1, 0.1))
         subjects = subject_split_for(store.subject_ids, seed, fractions, cfg.get("file"))
@@ -312,7 +314,6 @@ def fc_sample_features(store, runs: Sequence[int], length: int | None = None) ->
     """The FC baseline's embedding of each sample: Pearson correlations of its ROIs over its TRs, upper
     triangle (:func:`~brainfm.eval.fingerprinting.fc_features`; Brainmarks' ``Connectome``), ``(N, R (R-1)/2)``
     float32. ``length``: the first ``length`` TRs (None: the whole sample, as Brainmarks)."""
-    from brainfm.eval.fingerprinting import fc_features
 
     out = []
     for run in runs:
@@ -337,9 +338,6 @@ def checkpoint_sample_features(task, ckpt: dict, store, runs: Sequence[int], *, 
         CheckpointError: data with another ROI count/order than the checkpoint's, a volume checkpoint.
         DataError: a sample shorter than the window (the shortest named, with the fix).
     """
-    from brainfm.data.datasets.roi import ROIWindowDataset
-    from brainfm.eval.inference import Group, run_inference
-    from brainfm.runs import check_compatible, normalizer_for
 
     meta = ckpt["hyper_parameters"].get("data_meta") or {}
     where = f"checkpoint {ckpt['_path']}"
@@ -347,8 +345,6 @@ def checkpoint_sample_features(task, ckpt: dict, store, runs: Sequence[int], *, 
         raise CheckpointError(f"{where} is a volume model; protocol=logistic embeds ROI time series (ROI families)")
     trained_tr = meta.get("tr") if isinstance(meta.get("tr"), (int, float)) else None
     if not task.model.any_tr and trained_tr is not None and store.tr is not None and abs(store.tr - trained_tr) > 1e-3:
-        from brainfm.data.stores.resample import ResampledStore
-
         log.info("%s: resampled from TR %g s to the checkpoint's %g s (the model needs its training TR)",
                  store.location, float(store.tr), float(trained_tr))
         store = ResampledStore(store, float(trained_tr))
@@ -412,7 +408,6 @@ def load_for_labelled(ckpt_path: str | Path | None, data_path: str | Path | None
     """
     if ckpt_path is None:
         return None, None, data_path, atlas
-    from brainfm.runs import build_task_from_checkpoint, find_checkpoint, load_checkpoint
 
     ckpt = load_checkpoint(find_checkpoint(ckpt_path))
     task = build_task_from_checkpoint(ckpt)

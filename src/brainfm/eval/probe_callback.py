@@ -27,7 +27,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from brainfm.data.phenotypes import build_label_table
+from brainfm.data.windows import collate_windows
 from brainfm.errors import ConfigError
+from brainfm.eval.probe import fit_predict_sklearn
+from brainfm.tasks.distributed import gather
 
 _log = logging.getLogger("brainfm")
 
@@ -95,7 +99,6 @@ class LinearProbeCallback(Callback):
     def _label_values(self, datamodule) -> tuple[np.ndarray, str, str]:
         """``(values, by, kind)``: one value per subject index (``by="subject"``) or per store row
         (``by="run"``), and the probe kind."""
-        from brainfm.data.phenotypes import build_label_table
 
         table = None
         if self.labels_config is not None:
@@ -124,8 +127,6 @@ class LinearProbeCallback(Callback):
     def _embed(self, trainer, pl_module, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Embeddings ``(N, D)``, subject indices and store rows ``(N,)`` of (at most ``max_windows``)
         windows of ``dataset``, gathered from every rank."""
-        from brainfm.data.windows import collate_windows
-        from brainfm.tasks.distributed import gather
 
         n = len(dataset)
         idx = np.arange(n) if n <= self.max_windows else np.unique(np.linspace(0, n - 1, self.max_windows).round().astype(int))
@@ -156,8 +157,6 @@ class LinearProbeCallback(Callback):
 
     def probe(self, trainer, pl_module, completed_epochs: int) -> dict[str, float]:
         """Embed, fit, score and log once; returns the metrics (also in :attr:`history`)."""
-        from brainfm.eval.probe import fit_predict_sklearn
-
         datamodule = trainer.datamodule
         if datamodule is None or not callable(getattr(datamodule, "dataset", None)):
             raise ConfigError("callbacks.probe needs a datamodule with dataset(split) (the ROI/grayordinate windows)")

@@ -30,16 +30,11 @@ from brainfm.data.splits import time_split
 from brainfm.data.windows import collate_windows
 from brainfm.errors import ConfigError
 from brainfm.eval.fingerprinting import fc_features
+from brainfm.eval.inference import Group, run_inference
 from brainfm.eval.probe import fit_predict_sklearn
-from brainfm.eval.reidentification import reidentification
+from brainfm.eval.reidentification import reidentification, split_by_session
 from brainfm.io import atomic_write_text, save_figure
-from brainfm.runs import (
-    build_task_from_checkpoint,
-    check_compatible,
-    find_checkpoint,
-    load_checkpoint,
-    open_windows,
-)
+from brainfm.runs import build_task_from_checkpoint, check_compatible, find_checkpoint, load_checkpoint, open_windows
 
 BASELINES = ("random_init", "fc_fingerprint")
 #: method names in progress lines (the table's labels)
@@ -77,7 +72,6 @@ def embed_groups(task, groups: list, trainer, shard_dir: Path) -> list[tuple[np.
     """``(features (N, D), subject indices (N,))`` of each :class:`~brainfm.eval.inference.Group` of windows, in window
     order, embedded by ``task`` (:meth:`embed`) on the ``trainer``'s ranks (:func:`brainfm.eval.inference.run_inference`,
     shards under ``shard_dir``); None on the ranks other than the global rank 0."""
-    from brainfm.eval.inference import run_inference
 
     shards = run_inference(task, lambda t, b: t.embed(b), groups, shard_dir, trainer)
     if shards is None:
@@ -144,8 +138,6 @@ def run_reidentification(
             ``run_fraction`` outside (0, 1], or ``gallery_fraction`` not below it.
         ValueError: unknown baseline name.
     """
-    from brainfm.eval.inference import Group
-
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; available: {list(BASELINES)}")
@@ -162,8 +154,6 @@ def run_reidentification(
                           "strictly between 0 and it")
     lengths = [int(round(float(n) * float(run_fraction))) for n in store.lengths]
     if gallery_runs or query_runs:
-        from brainfm.eval.reidentification import split_by_session
-
         g, q = split_by_session(store.run_ids, store.subject_ids, gallery=list(gallery_runs or []),
                                 query=list(query_runs or []))
         segments = {"train": [(int(r), 0, lengths[r]) for r in g], "val": [(int(r), 0, lengths[r]) for r in q]}

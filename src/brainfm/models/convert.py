@@ -21,7 +21,7 @@ from brainfm.checkpoints import LIGHTNING_SAFE_GLOBALS, StateDict, read_state_di
 from brainfm.errors import CheckpointError
 from brainfm.io import atomic_write_text
 from brainfm.models.semantoks import semantoks_checkpoint_filter
-from brainfm.models.sequence import lfb_checkpoint_filter
+from brainfm.models.sequence import lfb_checkpoint_filter, lfb_model_config
 from brainfm.models.swin4d import swift_checkpoint_filter
 
 
@@ -98,8 +98,6 @@ def write_lfb_config(state: dict, src: Path, dst: Path, n_heads: int | None = No
     """Write ``<dst>.yaml`` (atomically): the ``model`` config of converted learning-from-brains weights
     (:func:`brainfm.models.sequence.lfb_model_config`) with the command line that uses them."""
     from omegaconf import OmegaConf
-
-    from brainfm.models.sequence import lfb_model_config
 
     cfg = lfb_model_config(state, n_heads=n_heads)
     experiment = "lfb_gpt" if cfg["task"] == "csm" else "lfb_seq_bert"

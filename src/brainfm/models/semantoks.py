@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainfm.errors import ConfigError
+from brainfm.errors import CheckpointError, ConfigError
 from brainfm.models.backbone import Backbone
 from brainfm.models.network_maps import available_network_maps, load_network_map
 from brainfm.models.transformer import TransformerEncoder, checkpointed
@@ -537,7 +537,6 @@ def _chosen_atlas(groups: dict[str, dict[str, torch.Tensor]]) -> str:
         return "schaefer400"
     if len(groups) == 1:
         return next(iter(groups))
-    from brainfm.errors import CheckpointError
 
     raise CheckpointError(f"cannot tell which of the tokenizer sets {sorted(groups)} the reference ran (its "
                           "atlas_names[0]); none has kernel_norm_initialized set")
@@ -583,8 +582,6 @@ def semantoks_checkpoint_filter(state: dict[str, torch.Tensor], encoder: str = "
             (depthwise-separable or dilated dense branch, branches in another order, per-ROI decay);
             a time-embedding buffer that is not the sine-cosine table.
     """
-    from brainfm.errors import CheckpointError
-
     if encoder not in ("teacher", "student"):
         raise CheckpointError(f"encoder={encoder!r} must be 'teacher' or 'student'")
     state = {k.removeprefix("module."): v for k, v in state.items()}

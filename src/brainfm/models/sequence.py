@@ -26,7 +26,7 @@ import re
 import torch
 from torch import nn
 
-from brainfm.errors import ConfigError
+from brainfm.errors import CheckpointError
 from brainfm.models.backbone import TRTokenBackbone
 from brainfm.models.embedding import TREmbedding
 from brainfm.models.transformer import TransformerEncoder
@@ -271,7 +271,6 @@ def _lfb_family(state: dict[str, torch.Tensor]) -> str:
         return "GPT"
     if any(k.startswith("decoder.transformer.encoder.layer.") for k in state):
         return "BERT"
-    from brainfm.errors import CheckpointError
 
     raise CheckpointError(
         "not a learning-from-brains GPT or BERT state dict (no 'decoder.transformer.h.*' or "
@@ -323,8 +322,6 @@ def lfb_checkpoint_filter(state: dict[str, torch.Tensor]) -> tuple[dict[str, tor
         CheckpointError: not a GPT/BERT state dict of that project, a key this adapter does not know
             (e.g. more than one hidden layer in the embedding/unembedding models), or a missing one.
     """
-    from brainfm.errors import CheckpointError
-
     family = _lfb_family(state)
     table = _LFB_GPT if family == "GPT" else {k: (v, False) for k, v in _LFB_BERT.items()}
     out: dict[str, torch.Tensor] = {}
@@ -405,8 +402,6 @@ def lfb_model_config(state: dict[str, torch.Tensor], n_heads: int | None = None)
     Raises:
         CheckpointError: ``state`` is not a :func:`lfb_checkpoint_filter` output.
     """
-    from brainfm.errors import CheckpointError
-
     try:
         d, n_rois = (int(s) for s in state["model.embedding.proj.weight"].shape)
         depth = len({k.split(".")[3] for k in state if k.startswith("model.encoder.blocks.")})

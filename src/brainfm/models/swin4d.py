@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from brainfm.errors import CheckpointError
 from brainfm.models.backbone import Backbone
 
 Dims = tuple[int, int, int, int]
@@ -749,8 +750,6 @@ def swift_checkpoint_filter(state: dict[str, torch.Tensor]) -> tuple[dict[str, t
     Raises:
         CheckpointError: no ``model.``-prefixed key.
     """
-    from brainfm.errors import CheckpointError
-
     backbone = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     if not backbone:
         raise CheckpointError(f"no 'model.'-prefixed keys: not a SwiFT Lightning checkpoint? keys: {sorted(state)[:5]}")

@@ -33,13 +33,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-from brainfm.checkpoints import (  # noqa: F401  (checkpoint_format, read_sharded_state_dict: public here too)
-    DCP_INDEX,
-    DCP_META,
-    checkpoint_format,
-    read_checkpoint,
-    read_sharded_state_dict,
-)
+from brainfm.checkpoints import DCP_INDEX, DCP_META, checkpoint_format, read_checkpoint, read_sharded_state_dict  # noqa: F401  (checkpoint_format, read_sharded_state_dict: public here too)
 from brainfm.errors import CheckpointError
 from brainfm.io import atomic_path
 from brainfm.tasks.base import CHECKPOINT_KEY

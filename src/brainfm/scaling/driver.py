@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from brainfm.config import compose, config_dir
 from brainfm.errors import ConfigError
 from brainfm.io import atomic_write_text
 from brainfm.scaling.accounting import build_on_meta, count_flops, count_parameters
 from brainfm.scaling.families import family_of
+from brainfm.scaling.measure import measure_training
 from brainfm.scaling.memory import (
     STRATEGIES,
     GiB,
@@ -50,8 +52,6 @@ def group_choice(group: str, overrides: list[str], choices: dict | None = None, 
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    from brainfm.config import compose
-
     return compose("scale", overrides)
 
 
@@ -79,8 +79,6 @@ def model_configs(cfg: DictConfig, overrides: list[str], compose_fn=None) -> lis
     Raises:
         ConfigError: a size with no preset file (the message lists the presets).
     """
-    from brainfm.config import config_dir
-
     sizes = list(cfg.sizes or [])
     if not sizes:
         return [("base", OmegaConf.to_container(cfg.model, resolve=True))]
@@ -212,7 +210,6 @@ def maybe_measure(model_cfg: dict, cfg: DictConfig, row: dict, trainer_name: str
         if predicted_peak > budget:
             return {"not_measured": f"predicted peak {predicted_peak / GiB:.1f} GiB > {m.memory_fraction:g} x available "
                                     f"{budget / float(m.memory_fraction) / GiB:.1f} GiB here"}
-    from brainfm.scaling.measure import measure_training
 
     trainer_cfg = OmegaConf.merge(trainer_cfg, {"precision": precision}) if not on_gpu else trainer_cfg
     result = measure_training(model_cfg, trainer_cfg, batch, inputs_cfg, int(m.warmup_steps), int(m.steps),

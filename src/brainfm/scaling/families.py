@@ -32,6 +32,15 @@ import torch
 from torch import nn
 
 from brainfm.errors import ConfigError
+from brainfm.models import swin4d
+from brainfm.models.embedding import TREmbedding
+from brainfm.models.lstm import LSTMAutoencoder
+from brainfm.models.r2t_encoders import TemporalMLPEncoder
+from brainfm.models.semantoks import SemantoksEncoder
+from brainfm.models.sequence import SequenceTransformer
+from brainfm.models.swin4d import FactorizedSwinBlock4D, SwinBlock4D, SwinTransformer4D
+from brainfm.models.tff import TFF
+from brainfm.models.transformer import TransformerBlock
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,6 @@ def _tr_embedding_meta_safe() -> contextlib.AbstractContextManager:
     """``TREmbedding.time_index`` checks ``float(t.max())`` against the embedding's range: a value
     meta and fake tensors do not have. Under this context it only bins the times (the same
     operations, without the check)."""
-    from brainfm.models.embedding import TREmbedding
 
     def time_index(self: TREmbedding, t: torch.Tensor) -> torch.Tensor:
         idx = torch.round(t / self.t_resolution_s).long()
@@ -167,17 +175,6 @@ def _temporal_mlp_stages(model: nn.Module) -> dict[str, list[nn.Module]]:
 
 
 def _register_builtin() -> None:
-    from brainfm.models.lstm import LSTMAutoencoder
-    from brainfm.models.r2t_encoders import TemporalMLPEncoder
-    from brainfm.models.semantoks import SemantoksEncoder
-    from brainfm.models.sequence import SequenceTransformer
-    from brainfm.models.swin4d import (
-        FactorizedSwinBlock4D,
-        SwinBlock4D,
-        SwinTransformer4D,
-    )
-    from brainfm.models.tff import TFF
-    from brainfm.models.transformer import TransformerBlock
 
     register_family(SwinTransformer4D, Family("swin4d", _swin_inputs, _mean_square, _swin_stages,
                                               (SwinBlock4D, FactorizedSwinBlock4D)))
@@ -200,8 +197,6 @@ def no_model_caches() -> Iterator[None]:
     """Empty the models' per-shape caches (Swin4D's window masks and RoPE tables, keyed by device)
     before and after: tensors cached while running on fake tensors must not leak into real runs."""
     def clear() -> None:
-        from brainfm.models import swin4d
-
         for value in vars(swin4d).values():
             if callable(getattr(value, "cache_clear", None)):
                 value.cache_clear()

@@ -27,8 +27,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
+from brainfm.models import build_model
 from brainfm.scaling.families import family_of
-from brainfm.scaling.memory import storage_bytes, optimizer_state_bytes
+from brainfm.scaling.memory import make_optimizer, optimizer_state_bytes, storage_bytes, training_step
 from brainfm.tasks.base import BrainfmTask
 
 
@@ -258,8 +259,6 @@ def _first_step_rss_child(model_cfg: dict, batch_size: int, inputs_cfg: dict | N
 
     import psutil
 
-    from brainfm.models import build_model
-    from brainfm.scaling.memory import make_optimizer, training_step
 
     torch.set_num_threads(threads)
     model = build_model(model_cfg)

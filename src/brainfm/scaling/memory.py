@@ -55,6 +55,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from brainfm.errors import ConfigError
 from brainfm.models import build_model
 from brainfm.scaling.families import Family, family_of, no_model_caches
+from brainfm.tasks.optim import build_optimizer, param_groups
 
 GiB = 2**30
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -194,7 +195,6 @@ def make_optimizer(model: nn.Module, foreach: bool | None = None, weight_decay: 
     """AdamW with brainfm's two parameter groups (:func:`brainfm.tasks.optim.param_groups`): the one
     brainfm trains with (:func:`brainfm.tasks.optim.build_optimizer`, fused where supported), or with
     ``foreach`` given, torch's multi-tensor (``True``) or per-parameter (``False``) implementation."""
-    from brainfm.tasks.optim import build_optimizer, param_groups
 
     if foreach is None:
         return build_optimizer(model, lr=1e-4, weight_decay=weight_decay)
@@ -302,9 +302,7 @@ def model_state_memory(strategy: str, n_params: int, largest_layer: int, nodes: 
 
     with redirect_stdout(io.StringIO()):  # DeepSpeed logs its accelerator choice on import
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-        from deepspeed.runtime.zero.stage_1_and_2 import (
-            estimate_zero2_model_states_mem_needs,
-        )
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     if strategy.startswith("deepspeed_stage_2"):
         cpu, gpu = estimate_zero2_model_states_mem_needs(
             n_params, gpus_per_node, nodes, cpu_offload=strategy.endswith("offload"),

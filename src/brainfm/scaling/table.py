@@ -19,6 +19,7 @@ from typing import Any
 
 from brainfm.errors import DataError
 from brainfm.io import atomic_write_text
+from brainfm.scaling.plot import plot_scale
 
 GiB = 2**30
 STATE_COLUMNS = {
@@ -158,8 +159,6 @@ def write_table(rows: list[dict], out_dir: Path, plot: bool = True) -> dict[str,
     atomic_write_text(paths["csv"], frame.to_csv(index=False))
     atomic_write_text(paths["md"], to_markdown(rows))
     if plot:
-        from brainfm.scaling.plot import plot_scale
-
         paths["png"] = plot_scale(frame, out_dir / "scale.png")
     return paths
 

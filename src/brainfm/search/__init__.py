@@ -5,19 +5,8 @@ validation, with results as CSV, YAML and plots. Entry point: ``brainfm-search``
 
 from brainfm.search.pruning import MetricNotLogged, OptunaPruning
 from brainfm.search.space import Param, SearchSpace, format_value, override_key
-from brainfm.search.storage import (
-    HeartbeatJournalStorage,
-    make_storage,
-    redact,
-    resolve_storage,
-)
-from brainfm.search.study import (
-    Search,
-    SearchError,
-    TrialFailed,
-    merge_overrides,
-    train_command,
-)
+from brainfm.search.storage import HeartbeatJournalStorage, make_storage, redact, resolve_storage
+from brainfm.search.study import Search, SearchError, TrialFailed, merge_overrides, train_command
 
 __all__ = [
     "HeartbeatJournalStorage", "MetricNotLogged", "OptunaPruning", "Param", "Search", "SearchError",

@@ -31,11 +31,7 @@ from pathlib import Path
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import (
-    JournalFileBackend,
-    JournalFileOpenLock,
-    JournalFileSymlinkLock,
-)
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalFileSymlinkLock
 from optuna.trial import TrialState
 
 from brainfm.errors import ConfigError

@@ -31,11 +31,15 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from brainfm.config import compose
 from brainfm.errors import BrainfmError, ConfigError
 from brainfm.io import atomic_write_text
+from brainfm.search.pruning import OptunaPruning
 from brainfm.search.results import SKIPPED, train_command, write_results
 from brainfm.search.space import SearchSpace, override_key
 from brainfm.search.storage import make_storage, redact, resolve_storage
+from brainfm.training import build
+from brainfm.training.callbacks import slurm_job_ref
 
 _log = logging.getLogger("brainfm.search")
 
@@ -70,8 +74,6 @@ def is_search_override(override: str) -> bool:
 
 
 def default_compose(overrides: Sequence[str]) -> DictConfig:
-    from brainfm.config import compose
-
     return compose("search", list(overrides))
 
 
@@ -370,8 +372,6 @@ class Search:
 
     def run_trial(self, trial: optuna.Trial) -> float:
         """Train one trial; return its objective value (raises ``optuna.TrialPruned`` when pruned)."""
-        from brainfm.training import build
-        from brainfm.search.pruning import OptunaPruning
 
         params = self.space.suggest(trial)
         param_overrides = self.space.overrides(params)
@@ -382,7 +382,6 @@ class Search:
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", self.worker_name)
         trial.set_user_attr("overrides", [*self.train_overrides, *param_overrides])
-        from brainfm.training.callbacks import slurm_job_ref
 
         if slurm_job_ref():
             trial.set_user_attr("slurm_job", slurm_job_ref())

@@ -29,6 +29,7 @@ from torch import nn
 from brainfm.errors import ConfigError
 from brainfm.models import build_model
 from brainfm.models.backbone import Backbone
+from brainfm.strategies import apply_fully_shard
 from brainfm.tasks.metrics import MeanOfBatches
 from brainfm.tasks.optim import build_optimizer, build_scheduler
 
@@ -294,8 +295,6 @@ class BrainfmTask(L.LightningModule):
         Lightning calls this before it wraps the module (DDP) and before a checkpoint is restored."""
         mesh = self.device_mesh
         if mesh is not None and not getattr(self, "_fully_sharded", False):
-            from brainfm.strategies import apply_fully_shard
-
             apply_fully_shard(self, mesh, self.fsdp_units())
             self._fully_sharded = True
         options = getattr(self._trainer, "compile_options", None)

@@ -24,6 +24,7 @@ from brainfm.errors import ConfigError
 from brainfm.models.backbone import require
 from brainfm.models.heads import BinaryHead, ReconstructionHead
 from brainfm.tasks.base import BrainfmTask
+from brainfm.tasks.sequence_modeling import load_task_weights
 
 
 def random_mask(shape: tuple[int, int], ratio: float, device: torch.device) -> torch.Tensor:
@@ -91,8 +92,6 @@ class MaskedSequenceModeling(BrainfmTask):
         self.roi_mask_value = nn.Parameter(torch.zeros(r)) if masking == "roi" else None
         self.model.use_special_tokens("cls", "sep", "segment", *(("mask",) if masking == "tr" else ()))
         if init_from:
-            from brainfm.tasks.sequence_modeling import load_task_weights
-
             load_task_weights(self, init_from, ("head.", "nsp_head."))
 
     def objective_hparams(self) -> dict:

@@ -24,6 +24,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from brainfm.errors import ConfigError
+
 _NO_DECAY = (nn.LayerNorm, nn.Embedding, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 
 
@@ -87,8 +89,6 @@ def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas=(0.
         ConfigError: ``fused`` is not one of ``auto``, true, false, null.
     """
     if fused not in FUSED_CHOICES:
-        from brainfm.errors import ConfigError
-
         raise ConfigError(f"task.optimizer.fused={fused!r} must be auto, true, false or null")
     groups = param_groups(module, weight_decay, lr, lr_scale)
     if fused == "auto":

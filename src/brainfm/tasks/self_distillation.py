@@ -51,7 +51,9 @@ from collections.abc import Sequence
 import torch
 
 from brainfm.errors import ConfigError
+from brainfm.models.backbone import require
 from brainfm.models.heads import ProjectionHead
+from brainfm.models.network_maps import load_network_map
 from brainfm.tasks.base import BrainfmTask, plain
 from brainfm.tasks.distributed import gather
 
@@ -242,7 +244,6 @@ def resolve_network_map(model: dict, data_meta: dict | None) -> dict:
     model = dict(model)
     if model.get("network_assignment") is not None or model.get("network_map") is None:
         return model
-    from brainfm.models.network_maps import load_network_map
 
     nmap = load_network_map(model["network_map"], roi_names=(data_meta or {}).get("roi_names"), n_rois=model.get("n_rois"))
     model["network_assignment"] = list(nmap.assignment)
@@ -335,7 +336,6 @@ class SimDINO(BrainfmTask):
         }
         model = resolve_network_map(plain(model), plain(kwargs.get("data_meta")))
         super().__init__(model, **kwargs)
-        from brainfm.models.backbone import require
 
         require(self.model, "task=simdino", "a network-token encoder (Brain-Semantoks)", "model=semantoks", "tokenize",
                 "encode", input_keys=("bold",))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from brainfm.checkpoints import load_backbone, read_state_dict
+from brainfm.errors import ConfigError
 from brainfm.models.backbone import require
 from brainfm.models.heads import ReconstructionHead
 from brainfm.tasks.base import BrainfmTask
@@ -28,8 +30,6 @@ def load_task_weights(task: torch.nn.Module, path: str, heads: tuple[str, ...], 
         CheckpointError: the file does not load.
         ConfigError: (naming ``key`` and the file) the backbone or a head does not fit the config.
     """
-    from brainfm.checkpoints import load_backbone, read_state_dict
-    from brainfm.errors import ConfigError
 
     load_backbone(task.model, path, key=key)
     own = task.state_dict()

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainfm.errors import ConfigError
+from brainfm.checkpoints import load_backbone, read_state_dict
+from brainfm.errors import CheckpointError, ConfigError
 from brainfm.models.tff import TFF
 from brainfm.tasks.base import BrainfmTask
 
@@ -85,8 +86,6 @@ class VGG16Features(nn.Module):
         if not path.is_file():
             raise ConfigError(f"task.perceptual_weights={path}: no such file. Fix: point it at a VGG16 state dict "
                               "(torchvision layout, e.g. vgg16-397923af.pth), or set task.perceptual=false")
-        from brainfm.checkpoints import read_state_dict
-        from brainfm.errors import CheckpointError
 
         try:
             state = read_state_dict(path)
@@ -142,8 +141,6 @@ def load_pretrained_tff(model: TFF, path: str | Path) -> list[str]:
     Raises:
         ConfigError: missing file, or keys that do not fit the model.
     """
-    from brainfm.checkpoints import load_backbone
-
     return load_backbone(model, path, may_be_missing=("transformer.",))
 
 

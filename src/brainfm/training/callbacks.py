@@ -55,8 +55,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from brainfm.errors import ConfigError
+from brainfm.checkpoints import DCP_META, checkpoint_format, read_checkpoint
+from brainfm.errors import CheckpointError, ConfigError
 from brainfm.io import remove_path
+from brainfm.runs import previous_checkpoint, temporary_checkpoint
 
 _log = logging.getLogger("brainfm")
 
@@ -197,7 +199,6 @@ class ResumeCheckpoint(Callback):
     def save(self, trainer, reason: str = "step interval") -> None:
         """Write ``last.ckpt`` at the current global step (a no-op if that step is saved already).
         Called on every rank: sharded strategies write their shards collectively."""
-        from brainfm.runs import temporary_checkpoint
 
         step = trainer.global_step
         if step == self._last_saved_step:
@@ -222,7 +223,6 @@ class ResumeCheckpoint(Callback):
     def _remove_temporaries(self, trainer) -> None:
         """Global rank 0 deletes what a killed save left behind (``.last.ckpt.tmp-*``, and
         ``.last.ckpt.old-*`` once ``last.ckpt`` is complete); the other ranks wait for it."""
-        from brainfm.runs import checkpoint_format
 
         if trainer.is_global_zero and self.dirpath.is_dir():
             patterns = [f".{self.last_path.name}.tmp-*"]
@@ -287,7 +287,6 @@ def replace_checkpoint(tmp: Path, target: Path, step: int) -> None:
     """Put the complete checkpoint ``tmp`` (file or directory) at ``target`` (global rank 0 only): a
     file over a file in one ``os.replace``; a directory by moving the old one aside to
     ``.<name>.old-<step>``, renaming the new one in and deleting the old one."""
-    from brainfm.runs import previous_checkpoint
 
     # kept outside brainfm.io: all ranks agree on .<name>.tmp-<step> (no pid), resume finds .<name>.old-<step>
     if target.is_dir() or (tmp.is_dir() and target.exists()):  # rename(2) cannot replace a directory
@@ -322,8 +321,6 @@ class BestCheckpoint(ModelCheckpoint):
             super().setup(trainer, pl_module, stage)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        from brainfm.runs import temporary_checkpoint
-
         target, step = Path(filepath), trainer.global_step
         tmp = temporary_checkpoint(target, step)
         trainer.save_checkpoint(tmp, self.save_weights_only)
@@ -348,8 +345,6 @@ class BestCheckpoint(ModelCheckpoint):
     def _recorded(self, path: Path) -> tuple[int | None, torch.Tensor | None]:
         """``(global_step, score)`` a best file recorded: its step and this callback's ``current_score``
         in its callback state (a DCP directory: from ``meta.pt``); ``(None, None)`` if unreadable."""
-        from brainfm.checkpoints import DCP_META, checkpoint_format, read_checkpoint
-        from brainfm.errors import CheckpointError
 
         form = checkpoint_format(path)
         if form not in ("file", "dcp"):

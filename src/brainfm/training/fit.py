@@ -29,6 +29,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from brainfm.config import job_subdir
 from brainfm.instantiate import instantiate
 from brainfm.io import atomic_write_text
+from brainfm.runs import (
+    check_resume_strategy,
+    check_training_start,
+    checkpoint_step,
+    discard_outputs,
+    refuse_fresh_start,
+    resolve_resume,
+    restore_outputs,
+    set_aside_outputs,
+)
+from brainfm.training.tracking import ProgressLog
 
 log = logging.getLogger("brainfm")
 
@@ -46,8 +57,6 @@ def build(cfg: DictConfig):
             from the data and the task.
     """
     import lightning as L
-
-    from brainfm.runs import check_training_start
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -67,7 +76,6 @@ def build(cfg: DictConfig):
     has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     if has_bar and (not cfg.trainer.get("enable_progress_bar", True) or not sys.stdout.isatty()):
         # no terminal (SLURM, CI): a log line every validation interval instead of a live bar
-        from brainfm.training.tracking import ProgressLog
 
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         if cfg.trainer.get("enable_progress_bar", True):
@@ -126,8 +134,6 @@ def resume_command(cfg: DictConfig, run_dir: Path) -> str:
 
 def _finished_already(cfg: DictConfig, resume: str | None) -> int | None:
     """The step of ``resume`` when it already reached ``trainer.max_steps`` (nothing left to train), else ``None``."""
-    from brainfm.runs import checkpoint_step
-
     max_steps = cfg.trainer.get("max_steps")
     if resume is None or max_steps is None or int(max_steps) <= 0:
         return None
@@ -154,16 +160,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         TrainingInterrupted: Ctrl-C stopped training (``last.ckpt`` and ``summary.json`` are written,
             ``summary["interrupted"]`` is true); its ``command`` resumes the run.
     """
-    from brainfm.runs import (
-        check_resume_strategy,
-        check_training_start,
-        discard_outputs,
-        refuse_fresh_start,
-        resolve_resume,
-        restore_outputs,
-        set_aside_outputs,
-    )
-
     run_dir = Path(cfg.paths.run_dir)
     name = os.path.relpath(run_dir, Path(cfg.paths.output_dir))
     resume = resolve_resume(cfg.get("ckpt_path"), run_dir)

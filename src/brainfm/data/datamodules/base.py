@@ -35,6 +35,7 @@ from brainfm.data.splits import (
     time_split,
 )
 from brainfm.data.stores.base import cache_sizes
+from brainfm.data.stores.resample import ResampledStore
 from brainfm.data.windows import ResumableTrainPosition, WindowBatchSampler
 from brainfm.errors import ConfigError
 
@@ -221,8 +222,6 @@ class StoreDataModule(ResumableTrainPosition, L.LightningDataModule):
         store = self.open_store()
         self.tr = resolve_tr(store, self.expected_tr)  # the file against the recipe: a mismatch is refused
         if self.resample_tr is not None:
-            from brainfm.data.stores.resample import ResampledStore
-
             store = ResampledStore(store, self.resample_tr, cache_runs=self.cache["resampled_runs"])
             self.tr = self.resample_tr
         self.check_store(store)

@@ -43,14 +43,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from brainfm.data.datamodules.base import StoreDataModule
 from brainfm.data.normalization import ROINormalizer
-from brainfm.data.stores.lfb_tar import (
-    SUBJECT_PATTERN,
-    TarShardIndex,
-    decode_sample,
-    expand_shards,
-    iter_samples,
-)
-from brainfm.data.windows import dist_rank_world, collate_windows
+from brainfm.data.stores.lfb_tar import SUBJECT_PATTERN, TarShardIndex, decode_sample, expand_shards, iter_samples
+from brainfm.data.windows import collate_windows, dist_rank_world
 from brainfm.errors import ConfigError, DataError
 
 NORMALIZATION_MODES = ("run", "none")

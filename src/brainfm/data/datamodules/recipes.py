@@ -47,8 +47,10 @@ from typing import Any
 
 from brainfm.data.datamodules.volume import VolumeDataModule
 from brainfm.data.phenotypes import TABLE_KEYS, LabelTable, read_phenotype_tables
+from brainfm.data.preprocess.volumes import resolve_crop_pad
 from brainfm.data.splits import SubjectSplit, resolve_subject_split
 from brainfm.data.stores import open_store
+from brainfm.data.stores.frames import FrameStore
 from brainfm.data.stores.view import StoreView
 from brainfm.data.stores.volume import CropPad
 from brainfm.errors import ConfigError, DataError
@@ -292,8 +294,6 @@ class RecipeDataModule(VolumeDataModule):
         bad = read_bad_subjects(self.bad_config, self.ids)
         excluded: dict[str, list[str]] = {"ignored": [], "bad": [], "runs_filter": [], "duplicate": [], "no_label": []}
         if self.layout == "frames":
-            from brainfm.data.stores.frames import FrameStore
-
             if not isinstance(self.expected_tr, (int, float)):
                 raise ConfigError(f"frame folders ({self.root}) carry no TR and data.tr={self.expected_tr!r}: set "
                                   "data.tr=<seconds> (a data set with several TRs needs the volume store, which "
@@ -378,8 +378,6 @@ class RecipeDataModule(VolumeDataModule):
         return "; ".join(parts) or "none excluded"
 
     def _crop_pad(self, base) -> CropPad | None:
-        from brainfm.data.preprocess.volumes import resolve_crop_pad
-
         in_shape = tuple(int(s) for s in base.shape)
         target = None if self.expected_shape is None else tuple(self.expected_shape)
         if target is None:

@@ -10,6 +10,7 @@ from brainfm.data.datamodules.base import StoreDataModule
 from brainfm.data.datasets.roi import ROIWindowDataset
 from brainfm.data.normalization import ROINormalizer
 from brainfm.data.stores import open_store
+from brainfm.data.trial_labels import labelled_blocks, shift_trs, trial_labels_config
 from brainfm.data.windows import collate_windows
 from brainfm.errors import ConfigError
 
@@ -59,7 +60,6 @@ class ROIDataModule(StoreDataModule):
         self.preload = preload
         self.pairs = bool(pairs)
         self.normalizer: ROINormalizer | None = None
-        from brainfm.data.trial_labels import trial_labels_config
 
         self.trial_labels = trial_labels_config(trial_labels)
         self.segment_labels: dict[str, list[int]] = {}
@@ -86,8 +86,6 @@ class ROIDataModule(StoreDataModule):
 
     def _label_blocks(self) -> None:
         """Decoding: the split segments become their labelled blocks (:func:`~brainfm.data.trial_labels.labelled_blocks`)."""
-        from brainfm.data.trial_labels import labelled_blocks, shift_trs
-
         if self.resample_tr is not None or not hasattr(self.store, "trial_label_info"):
             raise ConfigError(f"data.trial_labels needs the ROI store's own TR grid ({self.path}); unset data.resample_tr")
         cfg = self.trial_labels

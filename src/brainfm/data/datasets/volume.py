@@ -565,8 +565,6 @@ class FrameClipDataset:
     :class:`FrameStore` (whole subjects; same arguments and samples)."""
 
     def __new__(cls, root: str | os.PathLike, tr: float, length: int, **kwargs):
-        from brainfm.data.datasets.volume import VolumeClipDataset
-
         store = FrameStore(root, tr)
         segments = [(i, 0, int(n)) for i, n in enumerate(store.lengths)]
         return VolumeClipDataset(store, segments, length, **kwargs)

@@ -8,12 +8,7 @@ parts merged by the last shard. User guide: ``docs/preprocess.md``.
 
 from brainfm.data.preprocess.discover import NiftiFrames, discover_runs
 from brainfm.data.preprocess.frames import convert_frames
-from brainfm.data.preprocess.parcellate import (
-           ParcellationReport,
-           load_atlas,
-           parcellate,
-           run_parcellation,
-)
+from brainfm.data.preprocess.parcellate import ParcellationReport, load_atlas, parcellate, run_parcellation
 from brainfm.data.preprocess.runner import parse_shard, resolve_shard
 from brainfm.data.preprocess.volumes import (
            CROP_PAD_PRESETS,

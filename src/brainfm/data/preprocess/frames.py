@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from brainfm.data.orientation import FRAMES_ORIENTATION
+from brainfm.data.preprocess.runner import parse_shard, run_all
+from brainfm.data.preprocess.volumes import RunResult, finished_runs, resolve_crop_pad
 from brainfm.data.stores.frames import FrameStore
+from brainfm.data.stores.index import IndexWriter
 from brainfm.data.stores.rundir import safe_name
-from brainfm.data.stores.volume import CropPad, write_volume_run
+from brainfm.data.stores.volume import CropPad, VolumeStore, write_volume_run
 from brainfm.errors import ConfigError, DataError
 
 
@@ -35,8 +38,6 @@ class _FramesSource:
 
 def _convert_one(root: str, tr: float, subject: str, output: str, crop_pad, target_shape, normalization: str,
                  overwrite: bool):
-    from brainfm.data.preprocess.volumes import RunResult, resolve_crop_pad
-
     store = FrameStore(root, tr, subjects=[subject], normalization=normalization)
     out_subject = safe_name(subject)
     result = RunResult(out_subject, "frames", str(store.path(0)), "failed")
@@ -100,10 +101,6 @@ def convert_frames(
             ones stay, indexed).
         ConfigError: an invalid shard.
     """
-    from brainfm.data.preprocess.runner import run_all, parse_shard
-    from brainfm.data.preprocess.volumes import finished_runs
-    from brainfm.data.stores.index import IndexWriter
-    from brainfm.data.stores.volume import VolumeStore
 
     i_shard, n_shards = parse_shard(shard)
     store = FrameStore(root, tr, subjects)

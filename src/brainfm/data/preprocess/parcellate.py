@@ -55,6 +55,7 @@ from brainfm.data.preprocess.discover import (
 )
 from brainfm.data.preprocess.runner import parse_shard, run_all
 from brainfm.data.preprocess.volumes import NAN_POLICIES
+from brainfm.data.stores.roi import ROIStoreWriter
 from brainfm.data.stores.rundir import safe_name
 from brainfm.data.stores.volume import NonFiniteError, nonfinite_error
 from brainfm.errors import ConfigError, DataError
@@ -354,8 +355,6 @@ def _merge_parts(runs: Sequence[RunSource], at: Atlas, output: Path, parts: Path
         DataError: a missing or stale part, runs with different TRs, a run missing regions, names
             that do not match the regions, every run dropped; nothing is written at ``output``.
     """
-    from brainfm.data.stores.roi import ROIStoreWriter
-
     first: dict | None = None
     first_src: RunSource | None = None
     by_tr: dict[float, list[str]] = {}

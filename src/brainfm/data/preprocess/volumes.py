@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brainfm.data.orientation import DEFAULT_ORIENTATION, Reorientation, check_orientation_name, orientation_of_meta
 from brainfm.data.preprocess.discover import (
     DEFAULT_SPACE,
     NiftiFrames,
@@ -35,8 +36,7 @@ from brainfm.data.preprocess.discover import (
     load_nifti,
     repetition_time,
 )
-from brainfm.data.orientation import DEFAULT_ORIENTATION, Reorientation, check_orientation_name, orientation_of_meta
-from brainfm.data.preprocess.runner import run_all, parse_shard
+from brainfm.data.preprocess.runner import parse_shard, run_all
 from brainfm.data.stores.index import IndexWriter, read_index
 from brainfm.data.stores.rundir import run_dir
 from brainfm.data.stores.volume import (

@@ -16,7 +16,12 @@ from __future__ import annotations
 import os
 
 from brainfm.data.stores.base import DEFAULT_CACHE, LRUCache, Store, StoreBase
+from brainfm.data.stores.brainmarks import BrainmarksStore
+from brainfm.data.stores.frames import FrameStore
+from brainfm.data.stores.grayordinate import GrayordinateStore
 from brainfm.data.stores.kinds import KINDS, detect_kind, wrong_kind_message
+from brainfm.data.stores.roi import ROIStore
+from brainfm.data.stores.volume import VolumeStore
 from brainfm.errors import ConfigError
 
 
@@ -37,24 +42,14 @@ def open_store(kind: str, path: str | os.PathLike, *, cache: dict | None = None,
         ConfigError: an unknown kind, or frames without a numeric TR. DataError: as the store classes.
     """
     if kind == "roi":
-        from brainfm.data.stores.roi import ROIStore
-
         return ROIStore(path, atlas=atlas, preload=preload, cache=cache, atlas_key=atlas_key)
     if kind == "brainmarks":
-        from brainfm.data.stores.brainmarks import BrainmarksStore
-
         return BrainmarksStore(path, cache=cache)
     if kind == "volume":
-        from brainfm.data.stores.volume import VolumeStore
-
         return VolumeStore(path, cache=cache)
     if kind == "grayordinate":
-        from brainfm.data.stores.grayordinate import GrayordinateStore
-
         return GrayordinateStore(path, cache=cache)
     if kind == "frames":
-        from brainfm.data.stores.frames import FrameStore
-
         if isinstance(tr, bool) or not isinstance(tr, (int, float)):
             raise ConfigError(f"frame folders ({path}) carry no TR: set data.tr=<seconds>")
         return FrameStore(path, tr=float(tr), normalization=normalization, cache=cache)

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from brainfm.data.stores.base import StoreBase, common_tr
-from brainfm.data.stores.roi import TRIAL_LABELS_GROUP
+from brainfm.data.stores.roi import TRIAL_LABELS_GROUP, ROIStore, ROIStoreWriter, run_moments, write_trial_labels
 from brainfm.errors import ConfigError, DataError
 from brainfm.io import PendingFile, atomic_dir
 
@@ -271,8 +271,6 @@ class SampleRun(StoreBase):
     kind = "sample"
 
     def __init__(self, bold: np.ndarray, tr: float, key: str, subject: str, shard: str) -> None:
-        from brainfm.data.stores.roi import run_moments
-
         self.bold = bold
         self.key, self.shard = key, shard
         self.location = Path(shard)
@@ -385,8 +383,6 @@ def tar_to_h5(pattern: str | Sequence[str], out: str | os.PathLike, atlas: str =
             separately), a label present in some samples only, a negative ``task_label``, an unreadable
             shard. Nothing is left at ``out`` on error.
     """
-    from brainfm.data.stores.roi import ROIStoreWriter, write_trial_labels
-
     shards = expand_shards(pattern, "pattern")
     out = Path(out)
     pattern_rx = re.compile(subject_pattern)
@@ -489,8 +485,6 @@ def h5_to_tar(path: str | os.PathLike, out_dir: str | os.PathLike, shard_size: i
     """
     import h5py
     import webdataset as wds
-
-    from brainfm.data.stores.roi import ROIStore
 
     if int(shard_size) < 1:
         raise ConfigError(f"--shard-size {shard_size} must be >= 1")

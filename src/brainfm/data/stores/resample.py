@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from brainfm.data.stores import open_store
 from brainfm.data.stores.base import LRUCache, StoreBase, ensure_out
+from brainfm.data.stores.roi import ROIStoreWriter, write_censored_trs
 from brainfm.errors import ConfigError
 from brainfm.io import atomic_path
 
@@ -183,8 +185,6 @@ def write_resampled_roi_h5(src: str | Path, dst: str | Path, tr: float, atlas: s
     Raises:
         ConfigError / DataError: unreadable input, bad TRs, NaN inside a run (named).
     """
-    from brainfm.data.stores import open_store
-    from brainfm.data.stores.roi import ROIStoreWriter, write_censored_trs
 
     store = ResampledStore(open_store("roi", Path(src), atlas=atlas, preload=False), tr, cache_runs=1)
     labels = _run_labels(Path(src))

@@ -23,15 +23,8 @@ import numpy as np
 
 from brainfm.data.stores.index import write_index
 from brainfm.data.stores.kinds import META
-from brainfm.data.stores.volume import (
-    BOLD,
-    LAYOUT,
-    LAYOUT_VERSION,
-    MASK,
-    VOXEL_MEAN,
-    VOXEL_STD,
-    VolumeStore,
-)
+from brainfm.data.stores.roi import ROIStoreWriter
+from brainfm.data.stores.volume import BOLD, LAYOUT, LAYOUT_VERSION, MASK, VOXEL_MEAN, VOXEL_STD, VolumeStore
 from brainfm.errors import ConfigError
 
 
@@ -162,8 +155,6 @@ def synth_rois(out: str | os.PathLike, n_runs: int, n_trs: int, n_rois: int, *, 
         ConfigError: bad sizes.
     """
     from scipy.signal import lfilter
-
-    from brainfm.data.stores.roi import ROIStoreWriter
 
     if int(n_rois) < 1 or int(n_trs) < 2:
         raise ConfigError(f"--rois {n_rois} and --trs {n_trs} must be >= 1 and >= 2")

@@ -54,6 +54,7 @@ from brainfm.data.orientation import (
     orientation_of_meta,
 )
 from brainfm.data.stores.base import LRUCache, cache_sizes
+from brainfm.data.stores.kinds import META, VOLUME_LAYOUT
 from brainfm.data.stores.rundir import (
     RunDirStore,
     brainfm_version,
@@ -64,7 +65,6 @@ from brainfm.data.stores.rundir import (
     save_npy,
     staged_run_dir,
 )
-from brainfm.data.stores.kinds import META, VOLUME_LAYOUT
 from brainfm.deprecations import current_keys
 from brainfm.errors import ConfigError, DataError
 
