@@ -195,3 +195,33 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     assert _imports("brainfm.a", modules["brainfm.a"], modules) == {"brainfm.cli.c", "brainfm.b"}
     assert _imports("brainfm.cli.c", modules["brainfm.cli.c"], modules) == {"brainfm.b"}
     assert _cycles({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == [["x", "y", "z"]]
+
+
+def _function_level_imports(path: Path) -> list[int]:
+    """Line numbers of the brainfm imports inside functions of one file."""
+    tree = ast.parse(path.read_text())
+    out = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PACKAGE)):
+                    out.append(node.lineno)
+                elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == PACKAGE for a in node.names):
+                    out.append(node.lineno)
+    return sorted(set(out))
+
+
+def test_brainfm_imports_sit_at_module_top_outside_the_entry_points():
+    """A dependency is seen at the top of the file (docs/architecture.md); only the entry points (cli/, __main__)
+    import the library inside their commands, for start-up time."""
+    inside = {name: lines for name, path in _modules().items()
+              if _layer_of(name) != len(LAYERS) - 1 and (lines := _function_level_imports(path))}
+    assert not inside, "brainfm imports inside functions (move them to the module's top):\n" + "\n".join(
+        f"  {name}: lines {lines}" for name, lines in sorted(inside.items()))
+
+
+def test_the_function_level_check_sees_nested_and_relative_imports(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import brainfm.x\n\ndef f():\n    if True:\n        from brainfm.y import z\n\n"
+                    "class C:\n    def g(self):\n        from . import w\n        import numpy\n")
+    assert _function_level_imports(path) == [5, 9]
