@@ -347,3 +347,14 @@ def test_header_tr_in_msec_is_converted_and_a_disagreeing_tr_is_reported(tmp_pat
     src = _nifti(tmp_path / "far" / "sub-01_bold.nii.gz", 45.0, "sec")
     code, out = _preprocess(capsys, "--input", str(src.parent), "--output", str(tmp_path / "c"))
     assert code == 2 and "implausible repetition time 45 s" in out and "0.1-30 s" in out
+
+
+def test_brainfm_convert_names_a_missing_or_foreign_file_in_one_line(tmp_path, capsys):
+    from brainfm.cli.convert import main
+
+    code, out = exit_status(capsys, main, ["swift", str(tmp_path / "missing.ckpt"), str(tmp_path / "out.safetensors")])
+    assert code == 2 and out.startswith("brainfm-convert: error: ") and "missing.ckpt" in out
+    torch.save({"state_dict": {"not.a.swift.key": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    code, out = exit_status(capsys, main, ["swift", str(tmp_path / "other.ckpt"), str(tmp_path / "out.safetensors")])
+    assert code == 2 and "brainfm-convert: error: " in out and "Traceback" not in out
+    assert not (tmp_path / "out.safetensors").exists()

@@ -73,6 +73,15 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _without_main_block(tree: ast.Module) -> ast.Module:
+    """``tree`` without its top-level ``if __name__ == "__main__":`` blocks: code that runs only as a script (``python
+    -m brainfm.x``) is an entry point, in the entry points' layer, whatever module holds it."""
+    def is_main(node: ast.stmt) -> bool:
+        return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+    return ast.Module(body=[n for n in tree.body if not is_main(n)], type_ignores=[])
+
+
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """brainfm modules that ``name`` imports anywhere in its file."""
     is_pkg = path.name == "__init__.py"
@@ -83,7 +92,8 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             target = target.rpartition(".")[0]
         return target or None
 
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(_without_main_block(tree)):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -191,7 +201,7 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     modules = {"brainfm.a": tmp_path / "a.py", "brainfm.b": tmp_path / "b.py", "brainfm.cli.c": tmp_path / "c.py",
                "brainfm.cli": tmp_path / "__init__.py"}
     (tmp_path / "a.py").write_text("def f():\n    from brainfm.cli import c\n    import brainfm.b as bb\n")
-    (tmp_path / "c.py").write_text("from . import c\nfrom ..b import thing\n")
+    (tmp_path / "c.py").write_text("from . import c\nfrom ..b import thing\n\nif __name__ == '__main__':\n    import brainfm.a\n")
     assert _imports("brainfm.a", modules["brainfm.a"], modules) == {"brainfm.cli.c", "brainfm.b"}
     assert _imports("brainfm.cli.c", modules["brainfm.cli.c"], modules) == {"brainfm.b"}
     assert _cycles({"x": {"y"}, "y": {"z"}, "z": {"x"}, "w": {"x"}}) == [["x", "y", "z"]]
@@ -199,7 +209,7 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
 
 def _function_level_imports(path: Path) -> list[int]:
     """Line numbers of the brainfm imports inside functions of one file."""
-    tree = ast.parse(path.read_text())
+    tree = _without_main_block(ast.parse(path.read_text()))
     out = []
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):

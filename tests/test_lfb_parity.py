@@ -238,7 +238,7 @@ def test_unknown_keys_are_refused():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_converter_cli_round_trip(name, tmp_path):
-    from brainfm.models.convert import main as convert_main
+    from brainfm.cli.convert import main as convert_main
 
     info, load = parity_fixture(FIXTURES / name)
     src, dst = tmp_path / "pytorch_model.bin", tmp_path / "converted.safetensors"

@@ -159,7 +159,7 @@ def test_convert_cli_reads_the_released_checkpoint_layout(tmp_path):
     for k in expected:
         torch.testing.assert_close(state[k], expected[k])  # the teacher, not the student
     assert any(k.startswith("student_encoder.") for k in left_out) and "student_predictor.mlp.0.weight" in left_out
-    from brainfm.models.convert import main
+    from brainfm.cli.convert import main
 
     main(["semantoks", str(src), str(tmp_path / "cli.safetensors")])
     enc = _encoder()

@@ -47,7 +47,7 @@ def test_swift_lightning_checkpoint_converter(tmp_path):
     info, load = parity_fixture(FIXTURES / "A_default")
     import argparse
 
-    from brainfm.models.convert import main as convert_main
+    from brainfm.cli.convert import main as convert_main
 
     sd = load("state_dict.safetensors")
     # as SwiFT's Lightning 1.x saves it: argparse values among the hyper-parameters

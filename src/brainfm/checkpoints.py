@@ -17,7 +17,7 @@
 - Foreign checkpoints: a per-family *adapter* (a pure function on state dicts that lives with its
   model, as timm's ``checkpoint_filter_fn`` and torchtitan's ``StateDictAdapter``) maps the
   reference project's keys to brainfm's; :data:`brainfm.models.convert.ADAPTERS` names them for
-  ``python -m brainfm.models.convert <name> <src> <dst>`` (:func:`brainfm.models.convert.convert`),
+  ``brainfm-convert <name> <src> <dst>`` (:func:`brainfm.models.convert.convert`),
   which reads and writes through this module (this module imports no model).
 
 Raises :class:`brainfm.errors.CheckpointError` naming the file for anything that does not load.
@@ -262,7 +262,7 @@ def load_backbone(model: torch.nn.Module, path: str | Path, *, may_be_missing: S
             + "; ".join(f"{what} {items[:5]}" for what, items in
                         (("shapes differ:", wrong), ("missing", required), ("unexpected", unexpected)) if items)
             + ". The model config (sizes, version, n_rois) must match the pretrained one; foreign weights are "
-            "converted first (python -m brainfm.models.convert --help)")
+            "converted first (brainfm-convert --help)")
     model.load_state_dict(state, strict=False)
     return missing
 

@@ -1,4 +1,4 @@
-"""``python -m brainfm.models.convert <format> <src> <dst>``: a reference project's checkpoint ->
+"""``brainfm-convert <format> <src> <dst>`` (or ``brainfm-convert``): a reference project's checkpoint ->
 a brainfm state dict (``.safetensors`` or ``.pt``), through :mod:`brainfm.checkpoints` (read with
 ``weights_only=True``; the per-family adapters live with their models, :data:`ADAPTERS` names them here).
 
@@ -12,7 +12,6 @@ task.init_from=<dst>``); see ``--help`` for the others.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ class Adapter:
     data_meta: dict | None = None
 
 
-#: name -> adapter, for ``python -m brainfm.models.convert <name>``
+#: name -> adapter, for ``brainfm-convert <name>``
 ADAPTERS: dict[str, Adapter] = {
     # SwiFT was trained on FSL's LAS volumes (HCP/UKB/ABCD minimal preprocessing; Kim et al., NeurIPS 2023)
     "swift": Adapter("swift", "SwiFT Lightning checkpoint -> Swin4D backbone (model=swin4d_v7 with its sizes; "
@@ -76,24 +75,6 @@ def convert(name: str, src: str | Path, dst: str | Path | None = None) -> tuple[
     return out, left_out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m brainfm.models.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="kind", required=True)
-    for name, adapter in ADAPTERS.items():
-        p = sub.add_parser(name, help=adapter.description)
-        p.add_argument("src", type=Path)
-        p.add_argument("dst", type=Path)
-        if name == "lfb":
-            p.add_argument("--n-heads", type=int, default=None,
-                           help="attention heads (not in the weights; default d_model // 64: 12 for the released 768)")
-    args = parser.parse_args(argv)
-    state, left_out = convert(args.kind, args.src, args.dst)
-    print(f"wrote {len(state)} tensors to {args.dst}; left out {len(left_out)}: {sorted(left_out)[:6]}")
-    if args.kind == "lfb":
-        print(f"wrote {write_lfb_config(state, args.src, args.dst, args.n_heads)}")
-
-
 def write_lfb_config(state: dict, src: Path, dst: Path, n_heads: int | None = None) -> Path:
     """Write ``<dst>.yaml`` (atomically): the ``model`` config of converted learning-from-brains weights
     (:func:`brainfm.models.sequence.lfb_model_config`) with the command line that uses them."""
@@ -110,11 +91,13 @@ def write_lfb_config(state: dict, src: Path, dst: Path, n_heads: int | None = No
     sizes = "".join(f" model.{k}={m[k]}" for k, released in (("d_model", 768), ("depth", 4), ("n_heads", 12))
                     if m[k] != released) + ("" if m["n_rois"] == 1024 else f" data.n_rois={m['n_rois']}")
     text = (f"# Model config of {Path(dst).name}: Thomas et al.'s {what} converted from {src}\n"
-            f"# by python -m brainfm.models.convert lfb (task={cfg['task']}). Train or fine-tune from it with\n"
+            f"# by brainfm-convert lfb (task={cfg['task']}). Train or fine-tune from it with\n"
             f"#   brainfm-train experiment={experiment}{sizes} task.init_from={dst} data.path=<ROI store>\n"
             + OmegaConf.to_yaml(OmegaConf.create({"model": m})))
     return atomic_write_text(path, text)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # an entry point: `brainfm-convert` is the brainfm-convert command
+    from brainfm.cli.convert import main
+
     main()

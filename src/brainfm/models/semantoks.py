@@ -38,7 +38,7 @@ zeros read for it) and, with ``missing_tokens="pad"`` (default), no other token 
 their tokens post-tokenizer"). Losses and the mean-token features leave missing tokens out.
 
 Released weights: :func:`semantoks_checkpoint_filter` maps the reference's ``CNN_TF`` (or a whole
-``SimDINOModel`` state, teacher by default) onto this module (``python -m brainfm.models.convert
+``SimDINOModel`` state, teacher by default) onto this module (``brainfm-convert
 semantoks <ckpt> <out>``; ``tests/test_semantoks_parity.py`` reproduces the reference's tokens, CLS
 and gradients from the fixture in ``shared/fixtures/semantoks_parity``).
 

@@ -14,7 +14,7 @@ Differences from the reference, on purpose:
 - AdamW's beta2 is 0.999 (``conf/task/*.yaml``; the reference's 0.9 was an accident).
 
 Thomas et al.'s released GPT (CSM) and Sequence-BERT weights (``pytorch_model.bin``) load through
-:func:`lfb_checkpoint_filter` (``python -m brainfm.models.convert lfb <src> <dst>``), which also
+:func:`lfb_checkpoint_filter` (``brainfm-convert lfb <src> <dst>``), which also
 says which model config they need (:func:`lfb_model_config`); the two corrected quirks above do not
 change the weights: they load and reproduce the reference's outputs (tests/test_lfb_parity.py).
 """

@@ -46,7 +46,7 @@ class MaskedSequenceModeling(BrainfmTask):
         nsp_weight: weight of the next-sequence loss.
         pooling: ``"mean"`` (of the window's TR states) or ``"cls"`` for :meth:`embed`.
         init_from: weights to start from (backbone, ``head``, ``nsp_head``; e.g. Thomas et al.'s
-            Sequence-BERT converted by ``python -m brainfm.models.convert lfb``; not saved).
+            Sequence-BERT converted by ``brainfm-convert lfb``; not saved).
 
     Raises:
         ConfigError: a causal model or one without segment embeddings when needed, bad ratios,

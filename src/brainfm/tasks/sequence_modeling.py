@@ -23,7 +23,7 @@ def load_task_weights(task: torch.nn.Module, path: str, heads: tuple[str, ...], 
     :func:`brainfm.checkpoints.load_backbone`) and, where the file has them, the task's own heads
     whose keys start with ``heads`` (``head.``, ``nsp_head.``): a brainfm checkpoint of the same
     objective, or Thomas et al.'s released weights converted by
-    ``python -m brainfm.models.convert lfb`` (which writes both). Not saved with the task's
+    ``brainfm-convert lfb`` (which writes both). Not saved with the task's
     hyper-parameters: a checkpoint of the run already holds the weights.
 
     Raises:
