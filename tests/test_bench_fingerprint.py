@@ -263,7 +263,6 @@ def test_reid_is_kept_per_protocol_and_recomputed_after_the_checkpoint_changes(m
     import os
 
     import brainfm.bench.fingerprint as bench
-    import brainfm.eval.protocol as protocol
 
     calls = []
 
@@ -271,7 +270,7 @@ def test_reid_is_kept_per_protocol_and_recomputed_after_the_checkpoint_changes(m
         calls.append((data_path, tuple(window_lengths)))
         return {"results": {"pretrained": {n: {"rank1": 0.5, "mAP": 0.25 * len(calls)} for n in window_lengths}}}
 
-    monkeypatch.setattr(protocol, "run_reidentification", fake)
+    monkeypatch.setattr(bench, "run_reidentification", fake)
     (tmp_path / "checkpoints").mkdir()
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ckpt.write_bytes(b"x")

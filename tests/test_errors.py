@@ -37,7 +37,7 @@ def _hydra_cli(capsys, monkeypatch, module, prog: str, *args: str) -> tuple[int,
 
 
 def _train(capsys, monkeypatch, tmp: Path, *args: str) -> tuple[int, str]:
-    from brainfm import training as train
+    from brainfm.cli import train
 
     return _hydra_cli(capsys, monkeypatch, train, "brainfm-train", f"paths.output_dir={tmp}/outputs",
                       f"paths.split_dir={tmp}/splits", *QUIET, *args)
