@@ -104,7 +104,6 @@ def _quiet() -> None:
 def write_subset(store_path: Path, out: Path, subjects: Sequence[int] | None, stop_fraction: float) -> Path:
     """A copy of an ROI store with only ``subjects`` (indices of runs; None: all) and the first
     ``stop_fraction`` of every run (the selection stores)."""
-
     if out.is_file():
         return out
     store = ROIStore(store_path, preload=False)
@@ -121,7 +120,6 @@ def train(name: str, overrides: Sequence[str], seed: int, data_path: Path, data_
     """Train one configuration on the time split ``train_fraction`` / ``val_fraction`` of every run of
     ``data_path``; return the run directory. A finished run (its ``summary.json`` exists, not marked
     ``interrupted`` by Ctrl-C) is skipped; an interrupted one resumes from its ``last.ckpt`` (``ckpt_path=auto``)."""
-
     run_dir = out / data_name / f"{name}_seed{seed}"
     summary = run_dir / "summary.json"
     if summary.is_file() and not json.loads(summary.read_text() or "{}").get("interrupted"):  # Ctrl-C: resume it
@@ -142,7 +140,6 @@ def reid(run_dir: Path, data_path: Path | None, windows: Sequence[int], gallery_
 
     The result is kept in ``run_dir/bench_reid/<data>_<windows>_<gallery_fraction>.json`` (one file per
     protocol a run is evaluated with) and reused while it is newer than the run's ``last.ckpt``."""
-
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     key = f"{Path(data_path).stem if data_path else 'own'}_{'-'.join(map(str, windows))}_{gallery_fraction:.4f}"
     kept = run_dir / "bench_reid" / f"{key}.json"
@@ -261,7 +258,6 @@ def selection_table(results: dict) -> str:
 def main(protocol: str, configs: Sequence[str] | None, seeds: Sequence[int], out: str | Path,
          steps: int | None, data_dir: str | Path = "data") -> int:
     """Run ``protocol`` (``final``, ``selection`` or ``both``); print and write the tables."""
-
     _quiet()
     names = list(configs or CONFIGS)
     unknown = sorted(set(names) - set(CONFIGS))

@@ -280,7 +280,6 @@ def family_cases(cpu: bool) -> list[Case]:
 def swift_rows(repo: Path, device: torch.device, batch: int, args) -> list[dict[str, Any]]:
     """Table 2: SwiFT's ver7 code beside brainfm's v7 on SwiFT's released configuration, eager and
     compiled (the whole model: SwiFT's forward is its only entry)."""
-
     ref_cls = load_swift_class(repo)
     cfg = {"_target_": "brainfm.models.swin4d.SwinTransformer4D", **SWIFT_V7_RELEASED}
     inputs_cfg = {}

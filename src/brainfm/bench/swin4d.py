@@ -78,7 +78,6 @@ def compare_with_swift(repo: Path, reps: int = 5, compiled: bool = False) -> lis
     and released configurations: the median of ``reps`` interleaved steps each (``brainfm_s``,
     ``swift_s``; with ``compiled``, also ``compiled_s``: brainfm with ``trainer.compile``'s regional
     compile, warmed up (compiled) before the timed steps)."""
-
     Ref = load_swift_class(repo)
     x = torch.randn(*SHAPE)
     rows = []

@@ -311,7 +311,6 @@ def run_probe(ckpt_path: str | Path | None, data_path: str | Path | None, target
         DataError / CheckpointError: as :func:`brainfm.eval.logistic.open_labelled` and
             :func:`brainfm.eval.logistic.checkpoint_sample_features`.
     """
-
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown probe_heads setting(s) {unknown}; available: {sorted(DEFAULTS)}")

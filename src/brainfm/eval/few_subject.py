@@ -110,7 +110,6 @@ def run_few_subject(
             hold-out, a volume checkpoint. DataError: a store without the labels (named).
         CheckpointError: unloadable checkpoint, data with another TR / ROI count / ROI order.
     """
-
     if source not in SOURCES:
         raise ConfigError(f"few_subject.source={source!r} must be one of {SOURCES}")
     unknown = sorted(set(baselines) - set(BASELINES))

@@ -716,7 +716,6 @@ def interpret_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike | N
 
     Raises as :func:`brainfm.runs.load_run` and :func:`interpret`.
     """
-
     opts = options or Options()
     opts.check()
     loaded = load_run(ckpt, data_overrides)

@@ -314,7 +314,6 @@ def fc_sample_features(store, runs: Sequence[int], length: int | None = None) ->
     """The FC baseline's embedding of each sample: Pearson correlations of its ROIs over its TRs, upper
     triangle (:func:`~brainfm.eval.fingerprinting.fc_features`; Brainmarks' ``Connectome``), ``(N, R (R-1)/2)``
     float32. ``length``: the first ``length`` TRs (None: the whole sample, as Brainmarks)."""
-
     out = []
     for run in runs:
         n = int(store.lengths[int(run)])
@@ -338,7 +337,6 @@ def checkpoint_sample_features(task, ckpt: dict, store, runs: Sequence[int], *, 
         CheckpointError: data with another ROI count/order than the checkpoint's, a volume checkpoint.
         DataError: a sample shorter than the window (the shortest named, with the fix).
     """
-
     meta = ckpt["hyper_parameters"].get("data_meta") or {}
     where = f"checkpoint {ckpt['_path']}"
     if meta.get("shape") is not None or "volume" in getattr(task.model, "input_keys", ()):

@@ -99,7 +99,6 @@ class LinearProbeCallback(Callback):
     def _label_values(self, datamodule) -> tuple[np.ndarray, str, str]:
         """``(values, by, kind)``: one value per subject index (``by="subject"``) or per store row
         (``by="run"``), and the probe kind."""
-
         table = None
         if self.labels_config is not None:
             table = build_label_table(self.labels_config, datamodule.store.subjects())
@@ -127,7 +126,6 @@ class LinearProbeCallback(Callback):
     def _embed(self, trainer, pl_module, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Embeddings ``(N, D)``, subject indices and store rows ``(N,)`` of (at most ``max_windows``)
         windows of ``dataset``, gathered from every rank."""
-
         n = len(dataset)
         idx = np.arange(n) if n <= self.max_windows else np.unique(np.linspace(0, n - 1, self.max_windows).round().astype(int))
         mine = idx[trainer.global_rank::trainer.world_size]

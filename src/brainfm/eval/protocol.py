@@ -72,7 +72,6 @@ def embed_groups(task, groups: list, trainer, shard_dir: Path) -> list[tuple[np.
     """``(features (N, D), subject indices (N,))`` of each :class:`~brainfm.eval.inference.Group` of windows, in window
     order, embedded by ``task`` (:meth:`embed`) on the ``trainer``'s ranks (:func:`brainfm.eval.inference.run_inference`,
     shards under ``shard_dir``); None on the ranks other than the global rank 0."""
-
     shards = run_inference(task, lambda t, b: t.embed(b), groups, shard_dir, trainer)
     if shards is None:
         return None

@@ -127,7 +127,6 @@ def _tr_embedding_meta_safe() -> contextlib.AbstractContextManager:
     """``TREmbedding.time_index`` checks ``float(t.max())`` against the embedding's range: a value
     meta and fake tensors do not have. Under this context it only bins the times (the same
     operations, without the check)."""
-
     def time_index(self: TREmbedding, t: torch.Tensor) -> torch.Tensor:
         idx = torch.round(t / self.t_resolution_s).long()
         return torch.where(t < 0, torch.full_like(idx, self.n_time_bins), idx)

@@ -195,7 +195,6 @@ def make_optimizer(model: nn.Module, foreach: bool | None = None, weight_decay: 
     """AdamW with brainfm's two parameter groups (:func:`brainfm.tasks.optim.param_groups`): the one
     brainfm trains with (:func:`brainfm.tasks.optim.build_optimizer`, fused where supported), or with
     ``foreach`` given, torch's multi-tensor (``True``) or per-parameter (``False``) implementation."""
-
     if foreach is None:
         return build_optimizer(model, lr=1e-4, weight_decay=weight_decay)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=1e-4, foreach=foreach)

@@ -372,7 +372,6 @@ class Search:
 
     def run_trial(self, trial: optuna.Trial) -> float:
         """Train one trial; return its objective value (raises ``optuna.TrialPruned`` when pruned)."""
-
         params = self.space.suggest(trial)
         param_overrides = self.space.overrides(params)
         cfg = self.trial_config(trial.number, param_overrides)

@@ -30,7 +30,6 @@ def load_task_weights(task: torch.nn.Module, path: str, heads: tuple[str, ...], 
         CheckpointError: the file does not load.
         ConfigError: (naming ``key`` and the file) the backbone or a head does not fit the config.
     """
-
     load_backbone(task.model, path, key=key)
     own = task.state_dict()
     # heads this task does not have (next_sequence=false: no nsp_head) are not used

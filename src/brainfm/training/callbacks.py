@@ -199,7 +199,6 @@ class ResumeCheckpoint(Callback):
     def save(self, trainer, reason: str = "step interval") -> None:
         """Write ``last.ckpt`` at the current global step (a no-op if that step is saved already).
         Called on every rank: sharded strategies write their shards collectively."""
-
         step = trainer.global_step
         if step == self._last_saved_step:
             return
@@ -223,7 +222,6 @@ class ResumeCheckpoint(Callback):
     def _remove_temporaries(self, trainer) -> None:
         """Global rank 0 deletes what a killed save left behind (``.last.ckpt.tmp-*``, and
         ``.last.ckpt.old-*`` once ``last.ckpt`` is complete); the other ranks wait for it."""
-
         if trainer.is_global_zero and self.dirpath.is_dir():
             patterns = [f".{self.last_path.name}.tmp-*"]
             if checkpoint_format(self.last_path) is not None:
@@ -287,7 +285,6 @@ def replace_checkpoint(tmp: Path, target: Path, step: int) -> None:
     """Put the complete checkpoint ``tmp`` (file or directory) at ``target`` (global rank 0 only): a
     file over a file in one ``os.replace``; a directory by moving the old one aside to
     ``.<name>.old-<step>``, renaming the new one in and deleting the old one."""
-
     # kept outside brainfm.io: all ranks agree on .<name>.tmp-<step> (no pid), resume finds .<name>.old-<step>
     if target.is_dir() or (tmp.is_dir() and target.exists()):  # rename(2) cannot replace a directory
         old = previous_checkpoint(target, step)
@@ -345,7 +342,6 @@ class BestCheckpoint(ModelCheckpoint):
     def _recorded(self, path: Path) -> tuple[int | None, torch.Tensor | None]:
         """``(global_step, score)`` a best file recorded: its step and this callback's ``current_score``
         in its callback state (a DCP directory: from ``meta.pt``); ``(None, None)`` if unreadable."""
-
         form = checkpoint_format(path)
         if form not in ("file", "dcp"):
             return None, None

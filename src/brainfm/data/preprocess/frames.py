@@ -101,7 +101,6 @@ def convert_frames(
             ones stay, indexed).
         ConfigError: an invalid shard.
     """
-
     i_shard, n_shards = parse_shard(shard)
     store = FrameStore(root, tr, subjects)
     mine = sorted(store.subject_ids, key=lambda s: (safe_name(s), s))[i_shard::n_shards]

@@ -185,7 +185,6 @@ def write_resampled_roi_h5(src: str | Path, dst: str | Path, tr: float, atlas: s
     Raises:
         ConfigError / DataError: unreadable input, bad TRs, NaN inside a run (named).
     """
-
     store = ResampledStore(open_store("roi", Path(src), atlas=atlas, preload=False), tr, cache_runs=1)
     labels = _run_labels(Path(src))
     names = list(store.roi_names) if store.roi_names else [f"roi{i}" for i in range(store.n_rois)]
