@@ -1,6 +1,6 @@
 """Shared fixtures: the embedded real data (fetched once, when missing), composed configs, small synthetic ROI
 stores written in the real layout, torch on one thread (``one_thread``, ``one_thread_per_module``) and the local SLURM
-cluster. Plain helper functions shared by tests live in helpers.py."""
+cluster; tests marked ``cuda`` are skipped without a CUDA GPU. Plain helper functions shared by tests live in helpers.py."""
 
 from __future__ import annotations
 
@@ -17,6 +17,21 @@ import torch
 from brainfm.config import compose, repo_root
 
 torch_threads = int(os.environ.get("BRAINFM_TEST_THREADS", "2"))
+
+#: BRAINFM_CUDA_TESTS_ON_CPU=1: run the ``cuda`` tests on the CPU (their logic only; see tests/test_cuda.py)
+CUDA_TESTS_ON_CPU = bool(os.environ.get("BRAINFM_CUDA_TESTS_ON_CPU"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` mean something only on a CUDA GPU: without one they are collected and skipped with the
+    reason (in the default run and under ``-m cuda``), unless BRAINFM_CUDA_TESTS_ON_CPU is set."""
+    if torch.cuda.is_available() or CUDA_TESTS_ON_CPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here); `make gpu-check` "
+                                   "runs the cuda tests on one")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @contextmanager
