@@ -11,7 +11,7 @@ BRAINMARKS_STAMP := $(VENV)/.brainmarks-installed
 # keep pip quiet about the extra local indexes some machines configure
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install install-brainmarks demo demo-volume test test-slow bench bench-search bench-scale-data bench-eval bench-gpu bench-fingerprint clean-venv
+.PHONY: install install-brainmarks demo demo-volume test test-slow bench bench-search bench-scale-data bench-eval bench-gpu bench-fingerprint gpu-wheels gpu-check clean-venv
 
 install: $(STAMP)
 
@@ -103,8 +103,22 @@ bench-fingerprint: install
 # training-step speed on the GPU it finds: Swin4D v7/v9/v11 at 5m/51m/202m (96^3 x 20) and GPT 202m, SDPA vs
 # flex attention vs torch.compile, samples/s, peak memory, MFU; eager vs compiled for every family. Without a
 # GPU, the same cases at a small size (~5-10 min on 2 cores). SWIFT_REPO=<SwiFT checkout> adds SwiFT's ver7.
+# BENCH_GPU_ARGS: the script's options, e.g. BENCH_GPU_ARGS="--only swin4d_v9 gpt --sizes 202m --steps 3".
 bench-gpu: install
-	$(BIN)/python scripts/bench_gpu.py
+	$(BIN)/python scripts/bench_gpu.py $(BENCH_GPU_ARGS)
+
+# First run on a GPU machine without network (README, "First run on a GPU"). gpu-wheels, here, with network:
+# brainfm's wheel and the pure-Python packages the GPU image lacks (hydra-core, omegaconf, antlr4-python3-runtime,
+# nibabel; never torch) at the versions installed here, with the SwiFT ver7 parity fixture, into .gpu-wheels/
+# (git-ignored; its size and contents printed, at most 64 MiB). gpu-check, there (no `install`: nothing can be
+# fetched): brainfm from .gpu-wheels/ beside the machine's own torch (pip --no-index --no-deps), its torch features,
+# `pytest -m cuda tests/test_cuda.py` and a short bench-gpu (GPT and Swin4D v9 at 202m) within 8 minutes; the
+# reports go to $$OUT (./gpu-check-out). scripts/gpu_check.sh --help says more (--dry-run, --install-only).
+gpu-wheels: install
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh --prepare
+
+gpu-check:
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)
