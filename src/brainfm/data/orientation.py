@@ -53,6 +53,7 @@ DEFAULT_ORIENTATION = "LAS"
 FRAMES_ORIENTATION = "LAS"
 
 _warned: set[tuple[str, str]] = set()
+_WARNED_MAX = 1024
 
 
 def axcodes(affine: np.ndarray | None) -> str | None:
@@ -207,5 +208,7 @@ def warn_unknown_once(key: tuple[str, str], message: str) -> None:
     """Log ``message`` as a warning once per process for ``key`` (e.g. ``(checkpoint, store)``)."""
     if key in _warned:
         return
+    if len(_warned) >= _WARNED_MAX:  # bounded: a long search over many checkpoints may warn again, never grow
+        _warned.clear()
     _warned.add(key)
     log.warning(message)
